@@ -1,0 +1,95 @@
+// Torch-side helpers shared by the CPU and CUDA bindings: argument checks and problem set-up.
+// (Not seen by nvcc: the .cu file only gets raw pointers.)
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "blend_index_build.h"
+#include "blend_voxel.h"
+
+namespace patchblend {
+
+inline int parse_normalize(const std::string& normalize) {
+  if (normalize == "count") return kCount;
+  if (normalize == "weight") return kWeight;
+  if (normalize == "none") return kNone;
+  TORCH_CHECK(false, "normalize must be 'count', 'weight' or 'none', got '", normalize, "'");
+}
+
+inline void copy3(int64_t dst[3], c10::IntArrayRef src, const char* name) {
+  TORCH_CHECK(src.size() == 3, name, " must have 3 entries, got ", src.size());
+  for (int a = 0; a < 3; ++a) dst[a] = src[a];
+}
+
+// Checks the canonical 3D arguments (the Python wrapper has already produced them) and returns
+// contiguous copies: weights/importance in the accumulation dtype `acc`.
+struct BlendInputs {
+  at::Tensor weights, coords_cpu, importance;
+  int64_t n = 0, c = 0;
+  int64_t P[3] = {1, 1, 1}, G[3] = {1, 1, 1}, O[3] = {0, 0, 0};
+};
+
+inline BlendInputs check_inputs(const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
+                                const c10::optional<at::Tensor>& importance, c10::IntArrayRef patch_shape,
+                                c10::IntArrayRef out_shape, at::ScalarType acc, const at::Device& device) {
+  BlendInputs in;
+  copy3(in.P, patch_shape, "patch shape");
+  copy3(in.O, out_shape, "out_shape");
+  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3, "coords must be [N, 3], got ", coords.sizes());
+  TORCH_CHECK(coords.scalar_type() == at::kLong, "coords must be int64, got ", coords.scalar_type());
+  in.n = coords.size(0);
+  in.coords_cpu = coords.to(at::kCPU).contiguous();
+  if (weights.has_value()) {
+    const auto& w = *weights;
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == in.n, "weights must be [N, G0, G1, G2], got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == acc, "weights must have the accumulation dtype ", acc, ", got ", w.scalar_type());
+    TORCH_CHECK(w.device() == device, "weights must be on ", device);
+    for (int a = 0; a < 3; ++a) {
+      in.G[a] = w.size(a + 1);
+      TORCH_CHECK(in.G[a] >= 1 && in.G[a] <= in.P[a], "weights grid must satisfy 1 <= g <= P");
+    }
+    in.weights = w.contiguous();
+  }
+  if (importance.has_value()) {
+    const auto& imp = *importance;
+    TORCH_CHECK(imp.dim() == 3 && imp.size(0) == in.P[0] && imp.size(1) == in.P[1] && imp.size(2) == in.P[2],
+                "importance must be [P0, P1, P2], got ", imp.sizes());
+    TORCH_CHECK(imp.scalar_type() == acc, "importance must have the accumulation dtype ", acc);
+    TORCH_CHECK(imp.device() == device, "importance must be on ", device);
+    in.importance = imp.contiguous();
+  }
+  return in;
+}
+
+inline std::vector<int64_t> build_index(const BlendInputs& in, IndexLayout& layout) {
+  return build_blend_index(in.coords_cpu.data_ptr<int64_t>(), in.n, in.P, in.G, in.O, layout);
+}
+
+template <typename scalar_t, typename acc_t>
+BlendProblem<scalar_t, acc_t> make_problem(const BlendInputs& in, const int64_t* index_base, const IndexLayout& layout,
+                                           const scalar_t* patches, int64_t c, scalar_t* out, acc_t* den_out,
+                                           int normalize) {
+  BlendProblem<scalar_t, acc_t> pr;
+  pr.patches = patches;
+  pr.weights = in.weights.defined() ? in.weights.data_ptr<acc_t>() : nullptr;
+  pr.importance = in.importance.defined() ? in.importance.data_ptr<acc_t>() : nullptr;
+  pr.out = out;
+  pr.den_out = den_out;
+  pr.n = in.n;
+  pr.c = c;
+  for (int a = 0; a < 3; ++a) {
+    pr.P[a] = in.P[a];
+    pr.G[a] = in.G[a];
+    pr.O[a] = in.O[a];
+  }
+  pr.normalize = normalize;
+  pr.index = make_index_view(index_base, layout);
+  return pr;
+}
+
+}  // namespace patchblend

@@ -1,0 +1,25 @@
+// Operator schemas of patchblend (one place). Backends register implementations in
+// cpu/blend_cpu.cpp and cuda/blend_cuda_binding.cpp; Python adds fake kernels and autograd
+// (patchblend/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Lets `import patchblend._C` load this library (which registers the ops) as a Python module.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(patchblend, m) {
+  // Canonical 3D form: patches [N, C, P0, P1, P2]; weights [N, G0, G1, G2] in the accumulation dtype;
+  // coords [N, 3] int64; importance [P0, P1, P2] in the accumulation dtype. Returns [C, *out_shape].
+  m.def("blend(Tensor patches, Tensor? weights, Tensor coords, Tensor? importance, SymInt[] out_shape, "
+        "str normalize) -> Tensor");
+  // The blend's denominator [*out_shape]: patch count, weight sum, or ones ("none").
+  m.def("coverage(Tensor? weights, Tensor coords, Tensor? importance, SymInt[] patch_shape, SymInt[] out_shape, "
+        "str normalize, ScalarType dtype) -> Tensor");
+  // Windows of volume [C, O0, O1, O2] at coords [N, 3]: [N, C, *patch_shape], zeros outside.
+  m.def("extract(Tensor volume, Tensor coords, SymInt[] patch_shape) -> Tensor");
+}

@@ -1,0 +1,112 @@
+// CPU kernels: a parallel loop over output rows calling the shared per-voxel gather (blend_voxel.h).
+#include <cstring>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "../blend_binding.h"
+
+namespace patchblend {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
+  const int64_t rows = pr.O[0] * pr.O[1];
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(pr.O[2], 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    int64_t v[3];
+    for (int64_t r = begin; r < end; ++r) {
+      v[0] = r / pr.O[1];
+      v[1] = r % pr.O[1];
+      for (v[2] = 0; v[2] < pr.O[2]; ++v[2]) blend_voxel(pr, v);
+    }
+  });
+}
+
+at::Tensor blend_cpu(const at::Tensor& patches, const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
+                     const c10::optional<at::Tensor>& importance, c10::IntArrayRef out_shape,
+                     c10::string_view normalize) {
+  TORCH_CHECK(patches.dim() == 5, "patches must be [N, C, P0, P1, P2], got ", patches.sizes());
+  TORCH_CHECK(patches.device().is_cpu(), "blend_cpu: patches must be on the CPU");
+  const int mode = parse_normalize(std::string(normalize));
+  const at::Tensor p = patches.contiguous();
+  const auto acc = at::toOpMathType(p.scalar_type());
+  BlendInputs in = check_inputs(weights, coords, importance, p.sizes().slice(2), out_shape, acc, p.device());
+  TORCH_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
+  const int64_t c = p.size(1);
+  at::Tensor out = at::empty({c, in.O[0], in.O[1], in.O[2]}, p.options());
+  if (out.numel() == 0) return out;
+  IndexLayout layout;
+  const std::vector<int64_t> index = build_index(in, layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "patchblend_blend_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto pr = make_problem<scalar_t, acc_t>(in, index.data(), layout, p.data_ptr<scalar_t>(), c,
+                                            out.data_ptr<scalar_t>(), nullptr, mode);
+    run_blend_cpu(pr);
+  });
+  return out;
+}
+
+at::Tensor coverage_cpu(const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
+                        const c10::optional<at::Tensor>& importance, c10::IntArrayRef patch_shape,
+                        c10::IntArrayRef out_shape, c10::string_view normalize, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "coverage dtype must be float32 or float64");
+  const int mode = parse_normalize(std::string(normalize));
+  BlendInputs in = check_inputs(weights, coords, importance, patch_shape, out_shape, dtype, coords.device());
+  at::Tensor den = at::empty({in.O[0], in.O[1], in.O[2]}, coords.options().dtype(dtype));
+  if (den.numel() == 0) return den;
+  IndexLayout layout;
+  const std::vector<int64_t> index = build_index(in, layout);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "patchblend_coverage_cpu", [&] {
+    auto pr = make_problem<scalar_t, scalar_t>(in, index.data(), layout, nullptr, 0, nullptr,
+                                               den.data_ptr<scalar_t>(), mode);
+    run_blend_cpu(pr);
+  });
+  return den;
+}
+
+// Row-wise copy (each row is a contiguous run along the last axis, clipped to the volume).
+at::Tensor extract_cpu(const at::Tensor& volume, const at::Tensor& coords, c10::IntArrayRef patch_shape) {
+  TORCH_CHECK(volume.dim() == 4, "volume must be [C, O0, O1, O2], got ", volume.sizes());
+  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3 && coords.scalar_type() == at::kLong,
+              "coords must be int64 [N, 3]");
+  int64_t P[3], O[3];
+  copy3(P, patch_shape, "patch_shape");
+  for (int a = 0; a < 3; ++a) O[a] = volume.size(a + 1);
+  const at::Tensor vol = volume.contiguous();
+  const at::Tensor cc = coords.to(at::kCPU).contiguous();
+  const int64_t n = cc.size(0), c = vol.size(0);
+  at::Tensor out = at::zeros({n, c, P[0], P[1], P[2]}, vol.options());
+  if (out.numel() == 0) return out;
+  const int64_t* co = cc.data_ptr<int64_t>();
+  const int64_t item = vol.element_size();
+  const char* src = static_cast<const char*>(vol.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, n * c * P[0], 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t l0 = r % P[0], ch = (r / P[0]) % c, i = r / (P[0] * c);
+      const int64_t x0 = co[3 * i] + l0;
+      if (x0 < 0 || x0 >= O[0]) continue;
+      const int64_t x2_lo = std::max<int64_t>(co[3 * i + 2], 0), x2_hi = std::min<int64_t>(co[3 * i + 2] + P[2], O[2]);
+      if (x2_lo >= x2_hi) continue;
+      for (int64_t l1 = 0; l1 < P[1]; ++l1) {
+        const int64_t x1 = co[3 * i + 1] + l1;
+        if (x1 < 0 || x1 >= O[1]) continue;
+        const int64_t from = ((ch * O[0] + x0) * O[1] + x1) * O[2] + x2_lo;
+        const int64_t to = ((r * P[1]) + l1) * P[2] + (x2_lo - co[3 * i + 2]);
+        std::memcpy(dst + to * item, src + from * item, (x2_hi - x2_lo) * item);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(patchblend, CPU, m) {
+  m.impl("blend", &blend_cpu);
+  m.impl("coverage", &coverage_cpu);
+  m.impl("extract", &extract_cpu);
+}
+
+}  // namespace patchblend

@@ -1,0 +1,114 @@
+// Thin torch binding for the CUDA kernels: checks, allocation, index upload, stream; the arithmetic is in
+// blend_cuda.cu (which calls the shared ../blend_voxel.h).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../blend_binding.h"
+#include "blend_cuda.h"
+
+namespace patchblend {
+namespace {
+
+DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat;
+    case at::kDouble: return DType::kDouble;
+    default: TORCH_CHECK(false, "patchblend: unsupported dtype ", t);
+  }
+}
+
+at::Tensor upload_index(const BlendInputs& in, IndexLayout& layout, const at::Device& device) {
+  std::vector<int64_t> index = build_index(in, layout);
+  at::Tensor host = at::from_blob(index.data(), {static_cast<int64_t>(index.size())}, at::kLong).pin_memory();
+  return host.to(device, /*non_blocking=*/true);
+}
+
+at::Tensor run(const c10::optional<at::Tensor>& patches, const c10::optional<at::Tensor>& weights,
+               const at::Tensor& coords, const c10::optional<at::Tensor>& importance, c10::IntArrayRef patch_shape,
+               c10::IntArrayRef out_shape, int mode, at::ScalarType out_dtype, bool coverage) {
+  const at::Device device = coords.device();
+  TORCH_CHECK(device.is_cuda(), "patchblend CUDA kernel: coords must be on a CUDA device");
+  const c10::cuda::CUDAGuard guard(device);
+  const at::ScalarType acc = at::toOpMathType(out_dtype);
+  BlendInputs in = check_inputs(weights, coords, importance, patch_shape, out_shape, acc, device);
+  at::Tensor p;
+  int64_t c = 0;
+  if (!coverage) {
+    p = patches->contiguous();
+    TORCH_CHECK(p.device() == device, "patches and coords must be on the same device");
+    TORCH_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
+    c = p.size(1);
+  }
+  at::Tensor result = coverage ? at::empty({in.O[0], in.O[1], in.O[2]}, coords.options().dtype(acc))
+                               : at::empty({c, in.O[0], in.O[1], in.O[2]}, p.options());
+  if (result.numel() == 0) return result;
+  CudaBlendArgs a{};
+  IndexLayout layout;
+  at::Tensor index = upload_index(in, layout, device);
+  a.dtype = dtype_code(out_dtype);
+  a.patches = coverage ? nullptr : p.data_ptr();
+  a.weights = in.weights.defined() ? in.weights.data_ptr() : nullptr;
+  a.importance = in.importance.defined() ? in.importance.data_ptr() : nullptr;
+  a.out = coverage ? nullptr : result.data_ptr();
+  a.den_out = coverage ? result.data_ptr() : nullptr;
+  a.n = in.n;
+  a.c = c;
+  for (int i = 0; i < 3; ++i) {
+    a.P[i] = in.P[i];
+    a.G[i] = in.G[i];
+    a.O[i] = in.O[i];
+  }
+  a.normalize = mode;
+  a.index = index.data_ptr<int64_t>();
+  a.layout = layout;
+  const cudaError_t err = launch_blend(a, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "patchblend blend kernel failed: ", cudaGetErrorString(err));
+  return result;
+}
+
+at::Tensor blend_cuda(const at::Tensor& patches, const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
+                      const c10::optional<at::Tensor>& importance, c10::IntArrayRef out_shape,
+                      c10::string_view normalize) {
+  TORCH_CHECK(patches.dim() == 5, "patches must be [N, C, P0, P1, P2], got ", patches.sizes());
+  return run(patches, weights, coords, importance, patches.sizes().slice(2), out_shape,
+             parse_normalize(std::string(normalize)), patches.scalar_type(), /*coverage=*/false);
+}
+
+at::Tensor coverage_cuda(const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
+                         const c10::optional<at::Tensor>& importance, c10::IntArrayRef patch_shape,
+                         c10::IntArrayRef out_shape, c10::string_view normalize, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "coverage dtype must be float32 or float64");
+  return run(c10::nullopt, weights, coords, importance, patch_shape, out_shape,
+             parse_normalize(std::string(normalize)), dtype, /*coverage=*/true);
+}
+
+at::Tensor extract_cuda(const at::Tensor& volume, const at::Tensor& coords, c10::IntArrayRef patch_shape) {
+  TORCH_CHECK(volume.dim() == 4, "volume must be [C, O0, O1, O2], got ", volume.sizes());
+  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3 && coords.scalar_type() == at::kLong,
+              "coords must be int64 [N, 3]");
+  TORCH_CHECK(volume.device() == coords.device(), "volume and coords must be on the same device");
+  const c10::cuda::CUDAGuard guard(volume.device());
+  int64_t P[3], O[3];
+  copy3(P, patch_shape, "patch_shape");
+  for (int a = 0; a < 3; ++a) O[a] = volume.size(a + 1);
+  const at::Tensor vol = volume.contiguous();
+  const at::Tensor cc = coords.contiguous();
+  at::Tensor out = at::empty({cc.size(0), vol.size(0), P[0], P[1], P[2]}, vol.options());
+  const cudaError_t err = launch_extract(dtype_code(vol.scalar_type()), vol.data_ptr(), cc.data_ptr<int64_t>(),
+                                         out.data_ptr(), cc.size(0), vol.size(0), P, O,
+                                         at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "patchblend extract kernel failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(patchblend, CUDA, m) {
+  m.impl("blend", &blend_cuda);
+  m.impl("coverage", &coverage_cuda);
+  m.impl("extract", &extract_cuda);
+}
+
+}  // namespace patchblend

@@ -1,0 +1,163 @@
+"""Argument checking and normalisation for :func:`patchblend.calibrated_blend`.
+
+Every public entry point funnels its arguments through :func:`prepare_blend_args`, so the compiled
+kernels, the reference and the sliding-window driver all see the same canonical form:
+
+- ``patches``: ``[N, C, D, H, W]`` (2D input ``[N, C, H, W]`` becomes depth 1);
+- ``weights``: ``None`` or a float tensor ``[N, Gd, Gh, Gw]`` (a per-patch weight is the grid ``1×1×1``),
+  in the accumulation dtype;
+- ``coords``: ``[N, 3]`` int64 on the patches' device;
+- ``importance``: ``None`` or ``[D, H, W]`` in the accumulation dtype;
+- ``out_shape``: a tuple of 3 ints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+NORMALIZE_MODES = ("count", "weight", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 input, float32 for everything else (half inputs are accumulated in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class BlendArgs:
+    patches: torch.Tensor  # [N, C, D, H, W]
+    weights: Optional[torch.Tensor]  # [N, Gd, Gh, Gw] in acc dtype, or None
+    coords: torch.Tensor  # [N, 3] int64
+    importance: Optional[torch.Tensor]  # [D, H, W] in acc dtype, or None
+    out_shape: Tuple[int, int, int]
+    normalize: str
+    spatial_dims: int  # 2 or 3: the caller's dimensionality, to shape the output back
+
+
+def _check_float_tensor(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_finite_nonnegative(name: str, t: torch.Tensor) -> None:
+    # One reduction each; skipped under tracing (torch.compile), where data-dependent checks can't run.
+    if torch.compiler.is_compiling():
+        return
+    if t.numel() == 0:
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite (found NaN or inf)")
+    if bool((t < 0).any()):
+        raise ValueError(f"{name} must be >= 0 (found a negative value)")
+
+
+def prepare_blend_args(
+    patches: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    coords,
+    out_shape: Optional[Sequence[int]],
+    normalize: str,
+    importance: Optional[torch.Tensor],
+) -> BlendArgs:
+    """Check every argument of ``calibrated_blend`` and return them in canonical 3D form."""
+    _check_float_tensor("patches", patches)
+    if patches.dim() not in (4, 5):
+        raise ValueError(
+            f"patches must be [N, C, D, H, W] (3D) or [N, C, H, W] (2D), got shape {tuple(patches.shape)}"
+        )
+    spatial_dims = patches.dim() - 2
+    n = patches.shape[0]
+    patch_shape = tuple(patches.shape[2:])
+    if any(s == 0 for s in patch_shape) or patches.shape[1] == 0:
+        raise ValueError(f"patches must have at least one channel and non-empty spatial size, got {tuple(patches.shape)}")
+
+    if not isinstance(normalize, str) or normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+
+    # coords
+    if not isinstance(coords, torch.Tensor):
+        try:
+            coords = torch.as_tensor(coords)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+            raise TypeError(f"coords must be an integer tensor [N, {spatial_dims}]: {exc}") from exc
+    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
+        raise TypeError(f"coords must hold integers, got dtype {coords.dtype}")
+    if n == 0 and coords.numel() == 0:
+        coords = coords.reshape(0, spatial_dims)
+    if coords.dim() != 2 or coords.shape[0] != n or coords.shape[1] != spatial_dims:
+        raise ValueError(
+            f"coords must have shape [N, {spatial_dims}] = [{n}, {spatial_dims}] to match patches, "
+            f"got {tuple(coords.shape)}"
+        )
+    coords = coords.to(device=patches.device, dtype=torch.int64)
+
+    acc = accumulation_dtype(patches.dtype)
+
+    # weights: None, [N] or [N, *G]
+    if weights is not None:
+        _check_float_tensor("weights", weights)
+        if weights.device != patches.device:
+            raise ValueError(f"weights is on {weights.device} but patches is on {patches.device}")
+        if weights.dim() == 1:
+            if weights.shape[0] != n:
+                raise ValueError(f"weights [N] must have N = {n} entries, got {tuple(weights.shape)}")
+        elif weights.dim() == 1 + spatial_dims:
+            if weights.shape[0] != n:
+                raise ValueError(f"weights [N, *G] must have N = {n}, got {tuple(weights.shape)}")
+            for axis, (g, p) in enumerate(zip(weights.shape[1:], patch_shape)):
+                if g < 1 or g > p:
+                    raise ValueError(
+                        f"weights grid size {tuple(weights.shape[1:])} must satisfy 1 <= g <= patch size "
+                        f"{patch_shape} on every axis (axis {axis}: g={g}, P={p})"
+                    )
+        else:
+            raise ValueError(
+                f"weights must be [N] (one per patch) or [N, *G] with {spatial_dims} grid dims, "
+                f"got shape {tuple(weights.shape)}"
+            )
+        _check_finite_nonnegative("weights", weights)
+        weights = weights.to(acc)
+        if weights.dim() == 1:
+            weights = weights.reshape(n, *([1] * 3))
+        elif spatial_dims == 2:
+            weights = weights.unsqueeze(1)
+
+    if importance is not None:
+        _check_float_tensor("importance", importance)
+        if importance.device != patches.device:
+            raise ValueError(f"importance is on {importance.device} but patches is on {patches.device}")
+        if tuple(importance.shape) != patch_shape:
+            raise ValueError(
+                f"importance must have the patch's spatial shape {patch_shape}, got {tuple(importance.shape)}"
+            )
+        _check_finite_nonnegative("importance", importance)
+        importance = importance.to(acc)
+        if spatial_dims == 2:
+            importance = importance.unsqueeze(0)
+
+    if out_shape is None:
+        if n == 0:
+            raise ValueError("out_shape is required when there are no patches (N = 0)")
+        if torch.compiler.is_compiling():
+            raise ValueError("out_shape must be given explicitly under torch.compile")
+        ends = (coords + torch.tensor(patch_shape, device=coords.device)).amax(0)
+        out_shape = tuple(max(int(e), 0) for e in ends.tolist())
+    else:
+        try:
+            out_shape = tuple(int(s) for s in out_shape)
+        except TypeError as exc:
+            raise TypeError(f"out_shape must be a sequence of {spatial_dims} ints, got {out_shape!r}") from exc
+        if len(out_shape) != spatial_dims or any(s < 0 for s in out_shape):
+            raise ValueError(f"out_shape must be {spatial_dims} non-negative ints, got {out_shape}")
+
+    if spatial_dims == 2:
+        patches = patches.unsqueeze(2)
+        coords = torch.cat([torch.zeros_like(coords[:, :1]), coords], dim=1)
+        out_shape = (1,) + tuple(out_shape)
+
+    return BlendArgs(patches, weights, coords, importance, tuple(out_shape), normalize, spatial_dims)

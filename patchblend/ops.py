@@ -1,0 +1,128 @@
+"""``calibrated_blend``: the public op, its fake (meta) kernels and its autograd formula.
+
+The kernels behind ``torch.ops.patchblend.*`` come from :mod:`patchblend._backend` (compiled C++/CUDA,
+or the pure-PyTorch reference). This module only adds what torch needs around them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _backend  # noqa: F401  (registers the ops)
+from ._reference import reduce_to_cells, voxel_weights
+from ._validate import accumulation_dtype, prepare_blend_args
+
+_ops = torch.ops.patchblend
+
+
+@torch.library.register_fake("patchblend::blend")
+def _blend_fake(patches, weights, coords, importance, out_shape, normalize):
+    return patches.new_empty((patches.shape[1], *out_shape))
+
+
+@torch.library.register_fake("patchblend::coverage")
+def _coverage_fake(weights, coords, importance, patch_shape, out_shape, normalize, dtype):
+    return coords.new_empty(tuple(out_shape), dtype=dtype)
+
+
+@torch.library.register_fake("patchblend::extract")
+def _extract_fake(volume, coords, patch_shape):
+    return volume.new_empty((coords.shape[0], volume.shape[0], *patch_shape))
+
+
+def _blend_setup_context(ctx, inputs, output):
+    patches, weights, coords, importance, out_shape, normalize = inputs
+    ctx.out_shape = tuple(out_shape)
+    ctx.normalize = normalize
+    ctx.has_weights = weights is not None
+    ctx.has_importance = importance is not None
+    saved_out = output if normalize == "weight" and weights is not None else None
+    ctx.save_for_backward(patches, weights, coords, importance, saved_out)
+
+
+def _blend_backward(ctx, grad_out):
+    """out = num / den with num = Σ w p: d/dp = w·G and d/dw = Σ_c G·(p − out·[weight mode]) per cell,
+    where G = grad_out / den is read back at every patch position (patch extraction, the adjoint)."""
+    patches, weights, coords, importance, out = ctx.saved_tensors
+    weights = weights if ctx.has_weights else None
+    importance = importance if ctx.has_importance else None
+    n = patches.shape[0]
+    patch_shape = list(patches.shape[2:])
+    acc = accumulation_dtype(patches.dtype)
+    g = grad_out.to(acc)
+    if ctx.normalize != "none":
+        den = _ops.coverage(weights, coords, importance, patch_shape, list(ctx.out_shape), ctx.normalize, acc)
+        covered = den > 0
+        g = torch.where(covered, g / torch.where(covered, den, torch.ones_like(den)), torch.zeros_like(g))
+    g_at_patches = _ops.extract(g, coords, patch_shape)  # [N, C, *P]
+
+    grad_patches = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        w = voxel_weights(weights, importance, n, patch_shape, acc, patches.device)
+        grad_patches = (g_at_patches * w[:, None]).to(patches.dtype)
+    if weights is not None and ctx.needs_input_grad[1]:
+        p = patches.to(acc)
+        if out is not None:
+            p = p - _ops.extract(out.to(acc), coords, patch_shape)
+        per_voxel = (g_at_patches * p).sum(1)
+        if importance is not None:
+            per_voxel = per_voxel * importance
+        grad_weights = reduce_to_cells(per_voxel, weights.shape[1:]).to(weights.dtype)
+    return grad_patches, grad_weights, None, None, None, None
+
+
+torch.library.register_autograd("patchblend::blend", _blend_backward, setup_context=_blend_setup_context)
+
+
+def calibrated_blend(
+    patches: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    coords,
+    out_shape: Optional[Sequence[int]] = None,
+    *,
+    normalize: str = "count",
+    importance: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Weighted overlap-add of patch predictions (DESIGN §2).
+
+    Args:
+        patches: ``[N, C, D, H, W]`` (or ``[N, C, H, W]`` for 2D), float16/bfloat16/float32/float64.
+        weights: ``None`` (plain average), ``[N]`` (one weight per patch, Eq. 1) or ``[N, *G]``
+            (one weight per grid cell, Eq. 2; voxel ``k`` of an axis of size ``P`` lies in cell ``k*g//P``).
+            Finite and ``>= 0``; any float dtype.
+        coords: ``[N, 3]`` (``[N, 2]``) integer start of each patch in the output; parts outside are clipped.
+        out_shape: spatial output size; default ``max(coords + P)`` per axis.
+        normalize: ``"count"`` (divide by the number of covering patches: the paper), ``"weight"``
+            (divide by the weight sum: a weighted mean, 0 where it is 0) or ``"none"`` (the weighted sum).
+        importance: optional ``[*P]`` per-voxel window weight (e.g. a Gaussian), multiplied into every weight.
+
+    Returns:
+        ``[C, *out_shape]`` in ``patches.dtype`` (accumulated in float32, float64 for float64 input).
+        Voxels no patch covers are 0. Deterministic; differentiable in ``patches`` and ``weights``.
+    """
+    a = prepare_blend_args(patches, weights, coords, out_shape, normalize, importance)
+    out = _ops.blend(a.patches, a.weights, a.coords, a.importance, list(a.out_shape), a.normalize)
+    return out.squeeze(1) if a.spatial_dims == 2 else out
+
+
+def extract_patches(volume: torch.Tensor, coords, patch_shape: Sequence[int]) -> torch.Tensor:
+    """Windows of ``volume [C, *S]`` at integer ``coords [N, nd]``: ``[N, C, *patch_shape]``, zeros outside.
+
+    The adjoint of an unweighted :func:`calibrated_blend` with ``normalize="none"``; also what the
+    sliding-window driver uses to cut windows out of the input in one call.
+    """
+    if not isinstance(volume, torch.Tensor) or volume.dim() not in (3, 4):
+        raise ValueError("volume must be a [C, D, H, W] or [C, H, W] tensor")
+    nd = volume.dim() - 1
+    coords = torch.as_tensor(coords)
+    if coords.dtype.is_floating_point or coords.dim() != 2 or coords.shape[1] != nd:
+        raise ValueError(f"coords must be an integer tensor [N, {nd}], got {tuple(coords.shape)} {coords.dtype}")
+    patch_shape = [int(s) for s in patch_shape]
+    if len(patch_shape) != nd or any(s < 1 for s in patch_shape):
+        raise ValueError(f"patch_shape must be {nd} positive ints, got {patch_shape}")
+    coords = coords.to(device=volume.device, dtype=torch.int64)
+    if nd == 2:
+        out = _ops.extract(volume.unsqueeze(1), torch.nn.functional.pad(coords, (1, 0)), [1] + patch_shape)
+        return out.squeeze(2)
+    return _ops.extract(volume, coords, patch_shape)

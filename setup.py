@@ -1,0 +1,53 @@
+"""Builds patchblend's compiled kernels against the torch that is already installed.
+
+Install with ``pip install --no-build-isolation .`` (a build-isolated install would fetch a second torch).
+
+- The CPU extension (``patchblend._C``) is always built.
+- The CUDA kernels are added when torch was built with CUDA and nvcc is found.
+  ``PATCHBLEND_CUDA=1`` forces them (the build fails without CUDA), ``PATCHBLEND_CUDA=0`` skips them.
+- ``PATCHBLEND_NO_EXTENSION=1`` installs the pure-Python package only (the reference backend).
+"""
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_wanted(torch_cuda: bool, cuda_home) -> bool:
+    flag = os.environ.get("PATCHBLEND_CUDA", "auto").lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        if not (torch_cuda and cuda_home):
+            sys.exit("PATCHBLEND_CUDA=1 but torch has no CUDA or nvcc/CUDA_HOME was not found")
+        return True
+    return bool(torch_cuda and cuda_home)
+
+
+def extensions():
+    if os.environ.get("PATCHBLEND_NO_EXTENSION", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = ["csrc/blend_ops.cpp", "csrc/cpu/blend_cpu.cpp"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    link = ["-fopenmp"]
+    use_cuda = _cuda_wanted(torch.version.cuda is not None, CUDA_HOME)
+    if use_cuda:
+        sources += ["csrc/cuda/blend_cuda.cu", "csrc/cuda/blend_cuda_binding.cpp"]
+        ext = CUDAExtension(
+            "patchblend._C",
+            sources,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=link,
+        )
+    else:
+        ext = CppExtension("patchblend._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
