@@ -103,7 +103,7 @@ class CalibratedModel(nn.Module):
     (lazy creation on the first forward would silently leave them out). They are placed on the device
     and dtype of the backbone's first parameter; ``.to()`` on the wrapper moves everything.
 
-    The features are caught only while the wrapper's own forward runs: calling ``backbone`` directly
+    The hooks are in place only while the wrapper's own forward runs: calling ``backbone`` directly
     is unaffected. If a named module runs more than once per forward, its last output is used. A
     named module that does not exist, whose output is not a 5D tensor, or that does not run raises an
     error naming it.
@@ -142,11 +142,6 @@ class CalibratedModel(nn.Module):
 
         self.backbone = backbone
         self.feature_names = {"bottleneck": bottleneck, "decoder": decoder}
-        self._capturing = False
-        self._features: Dict[str, torch.Tensor] = {}
-        for key, name in self.feature_names.items():
-            # a bound method (not a closure), so copy.deepcopy of the wrapper rebinds the hook to the copy
-            modules[name].register_forward_hook(partial(self._capture, key))
 
         if channels is not None:
             if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or len(channels) != 2:
@@ -168,9 +163,7 @@ class CalibratedModel(nn.Module):
             with torch.no_grad():
                 self.grid_head(features["decoder"].to(self.grid_head.fc.weight.dtype))
 
-    def _capture(self, key: str, module: nn.Module, inputs, output) -> None:
-        if not self._capturing:
-            return
+    def _capture(self, features: Dict[str, torch.Tensor], key: str, module: nn.Module, inputs, output) -> None:
         name = self.feature_names[key]
         if not isinstance(output, torch.Tensor):
             raise TypeError(
@@ -182,17 +175,23 @@ class CalibratedModel(nn.Module):
                 f"{key}={name!r}: the output of {type(module).__name__} {name!r} has shape {tuple(output.shape)}, "
                 f"not 5D [B, C, D, H, W]; pick another module (candidate_feature_modules lists them)"
             )
-        self._features[key] = output
+        features[key] = output
 
     def _run_backbone(self, args: tuple, kwargs: dict):
-        """Run the backbone with the hooks armed; return ``(seg, {"bottleneck": f_b, "decoder": f_d})``."""
-        self._features = {}
-        self._capturing = True
+        """Run the backbone with the two hooks in place; return ``(seg, {"bottleneck": f_b, "decoder": f_d})``.
+
+        The hooks live only for this call, so the backbone called on its own keeps nothing, and a copy
+        of the wrapper (``copy.deepcopy``, ``nn.DataParallel`` replicas) hooks its own modules."""
+        features: Dict[str, torch.Tensor] = {}
+        handles = [
+            self.backbone.get_submodule(name).register_forward_hook(partial(self._capture, features, key))
+            for key, name in self.feature_names.items()
+        ]
         try:
             seg = self.backbone(*args, **kwargs)
         finally:
-            self._capturing = False
-            features, self._features = self._features, {}
+            for handle in handles:
+                handle.remove()
         for key, name in self.feature_names.items():
             if key not in features:
                 raise RuntimeError(f"{key}={name!r}: that module did not run during the backbone's forward")

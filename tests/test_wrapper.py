@@ -203,6 +203,7 @@ def test_errors_name_the_module():
     lazy = CalibratedModel(Odd(), "conv", "pair", channels=(2, 2))  # checked on the first forward
     with pytest.raises(TypeError, match=r"decoder='pair'"):
         lazy(x)
+    lazy.backbone(x)  # the failed forward left no hook behind
     with pytest.raises(TypeError, match="example_input"):
         CalibratedModel(Odd(), "conv", "conv")
     with pytest.raises(TypeError, match="example_input"):
