@@ -80,7 +80,8 @@ def dice_ratio(intersection: torch.Tensor, total: torch.Tensor, smooth: float = 
     return ratio_or_one(2.0 * intersection + smooth, total + smooth)
 
 
-def check_real(name: str, value, low: float = None, high: float = None) -> float:
+def check_real(name: str, value, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    """``value`` as a finite float within ``[low, high]``; errors name the argument."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -178,7 +179,8 @@ def dice_targets(
         scores 0.
     """
     p, t = foreground(pred, target)
-    cells = check_grid(grid, p.dim() - 2, p.shape[2:])
+    spatial_dims = tuple(range(2, p.dim()))
+    cells = check_grid(grid, len(spatial_dims), p.shape[2:])
     threshold = check_real("threshold", threshold)
     smooth = check_real("smooth", smooth, low=0.0)
     if not isinstance(soft, bool):
@@ -187,8 +189,6 @@ def dice_targets(
         p = (p > threshold).to(p.dtype)
         t = (t > 0.5).to(t.dtype)
     inter, total = p * t, p + t
-    nd = p.dim() - 2
-    spatial_dims = tuple(range(2, 2 + nd))
     patch = dice_ratio(inter.sum(spatial_dims), total.sum(spatial_dims), smooth).mean(1)
     per_cell = dice_ratio(cell_sums(inter, cells), cell_sums(total, cells), smooth).mean(1)
     return patch, per_cell
