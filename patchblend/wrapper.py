@@ -89,7 +89,9 @@ class CalibratedModel(nn.Module):
         bottleneck: dotted name (as in ``backbone.named_modules()``) of the module whose output is the
             deepest encoder feature ``[B, C_b, d, h, w]``.
         decoder: name of the module whose output is the decoder feature ``[B, C_d, D', H', W']`` the
-            grid head reads (each spatial size ``>= grid``; ideally a multiple of it).
+            grid head reads (each spatial size ``>= grid``). Its cells cover exactly the patch's cells
+            when, on every axis, the patch size is a multiple of ``g`` times the downsampling factor
+            (patch size / feature size).
         example_input: a tensor the backbone accepts (e.g. ``torch.zeros(1, C_in, 32, 32, 32)``). The
             constructor runs it through once (eval mode, no autograd, training flags restored) to read
             the two features' channel counts and check them. A tuple is passed as several positional
