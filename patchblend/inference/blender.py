@@ -159,14 +159,18 @@ class _BlendCore:
 
     def _finalize_values(self, num: torch.Tensor, den: Optional[torch.Tensor]) -> torch.Tensor:
         """``num / den`` in place by DESIGN §2's rules (``"count"``: ``den`` clamped at 1; ``"weight"``: 0 where
-        ``den`` is 0)."""
+        ``den`` is 0, since ``num`` is 0 there too). ``den`` is made safe in place (idempotent)."""
         if self.normalize == "none":
             return num
-        if self.normalize == "count":
-            safe = den.clamp(min=1.0)
-        else:
-            safe = torch.where(den > 0, den, torch.ones((), dtype=den.dtype, device=den.device))
-        return num.div_(safe)
+        _make_safe_(den, self.normalize)
+        return num.div_(den)
+
+
+def _make_safe_(den: torch.Tensor, normalize: str) -> torch.Tensor:
+    """In place: clamp a count at 1, or replace a zero weight sum by 1 (where the numerator is 0 anyway)."""
+    if normalize == "count":
+        return den.clamp_(min=1.0)
+    return den.masked_fill_(den <= 0, 1.0)
 
 
 class Blender(_BlendCore):
@@ -186,6 +190,8 @@ class Blender(_BlendCore):
         denominator: optional precomputed denominator ``[*out_shape]`` for every patch that will be added
             (e.g. :func:`window_coverage`); then no denominator is accumulated per batch, which is only
             valid when it does not depend on the weights (``"count"``, or ``"weight"`` without weights).
+            :meth:`finalize` makes it safe to divide by in place (counts clamped at 1, zero weight sums set
+            to 1), which is idempotent, so several blenders may share one.
 
     Memory: the numerator, plus the denominator, plus one batch's bounding box while blending. Patches are
     never kept. Half-precision patches are accumulated in float32.
@@ -437,7 +443,7 @@ class SlabBlender(_BlendCore):
                                           dtype=self.dtype, device=self.device)
                 else:
                     den = self.den[self._along(0, k, False)]
-                values = num / self._safe(den)
+                values = num / _make_safe_(den, self.normalize)  # this part of the buffer is discarded next
             self._shift(k)
             self._write(values, self.lo + k)
 
@@ -445,11 +451,6 @@ class SlabBlender(_BlendCore):
         values = _reduce(values, self.reduce, self.threshold, self.label_dtype)
         self.out[self._along(self.lo, stop, True)] = values.to(self.out.device)
         self.lo = stop
-
-    def _safe(self, den):
-        if self.normalize == "count":
-            return den.clamp(min=1.0)
-        return torch.where(den > 0, den, torch.ones((), dtype=den.dtype, device=den.device))
 
     def _shift(self, k: int) -> None:
         """Drop the first ``k`` slices of the slab buffer: move the rest to the front, zero the tail."""
