@@ -162,15 +162,17 @@ class _BlendCore:
         ``den`` is 0, since ``num`` is 0 there too). ``den`` is made safe in place (idempotent)."""
         if self.normalize == "none":
             return num
-        _make_safe_(den, self.normalize)
+        if not getattr(self, "_den_safe", False):
+            _make_safe_(den, self.normalize)
         return num.div_(den)
 
 
 def _make_safe_(den: torch.Tensor, normalize: str) -> torch.Tensor:
-    """In place: clamp a count at 1, or replace a zero weight sum by 1 (where the numerator is 0 anyway)."""
+    """In place, one pass: clamp a count at 1, or a weight sum at the smallest normal float. Where a weight sum
+    is 0 the numerator is 0 too (weights are >= 0), so the quotient is 0 as DESIGN §2 asks."""
     if normalize == "count":
         return den.clamp_(min=1.0)
-    return den.masked_fill_(den <= 0, 1.0)
+    return den.clamp_(min=torch.finfo(den.dtype).tiny)
 
 
 class Blender(_BlendCore):
@@ -190,8 +192,8 @@ class Blender(_BlendCore):
         denominator: optional precomputed denominator ``[*out_shape]`` for every patch that will be added
             (e.g. :func:`window_coverage`); then no denominator is accumulated per batch, which is only
             valid when it does not depend on the weights (``"count"``, or ``"weight"`` without weights).
-            :meth:`finalize` makes it safe to divide by in place (counts clamped at 1, zero weight sums set
-            to 1), which is idempotent, so several blenders may share one.
+            :meth:`finalize` makes it safe to divide by in place (counts clamped at 1, zero weight sums
+            raised to the smallest normal float), which is idempotent, so several blenders may share one.
 
     Memory: the numerator, plus the denominator, plus one batch's bounding box while blending. Patches are
     never kept. Half-precision patches are accumulated in float32.
@@ -431,10 +433,8 @@ class SlabBlender(_BlendCore):
                                      device=self.device)
                 self._write(values, stop)
                 continue
-            num = self.num[self._along(0, k, True)]
-            if self.normalize == "none":
-                values = num.clone()
-            else:
+            values = self.num[self._along(0, k, True)]  # finalised in place: this part is dropped next
+            if self.normalize != "none":
                 if self._coords_all is not None:
                     origin = [0] * self.nd
                     origin[self.axis] = self.lo
@@ -443,9 +443,9 @@ class SlabBlender(_BlendCore):
                                           dtype=self.dtype, device=self.device)
                 else:
                     den = self.den[self._along(0, k, False)]
-                values = num / _make_safe_(den, self.normalize)  # this part of the buffer is discarded next
-            self._shift(k)
+                values.div_(_make_safe_(den, self.normalize))
             self._write(values, self.lo + k)
+            self._shift(k)
 
     def _write(self, values: torch.Tensor, stop: int) -> None:
         values = _reduce(values, self.reduce, self.threshold, self.label_dtype)

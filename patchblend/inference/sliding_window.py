@@ -134,6 +134,19 @@ def _parse_output(out, n: int, roi, nd: int, weighting):
     return seg, (patch if uses_patch else None), (grid if uses_grid else None)
 
 
+def _lattice_count(starts, roi, image_size, dtype, device) -> torch.Tensor:
+    """Number of windows covering each voxel, for windows on a separable lattice: the product of per-axis
+    counts (exact small integers), one cheap broadcast instead of a pass over every window."""
+    den = None
+    for axis_starts, p, s in zip(starts, roi, image_size):
+        c = torch.zeros(s, dtype=dtype)
+        for a in axis_starts:
+            c[max(a, 0):min(a + p, s)] += 1
+        c = c.to(device)
+        den = c if den is None else den.unsqueeze(-1) * c
+    return den
+
+
 def _check_scores(name: str, t: torch.Tensor) -> None:
     if t.numel() == 0:
         return
@@ -292,6 +305,7 @@ def sliding_window_inference(
         if slab_axis != 0:  # make the slab axis the slowest (stable: raster order within a slab)
             coords_pad = coords_pad[torch.argsort(coords_pad[:, slab_axis], stable=True)]
     coords = coords_pad - torch.tensor(pad_lo)  # in the image (may start outside it)
+    image_starts = [[s - p for s in axis] for axis, p in zip(grid.starts, pad_lo)]
     num_win = coords.shape[0]
 
     condition = kwargs.pop("condition", None)
@@ -339,7 +353,11 @@ def sliding_window_inference(
                 state["out"] = torch.empty(shape, dtype=dt, device=device)
             else:
                 state["out"] = torch.zeros((batch, channels, *image_size), dtype=acc, device=device)
-                if normalize != "none" and not weights_in_den:
+                if normalize == "count" or (normalize == "weight" and imp is None and weighting is None):
+                    # windows cover every voxel of the image, so the count is >= 1: already safe to divide by
+                    state["den"] = _lattice_count(image_starts, roi, image_size, acc, device)
+                    state["den_safe"] = True
+                elif normalize == "weight" and not weights_in_den:
                     state["den"] = window_coverage(coords, roi, image_size, normalize, imp, dtype=acc, device=device)
         if slab:
             blenders[b] = SlabBlender(
@@ -351,6 +369,7 @@ def sliding_window_inference(
         else:
             blenders[b] = Blender(image_size, channels, normalize=normalize, importance=imp, window_shape=roi,
                                   device=device, dtype=acc, out=state["out"][b], denominator=state["den"])
+            blenders[b]._den_safe = state.get("den_safe", False)
         return blenders[b]
 
     # ---- the loop: one extraction, one predictor call and one blend per batch -------------------------
