@@ -13,7 +13,8 @@ of the slab that no later patch can touch, writing it into the output.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -134,6 +135,32 @@ class _BlendCore:
         if any(b <= a for a, b in zip(lo, hi)):
             return None
         return lo, hi
+
+    def _groups(self, coords: torch.Tensor):
+        """Split a batch into runs of consecutive patches that share their start on every axis but the last
+        (rows of MONAI's raster order) when that at least halves the volume blended; ``[(i, j, bbox)]``."""
+        n = coords.shape[0]
+        whole = [(0, n, self._bbox(coords))]
+        if n < 2 or self.nd < 2:
+            return whole
+        head = coords[:, :-1]
+        change = ((head[1:] != head[:-1]).any(1).nonzero().flatten() + 1).tolist()
+        if not change:
+            return whole
+        bounds = [0, *change, n]
+        runs = [(i, j, self._bbox(coords[i:j])) for i, j in zip(bounds, bounds[1:])]
+
+        def volume(b):
+            return 0 if b is None else math.prod(h - l for l, h in zip(*b))
+
+        if 2 * sum(volume(r[2]) for r in runs) <= volume(whole[0][2]):
+            return runs
+        return whole
+
+    @staticmethod
+    def _check_weights_rows(weights, n: int) -> None:
+        if weights is not None and isinstance(weights, torch.Tensor) and (weights.dim() == 0 or weights.shape[0] != n):
+            raise ValueError(f"weights must have N = {n} rows (one per patch), got shape {tuple(weights.shape)}")
 
     def _blend_box(self, patches, coords, weights, lo, hi, with_den: bool):
         """Blend the batch into its box ``[lo, hi)``: ``(num [C, *box], den [*box] or None)`` in ``self.dtype``."""
@@ -256,18 +283,21 @@ class Blender(_BlendCore):
         if weights is not None and self._fixed_den and self.normalize == "weight":
             raise ValueError("weights cannot be used with a precomputed denominator under normalize='weight' "
                              "(the weight sum depends on them)")
+        self._check_weights_rows(weights, patches.shape[0])
         if patches.shape[0] == 0:
             return
-        bbox = self._bbox(coords)
-        if bbox is None:  # every patch lies outside the output; still check the weights
-            prepare_blend_args(patches, weights, coords, self.out_shape, "none", None)
-            return
-        lo, hi = bbox
-        num, den = self._blend_box(patches, coords, weights, lo, hi, with_den=self.den is not None and not self._fixed_den)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        self.num[(slice(None),) + box].add_(num)
-        if den is not None:
-            self.den[box].add_(den)
+        with_den = self.den is not None and not self._fixed_den
+        for i, j, bbox in self._groups(coords):
+            w = None if weights is None else weights[i:j]
+            if bbox is None:  # every patch lies outside the output; still check the weights
+                prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None)
+                continue
+            lo, hi = bbox
+            num, den = self._blend_box(patches[i:j], coords[i:j], w, lo, hi, with_den=with_den)
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            self.num[(slice(None),) + box].add_(num)
+            if den is not None:
+                self.den[box].add_(den)
 
     def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Divide by the denominator (in place, once) and return ``[C, *out_shape]`` (cast to ``dtype`` if given).
@@ -404,24 +434,29 @@ class SlabBlender(_BlendCore):
         if weights is not None and self._coords_all is not None and self.normalize == "weight":
             raise ValueError("weights cannot be used with window_coords under normalize='weight' "
                              "(the weight sum depends on them)")
+        self._check_weights_rows(weights, patches.shape[0])
         if patches.shape[0] == 0:
             return
-        bbox = self._bbox(coords)
-        if bbox is None:
-            prepare_blend_args(patches, weights, coords, self.out_shape, "none", None)
-            return
-        lo, hi = bbox
-        if lo[self.axis] < self.lo:
-            raise ValueError(f"a patch reaches index {lo[self.axis]} along axis {self.axis}, which is already "
-                             f"finalised (up to {self.lo}); add patches in order of their start along the axis")
-        num, den = self._blend_box(patches, coords, weights, lo, hi,
-                                   with_den=self.normalize != "none" and self._coords_all is None)
-        self._ensure_capacity(hi[self.axis])
-        box = [slice(a, b) for a, b in zip(lo, hi)]
-        box[self.axis] = slice(lo[self.axis] - self.lo, hi[self.axis] - self.lo)
-        self.num[(slice(None),) + tuple(box)].add_(num)
-        if den is not None:
-            self.den[tuple(box)].add_(den)
+        groups = self._groups(coords)
+        for _, _, bbox in groups:
+            if bbox is not None and bbox[0][self.axis] < self.lo:
+                raise ValueError(f"a patch reaches index {bbox[0][self.axis]} along axis {self.axis}, which is "
+                                 f"already finalised (up to {self.lo}); add patches in order of their start "
+                                 "along the axis")
+        with_den = self.normalize != "none" and self._coords_all is None
+        for i, j, bbox in groups:
+            w = None if weights is None else weights[i:j]
+            if bbox is None:
+                prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None)
+                continue
+            lo, hi = bbox
+            num, den = self._blend_box(patches[i:j], coords[i:j], w, lo, hi, with_den=with_den)
+            self._ensure_capacity(hi[self.axis])
+            box = [slice(a, b) for a, b in zip(lo, hi)]
+            box[self.axis] = slice(lo[self.axis] - self.lo, hi[self.axis] - self.lo)
+            self.num[(slice(None),) + tuple(box)].add_(num)
+            if den is not None:
+                self.den[tuple(box)].add_(den)
 
     def finalize_until(self, stop: int) -> None:
         """Finalise ``[lo, stop)`` along the axis: the caller promises that no later patch touches it."""

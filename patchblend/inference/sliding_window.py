@@ -263,6 +263,8 @@ def sliding_window_inference(
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
     image_size = tuple(int(s) for s in inputs.shape[2:])
+    if inputs.shape[0] < 1 or inputs.shape[1] < 1:
+        raise ValueError(f"inputs must have a batch and a channel dimension of at least 1, got {tuple(inputs.shape)}")
     if any(s < 1 for s in image_size):
         raise ValueError(f"inputs must have a non-empty spatial size, got {tuple(inputs.shape)}")
     roi = _resolve_roi(roi_size, image_size, nd)
@@ -408,14 +410,24 @@ def sliding_window_inference(
         for b, w0, w1 in segments:
             m = w1 - w0
             bl = blender_for(b, seg.shape[1])
-            bl.add(seg[k:k + m], coords[w0:w1], None if w is None else w[k:k + m])
-            k += m
-            if slab:
-                if w1 < num_win:
-                    bl.finalize_until(int(coords[w1, slab_axis]))
-                else:
+            if not slab:
+                bl.add(seg[k:k + m], coords[w0:w1], None if w is None else w[k:k + m])
+            else:
+                # one add per run of equal starts along the slab axis, finalising in between, so that the slab
+                # buffer stays one window deep even when a predictor batch spans two rows of windows
+                axis_starts = coords[w0:w1, slab_axis].tolist()
+                r0 = 0
+                for r in range(1, m + 1):
+                    if r < m and axis_starts[r] == axis_starts[r0]:
+                        continue
+                    bl.add(seg[k + r0:k + r], coords[w0 + r0:w0 + r], None if w is None else w[k + r0:k + r])
+                    if w0 + r < num_win:
+                        bl.finalize_until(int(coords[w0 + r, slab_axis]))
+                    r0 = r
+                if w1 == num_win:
                     bl.finish()
                     del blenders[b]
+            k += m
     del win, seg
 
     # ---- finalise --------------------------------------------------------------------------------------
