@@ -12,9 +12,10 @@ Time: for the identity predictor, each case runs in its own subprocess; after on
 implementation, calls alternate MONAI / patchblend ``--repeats`` times and the median wall time is reported
 (speedup = MONAI / patchblend). The heavy cases (U-Net, SLAB) are timed by the single (cold) call of the memory
 run, to keep the default run short.
-Memory: one fresh subprocess per (case, implementation) makes ONE call; on the CPU we report the growth of the
-peak resident set size (VmHWM, reset just before the call via /proc/self/clear_refs) over the RSS just before
-it, i.e. every byte the call touched at its peak, including the predictor's activations and allocator slack;
+Memory: one fresh subprocess per (case, implementation) warms up on a one-window input, then makes ONE call; on
+the CPU we report the growth of the peak resident set size (VmHWM, reset just before the call via
+/proc/self/clear_refs) over the RSS just before it, i.e. every byte the call touched at its peak, including the
+predictor's activations and allocator slack;
 on CUDA, ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
 
     python benchmarks/bench_sliding_window.py                 # S (identity, unet) + SLAB, CPU, ~2-3 min on 2 cores
@@ -128,6 +129,9 @@ def worker(cfg: dict) -> dict:
     if cfg["what"] == "memory":
         import gc
 
+        # warm up on a one-window input first, so that code pages and lazy library state (oneDNN kernels, thread
+        # pools) are resident before the measurement and only the call's data is counted
+        _run_once(cfg["impl"], cfg, torch.rand((1, 1, *case["roi"])).to(device), predictor)
         gc.collect()
         _sync(device)
         if device.type == "cuda":

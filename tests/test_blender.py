@@ -31,7 +31,7 @@ def _split(n, k):
     return list(zip(bounds, bounds[1:]))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     nd=st.sampled_from([2, 3]),

@@ -38,7 +38,7 @@ def test_monai_hand_worked(size, window, overlap, expected):
     assert window_starts(size, window, overlap, "monai") == expected
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(size=st.integers(1, 300), frac=st.floats(0.01, 1.0), overlap=st.floats(0.0, 0.99))
 def test_monai_matches_monai_1d(size, frac, overlap):
     window = max(1, min(size, int(round(size * frac))))
@@ -94,7 +94,7 @@ def nnunet_formula(size, window, step):
     return tuple(int(np.round(actual * i)) for i in range(n))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(size=st.integers(1, 400), frac=st.floats(0.01, 1.0), step=st.sampled_from([0.25, 0.5, 0.7, 0.8, 1.0]))
 def test_nnunet_matches_formula(size, frac, step):
     window = max(1, min(size, int(round(size * frac))))
