@@ -178,3 +178,18 @@ def test_errors():
         SlabBlender((8, 8), 1, axis=2)
     with pytest.raises(ValueError, match="reduce"):
         SlabBlender((8, 8), 1, reduce="softmax")
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("normalize", ["count", "weight"])
+def test_lattice_coverage_equals_window_coverage(nd, normalize):
+    from patchblend.inference import lattice_coverage, sliding_windows
+
+    image, win = (21, 17, 13)[-nd:], (8, 6, 5)[-nd:]
+    grid = sliding_windows(image, win, 0.4)
+    starts = [[s - 1 for s in axis] for axis in grid.starts]  # shifted: windows may start outside the output
+    coords = grid.coords() - 1
+    imp = monai_gaussian(win, 0.1)  # clamped at 1e-3: not separable
+    ref = window_coverage(coords, win, image, normalize, imp)
+    got = lattice_coverage(starts, win, image, imp if normalize == "weight" else None)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)

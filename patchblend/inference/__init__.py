@@ -6,9 +6,10 @@
   ``"nnunet"``).
 - Importance maps: :func:`importance_map`, :func:`constant_importance`, :func:`monai_gaussian`,
   :func:`nnunet_gaussian`.
-- Streaming accumulators: :class:`Blender`, :class:`SlabBlender`, :func:`window_coverage`.
+- Streaming accumulators: :class:`Blender`, :class:`SlabBlender`; denominators :func:`window_coverage`,
+  :func:`lattice_coverage`.
 """
-from .blender import Blender, SlabBlender, window_coverage
+from .blender import Blender, SlabBlender, lattice_coverage, window_coverage
 from .importance import constant_importance, importance_map, monai_gaussian, nnunet_gaussian
 from .sliding_window import sliding_window_inference
 from .windows import WindowGrid, sliding_windows, window_starts
@@ -18,6 +19,7 @@ __all__ = [
     "Blender",
     "SlabBlender",
     "window_coverage",
+    "lattice_coverage",
     "sliding_windows",
     "window_starts",
     "WindowGrid",

@@ -21,7 +21,7 @@ import torch
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
 from .._validate import NORMALIZE_MODES, accumulation_dtype, prepare_blend_args
 
-__all__ = ["Blender", "SlabBlender", "window_coverage", "REDUCTIONS"]
+__all__ = ["Blender", "SlabBlender", "window_coverage", "lattice_coverage", "REDUCTIONS"]
 
 _ops = torch.ops.patchblend
 
@@ -82,6 +82,43 @@ def window_coverage(
     imp = _canonical_importance(importance, window_shape, dtype, device) if normalize == "weight" else None
     den = _ops.coverage(None, coords.to(device), imp, list(_to3(window_shape)), list(_to3(out_shape)), normalize, dtype)
     return den.reshape(tuple(out_shape))
+
+
+def _overlap_add_axis(f: torch.Tensor, axis: int, starts, size: int, lo: int = 0, hi: Optional[int] = None):
+    """Along ``axis``: ``g[v] = sum_i f[v - starts[i]]`` for ``v`` in ``[lo, hi)`` (ascending ``i``; ``f`` is 0
+    outside its extent). Returns ``g`` with that axis of length ``hi - lo``."""
+    hi = size if hi is None else hi
+    p = f.shape[axis]
+    shape = list(f.shape)
+    shape[axis] = hi - lo
+    g = f.new_zeros(shape)
+    for s in starts:
+        a, b = max(s, lo), min(s + p, hi)
+        if a < b:
+            g.narrow(axis, a - lo, b - a).add_(f.narrow(axis, a - s, b - a))
+    return g
+
+
+def lattice_coverage(
+    starts: Sequence[Sequence[int]],
+    window_shape: Sequence[int],
+    out_shape: Sequence[int],
+    importance: Optional[torch.Tensor] = None,
+    *,
+    dtype=torch.float32,
+    device=None,
+) -> torch.Tensor:
+    """The denominator ``[*out_shape]`` for unweighted windows on a separable lattice (the windows are all
+    combinations of ``starts[a]`` per axis, as :class:`WindowGrid` makes them): ``sum_i importance[v - s_i]``,
+    i.e. the window count when ``importance`` is None. Because the lattice is separable this is applied axis by
+    axis (last axis first) with a few slice-adds per axis instead of a pass over every window; the importance
+    itself need not be separable (MONAI's clamped Gaussian is not)."""
+    nd = len(out_shape)
+    f = (torch.ones(tuple(window_shape), dtype=dtype, device=device) if importance is None
+         else importance.to(device=device, dtype=dtype))
+    for axis in reversed(range(nd)):
+        f = _overlap_add_axis(f, axis, starts[axis], out_shape[axis])
+    return f
 
 
 class _BlendCore:
@@ -340,6 +377,8 @@ class SlabBlender(_BlendCore):
             denominator of each finalised slab is computed from them (one pass over the volume) instead of
             being accumulated per batch; only valid when it does not depend on weights (as for ``denominator``
             in :class:`Blender`).
+        window_lattice: alternatively, the per-axis starts of a window lattice (as :func:`lattice_coverage`
+            takes them): the denominator is then computed axis by axis, cheaply; same validity condition.
 
     Memory: ``C × slab × (other axes)`` accumulation floats, where the slab spans the patches of the widest
     batch along ``axis`` (at least one window), plus the output.
@@ -362,6 +401,7 @@ class SlabBlender(_BlendCore):
         label_dtype: torch.dtype = torch.int64,
         out_device=None,
         window_coords=None,
+        window_lattice: Optional[Sequence[Sequence[int]]] = None,
         out: Optional[torch.Tensor] = None,
     ):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
@@ -389,6 +429,12 @@ class SlabBlender(_BlendCore):
         self._coords_all = None
         if window_coords is not None:
             self._coords_all = _as_coords(window_coords, self.nd)
+        self._lattice = None
+        self._lattice_partial = None  # the lattice sum over every axis but the slab axis, computed once
+        if window_lattice is not None:
+            if self.window_shape is None or len(window_lattice) != self.nd:
+                raise ValueError(f"window_lattice needs {self.nd} start lists and a window_shape")
+            self._lattice = [list(map(int, a)) for a in window_lattice]
         self.lo = 0  # first index along axis not yet finalised
         self._cap = 0
         self.num = None  # [C, cap, ...] slab buffer covering [lo, lo + cap) along axis
@@ -431,7 +477,8 @@ class SlabBlender(_BlendCore):
         coords = _as_coords(coords, self.nd)
         if coords.shape[0] != patches.shape[0]:
             raise ValueError(f"coords must have {patches.shape[0]} rows (one per patch), got {coords.shape[0]}")
-        if weights is not None and self._coords_all is not None and self.normalize == "weight":
+        if weights is not None and (self._coords_all is not None or self._lattice is not None) \
+                and self.normalize == "weight":
             raise ValueError("weights cannot be used with window_coords under normalize='weight' "
                              "(the weight sum depends on them)")
         self._check_weights_rows(weights, patches.shape[0])
@@ -443,7 +490,7 @@ class SlabBlender(_BlendCore):
                 raise ValueError(f"a patch reaches index {bbox[0][self.axis]} along axis {self.axis}, which is "
                                  f"already finalised (up to {self.lo}); add patches in order of their start "
                                  "along the axis")
-        with_den = self.normalize != "none" and self._coords_all is None
+        with_den = self.normalize != "none" and self._coords_all is None and self._lattice is None
         for i, j, bbox in groups:
             w = None if weights is None else weights[i:j]
             if bbox is None:
@@ -470,7 +517,9 @@ class SlabBlender(_BlendCore):
                 continue
             values = self.num[self._along(0, k, True)]  # finalised in place: this part is dropped next
             if self.normalize != "none":
-                if self._coords_all is not None:
+                if self._lattice is not None:
+                    den = self._lattice_den(self.lo, self.lo + k)
+                elif self._coords_all is not None:
                     origin = [0] * self.nd
                     origin[self.axis] = self.lo
                     den = window_coverage(self._coords_all - torch.tensor(origin), self.window_shape,
@@ -481,6 +530,20 @@ class SlabBlender(_BlendCore):
                 values.div_(_make_safe_(den, self.normalize))
             self._write(values, self.lo + k)
             self._shift(k)
+
+    def _lattice_den(self, lo: int, hi: int) -> torch.Tensor:
+        """Lattice denominator of ``[lo, hi)`` along the slab axis: the other axes' sums once, then this axis
+        (for axis 0 the same order of additions as :func:`lattice_coverage`, hence bitwise the same values)."""
+        if self._lattice_partial is None:
+            imp = self._importance_raw if self.normalize == "weight" else None
+            f = (torch.ones(self.window_shape, dtype=self.dtype, device=self.device) if imp is None
+                 else imp.to(device=self.device, dtype=self.dtype))
+            for axis in reversed(range(self.nd)):
+                if axis != self.axis:
+                    f = _overlap_add_axis(f, axis, self._lattice[axis], self.out_shape[axis])
+            self._lattice_partial = f
+        return _overlap_add_axis(self._lattice_partial, self.axis, self._lattice[self.axis],
+                                 self.out_shape[self.axis], lo, hi)
 
     def _write(self, values: torch.Tensor, stop: int) -> None:
         values = _reduce(values, self.reduce, self.threshold, self.label_dtype)
@@ -503,5 +566,5 @@ class SlabBlender(_BlendCore):
     def finish(self) -> torch.Tensor:
         """Finalise everything left and return :attr:`out`."""
         self.finalize_until(self.out_shape[self.axis])
-        self.num = self.den = None
+        self.num = self.den = self._lattice_partial = None
         return self.out

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import extract_patches
-from .blender import REDUCTIONS, Blender, SlabBlender, window_coverage
+from .blender import REDUCTIONS, Blender, SlabBlender, lattice_coverage
 from .importance import importance_map
 from .windows import WINDOW_STYLES, sliding_windows
 
@@ -132,19 +132,6 @@ def _parse_output(out, n: int, roi, nd: int, weighting):
                              f"got {tuple(grid.shape)}")
         _check_scores("grid_scores", grid)
     return seg, (patch if uses_patch else None), (grid if uses_grid else None)
-
-
-def _lattice_count(starts, roi, image_size, dtype, device) -> torch.Tensor:
-    """Number of windows covering each voxel, for windows on a separable lattice: the product of per-axis
-    counts (exact small integers), one cheap broadcast instead of a pass over every window."""
-    den = None
-    for axis_starts, p, s in zip(starts, roi, image_size):
-        c = torch.zeros(s, dtype=dtype)
-        for a in axis_starts:
-            c[max(a, 0):min(a + p, s)] += 1
-        c = c.to(device)
-        den = c if den is None else den.unsqueeze(-1) * c
-    return den
 
 
 def _check_scores(name: str, t: torch.Tensor) -> None:
@@ -355,18 +342,17 @@ def sliding_window_inference(
                 state["out"] = torch.empty(shape, dtype=dt, device=device)
             else:
                 state["out"] = torch.zeros((batch, channels, *image_size), dtype=acc, device=device)
-                if normalize == "count" or (normalize == "weight" and imp is None and weighting is None):
-                    # windows cover every voxel of the image, so the count is >= 1: already safe to divide by
-                    state["den"] = _lattice_count(image_starts, roi, image_size, acc, device)
-                    state["den_safe"] = True
-                elif normalize == "weight" and not weights_in_den:
-                    state["den"] = window_coverage(coords, roi, image_size, normalize, imp, dtype=acc, device=device)
+                if normalize != "none" and not weights_in_den:
+                    # the windows cover every voxel and importance maps are > 0, so this is > 0: safe to divide by
+                    state["den"] = lattice_coverage(image_starts, roi, image_size,
+                                                    imp if normalize == "weight" else None, dtype=acc, device=device)
+                    state["den_safe"] = normalize == "count" or roi_weight_map is None
         if slab:
             blenders[b] = SlabBlender(
                 image_size, channels, axis=slab_axis, normalize=normalize, importance=imp, window_shape=roi,
                 reduce=reduce, threshold=threshold, device=device, dtype=acc,
                 out_dtype=out_dtype or state["seg_dtype"], label_dtype=label_dtype,
-                window_coords=None if weights_in_den else coords, out=state["out"][b],
+                window_lattice=None if weights_in_den else image_starts, out=state["out"][b],
             )
         else:
             blenders[b] = Blender(image_size, channels, normalize=normalize, importance=imp, window_shape=roi,
