@@ -42,3 +42,10 @@ def test_heads_section():
     ns = run_section(title)
     assert ns["patch_scores"].shape == (2,)
     assert ns["grid_scores"].shape == (2, 2, 2, 2)
+
+
+def test_sliding_window_section():
+    pytest.importorskip("monai")
+    ns = run_section("Sliding-window inference")
+    assert ns["probs"].shape == (1, 2, 96, 112, 96)  # the MONAI inferer's output (the last `probs`)
+    assert ns["labels"].shape == (1, 1, 96, 112, 96) and ns["labels"].dtype == ns["torch"].uint8
