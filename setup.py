@@ -33,7 +33,7 @@ def extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/blend_ops.cpp", "csrc/cpu/blend_cpu.cpp"]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     link = ["-fopenmp"]
     use_cuda = _cuda_wanted(torch.version.cuda is not None, CUDA_HOME)
     if use_cuda:
@@ -41,7 +41,7 @@ def extensions():
         ext = CUDAExtension(
             "patchblend._C",
             sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=link,
         )
     else:

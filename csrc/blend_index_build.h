@@ -109,6 +109,19 @@ inline std::vector<int64_t> build_blend_index(const int64_t* coords, int64_t n, 
     layout.off_tile_offsets = append(offsets);
     layout.off_tile_patches = append(ids);
   }
+  // Segments along the last axis: runs with one covering set (lattice) or inside one tile.
+  std::vector<int64_t> segment_end(static_cast<size_t>(O[2]));
+  for (int64_t x = O[2] - 1; x >= 0; --x) {
+    if (layout.is_lattice) {
+      const int64_t* first = buf.data() + layout.off_first[2];
+      const int64_t* last = buf.data() + layout.off_last[2];
+      const bool same = x + 1 < O[2] && first[x + 1] == first[x] && last[x + 1] == last[x];
+      segment_end[x] = same ? segment_end[x + 1] : x + 1;
+    } else {
+      segment_end[x] = std::min<int64_t>((x / layout.tile[2] + 1) * layout.tile[2], O[2]);
+    }
+  }
+  layout.off_segment_end = append(segment_end);
   layout.total = static_cast<int64_t>(buf.size());
   return buf;
 }

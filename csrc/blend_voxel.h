@@ -54,38 +54,44 @@ PB_HOST_DEVICE acc_t patch_voxel_weight(const BlendProblem<scalar_t, acc_t>& pr,
   return w;
 }
 
-// Calls visit(n, local) for every patch n covering output voxel v, in a fixed order
-// (lattice order on the lattice path, which is patch order for raster-ordered windows;
-// ascending patch index on the tile path).
+// The one statement of which patches cover which voxels, and in which order.
+//
+// For output row (v0, v1) and a run [xa, xb) along the last axis that lies inside one "segment"
+// (lattice path: a run where the covering windows along the last axis do not change; tile path: a run
+// inside one tile), calls visit(n, l0, l1, x_lo, x_hi, l2_lo) for every patch n that covers part of the
+// run, in a fixed order (lattice order on the lattice path, which is patch order for raster-ordered
+// windows; ascending patch index on the tile path). Patch n covers exactly [x_lo, x_hi) of the run, at
+// local coordinates (l0, l1, l2_lo + x - x_lo). A single voxel [x, x + 1) is always a valid run.
 template <typename Visit>
-PB_HOST_DEVICE void for_each_covering_patch(const IndexView& ix, const int64_t* coords, const int64_t P[3],
-                                            const int64_t v[3], Visit&& visit) {
-  int64_t local[3];
+PB_HOST_DEVICE void for_each_covering_run(const IndexView& ix, const int64_t P[3], int64_t v0, int64_t v1,
+                                          int64_t xa, int64_t xb, Visit&& visit) {
   if (ix.is_lattice) {
-    for (int64_t i0 = ix.first[0][v[0]]; i0 < ix.last[0][v[0]]; ++i0) {
-      local[0] = v[0] - ix.starts[0][i0];
-      for (int64_t i1 = ix.first[1][v[1]]; i1 < ix.last[1][v[1]]; ++i1) {
-        local[1] = v[1] - ix.starts[1][i1];
+    for (int64_t i0 = ix.first[0][v0]; i0 < ix.last[0][v0]; ++i0) {
+      const int64_t l0 = v0 - ix.starts[0][i0];
+      for (int64_t i1 = ix.first[1][v1]; i1 < ix.last[1][v1]; ++i1) {
+        const int64_t l1 = v1 - ix.starts[1][i1];
         const int64_t row = (i0 * ix.lattice[1] + i1) * ix.lattice[2];
-        for (int64_t i2 = ix.first[2][v[2]]; i2 < ix.last[2][v[2]]; ++i2) {
-          local[2] = v[2] - ix.starts[2][i2];
-          visit(ix.patch_of[row + i2], local);
+        for (int64_t i2 = ix.first[2][xa]; i2 < ix.last[2][xa]; ++i2) {
+          visit(ix.patch_of[row + i2], l0, l1, xa, xb, xa - ix.starts[2][i2]);
         }
       }
     }
   } else {
-    const int64_t tile = ((v[0] / ix.tile[0]) * ix.tiles[1] + v[1] / ix.tile[1]) * ix.tiles[2] + v[2] / ix.tile[2];
+    const int64_t tile = ((v0 / ix.tile[0]) * ix.tiles[1] + v1 / ix.tile[1]) * ix.tiles[2] + xa / ix.tile[2];
     for (int64_t k = ix.tile_offsets[tile]; k < ix.tile_offsets[tile + 1]; ++k) {
       const int64_t n = ix.tile_patches[k];
-      bool inside = true;
-      for (int a = 0; a < 3; ++a) {
-        local[a] = v[a] - coords[3 * n + a];
-        inside = inside && local[a] >= 0 && local[a] < P[a];
-      }
-      if (inside) visit(n, local);
+      const int64_t* s = ix.coords + 3 * n;
+      const int64_t l0 = v0 - s[0], l1 = v1 - s[1];
+      if (l0 < 0 || l0 >= P[0] || l1 < 0 || l1 >= P[1]) continue;
+      const int64_t x_lo = xa > s[2] ? xa : s[2];
+      const int64_t x_hi = xb < s[2] + P[2] ? xb : s[2] + P[2];
+      if (x_lo < x_hi) visit(n, l0, l1, x_lo, x_hi, x_lo - s[2]);
     }
   }
 }
+
+// End of the segment (see for_each_covering_run) that starts at x along the last axis.
+PB_HOST_DEVICE int64_t segment_end(const IndexView& ix, int64_t x) { return ix.segment_end[x]; }
 
 template <typename acc_t>
 PB_HOST_DEVICE acc_t finalize_voxel(acc_t num, acc_t den, int normalize) {
@@ -94,33 +100,121 @@ PB_HOST_DEVICE acc_t finalize_voxel(acc_t num, acc_t den, int normalize) {
   return num;
 }
 
-// Blend one output voxel v (all channels): reads each covering patch element once per channel,
-// writes out[:, v] (and den_out[v] when asked). The denominator is the patch count ("count"),
-// the weight sum ("weight") or 1 ("none").
+// What one covering patch adds to the denominator: 1 ("count"), its weight ("weight"), nothing ("none",
+// whose denominator is 1).
+template <typename acc_t>
+PB_HOST_DEVICE acc_t denominator_term(acc_t w, int normalize) {
+  return normalize == kCount ? acc_t(1) : (normalize == kWeight ? w : acc_t(0));
+}
+
+// Blend one output voxel v (all channels): the CUDA kernel's unit of work. Sums over the covering
+// patches in the fixed order above, writes out[:, v] (and den_out[v] when asked).
 template <typename scalar_t, typename acc_t>
 PB_HOST_DEVICE void blend_voxel(const BlendProblem<scalar_t, acc_t>& pr, const int64_t v[3]) {
   const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
   const int64_t vox = (v[0] * pr.O[1] + v[1]) * pr.O[2] + v[2];
   const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
-  const int64_t* coords = pr.index.coords;
 
-  acc_t den = acc_t(1);
+  acc_t den = pr.normalize == kNone ? acc_t(1) : acc_t(0);
   if (pr.normalize != kNone) {
-    den = acc_t(0);
-    for_each_covering_patch(pr.index, coords, pr.P, v, [&](int64_t n, const int64_t* local) {
-      den += pr.normalize == kCount ? acc_t(1) : patch_voxel_weight(pr, n, local);
-    });
+    for_each_covering_run(pr.index, pr.P, v[0], v[1], v[2], v[2] + 1,
+                          [&](int64_t n, int64_t l0, int64_t l1, int64_t, int64_t, int64_t l2) {
+                            const int64_t local[3] = {l0, l1, l2};
+                            den += denominator_term(patch_voxel_weight(pr, n, local), pr.normalize);
+                          });
   }
   if (pr.den_out != nullptr) pr.den_out[vox] = den;
   if (pr.out == nullptr) return;
 
   for (int64_t ch = 0; ch < pr.c; ++ch) {
     acc_t num = acc_t(0);
-    for_each_covering_patch(pr.index, coords, pr.P, v, [&](int64_t n, const int64_t* local) {
-      const int64_t at = (n * pr.c + ch) * patch_volume + (local[0] * pr.P[1] + local[1]) * pr.P[2] + local[2];
-      num += patch_voxel_weight(pr, n, local) * static_cast<acc_t>(pr.patches[at]);
-    });
+    for_each_covering_run(pr.index, pr.P, v[0], v[1], v[2], v[2] + 1,
+                          [&](int64_t n, int64_t l0, int64_t l1, int64_t, int64_t, int64_t l2) {
+                            const int64_t local[3] = {l0, l1, l2};
+                            const int64_t at = (n * pr.c + ch) * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2;
+                            num += patch_voxel_weight(pr, n, local) * static_cast<acc_t>(pr.patches[at]);
+                          });
     pr.out[ch * out_volume + vox] = static_cast<scalar_t>(finalize_voxel(num, den, pr.normalize));
+  }
+}
+
+// Blend the run [xa, xb) of output row (v0, v1), one segment (see for_each_covering_run): the CPU
+// kernel's unit of work. Same terms, same order per voxel as blend_voxel, so the result is bitwise the
+// same; the loop order (patch outside, contiguous x inside) lets the compiler vectorise.
+// Scratch: num [C * (xb - xa)], den and w [xb - xa] each.
+template <typename scalar_t, typename acc_t>
+PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v0, int64_t v1, int64_t xa,
+                              int64_t xb, acc_t* num, acc_t* den, acc_t* w) {
+  const int64_t len = xb - xa;
+  const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
+  const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
+  const int64_t channels = pr.out != nullptr ? pr.c : 0;
+  const bool uniform = pr.weights == nullptr && pr.importance == nullptr;  // every weight is 1
+  for (int64_t j = 0; j < len; ++j) den[j] = acc_t(0);
+  bool partial = false;  // some patch covered only part of the run
+  for (int64_t j = 0; j < channels * len; ++j) num[j] = acc_t(0);
+
+  // Patches covering the whole run in "count" mode add 1 to every voxel: counted once in `whole`
+  // (integer-valued, so the sum is exact and the result equals the per-voxel one bitwise).
+  acc_t whole = acc_t(0);
+  for_each_covering_run(pr.index, pr.P, v0, v1, xa, xb,
+                        [&](int64_t n, int64_t l0, int64_t l1, int64_t x_lo, int64_t x_hi, int64_t l2_lo) {
+                          const int64_t m = x_hi - x_lo, off = x_lo - xa;
+                          acc_t* __restrict__ d = den + off;
+                          acc_t* __restrict__ ww = w;
+                          // The branches below hoist loop-invariant cases out of the loops so that they
+                          // vectorise; every value is the one patch_voxel_weight/denominator_term give.
+                          if (!uniform) {
+                            for (int64_t j = 0; j < m; ++j) {
+                              const int64_t local[3] = {l0, l1, l2_lo + j};
+                              ww[j] = patch_voxel_weight(pr, n, local);
+                            }
+                          }
+                          partial = partial || m != len;
+                          if (pr.normalize == kCount) {
+                            if (m == len) whole += acc_t(1);
+                            else for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
+                          } else if (pr.normalize == kWeight) {
+                            if (uniform) for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
+                            else for (int64_t j = 0; j < m; ++j) d[j] += ww[j];
+                          }
+                          for (int64_t ch = 0; ch < channels; ++ch) {
+                            const scalar_t* __restrict__ p =
+                                pr.patches + (n * pr.c + ch) * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
+                            acc_t* __restrict__ acc = num + ch * len + off;
+                            if (uniform) for (int64_t j = 0; j < m; ++j) acc[j] += static_cast<acc_t>(p[j]);  // 1 * p
+                            else for (int64_t j = 0; j < m; ++j) acc[j] += ww[j] * static_cast<acc_t>(p[j]);
+                          }
+                        });
+  if (pr.normalize == kNone) {
+    for (int64_t j = 0; j < len; ++j) den[j] = acc_t(1);
+  } else if (partial || pr.normalize == kWeight) {
+    for (int64_t j = 0; j < len; ++j) den[j] += whole;
+  }
+
+  const int64_t row = (v0 * pr.O[1] + v1) * pr.O[2] + xa;
+  if (pr.den_out != nullptr) {
+    for (int64_t j = 0; j < len; ++j) pr.den_out[row + j] = partial || pr.normalize != kCount ? den[j] : whole;
+  }
+  // finalize_voxel, written without branches on the data so that the loops vectorise; the values are
+  // the same: a zero denominator is replaced by 1 before dividing (its numerator is 0 in "count" mode),
+  // and "weight" mode selects 0 where the weight sum is 0.
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    scalar_t* __restrict__ o = pr.out + ch * out_volume + row;
+    const acc_t* __restrict__ acc = num + ch * len;
+    if (pr.normalize == kNone) {
+      for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(acc[j]);
+    } else if (pr.normalize == kCount && !partial) {
+      const acc_t d = whole > acc_t(1) ? whole : acc_t(1);
+      for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(acc[j] / d);
+    } else if (pr.normalize == kCount) {
+      for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(acc[j] / (den[j] + acc_t(den[j] == acc_t(0))));
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t q = acc[j] / (den[j] + acc_t(den[j] == acc_t(0)));
+        o[j] = static_cast<scalar_t>(den[j] > acc_t(0) ? q : acc_t(0));
+      }
+    }
   }
 }
 

@@ -85,6 +85,8 @@ def prepare_blend_args(
             coords = torch.as_tensor(coords)
         except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
             raise TypeError(f"coords must be an integer tensor [N, {spatial_dims}]: {exc}") from exc
+    if coords.numel() == 0:
+        coords = coords.to(torch.int64)  # an empty list has no integer dtype of its own
     if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
         raise TypeError(f"coords must hold integers, got dtype {coords.dtype}")
     if n == 0 and coords.numel() == 0:

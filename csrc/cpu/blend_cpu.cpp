@@ -1,5 +1,7 @@
 // CPU kernels: a parallel loop over output rows calling the shared per-voxel gather (blend_voxel.h).
+#include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,16 +11,39 @@
 namespace patchblend {
 namespace {
 
+// PATCHBLEND_CPU_KERNEL=voxel runs the CUDA kernel's per-voxel function (blend_voxel) on the CPU, so
+// the tests can check it bitwise against the default row kernel (blend_run).
+bool use_voxel_kernel() {
+  const char* flag = std::getenv("PATCHBLEND_CPU_KERNEL");
+  return flag != nullptr && std::strcmp(flag, "voxel") == 0;
+}
+
 template <typename scalar_t, typename acc_t>
 void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
   const int64_t rows = pr.O[0] * pr.O[1];
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(pr.O[2], 1));
+  const int64_t width = pr.O[2];
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width * std::max<int64_t>(pr.c, 1), 1));
+  const bool per_voxel = use_voxel_kernel();
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    int64_t v[3];
+    const int64_t channels = pr.out != nullptr ? pr.c : 0;
+    std::vector<acc_t> scratch(static_cast<size_t>((channels + 2) * width));
+    acc_t* num = scratch.data();
+    acc_t* den = num + channels * width;
+    acc_t* w = den + width;
     for (int64_t r = begin; r < end; ++r) {
-      v[0] = r / pr.O[1];
-      v[1] = r % pr.O[1];
-      for (v[2] = 0; v[2] < pr.O[2]; ++v[2]) blend_voxel(pr, v);
+      const int64_t v0 = r / pr.O[1], v1 = r % pr.O[1];
+      if (per_voxel) {
+        for (int64_t x = 0; x < width; ++x) {
+          const int64_t v[3] = {v0, v1, x};
+          blend_voxel(pr, v);
+        }
+        continue;
+      }
+      for (int64_t xa = 0; xa < width;) {
+        const int64_t xb = segment_end(pr.index, xa);
+        blend_run(pr, v0, v1, xa, xb, num, den, w);
+        xa = xb;
+      }
     }
   });
 }

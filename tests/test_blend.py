@@ -1,0 +1,399 @@
+"""calibrated_blend: the compiled kernels against the reference and against hand-worked cases."""
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patchblend
+from patchblend import _reference as ref
+from patchblend._validate import prepare_blend_args
+
+COMPILED = patchblend.backend_info()["compiled"]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def reference_blend(patches, weights, coords, out_shape=None, normalize="count", importance=None):
+    """The oracle: the reference on the canonical arguments, shaped like the public result."""
+    a = prepare_blend_args(patches, weights, coords, out_shape, normalize, importance)
+    out = ref.blend_reference(a.patches, a.weights, a.coords, a.importance, a.out_shape, a.normalize)
+    return out.squeeze(1) if a.spatial_dims == 2 else out
+
+
+def assert_close(actual, expected, dtype):
+    assert actual.dtype == expected.dtype
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual.double(), expected.double(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def lattice(img, patch, step):
+    """Raster-ordered sliding-window starts, last window flush with the border."""
+    axes = []
+    for i, p, s in zip(img, patch, step):
+        starts = sorted({min(k * s, max(i - p, 0)) for k in range(-(-max(i - p, 0) // s) + 1)})
+        axes.append(starts)
+    return torch.tensor(list(itertools.product(*axes)), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- hand-worked cases (Eq. 1, Eq. 2)
+
+
+def test_eq1_patch_weights_count_by_hand():
+    # Two 1×1×4 patches on a 1×1×6 line, starting at 0 and 2; patch values 1 and 3, weights 0.5 and 2.
+    patches = torch.tensor([1.0, 3.0]).reshape(2, 1, 1, 1, 1).expand(2, 1, 1, 1, 4).contiguous()
+    coords = torch.tensor([[0, 0, 0], [0, 0, 2]])
+    weights = torch.tensor([0.5, 2.0])
+    out = patchblend.calibrated_blend(patches, weights, coords)
+    # voxels 0,1: only patch 0 -> 0.5*1/1; voxels 2,3: both -> (0.5*1 + 2*3)/2; voxels 4,5: 2*3/1
+    expected = torch.tensor([0.5, 0.5, 3.25, 3.25, 6.0, 6.0]).reshape(1, 1, 1, 6)
+    torch.testing.assert_close(out, expected)
+    weighted_mean = patchblend.calibrated_blend(patches, weights, coords, normalize="weight")
+    torch.testing.assert_close(weighted_mean, torch.tensor([1.0, 1.0, 6.5 / 2.5, 6.5 / 2.5, 3.0, 3.0]).reshape(1, 1, 1, 6))
+    weighted_sum = patchblend.calibrated_blend(patches, weights, coords, normalize="none")
+    torch.testing.assert_close(weighted_sum, torch.tensor([0.5, 0.5, 6.5, 6.5, 6.0, 6.0]).reshape(1, 1, 1, 6))
+
+
+def test_eq2_grid_weights_count_by_hand():
+    # One 1×1×5 patch with a 1×1×2 grid: cells by k*g//P = [0,0,0,1,1]; a second patch of ones at 3 with
+    # cell weights [1, 0] (cells of its voxels 3..7: [0,0,0,1,1]).
+    patches = torch.stack([torch.arange(1.0, 6.0), torch.ones(5)]).reshape(2, 1, 1, 1, 5)
+    weights = torch.tensor([[0.5, 2.0], [1.0, 0.0]]).reshape(2, 1, 1, 2)
+    coords = torch.tensor([[0, 0, 0], [0, 0, 3]])
+    out = patchblend.calibrated_blend(patches, weights, coords, (1, 1, 8))
+    first = [0.5 * 1, 0.5 * 2, 0.5 * 3, 2.0 * 4, 2.0 * 5]
+    expected = [first[0], first[1], first[2], (first[3] + 1.0) / 2, (first[4] + 1.0) / 2, 1.0, 0.0, 0.0]
+    torch.testing.assert_close(out.flatten(), torch.tensor(expected))
+    # "weight": voxels 6 and 7 see only the zero-weight cell / nothing -> 0
+    wm = patchblend.calibrated_blend(patches, weights, coords, (1, 1, 8), normalize="weight")
+    torch.testing.assert_close(wm.flatten(), torch.tensor([1, 2, 3, (8 + 1) / 3, (10 + 1) / 3, 1, 0, 0.0]))
+
+
+def test_odd_patch_grid_cells_follow_k_g_over_p():
+    # P = 5, g = 2 -> cells [0,0,0,1,1]; P = 3, g = 3 -> [0,1,2]
+    assert ref.cell_index(5, 2).tolist() == [0, 0, 0, 1, 1]
+    assert ref.cell_index(3, 3).tolist() == [0, 1, 2]
+    patches = torch.ones(1, 1, 3, 1, 5)
+    weights = torch.arange(1.0, 7.0).reshape(1, 3, 1, 2)
+    out = patchblend.calibrated_blend(patches, weights, [[0, 0, 0]], normalize="none")
+    expected = torch.tensor([[1, 1, 1, 2, 2], [3, 3, 3, 4, 4], [5, 5, 5, 6, 6.0]]).reshape(1, 3, 1, 5)
+    torch.testing.assert_close(out, expected)
+
+
+def test_importance_multiplies_and_uncovered_is_zero():
+    patches = torch.full((1, 2, 2, 2, 2), 4.0)
+    imp = torch.tensor([0.5, 1.0]).reshape(1, 1, 2).expand(2, 2, 2).contiguous()
+    out = patchblend.calibrated_blend(patches, None, [[1, 1, 1]], (4, 4, 4), normalize="none", importance=imp)
+    assert out.shape == (2, 4, 4, 4)
+    torch.testing.assert_close(out[:, 1:3, 1:3, 1], torch.full((2, 2, 2), 2.0))
+    torch.testing.assert_close(out[:, 1:3, 1:3, 2], torch.full((2, 2, 2), 4.0))
+    mask = torch.ones(4, 4, 4, dtype=torch.bool)
+    mask[1:3, 1:3, 1:3] = False
+    assert (out[:, mask] == 0).all()
+    # "weight" divides the importance back out
+    wm = patchblend.calibrated_blend(patches, None, [[1, 1, 1]], (4, 4, 4), normalize="weight", importance=imp)
+    torch.testing.assert_close(wm[:, 1:3, 1:3, 1:3], torch.full((2, 2, 2, 2), 4.0))
+
+
+def test_clipped_and_negative_coords():
+    patches = torch.arange(8.0).reshape(1, 1, 2, 2, 2)
+    out = patchblend.calibrated_blend(patches, None, [[-1, -1, -1]], (2, 2, 2))
+    assert out[0, 0, 0, 0] == 7.0
+    assert out.sum() == 7.0
+    out = patchblend.calibrated_blend(patches, None, [[5, 5, 5]], (2, 2, 2))
+    assert (out == 0).all()
+
+
+def test_default_out_shape_and_2d():
+    patches = torch.rand(3, 2, 4, 5)
+    coords = torch.tensor([[0, 0], [2, 3], [1, 1]])
+    out = patchblend.calibrated_blend(patches, torch.rand(3, 2, 2), coords)
+    assert out.shape == (2, 6, 8)
+    w = torch.rand(3, 2, 2)
+    assert_close(patchblend.calibrated_blend(patches, w, coords), reference_blend(patches, w, coords), torch.float32)
+
+
+def test_zero_patches_gives_zeros():
+    out = patchblend.calibrated_blend(torch.zeros(0, 3, 4, 4, 4), None, torch.zeros(0, 3, dtype=torch.long), (5, 6, 7))
+    assert out.shape == (3, 5, 6, 7) and (out == 0).all()
+    out = patchblend.calibrated_blend(torch.zeros(0, 1, 4, 4, 4), torch.zeros(0), [], (2, 2, 2), normalize="weight")
+    assert out.shape == (1, 2, 2, 2) and (out == 0).all()
+
+
+# ---------------------------------------------------------------- properties against the reference
+
+
+@st.composite
+def blend_cases(draw):
+    nd = draw(st.sampled_from([3, 3, 2]))
+    patch = tuple(draw(st.integers(1, 6)) for _ in range(nd))
+    out_shape = tuple(draw(st.integers(1, 12)) for _ in range(nd))
+    n = draw(st.integers(0, 7))
+    c = draw(st.integers(1, 3))
+    if draw(st.booleans()) and n > 0:  # a sliding-window lattice (the fast path)
+        step = tuple(draw(st.integers(1, p)) for p in patch)
+        coords = lattice(out_shape, patch, step)
+        if draw(st.booleans()):
+            coords = coords[torch.randperm(len(coords), generator=torch.Generator().manual_seed(n))]
+        n = len(coords)
+    else:  # arbitrary starts, out of range and duplicates allowed
+        coords = torch.tensor(
+            [[draw(st.integers(-p, o)) for p, o in zip(patch, out_shape)] for _ in range(n)], dtype=torch.int64
+        ).reshape(n, nd)
+    kind = draw(st.sampled_from(["none", "patch", "grid"]))
+    grid = tuple(draw(st.integers(1, p)) for p in patch)
+    dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
+    wdtype = draw(st.sampled_from([torch.float32, torch.float64, dtype]))
+    normalize = draw(st.sampled_from(["count", "weight", "none"]))
+    use_importance = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    return dict(patch=patch, out_shape=out_shape, n=n, c=c, coords=coords, kind=kind, grid=grid, dtype=dtype,
+                wdtype=wdtype, normalize=normalize, use_importance=use_importance, seed=seed,
+                zero_weights=draw(st.booleans()))
+
+
+def make_inputs(case, device):
+    g = torch.Generator().manual_seed(case["seed"])
+    patches = torch.rand((case["n"], case["c"], *case["patch"]), generator=g).to(case["dtype"]).to(device)
+    weights = None
+    if case["kind"] == "patch":
+        weights = torch.rand(case["n"], generator=g)
+    elif case["kind"] == "grid":
+        weights = torch.rand((case["n"], *case["grid"]), generator=g)
+    if weights is not None:
+        if case["zero_weights"]:
+            weights = weights * (weights > 0.3)
+        weights = weights.to(case["wdtype"]).to(device)
+    importance = torch.rand(case["patch"], generator=g).to(device) if case["use_importance"] else None
+    return patches, weights, case["coords"].to(device), importance
+
+
+@settings(max_examples=120)
+@given(case=blend_cases())
+def test_matches_reference(case):
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        patches, weights, coords, importance = make_inputs(case, device)
+        out = patchblend.calibrated_blend(patches, weights, coords, case["out_shape"], normalize=case["normalize"],
+                                          importance=importance)
+        expected = reference_blend(patches, weights, coords, case["out_shape"], case["normalize"], importance)
+        assert_close(out, expected, case["dtype"])
+
+
+@pytest.mark.skipif(not COMPILED, reason="needs the compiled kernel")
+@settings(max_examples=40)
+@given(case=blend_cases())
+def test_cpu_row_kernel_equals_per_voxel_kernel_bitwise(case):
+    """The CPU's row kernel (blend_run) and the CUDA kernel's per-voxel function (blend_voxel, run here
+    on the CPU) sum the same terms in the same order: bitwise equal results."""
+    patches, weights, coords, importance = make_inputs(case, "cpu")
+    args = (patches, weights, coords, case["out_shape"])
+    kwargs = dict(normalize=case["normalize"], importance=importance)
+    old = os.environ.get("PATCHBLEND_CPU_KERNEL")
+    try:
+        os.environ["PATCHBLEND_CPU_KERNEL"] = "voxel"
+        per_voxel = patchblend.calibrated_blend(*args, **kwargs)
+    finally:
+        if old is None:
+            os.environ.pop("PATCHBLEND_CPU_KERNEL", None)
+        else:
+            os.environ["PATCHBLEND_CPU_KERNEL"] = old
+    rows = patchblend.calibrated_blend(*args, **kwargs)
+    assert torch.equal(rows, per_voxel)
+
+
+def test_sliding_window_lattice_matches_reference(device):
+    img, patch = (23, 19, 21), (8, 7, 9)
+    coords = lattice(img, patch, (4, 3, 5))
+    patches = torch.rand(len(coords), 2, *patch, device=device)
+    w = torch.rand(len(coords), 2, 2, 2, device=device)
+    imp = torch.rand(patch, device=device)
+    for normalize in ("count", "weight", "none"):
+        out = patchblend.calibrated_blend(patches, w, coords, img, normalize=normalize, importance=imp)
+        assert_close(out, reference_blend(patches, w, coords, img, normalize, imp), torch.float32)
+
+
+def test_deterministic_bitwise(device):
+    torch.manual_seed(1)
+    coords = torch.cat([lattice((20, 20, 20), (8, 8, 8), (3, 3, 3)), torch.randint(-4, 18, (30, 3))])
+    patches = torch.randn(len(coords), 3, 8, 8, 8, device=device)
+    w = torch.rand(len(coords), 2, 2, 2, device=device)
+    first = patchblend.calibrated_blend(patches, w, coords, (20, 20, 20), normalize="weight")
+    for _ in range(3):
+        assert torch.equal(first, patchblend.calibrated_blend(patches, w, coords, (20, 20, 20), normalize="weight"))
+
+
+def test_extract_patches_is_the_adjoint(device):
+    vol = torch.rand(2, 9, 8, 7, device=device)
+    coords = torch.tensor([[0, 0, 0], [-2, 3, 4], [6, 6, 6], [20, 0, 0]])
+    out = patchblend.extract_patches(vol, coords, (4, 4, 4))
+    expected = ref.extract_patches(vol, coords.to(device), (4, 4, 4))
+    assert torch.equal(out, expected)
+    # <blend(p), v> == <p, extract(v)> for an unweighted "none" blend
+    p = torch.rand(4, 2, 4, 4, 4, device=device, dtype=torch.float64)
+    v = vol.double()
+    lhs = (patchblend.calibrated_blend(p, None, coords, (9, 8, 7), normalize="none") * v).sum()
+    rhs = (p * patchblend.extract_patches(v, coords, (4, 4, 4))).sum()
+    torch.testing.assert_close(lhs, rhs)
+    out2d = patchblend.extract_patches(vol[:, 0], coords[:, 1:], (3, 3))
+    depth1 = ref.extract_patches(vol[:, :1], torch.nn.functional.pad(coords[:, 1:], (1, 0)).to(device), (1, 3, 3))
+    assert out2d.shape == (4, 2, 3, 3) and torch.equal(out2d, depth1[:, :, 0])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        (dict(weights=torch.tensor([1.0, -0.5])), ValueError, "weights"),
+        (dict(weights=torch.tensor([1.0, float("nan")])), ValueError, "weights"),
+        (dict(weights=torch.tensor([1.0, float("inf")])), ValueError, "weights"),
+        (dict(weights=torch.ones(3)), ValueError, "weights"),
+        (dict(weights=torch.ones(2, 5, 1, 1)), ValueError, "weights"),
+        (dict(weights=torch.ones(2, 2, 2)), ValueError, "weights"),
+        (dict(weights=torch.ones(2, dtype=torch.int64)), TypeError, "weights"),
+        (dict(weights=torch.ones(2, device="meta")), ValueError, "weights"),
+        (dict(coords=torch.zeros(2, 3)), TypeError, "coords"),
+        (dict(coords=torch.zeros(3, 3, dtype=torch.long)), ValueError, "coords"),
+        (dict(coords=torch.zeros(2, 2, dtype=torch.long)), ValueError, "coords"),
+        (dict(normalize="mean"), ValueError, "normalize"),
+        (dict(importance=torch.ones(4, 4)), ValueError, "importance"),
+        (dict(importance=-torch.ones(4, 4, 4)), ValueError, "importance"),
+        (dict(importance=torch.ones(4, 4, 4, device="meta")), ValueError, "importance"),
+        (dict(patches=torch.ones(2, 1, 4, 4, 4, dtype=torch.int32)), TypeError, "patches"),
+        (dict(patches=torch.ones(2, 4, 4)), ValueError, "patches"),
+        (dict(out_shape=(4, 4)), ValueError, "out_shape"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, exc, word):
+    args = dict(patches=torch.ones(2, 1, 4, 4, 4), weights=None, coords=torch.zeros(2, 3, dtype=torch.long),
+                out_shape=(4, 4, 4), normalize="count", importance=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=word):
+        patchblend.calibrated_blend(args.pop("patches"), args.pop("weights"), args.pop("coords"), args.pop("out_shape"),
+                                    **args)
+
+
+def test_out_shape_required_for_zero_patches():
+    with pytest.raises(ValueError, match="out_shape"):
+        patchblend.calibrated_blend(torch.zeros(0, 1, 2, 2, 2), None, torch.zeros(0, 3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- autograd, custom-op machinery, compile
+
+
+def _gradcheck_case(normalize, kind, importance):
+    torch.manual_seed(3)
+    coords = torch.tensor([[0, 0, 0], [0, 1, 2], [2, 0, 1], [-1, 2, 2]])
+    patches = torch.rand(4, 2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    if kind == "patch":
+        weights = (torch.rand(4, dtype=torch.float64) + 0.1).requires_grad_()
+    else:
+        weights = (torch.rand(4, 2, 1, 2, dtype=torch.float64) + 0.1).requires_grad_()
+    imp = torch.rand(3, 3, 4, dtype=torch.float64) + 0.1 if importance else None
+    return patches, weights, coords, imp
+
+
+@pytest.mark.parametrize("normalize", ["count", "weight", "none"])
+@pytest.mark.parametrize("kind", ["patch", "grid"])
+@pytest.mark.parametrize("importance", [False, True])
+def test_gradcheck(normalize, kind, importance):
+    patches, weights, coords, imp = _gradcheck_case(normalize, kind, importance)
+
+    def f(p, w):
+        return patchblend.calibrated_blend(p, w, coords, (5, 4, 6), normalize=normalize, importance=imp)
+
+    assert torch.autograd.gradcheck(f, (patches, weights))
+
+
+def test_gradient_matches_reference_autograd():
+    patches, weights, coords, imp = _gradcheck_case("weight", "grid", True)
+    g = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    for normalize in ("count", "weight", "none"):
+        out = patchblend.calibrated_blend(patches, weights, coords, (5, 4, 6), normalize=normalize, importance=imp)
+        got = torch.autograd.grad((out * g).sum(), (patches, weights))
+        expected_out = reference_blend(patches, weights, coords, (5, 4, 6), normalize, imp)
+        expected = torch.autograd.grad((expected_out * g).sum(), (patches, weights))
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+
+
+def test_mixed_dtype_gradients_keep_dtypes():
+    patches = torch.rand(2, 1, 3, 3, 3, dtype=torch.float16, requires_grad=True)
+    weights = torch.rand(2, dtype=torch.float32, requires_grad=True)
+    out = patchblend.calibrated_blend(patches, weights, [[0, 0, 0], [1, 1, 1]], normalize="weight")
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert patches.grad.dtype == torch.float16 and weights.grad.dtype == torch.float32
+    assert torch.isfinite(weights.grad).all()
+
+
+def _opcheck_samples():
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(3, 2, 3, 4, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, 2, 2, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    coords = torch.tensor([[0, 0, 0], [1, 2, 1], [-1, 0, 2]])
+    imp = torch.rand(3, 4, 2, generator=g, dtype=torch.float64)
+    return p, w, coords, imp
+
+
+@pytest.mark.parametrize("normalize", ["count", "weight", "none"])
+def test_opcheck_blend(normalize):
+    p, w, coords, imp = _opcheck_samples()
+    torch.library.opcheck(torch.ops.patchblend.blend.default, (p, w, coords, imp, [4, 6, 4], normalize))
+    torch.library.opcheck(torch.ops.patchblend.blend.default, (p.detach().float(), None, coords, None, [4, 6, 4], normalize))
+
+
+def test_opcheck_coverage_and_extract():
+    p, w, coords, imp = _opcheck_samples()
+    for normalize in ("count", "weight", "none"):
+        torch.library.opcheck(torch.ops.patchblend.coverage.default,
+                              (w.detach(), coords, imp, [3, 4, 2], [4, 6, 4], normalize, torch.float64))
+    torch.library.opcheck(torch.ops.patchblend.extract.default, (torch.rand(2, 4, 6, 4), coords, [3, 4, 2]))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    p, w, coords, imp = _opcheck_samples()
+    p, w = p.detach().float(), w.detach().float()
+
+    def f(patches, weights):
+        out = patchblend.calibrated_blend(patches, weights, coords, (4, 6, 4), normalize="weight",
+                                          importance=imp.float())
+        return out * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    torch.testing.assert_close(compiled(p, w), f(p, w))
+    p.requires_grad_()
+    w.requires_grad_()
+    compiled(p, w).sum().backward()
+    got = (p.grad.clone(), w.grad.clone())
+    p.grad = w.grad = None
+    f(p, w).sum().backward()
+    torch.testing.assert_close(got[0], p.grad)
+    torch.testing.assert_close(got[1], w.grad)
+
+
+@pytest.mark.skipif(not COMPILED, reason="checks the compiled backend against the reference backend")
+def test_reference_backend_env_and_fallback_warning():
+    code = (
+        "import torch, patchblend, json;"
+        "p = torch.arange(16.).reshape(2, 1, 2, 2, 2);"
+        "o = patchblend.calibrated_blend(p, torch.tensor([1., 2.]), [[0, 0, 0], [1, 1, 1]]);"
+        "print(json.dumps([patchblend.backend_info()['compiled'], o.flatten().tolist()]))"
+    )
+    env = dict(os.environ, PATCHBLEND_BACKEND="reference")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    compiled_flag, values = eval(res.stdout.strip().splitlines()[-1].replace("false", "False").replace("true", "True"))
+    assert compiled_flag is False
+    p = torch.arange(16.0).reshape(2, 1, 2, 2, 2)
+    expected = patchblend.calibrated_blend(p, torch.tensor([1.0, 2.0]), [[0, 0, 0], [1, 1, 1]])
+    torch.testing.assert_close(torch.tensor(values), expected.flatten())
+    # a compiled library that cannot be loaded: one warning, then the reference
+    broken = "import sys; sys.modules['patchblend._C'] = None\n" + code.replace(";", "\n")
+    res = subprocess.run([sys.executable, "-c", broken], env=dict(os.environ, PATCHBLEND_BACKEND="auto"),
+                         capture_output=True, text=True, check=True)
+    assert res.stderr.count("RuntimeWarning") == 1 and "pure-PyTorch reference" in res.stderr

@@ -1,0 +1,125 @@
+"""PatchHead / GridHead: shapes, ranges, parameter counts, the cell rule of the grid pooling, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchblend.heads import GridHead, PatchHead
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts_match_the_reconstruction_of_the_paper():
+    # DESIGN §6: Linear(256, 1) = 257; Conv3d(16, 16, 3) = 16·16·27 + 16 = 6928, Linear(16, 1) = 17.
+    assert n_params(PatchHead(256)) == 257
+    assert n_params(GridHead(16)) == 6945
+    assert n_params(PatchHead(256)) + n_params(GridHead(16)) == 7202  # paper: "7.35 K"
+    assert n_params(GridHead(16, hidden_channels=8)) == 16 * 8 * 27 + 8 + 8 + 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(0, 3),
+    c=st.integers(1, 4),
+    sizes=st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 6)),
+    data=st.data(),
+)
+def test_output_shapes_and_range(b, c, sizes, data):
+    grid = tuple(data.draw(st.integers(1, s)) for s in sizes)
+    torch.manual_seed(0)
+    x = torch.randn(b, c, *sizes) * 3
+    patch = PatchHead(c)(x)
+    cells = GridHead(c, grid=grid)(x)
+    assert patch.shape == (b,)
+    assert cells.shape == (b, *grid)
+    for out in (patch, cells):
+        assert out.dtype == torch.float32
+        assert bool(((out > 0) & (out < 1)).all())
+
+
+def test_patch_head_is_pool_linear_sigmoid():
+    torch.manual_seed(1)
+    head = PatchHead(3)
+    x = torch.randn(2, 3, 4, 5, 6)
+    expected = torch.sigmoid(x.mean(dim=(2, 3, 4)) @ head.fc.weight[0] + head.fc.bias[0])
+    torch.testing.assert_close(head(x), expected)
+
+
+def test_grid_head_equals_adaptive_pooling_when_sizes_divide():
+    torch.manual_seed(2)
+    head = GridHead(4, grid=(2, 2, 2))
+    x = torch.randn(3, 4, 6, 4, 8)
+    h = torch.relu(head.conv(x))
+    expected = torch.sigmoid(head.fc(F.adaptive_avg_pool3d(h, (2, 2, 2)).movedim(1, -1))).squeeze(-1)
+    torch.testing.assert_close(head(x), expected)
+
+
+def identity_grid_head(channels, grid):
+    """A GridHead whose conv is the identity and whose linear layer sums the channels, so its output
+    is sigmoid(Σ_c mean over the cell of relu(x_c))."""
+    head = GridHead(channels, grid=grid)
+    with torch.no_grad():
+        head.conv.weight.zero_()
+        head.conv.bias.zero_()
+        for ch in range(channels):
+            head.conv.weight[ch, ch, 1, 1, 1] = 1.0
+        head.fc.weight.fill_(1.0)
+        head.fc.bias.zero_()
+    return head
+
+
+def test_grid_head_cells_follow_the_blend_rule_on_odd_sizes():
+    # Axis of 5 voxels in 2 cells: k*g//P puts voxels 0,1,2 in cell 0 and 3,4 in cell 1 (adaptive
+    # pooling would put voxel 2 in both). Axis of 3 in 2 cells: {0, 1} and {2}.
+    head = identity_grid_head(1, (2, 2, 1))
+    x = torch.zeros(1, 1, 5, 3, 2)
+    x[0, 0, 2, 0, 0] = 6.0  # cell (0, 0, 0), which holds 3·2·2 = 12 voxels
+    x[0, 0, 3, 2, 1] = 4.0  # cell (1, 1, 0), which holds 2·1·2 = 4 voxels
+    out = head(x)
+    expected_means = torch.tensor([[[6.0 / 12], [0.0]], [[0.0], [4.0 / 4]]])
+    torch.testing.assert_close(out[0], torch.sigmoid(expected_means))
+
+
+def test_grid_int_means_every_axis():
+    assert GridHead(2, grid=3)(torch.randn(1, 2, 3, 4, 5)).shape == (1, 3, 3, 3)
+
+
+def test_heads_pass_gradients_to_the_feature():
+    x = torch.randn(2, 4, 4, 4, 4, requires_grad=True)
+    (PatchHead(4)(x).sum() + GridHead(4)(x).sum()).backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("make", [PatchHead, GridHead])
+def test_feature_errors(make):
+    head = make(4)
+    with pytest.raises(ValueError, match="in_channels=4"):
+        head(torch.randn(1, 3, 4, 4, 4))
+    with pytest.raises(ValueError, match="5D"):
+        head(torch.randn(1, 4, 4, 4))
+    with pytest.raises(TypeError, match="feature"):
+        head([1.0, 2.0])
+
+
+@pytest.mark.parametrize("make", [PatchHead, GridHead])
+def test_constructor_errors(make):
+    with pytest.raises(ValueError, match="in_channels"):
+        make(0)
+    with pytest.raises(TypeError, match="in_channels"):
+        make(4.0)
+
+
+def test_grid_errors():
+    with pytest.raises(ValueError, match="grid"):
+        GridHead(4, grid=(2, 2))
+    with pytest.raises(ValueError, match="grid"):
+        GridHead(4, grid=(2, 0, 2))
+    with pytest.raises(TypeError, match="grid"):
+        GridHead(4, grid=(2, 2.5, 2))
+    with pytest.raises(TypeError, match="hidden_channels"):
+        GridHead(4, hidden_channels="8")
+    with pytest.raises(ValueError, match="feature size"):
+        GridHead(4, grid=(2, 2, 2))(torch.randn(1, 4, 4, 1, 4))
