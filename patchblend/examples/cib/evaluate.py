@@ -44,15 +44,16 @@ __all__ = ["BLENDINGS", "CalibratedPredictor", "predict_case", "evaluate_model",
 
 BLENDINGS = ("average", "gaussian", "patch", "grid", "patch*grid", "oracle-patch", "oracle-grid")
 
-#: driver arguments per blending: (mode, weighting, scores) with scores None | "model" | "oracle"
+#: driver arguments per blending: (mode, weighting, normalize, scores) with scores None | "model" | "oracle".
+#: Calibrated blendings divide by the overlap count (the paper's Eq. 1/2), the others by the weight sum.
 _SETTINGS = {
-    "average": ("constant", None, None),
-    "gaussian": ("gaussian", None, None),
-    "patch": ("constant", "patch", "model"),
-    "grid": ("constant", "grid", "model"),
-    "patch*grid": ("constant", "patch*grid", "model"),
-    "oracle-patch": ("constant", "patch", "oracle"),
-    "oracle-grid": ("constant", "grid", "oracle"),
+    "average": ("constant", None, "weight", None),
+    "gaussian": ("gaussian", None, "weight", None),
+    "patch": ("constant", "patch", "count", "model"),
+    "grid": ("constant", "grid", "count", "model"),
+    "patch*grid": ("constant", "patch*grid", "count", "model"),
+    "oracle-patch": ("constant", "patch", "count", "oracle"),
+    "oracle-grid": ("constant", "grid", "count", "oracle"),
 }
 
 
@@ -115,10 +116,10 @@ def predict_case(model, case: Case, blendings: Sequence[str] = BLENDINGS, roi: S
     pred = CalibratedPredictor(model, device, grid, amp)
     out = {}
     for i, name in enumerate(blendings):
-        mode, weighting, scores = _SETTINGS[name]
+        mode, weighting, normalize, scores = _SETTINGS[name]
         pred.start(scores, replay=i > 0)
         prob = sliding_window_inference(inputs, list(roi), sw_batch_size, pred, overlap=overlap, mode=mode,
-                                        weighting=weighting)
+                                        weighting=weighting, normalize=normalize)
         out[name] = prob[0, 0].float().cpu().numpy()
     return out
 

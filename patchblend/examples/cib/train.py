@@ -8,7 +8,8 @@ single-time-point samples (whose Dice loss also covers the lesion-at-baseline ou
 
 Schedule: ``stage1_iters`` iterations with ``lambda_patch`` only (the grid head is not trained), then
 ``stage2_iters`` with both. Adam; mixed precision on CUDA (``--amp``, default on); checkpoints every
-``ckpt_every`` iterations and at the end (``OUT/last.pt``); ``--resume`` continues from ``OUT/last.pt``.
+``ckpt_every`` iterations and at the end (``OUT/last.pt``; with ``--keep-snapshots`` also the weights
+as ``OUT/iter_NNNNNN.pt``); ``--resume`` continues from ``OUT/last.pt``.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class TrainConfig:
     threads: int = 0  #: torch CPU threads (0 = torch's default)
     seed: int = 0
     ckpt_every: int = 500
+    keep_snapshots: bool = False  #: also keep ``OUT/iter_NNNNNN.pt`` at every checkpoint (model weights only)
     resume: bool = False
     progress: bool = True
 
@@ -183,6 +185,9 @@ def train(cfg: TrainConfig, cases: Optional[List[Case]] = None, log=print) -> st
                     "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "iteration": it,
                     "config": dataclasses.asdict(cfg), "history": history}, tmp)
         os.replace(tmp, last)
+        if cfg.keep_snapshots:
+            torch.save({"model": model.state_dict(), "iteration": it, "config": dataclasses.asdict(cfg)},
+                       os.path.join(cfg.out, f"iter_{it:06d}.pt"))
 
     bar = None
     if cfg.progress:
