@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 
 from patchblend.examples.cib.data import Case  # noqa: E402
 from patchblend.examples.cib.demo import PRESETS, DemoConfig, run_demo  # noqa: E402
-from patchblend.examples.cib.evaluate import BLENDINGS, predict_case  # noqa: E402
+from patchblend.examples.cib.evaluate import BLENDINGS, head_calibration, predict_case  # noqa: E402
 from patchblend.examples.cib.model import CIBOutput, CIBVNet  # noqa: E402
 from patchblend.examples.cib.train import TrainConfig, compute_losses, load_checkpoint, train  # noqa: E402
 from patchblend.heads import GridHead, PatchHead  # noqa: E402
@@ -79,8 +79,14 @@ def test_oracle_blending_removes_a_false_positive():
     label = np.zeros(t1.shape, np.uint8)
     label[3:6, 3:6, 3:6] = 1
     case = Case("toy", t1, t2, label, False, np.eye(4), (slice(None),) * 3, t1.shape)
-    probs = predict_case(_Oracle(), case, BLENDINGS, roi=(16, 16, 16), overlap=0.5, sw_batch_size=5)
+    pairs = []
+    probs = predict_case(_Oracle(), case, BLENDINGS, roi=(16, 16, 16), overlap=0.5, sw_batch_size=5, head_pairs=pairs)
     assert set(probs) == set(BLENDINGS)
+    assert sum(len(p[0]) for p in pairs) == 27  # 3 x 3 x 3 windows, recorded once
+    h = head_calibration(pairs)
+    assert h["patch_pred_mean"] == pytest.approx(0.5) and h["grid_pred_mean"] == pytest.approx(0.5)
+    assert 0 < h["patch_true_mean"] < 1 and 0 < h["grid_bad_fraction"] < 0.2  # the false positive's cells
+    assert np.isnan(h["patch_corr"])  # constant predictions: no correlation
     tp, fp = (slice(3, 6),) * 3, (slice(26, 29),) * 3
     assert probs["average"][tp].min() > 0.99 and probs["average"][fp].min() > 0.99
     # oracle grid: the false positive's cells score Dice 0, the lesion's cells Dice 1

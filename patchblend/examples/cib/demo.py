@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 from .data import load_cases
-from .evaluate import BLENDINGS, evaluate_model, format_table, plot_comparison, summarize, write_csv
+from .evaluate import (BLENDINGS, evaluate_model, format_table, head_calibration, plot_comparison, summarize,
+                       write_csv)
 from .phantom import PhantomConfig, write_phantom_set
 from .train import TrainConfig, add_config_arguments, train
 
@@ -99,9 +100,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     model, _, _ = load_checkpoint(ckpt, cfg.device)
     log(f"[3/3] evaluating {len(BLENDINGS)} blendings on {len(test_cases)} held-out cases")
+    pairs: list = []
     rows, kept = evaluate_model(model, test_cases, BLENDINGS, (cfg.patch,) * 3, cfg.overlap, cfg.sw_batch_size,
                                 cfg.device, amp=cfg.device.startswith("cuda"), progress=cfg.progress,
-                                keep=("average", "patch*grid"))
+                                keep=("average", "patch*grid"), head_pairs=pairs)
+    heads = head_calibration(pairs)
     summary = summarize(rows)
     results = write_csv(os.path.join(cfg.out, "results.csv"), summary)
     import csv
@@ -128,13 +131,26 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     text = (f"{table}\n\n{len(test_cases)} held-out phantoms; mean over cases; distances in voxels; "
             f"TP/pred = true / predicted lesions, det/GT = detected / ground-truth lesions (summed).\n"
             f"training {train_seconds:.0f} s, total {seconds:.0f} s on {cfg.device} "
-            f"({torch.get_num_threads()} threads)\n{sweep_text}")
+            f"({torch.get_num_threads()} threads)\n{_heads_text(heads)}{sweep_text}")
     with open(os.path.join(cfg.out, "summary.txt"), "w") as f:
         f.write(text)
     log(text)
     log(f"results: {results}\nfigure: {figure}")
-    return {"summary": summary, "rows": rows, "results": results, "figure": figure,
+    return {"summary": summary, "rows": rows, "results": results, "figure": figure, "heads": heads,
             "train_seconds": train_seconds, "seconds": seconds}
+
+
+def _heads_text(h: dict) -> str:
+    """Head quality on the test windows (true Dice = the oracle weights)."""
+    if not h:
+        return ""
+    lines = ["head quality on the test windows (true Dice of each window / cell as reference):"]
+    for name in ("patch", "grid"):
+        lines.append(f"  {name:<5} head: corr {h[f'{name}_corr']:+.2f}, MAE {h[f'{name}_mae']:.3f}, "
+                     f"mean prediction {h[f'{name}_pred_mean']:.3f} (true {h[f'{name}_true_mean']:.3f}); "
+                     f"on true Dice < 0.5 ({100 * h[f'{name}_bad_fraction']:.1f}%) it predicts "
+                     f"{h[f'{name}_pred_on_bad']:.3f}, elsewhere {h[f'{name}_pred_on_good']:.3f}")
+    return "\n".join(lines) + "\n"
 
 
 def _training_length(cfg: DemoConfig, test_cases, final_rows, log) -> str:

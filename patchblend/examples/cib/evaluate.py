@@ -39,8 +39,8 @@ try:
 except ImportError:  # TEMPORARY: until issue 3's driver lands on main
     from ._temporary_driver import sliding_window_inference
 
-__all__ = ["BLENDINGS", "CalibratedPredictor", "predict_case", "evaluate_model", "summarize", "format_table",
-           "write_csv", "plot_comparison"]
+__all__ = ["BLENDINGS", "CalibratedPredictor", "predict_case", "head_calibration", "evaluate_model", "summarize",
+           "format_table", "write_csv", "plot_comparison"]
 
 BLENDINGS = ("average", "gaussian", "patch", "grid", "patch*grid", "oracle-patch", "oracle-grid")
 
@@ -70,11 +70,15 @@ class CalibratedPredictor:
     def __init__(self, model, device, grid: Sequence[int], amp: bool = False):
         self.model, self.device, self.grid, self.amp = model, torch.device(device), tuple(grid), amp
         self.scores: Optional[str] = None
+        #: ``(head patch, true patch, head grid, true grid)`` per window batch of the first oracle pass
+        self.pairs: List = []
         self._cache: List = []
         self._index = 0
         self._replay = False
+        self._recorded = False
 
     def start(self, scores: Optional[str], replay: bool) -> None:
+        self._recorded = bool(self.pairs)
         self.scores, self._replay, self._index = scores, replay, 0
         if not replay:
             self._cache = []
@@ -99,14 +103,20 @@ class CalibratedPredictor:
         if self.scores is None:
             return seg
         if self.scores == "oracle":
-            patch, grid = dice_targets(seg, label.to(seg.device), grid=self.grid)
+            true_patch, true_grid = dice_targets(seg, label.to(seg.device), grid=self.grid)
+            if not self._recorded:
+                self.pairs.append((patch.cpu(), true_patch.cpu(), grid.cpu(), true_grid.cpu()))
+            patch, grid = true_patch, true_grid
         return seg, patch.to(windows.device), grid.to(windows.device)
 
 
 def predict_case(model, case: Case, blendings: Sequence[str] = BLENDINGS, roi: Sequence[int] = (80, 80, 80),
                  overlap: float = 0.5, sw_batch_size: int = 4, device="cpu", amp: bool = False,
-                 grid: Sequence[int] = (2, 2, 2)) -> Dict[str, np.ndarray]:
-    """New-lesion probability ``[D, H, W]`` of ``case`` for each blending (driver on ``device``)."""
+                 grid: Sequence[int] = (2, 2, 2), head_pairs: Optional[list] = None) -> Dict[str, np.ndarray]:
+    """New-lesion probability ``[D, H, W]`` of ``case`` for each blending (driver on ``device``).
+
+    ``head_pairs``: a list that receives, when an oracle blending is among ``blendings``, the heads'
+    scores and the true Dice of every window (see :func:`head_calibration`)."""
     unknown = [b for b in blendings if b not in _SETTINGS]
     if unknown:
         raise ValueError(f"blendings has unknown names {unknown}; choose from {BLENDINGS}")
@@ -121,16 +131,40 @@ def predict_case(model, case: Case, blendings: Sequence[str] = BLENDINGS, roi: S
         prob = sliding_window_inference(inputs, list(roi), sw_batch_size, pred, overlap=overlap, mode=mode,
                                         weighting=weighting, normalize=normalize)
         out[name] = prob[0, 0].float().cpu().numpy()
+    if head_pairs is not None:
+        head_pairs.extend(pred.pairs)
+    return out
+
+
+def head_calibration(pairs: list) -> Dict[str, float]:
+    """How well the heads predict the true Dice, over all windows (or cells) in ``pairs``
+    (from :func:`predict_case`): Pearson correlation, mean absolute error, the mean prediction and the
+    mean true Dice, and the mean prediction on windows/cells whose true Dice is below 0.5."""
+    out: Dict[str, float] = {}
+    if not pairs:
+        return out
+    for name, i in (("patch", 0), ("grid", 2)):
+        pred = torch.cat([p[i].flatten() for p in pairs]).double().numpy()
+        true = torch.cat([p[i + 1].flatten() for p in pairs]).double().numpy()
+        bad = true < 0.5
+        corr = float(np.corrcoef(pred, true)[0, 1]) if pred.std() > 0 and true.std() > 0 else math.nan
+        out.update({f"{name}_corr": corr, f"{name}_mae": float(np.abs(pred - true).mean()),
+                    f"{name}_pred_mean": float(pred.mean()), f"{name}_true_mean": float(true.mean()),
+                    f"{name}_pred_on_bad": float(pred[bad].mean()) if bad.any() else math.nan,
+                    f"{name}_pred_on_good": float(pred[~bad].mean()) if (~bad).any() else math.nan,
+                    f"{name}_bad_fraction": float(bad.mean())})
     return out
 
 
 def evaluate_model(model, cases: Sequence[Case], blendings: Sequence[str] = BLENDINGS, roi=(80, 80, 80),
                    overlap: float = 0.5, sw_batch_size: int = 4, device="cpu", amp: bool = False,
-                   grid=(2, 2, 2), progress: bool = True, keep: Sequence[str] = ()):
+                   grid=(2, 2, 2), progress: bool = True, keep: Sequence[str] = (),
+                   head_pairs: Optional[list] = None):
     """Per-case metrics of every blending.
 
     Returns ``(rows, kept)``: ``rows`` a list of dicts ``{"case", "blending", **metrics}``;
     ``kept[case name][blending]`` the probability volumes of the blendings named in ``keep``.
+    ``head_pairs`` (a list) collects the heads' scores against the true Dice (:func:`head_calibration`).
     """
     model.eval()
     rows, kept = [], {}
@@ -140,7 +174,7 @@ def evaluate_model(model, cases: Sequence[Case], blendings: Sequence[str] = BLEN
 
         it = tqdm(cases, desc="evaluate", leave=False)
     for case in it:
-        probs = predict_case(model, case, blendings, roi, overlap, sw_batch_size, device, amp, grid)
+        probs = predict_case(model, case, blendings, roi, overlap, sw_batch_size, device, amp, grid, head_pairs)
         for name in blendings:
             rows.append({"case": case.name, "blending": name, **evaluate_case(probs[name], case.label)})
         kept[case.name] = {k: probs[k] for k in keep if k in probs}
@@ -220,7 +254,8 @@ def plot_comparison(case: Case, probs: Dict[str, np.ndarray], path: str, baselin
     z = int(np.argmax(score))
 
     def show(ax, img, title):
-        ax.imshow(img[:, :, z].T, cmap="gray", origin="lower", vmin=-2.5, vmax=3.5)
+        sl = img[:, :, z]
+        ax.imshow(np.where(sl == 0, -2.5, sl).T, cmap="gray", origin="lower", vmin=-2.5, vmax=3.5)  # background black
         ax.set_title(title, fontsize=9)
         ax.axis("off")
 
