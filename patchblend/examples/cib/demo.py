@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 
 from .data import load_cases
-from .evaluate import (BLENDINGS, evaluate_model, format_table, head_calibration, plot_comparison, summarize,
-                       write_csv)
+from .evaluate import (BLENDINGS, evaluate_model, format_table, head_calibration, pick_figure_case, plot_comparison,
+                       summarize, write_csv)
 from .phantom import PhantomConfig, write_phantom_set
 from .train import TrainConfig, add_config_arguments, train
 
@@ -114,14 +114,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         w.writeheader()
         w.writerows(rows)
 
-    # The figure: the test case where average blending has the most false-positive lesions
-    # more than calibrated blending.
-    def fp_gain(case):
-        r = {x["blending"]: x for x in rows if x["case"] == case.name}
-        a, c = r["average"], r["patch*grid"]
-        return (a["pred_lesions"] - a["true_pred"]) - (c["pred_lesions"] - c["true_pred"]), case.label.sum()
-
-    case = max(test_cases, key=fp_gain)
+    case = pick_figure_case(rows, test_cases)
     figure = plot_comparison(case, kept[case.name], os.path.join(cfg.out, "fig4_comparison.png"))
     table = format_table(summary)
     sweep_text = ""

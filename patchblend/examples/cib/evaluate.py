@@ -40,7 +40,7 @@ except ImportError:  # TEMPORARY: until issue 3's driver lands on main
     from ._temporary_driver import sliding_window_inference
 
 __all__ = ["BLENDINGS", "CalibratedPredictor", "predict_case", "head_calibration", "evaluate_model", "summarize",
-           "format_table", "write_csv", "plot_comparison"]
+           "format_table", "write_csv", "pick_figure_case", "plot_comparison"]
 
 BLENDINGS = ("average", "gaussian", "patch", "grid", "patch*grid", "oracle-patch", "oracle-grid")
 
@@ -236,6 +236,19 @@ def _components(mask: np.ndarray, gt: np.ndarray):
     return p, fp
 
 
+def pick_figure_case(rows: List[dict], cases: Sequence[Case], baseline: str = "average",
+                     calibrated: str = "patch*grid") -> Case:
+    """The case for :func:`plot_comparison`: most false-positive lesions removed by ``calibrated``,
+    then most false positives of ``baseline``, then most lesion voxels."""
+    def key(case):
+        r = {x["blending"]: x for x in rows if x["case"] == case.name}
+        fp_a = r[baseline]["pred_lesions"] - r[baseline]["true_pred"]
+        fp_c = r[calibrated]["pred_lesions"] - r[calibrated]["true_pred"]
+        return fp_a - fp_c, fp_a, int(case.label.sum())
+
+    return max(cases, key=key)
+
+
 def plot_comparison(case: Case, probs: Dict[str, np.ndarray], path: str, baseline: str = "average",
                     calibrated: str = "patch*grid") -> str:
     """The paper's Fig. 4 for one case: baseline, follow-up, ground truth, ``baseline``-blended and
@@ -250,7 +263,9 @@ def plot_comparison(case: Case, probs: Dict[str, np.ndarray], path: str, baselin
     gt = case.label > 0
     pa, fpa = _components(probs[baseline] > 0.5, gt)
     pc, fpc = _components(probs[calibrated] > 0.5, gt)
-    score = fpa.sum((0, 1)) - fpc.sum((0, 1)) + 0.5 * gt.sum((0, 1))
+    # the slice with the most false positives removed by calibration, then the most false positives,
+    # then the most lesion
+    score = 4.0 * (fpa.sum((0, 1)) - fpc.sum((0, 1))) + 2.0 * fpa.sum((0, 1)) + gt.sum((0, 1))
     z = int(np.argmax(score))
 
     def show(ax, img, title):
@@ -317,6 +332,6 @@ def main(argv=None):
         w.writeheader()
         w.writerows(rows)
     if args.figure and len(keep) == 2:
-        best = max(cases, key=lambda c: int(kept[c.name]["average"].sum() > 0))
+        best = pick_figure_case(rows, cases)
         print("figure:", plot_comparison(best, kept[best.name], os.path.join(args.out, "fig4_comparison.png")))
     return summary
