@@ -6,6 +6,8 @@ Install with ``pip install --no-build-isolation .`` (a build-isolated install wo
 - The CUDA kernels are added when torch was built with CUDA and nvcc is found.
   ``PATCHBLEND_CUDA=1`` forces them (the build fails without CUDA), ``PATCHBLEND_CUDA=0`` skips them.
 - ``PATCHBLEND_NO_EXTENSION=1`` installs the pure-Python package only (the reference backend).
+- ``PATCHBLEND_CPU_FLAGS``: extra x86 flags for the CPU kernel. Default ``auto``: ``-mavx2 -mf16c`` when the
+  building machine has them (8-wide loops and hardware half conversion); ``none`` builds for baseline x86-64.
 """
 import os
 import sys
@@ -26,6 +28,18 @@ def _cuda_wanted(torch_cuda: bool, cuda_home) -> bool:
     return bool(torch_cuda and cuda_home)
 
 
+def _cpu_flags():
+    flag = os.environ.get("PATCHBLEND_CPU_FLAGS", "auto")
+    if flag != "auto":
+        return [] if flag in ("", "none") else flag.split()
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return []
+    return ["-mavx2", "-mf16c"] if {"avx2", "f16c"} <= have else []
+
+
 def extensions():
     if os.environ.get("PATCHBLEND_NO_EXTENSION", "0") == "1":
         return [], {}
@@ -33,7 +47,7 @@ def extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/blend_ops.cpp", "csrc/cpu/blend_cpu.cpp"]
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"] + _cpu_flags()
     link = ["-fopenmp"]
     use_cuda = _cuda_wanted(torch.version.cuda is not None, CUDA_HOME)
     if use_cuda:

@@ -27,6 +27,7 @@ struct IndexLayout {
   int64_t off_tile_offsets = 0;
   int64_t off_tile_patches = 0;
   int64_t off_cell[3] = {0, 0, 0};
+  int64_t off_cell_end = 0;     // [P2]: end of the grid-cell run that local coordinate l lies in
   int64_t off_segment_end = 0;  // [O2]: end of the run along the last axis with one covering set
   int64_t total = 0;  // buffer length
 };
@@ -45,6 +46,7 @@ struct IndexView {
   const int64_t* tile_offsets;
   const int64_t* tile_patches;
   const int64_t* cell[3];  // grid cell of each local coordinate, k * g / P
+  const int64_t* cell_end;     // [P2]
   const int64_t* segment_end;  // [O2]
 };
 
@@ -64,6 +66,7 @@ inline IndexView make_index_view(const int64_t* base, const IndexLayout& L) {
   v.patch_of = base + L.off_patch_of;
   v.tile_offsets = base + L.off_tile_offsets;
   v.tile_patches = base + L.off_tile_patches;
+  v.cell_end = base + L.off_cell_end;
   v.segment_end = base + L.off_segment_end;
   return v;
 }

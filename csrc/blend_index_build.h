@@ -28,6 +28,11 @@ inline std::vector<int64_t> build_blend_index(const int64_t* coords, int64_t n, 
     std::vector<int64_t> cell(static_cast<size_t>(P[a]));
     for (int64_t k = 0; k < P[a]; ++k) cell[k] = k * G[a] / P[a];
     layout.off_cell[a] = append(cell);
+    if (a == 2) {
+      std::vector<int64_t> cell_end(static_cast<size_t>(P[2]));
+      for (int64_t k = P[2] - 1; k >= 0; --k) cell_end[k] = (k + 1 < P[2] && cell[k + 1] == cell[k]) ? cell_end[k + 1] : k + 1;
+      layout.off_cell_end = append(cell_end);
+    }
   }
 
   // Lattice test: distinct starts per axis whose product is N, each position taken exactly once.

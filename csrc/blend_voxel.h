@@ -39,18 +39,37 @@ struct BlendProblem {
   IndexView index;           // which patches cover which voxel
 };
 
-// Weight of patch n at its local voxel `local`: grid-cell weight times importance.
+// Weights of patch n along its local row (l0, l1, l2_lo + j), j < m: the grid-cell weight times the
+// importance, w[j] = weights[n, cell(l0), cell(l1), cell(l2_lo + j)] * importance[l0, l1, l2_lo + j]
+// (1 where a factor is absent). The one statement of the weight; m = 1 gives a single voxel.
 template <typename scalar_t, typename acc_t>
-PB_HOST_DEVICE acc_t patch_voxel_weight(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, const int64_t local[3]) {
-  acc_t w = acc_t(1);
+PB_HOST_DEVICE void patch_row_weights(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, int64_t l0, int64_t l1,
+                                      int64_t l2_lo, int64_t m, acc_t* w) {
   if (pr.weights != nullptr) {
-    const int64_t cell = (pr.index.cell[0][local[0]] * pr.G[1] + pr.index.cell[1][local[1]]) * pr.G[2] +
-                         pr.index.cell[2][local[2]];
-    w = pr.weights[n * pr.G[0] * pr.G[1] * pr.G[2] + cell];
+    const acc_t* cells = pr.weights + n * pr.G[0] * pr.G[1] * pr.G[2] +
+                         (pr.index.cell[0][l0] * pr.G[1] + pr.index.cell[1][l1]) * pr.G[2];
+    // Cells are runs along the last axis: fill each run with its weight (cell_end: end of a local run).
+    for (int64_t j = 0; j < m;) {
+      const int64_t l2 = l2_lo + j;
+      const int64_t run_end = pr.index.cell_end[l2] - l2_lo;
+      const int64_t stop = run_end < m ? run_end : m;
+      const acc_t v = cells[pr.index.cell[2][l2]];
+      for (; j < stop; ++j) w[j] = v;
+    }
+  } else {
+    for (int64_t j = 0; j < m; ++j) w[j] = acc_t(1);
   }
   if (pr.importance != nullptr) {
-    w *= pr.importance[(local[0] * pr.P[1] + local[1]) * pr.P[2] + local[2]];
+    const acc_t* imp = pr.importance + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
+    for (int64_t j = 0; j < m; ++j) w[j] *= imp[j];
   }
+}
+
+template <typename scalar_t, typename acc_t>
+PB_HOST_DEVICE acc_t patch_voxel_weight(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, int64_t l0, int64_t l1,
+                                        int64_t l2) {
+  acc_t w;
+  patch_row_weights(pr, n, l0, l1, l2, 1, &w);
   return w;
 }
 
@@ -119,8 +138,7 @@ PB_HOST_DEVICE void blend_voxel(const BlendProblem<scalar_t, acc_t>& pr, const i
   if (pr.normalize != kNone) {
     for_each_covering_run(pr.index, pr.P, v[0], v[1], v[2], v[2] + 1,
                           [&](int64_t n, int64_t l0, int64_t l1, int64_t, int64_t, int64_t l2) {
-                            const int64_t local[3] = {l0, l1, l2};
-                            den += denominator_term(patch_voxel_weight(pr, n, local), pr.normalize);
+                            den += denominator_term(patch_voxel_weight(pr, n, l0, l1, l2), pr.normalize);
                           });
   }
   if (pr.den_out != nullptr) pr.den_out[vox] = den;
@@ -130,9 +148,8 @@ PB_HOST_DEVICE void blend_voxel(const BlendProblem<scalar_t, acc_t>& pr, const i
     acc_t num = acc_t(0);
     for_each_covering_run(pr.index, pr.P, v[0], v[1], v[2], v[2] + 1,
                           [&](int64_t n, int64_t l0, int64_t l1, int64_t, int64_t, int64_t l2) {
-                            const int64_t local[3] = {l0, l1, l2};
                             const int64_t at = (n * pr.c + ch) * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2;
-                            num += patch_voxel_weight(pr, n, local) * static_cast<acc_t>(pr.patches[at]);
+                            num += patch_voxel_weight(pr, n, l0, l1, l2) * static_cast<acc_t>(pr.patches[at]);
                           });
     pr.out[ch * out_volume + vox] = static_cast<scalar_t>(finalize_voxel(num, den, pr.normalize));
   }
@@ -163,13 +180,8 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
                           acc_t* __restrict__ d = den + off;
                           acc_t* __restrict__ ww = w;
                           // The branches below hoist loop-invariant cases out of the loops so that they
-                          // vectorise; every value is the one patch_voxel_weight/denominator_term give.
-                          if (!uniform) {
-                            for (int64_t j = 0; j < m; ++j) {
-                              const int64_t local[3] = {l0, l1, l2_lo + j};
-                              ww[j] = patch_voxel_weight(pr, n, local);
-                            }
-                          }
+                          // vectorise; every value is the one patch_row_weights/denominator_term give.
+                          if (!uniform) patch_row_weights(pr, n, l0, l1, l2_lo, m, ww);
                           partial = partial || m != len;
                           if (pr.normalize == kCount) {
                             if (m == len) whole += acc_t(1);
