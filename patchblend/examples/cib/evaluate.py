@@ -265,7 +265,8 @@ def plot_comparison(case: Case, probs: Dict[str, np.ndarray], path: str, baselin
     pc, fpc = _components(probs[calibrated] > 0.5, gt)
     # the slice with the most false positives removed by calibration, then the most false positives,
     # then the most lesion
-    score = 4.0 * (fpa.sum((0, 1)) - fpc.sum((0, 1))) + 2.0 * fpa.sum((0, 1)) + gt.sum((0, 1))
+    big = float(gt.size)
+    score = big * big * (fpa.sum((0, 1)) - fpc.sum((0, 1))) + big * fpa.sum((0, 1)) + gt.sum((0, 1))
     z = int(np.argmax(score))
 
     def show(ax, img, title):
