@@ -1,9 +1,7 @@
-"""CalibratedModel and candidate_feature_modules on a plain module, MONAI UNet and BasicUNet; the
-README section's code runs as written."""
+"""CalibratedModel and candidate_feature_modules on a plain module, MONAI UNet and BasicUNet (the README
+section's code is run by test_readme.py)."""
 import copy
 import gc
-import pathlib
-import re
 import weakref
 
 import pytest
@@ -15,7 +13,6 @@ from patchblend.losses import calibration_loss, soft_dice_loss
 from patchblend.targets import dice_targets
 from patchblend.wrapper import CalibratedModel, CalibratedOutput, candidate_feature_modules
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "readme" / "heads.md"
 
 
 class TinyUNet(nn.Module):
@@ -237,14 +234,3 @@ def test_candidate_feature_modules_names_monai_unet_features():
     found = dict(candidate_feature_modules(net, torch.zeros(1, 1, size, size, size)))
     assert found[bottleneck] == (1, 16, 4, 4, 4)
     assert found[decoder] == (1, 8, 8, 8, 8)
-
-
-def test_readme_section_runs_as_written():
-    pytest.importorskip("monai")
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert blocks, "docs/readme/heads.md has no python code block"
-    namespace = {}
-    for block in blocks:
-        exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102 - our own documentation
-    assert namespace["patch_scores"].shape == (2,)
-    assert namespace["grid_scores"].shape == (2, 2, 2, 2)

@@ -1,0 +1,262 @@
+"""MONAI vs patchblend sliding-window inference, side by side, same arguments.
+
+Cases (DESIGN §4): S = one 1x1x192x224x192 volume, 80^3 windows, overlap 0.5 (80 windows); CT = 1x1x512x512x256,
+96^3 windows, overlap 0.5 (500 windows; ``--ct``, slow on a small CPU); SLAB = a many-class output
+(``--classes``, default 16) on 1x1x384x128x128 with 64^3 windows, where patchblend's slab mode with on-the-fly
+argmax is compared with MONAI + argmax.
+
+Predictors: ``identity`` (measures the inference machinery alone), ``unet`` (a small seeded 3D U-Net) and, for
+SLAB, ``conv1x1`` (1 -> C channels). ``sw_batch_size`` 4 (2 for SLAB).
+
+Time: for the identity predictor, each case runs in its own subprocess; after one warm-up call of each
+implementation, calls alternate MONAI / patchblend ``--repeats`` times and the median wall time is reported
+(speedup = MONAI / patchblend). The heavy cases (U-Net, SLAB) are timed by the single (cold) call of the memory
+run, to keep the default run short.
+Memory: one fresh subprocess per (case, implementation) warms up on a one-window input, then makes ONE call; on
+the CPU we report the growth of the peak resident set size (VmHWM, reset just before the call via
+/proc/self/clear_refs) over the RSS just before it, i.e. every byte the call touched at its peak, including the
+predictor's activations and allocator slack;
+on CUDA, ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
+
+    python benchmarks/bench_sliding_window.py                 # S (identity, unet) + SLAB, CPU, ~2-3 min on 2 cores
+    python benchmarks/bench_sliding_window.py --ct            # adds the CT-size case (identity; unet with --ct-unet)
+    python benchmarks/bench_sliding_window.py --device cuda   # on a GPU
+
+Writes a CSV under benchmarks/results/ and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+CASES = {
+    "S": dict(shape=(1, 1, 192, 224, 192), roi=(80, 80, 80), overlap=0.5, bs=4),
+    "CT": dict(shape=(1, 1, 512, 512, 256), roi=(96, 96, 96), overlap=0.5, bs=4),
+    "SLAB": dict(shape=(1, 1, 384, 128, 128), roi=(64, 64, 64), overlap=0.5, bs=2),
+}
+
+
+# ---- worker side -----------------------------------------------------------------------------------------
+
+def _make_predictor(name: str, classes: int, device):
+    import torch
+    from torch import nn
+
+    if name == "identity":
+        return lambda x: x
+    torch.manual_seed(0)
+    if name == "conv1x1":
+        net = nn.Conv3d(1, classes, 1)
+    else:  # a small 3D U-Net: strided-conv encoder, one half-resolution block, transposed-conv decoder, skip
+
+        class TinyUNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.down = nn.Sequential(nn.Conv3d(1, 4, 2, stride=2), nn.ReLU())
+                self.mid = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1), nn.ReLU())
+                self.up = nn.Sequential(nn.ConvTranspose3d(4, 2, 2, stride=2), nn.ReLU())
+                self.head = nn.Conv3d(3, classes, 1)
+
+            def forward(self, x):
+                return self.head(torch.cat([x, self.up(self.mid(self.down(x)))], 1)).sigmoid()
+
+        net = TinyUNet()
+    net = net.to(device).eval()
+    return net
+
+
+def _run_once(impl: str, cfg: dict, x, predictor):
+    import torch
+
+    case = CASES[cfg["case"]]
+    kw = dict(overlap=case["overlap"], mode=cfg.get("mode", "constant"))
+    with torch.no_grad():
+        if impl == "monai":
+            from monai.inferers import sliding_window_inference as sw
+
+            out = sw(x, case["roi"], case["bs"], predictor, **kw)
+            if cfg.get("argmax"):
+                out = out.argmax(1, keepdim=True)
+        else:
+            from patchblend.inference import sliding_window_inference as sw
+
+            extra = {}
+            if impl == "patchblend-slab":
+                extra = dict(slab_axis=0, reduce="argmax")
+            elif cfg.get("argmax"):
+                extra = dict(reduce="argmax")
+            out = sw(x, case["roi"], case["bs"], predictor, **kw, **extra)
+    return out
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def worker(cfg: dict) -> dict:
+    import torch
+
+    device = torch.device(cfg["device"])
+    case = CASES[cfg["case"]]
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(case["shape"], generator=g).to(device)
+    predictor = _make_predictor(cfg["predictor"], cfg["classes"], device)
+    import patchblend
+
+    result = dict(cfg, pb_file=patchblend.__file__, backend=patchblend.backend_info()["backend"])
+    if cfg["what"] == "memory":
+        import gc
+
+        # warm up on a one-window input first, so that code pages and lazy library state (oneDNN kernels, thread
+        # pools) are resident before the measurement and only the call's data is counted
+        _run_once(cfg["impl"], cfg, torch.rand((1, 1, *case["roi"])).to(device), predictor)
+        gc.collect()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            out = _run_once(cfg["impl"], cfg, x, predictor)
+            _sync(device)
+            result["seconds"] = time.perf_counter() - t0
+            result["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        else:
+            base = _rss_kib("VmRSS")
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+                reset = True
+            except OSError:
+                reset = False
+            t0 = time.perf_counter()
+            out = _run_once(cfg["impl"], cfg, x, predictor)
+            result["seconds"] = time.perf_counter() - t0
+            peak = _rss_kib("VmHWM")
+            result["peak_mib"] = (peak - base) / 1024 if reset else float("nan")
+        result["out_shape"] = list(out.shape)
+        return result
+    # timing: alternate the implementations so that load on a shared machine hits both alike
+    impls = cfg["impls"]
+    times = {i: [] for i in impls}
+    for i in impls:  # warm-up
+        _run_once(i, cfg, x, predictor)
+        _sync(device)
+    for _ in range(cfg["repeats"]):
+        for i in impls:
+            t0 = time.perf_counter()
+            _run_once(i, cfg, x, predictor)
+            _sync(device)
+            times[i].append(time.perf_counter() - t0)
+    result["times"] = times
+    return result
+
+
+# ---- driver side -----------------------------------------------------------------------------------------
+
+def _spawn(cfg: dict, timeout: float) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed for {cfg}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (identity predictor)")
+    ap.add_argument("--ct", action="store_true", help="add the CT-size case (identity predictor)")
+    ap.add_argument("--ct-unet", action="store_true", help="also run the U-Net on the CT-size case (slow on CPU)")
+    ap.add_argument("--no-unet", action="store_true", help="skip the U-Net predictor")
+    ap.add_argument("--classes", type=int, default=16, help="classes of the SLAB case")
+    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/sliding_window_<device>.csv)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    sys.path.insert(0, str(ROOT))  # the patchblend next to this script, as the workers use
+    import patchblend
+
+    info = patchblend.backend_info()
+    print(f"# patchblend {patchblend.__file__} backend={info['backend']} torch={info['torch']} "
+          f"threads={info['threads']} device={args.device} cpu={platform.processor() or platform.machine()} "
+          f"nproc={os.cpu_count()}")
+    print("# NOTE: on a shared CPU, wall times vary with other users' load; ratios come from alternated calls.")
+
+    plan = [("S", "identity", "constant", args.repeats), ("S", "identity", "gaussian", args.repeats)]
+    if not args.no_unet:
+        plan.append(("S", "unet", "constant", 0))
+    if args.ct:
+        plan.append(("CT", "identity", "constant", max(1, args.repeats // 2)))
+        if args.ct_unet and not args.no_unet:
+            plan.append(("CT", "unet", "constant", 0))
+    slab = dict(case="SLAB", predictor="conv1x1", mode="gaussian", classes=args.classes, argmax=True)
+    plan.append(("SLAB", "conv1x1", "gaussian", 0))
+    rows = []
+    for case, pred, mode, repeats in plan:
+        base = dict(case=case, predictor=pred, mode=mode, device=args.device, classes=1)
+        impls = ["monai", "patchblend"]
+        if case == "SLAB":
+            base = dict(slab, device=args.device)
+            impls = ["monai", "patchblend", "patchblend-slab"]
+        mem = {i: _spawn(dict(base, what="memory", impl=i), timeout=3600) for i in impls}
+        for i in impls:
+            if mem[i]["pb_file"] and not mem[i]["pb_file"].startswith(str(ROOT)):
+                print(f"# WARNING: worker imported patchblend from {mem[i]['pb_file']}")
+        if repeats:
+            t = _spawn(dict(base, what="time", impls=impls, repeats=repeats), timeout=3600)["times"]
+        else:  # one cold call each, from the memory runs
+            t = {i: [mem[i]["seconds"]] for i in impls}
+        med = {i: statistics.median(v) for i, v in t.items()}
+        for i in impls:
+            rows.append(dict(case=case, predictor=pred, mode=mode, classes=base["classes"], impl=i,
+                             time_ms=med[i] * 1e3, min_ms=min(t[i]) * 1e3, speedup=med["monai"] / med[i],
+                             peak_mib=mem[i]["peak_mib"], mem_ratio=mem[i]["peak_mib"] / mem["monai"]["peak_mib"],
+                             calls=len(t[i])))
+        print(f"  done {case}/{pred}/{mode}", flush=True)
+
+    header = f"{'case':5} {'predictor':9} {'mode':8} {'C':>3} {'impl':16} {'median ms':>10} {'min ms':>9} " \
+             f"{'speedup':>8} {'peak MiB':>9} {'mem/MONAI':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['case']:5} {r['predictor']:9} {r['mode']:8} {r['classes']:>3} {r['impl']:16} {r['time_ms']:10.1f} "
+              f"{r['min_ms']:9.1f} {r['speedup']:8.2f} {r['peak_mib']:9.1f} {r['mem_ratio']:9.2f}")
+    out = Path(args.out) if args.out else HERE / "results" / f"sliding_window_{args.device}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) + ["device", "backend", "threads"])
+        w.writeheader()
+        for r in rows:
+            w.writerow(dict(r, device=args.device, backend=info["backend"], threads=info["threads"]))
+    print(f"# wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

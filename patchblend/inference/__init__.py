@@ -1,0 +1,30 @@
+"""Sliding-window inference on patchblend's blend: the driver and its public building blocks.
+
+- :func:`sliding_window_inference`: drop-in for ``monai.inferers.sliding_window_inference`` with calibrated
+  weighting (``weighting=``), nnU-Net placement (``placement=``) and a bounded-memory slab mode (``slab_axis=``).
+- Window placement: :func:`sliding_windows`, :func:`window_starts`, :class:`WindowGrid` (``style="monai"`` or
+  ``"nnunet"``).
+- Importance maps: :func:`importance_map`, :func:`constant_importance`, :func:`monai_gaussian`,
+  :func:`nnunet_gaussian`.
+- Streaming accumulators: :class:`Blender`, :class:`SlabBlender`; denominators :func:`window_coverage`,
+  :func:`lattice_coverage`.
+"""
+from .blender import Blender, SlabBlender, lattice_coverage, window_coverage
+from .importance import constant_importance, importance_map, monai_gaussian, nnunet_gaussian
+from .sliding_window import sliding_window_inference
+from .windows import WindowGrid, sliding_windows, window_starts
+
+__all__ = [
+    "sliding_window_inference",
+    "Blender",
+    "SlabBlender",
+    "window_coverage",
+    "lattice_coverage",
+    "sliding_windows",
+    "window_starts",
+    "WindowGrid",
+    "importance_map",
+    "constant_importance",
+    "monai_gaussian",
+    "nnunet_gaussian",
+]

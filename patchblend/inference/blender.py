@@ -1,0 +1,570 @@
+"""Streaming accumulators for sliding-window inference.
+
+:class:`Blender` takes batches of patches (with their starts and optional calibrated weights) and keeps
+only a float32 numerator ``[C, *out_shape]`` and, when it depends on the weights, a denominator
+``[*out_shape]``: each batch is blended by the compiled op into its bounding box with
+``normalize="none"`` and added in; :meth:`Blender.finalize` divides once at the end. The result is the
+:func:`patchblend.calibrated_blend` of all patches added (DESIGN §2), up to float32 summation order.
+
+:class:`SlabBlender` does the same with a buffer that spans only a slab along one spatial axis:
+patches must arrive in non-decreasing order of their start along that axis, and
+:meth:`SlabBlender.finalize_until` finalises (and optionally reduces: argmax or threshold) the part
+of the slab that no later patch can touch, writing it into the output.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
+from .._validate import NORMALIZE_MODES, accumulation_dtype, prepare_blend_args
+
+__all__ = ["Blender", "SlabBlender", "window_coverage", "lattice_coverage", "REDUCTIONS"]
+
+_ops = torch.ops.patchblend
+
+REDUCTIONS = (None, "argmax", "threshold")
+
+
+def _as_coords(coords, nd: int) -> torch.Tensor:
+    if not isinstance(coords, torch.Tensor):
+        try:
+            coords = torch.as_tensor(coords)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+            raise TypeError(f"coords must be an integer tensor [N, {nd}]: {exc}") from exc
+    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
+        raise TypeError(f"coords must hold integers, got dtype {coords.dtype}")
+    if coords.numel() == 0:
+        coords = coords.reshape(0, nd)
+    if coords.dim() != 2 or coords.shape[1] != nd:
+        raise ValueError(f"coords must have shape [N, {nd}], got {tuple(coords.shape)}")
+    return coords.to(device="cpu", dtype=torch.int64)
+
+
+def _canonical_importance(importance, window_shape, acc, device) -> Optional[torch.Tensor]:
+    """Check ``importance [*window_shape]`` once and return it as ``[D, H, W]`` in ``acc`` on ``device``."""
+    if importance is None:
+        return None
+    if not isinstance(importance, torch.Tensor) or not importance.dtype.is_floating_point:
+        raise TypeError("importance must be a floating-point tensor [*window_shape]")
+    if tuple(importance.shape) != tuple(window_shape):
+        raise ValueError(f"importance must have shape {tuple(window_shape)}, got {tuple(importance.shape)}")
+    if importance.numel() and (not bool(torch.isfinite(importance).all()) or bool((importance < 0).any())):
+        raise ValueError("importance must be finite and >= 0")
+    importance = importance.to(device=device, dtype=acc)
+    while importance.dim() < 3:
+        importance = importance.unsqueeze(0)
+    return importance.contiguous()
+
+
+def _to3(shape: Sequence[int]) -> Tuple[int, int, int]:
+    return (1,) * (3 - len(shape)) + tuple(shape)
+
+
+def window_coverage(
+    coords,
+    window_shape: Sequence[int],
+    out_shape: Sequence[int],
+    normalize: str = "count",
+    importance: Optional[torch.Tensor] = None,
+    *,
+    dtype=torch.float32,
+    device=None,
+) -> torch.Tensor:
+    """The blend's denominator ``[*out_shape]`` for unweighted windows at ``coords [N, nd]``: the number of
+    windows covering each voxel (``"count"``), the importance sum (``"weight"``) or ones (``"none"``)."""
+    nd = len(out_shape)
+    coords = _as_coords(coords, nd)
+    if nd == 2:
+        coords = torch.nn.functional.pad(coords, (1, 0))
+    imp = _canonical_importance(importance, window_shape, dtype, device) if normalize == "weight" else None
+    den = _ops.coverage(None, coords.to(device), imp, list(_to3(window_shape)), list(_to3(out_shape)), normalize, dtype)
+    return den.reshape(tuple(out_shape))
+
+
+def _overlap_add_axis(f: torch.Tensor, axis: int, starts, size: int, lo: int = 0, hi: Optional[int] = None):
+    """Along ``axis``: ``g[v] = sum_i f[v - starts[i]]`` for ``v`` in ``[lo, hi)`` (ascending ``i``; ``f`` is 0
+    outside its extent). Returns ``g`` with that axis of length ``hi - lo``."""
+    hi = size if hi is None else hi
+    p = f.shape[axis]
+    shape = list(f.shape)
+    shape[axis] = hi - lo
+    g = f.new_zeros(shape)
+    for s in starts:
+        a, b = max(s, lo), min(s + p, hi)
+        if a < b:
+            g.narrow(axis, a - lo, b - a).add_(f.narrow(axis, a - s, b - a))
+    return g
+
+
+def lattice_coverage(
+    starts: Sequence[Sequence[int]],
+    window_shape: Sequence[int],
+    out_shape: Sequence[int],
+    importance: Optional[torch.Tensor] = None,
+    *,
+    dtype=torch.float32,
+    device=None,
+) -> torch.Tensor:
+    """The denominator ``[*out_shape]`` for unweighted windows on a separable lattice (the windows are all
+    combinations of ``starts[a]`` per axis, as :class:`WindowGrid` makes them): ``sum_i importance[v - s_i]``,
+    i.e. the window count when ``importance`` is None. Because the lattice is separable this is applied axis by
+    axis (last axis first) with a few slice-adds per axis instead of a pass over every window; the importance
+    itself need not be separable (MONAI's clamped Gaussian is not)."""
+    nd = len(out_shape)
+    f = (torch.ones(tuple(window_shape), dtype=dtype, device=device) if importance is None
+         else importance.to(device=device, dtype=dtype))
+    for axis in reversed(range(nd)):
+        f = _overlap_add_axis(f, axis, starts[axis], out_shape[axis])
+    return f
+
+
+class _BlendCore:
+    """Shared by both accumulators: argument checks and one batch blended into its bounding box."""
+
+    def __init__(self, out_shape, channels, window_shape, normalize, importance, device, dtype):
+        self.out_shape = tuple(int(s) for s in out_shape)
+        self.nd = len(self.out_shape)
+        if self.nd not in (2, 3) or any(s < 0 for s in self.out_shape):
+            raise ValueError(f"out_shape must be 2 or 3 non-negative ints, got {out_shape}")
+        self.channels = int(channels)
+        if self.channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.window_shape = None if window_shape is None else tuple(int(s) for s in window_shape)
+        if self.window_shape is not None and (len(self.window_shape) != self.nd or min(self.window_shape) < 1):
+            raise ValueError(f"window_shape must be {self.nd} positive ints, got {window_shape}")
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+        self.normalize = normalize
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype (the accumulation dtype) must be float32 or float64, got {dtype}")
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._importance_raw = importance
+        self.importance = None
+        if importance is not None:
+            if self.window_shape is None:
+                self.window_shape = tuple(importance.shape)
+            self.importance = _canonical_importance(importance, self.window_shape, dtype, self.device)
+
+    def _check_patches(self, patches: torch.Tensor) -> None:
+        if not isinstance(patches, torch.Tensor):
+            raise TypeError(f"patches must be a torch.Tensor, got {type(patches).__name__}")
+        if patches.dim() != self.nd + 2:
+            raise ValueError(f"patches must be [N, C, *P] with {self.nd} spatial dims, got {tuple(patches.shape)}")
+        if patches.shape[1] != self.channels:
+            raise ValueError(f"patches must have {self.channels} channels, got {patches.shape[1]}")
+        if self.window_shape is None:
+            self.window_shape = tuple(patches.shape[2:])
+        elif tuple(patches.shape[2:]) != self.window_shape:
+            raise ValueError(f"patches must have spatial shape {self.window_shape}, got {tuple(patches.shape[2:])}")
+        if patches.device != self.device:
+            raise ValueError(f"patches is on {patches.device} but the blender accumulates on {self.device}")
+
+    def _bbox(self, coords: torch.Tensor):
+        """Bounding box of the patches clipped to the output: (lo, hi) per axis, or None if empty."""
+        lo = coords.amin(0).tolist()
+        hi = (coords.amax(0) + torch.tensor(self.window_shape)).tolist()
+        lo = [max(a, 0) for a in lo]
+        hi = [min(b, s) for b, s in zip(hi, self.out_shape)]
+        if any(b <= a for a, b in zip(lo, hi)):
+            return None
+        return lo, hi
+
+    def _groups(self, coords: torch.Tensor):
+        """Split a batch into runs of consecutive patches that share their start on every axis but the last
+        (rows of MONAI's raster order) when that at least halves the volume blended; ``[(i, j, bbox)]``."""
+        n = coords.shape[0]
+        whole = [(0, n, self._bbox(coords))]
+        if n < 2 or self.nd < 2:
+            return whole
+        head = coords[:, :-1]
+        change = ((head[1:] != head[:-1]).any(1).nonzero().flatten() + 1).tolist()
+        if not change:
+            return whole
+        bounds = [0, *change, n]
+        runs = [(i, j, self._bbox(coords[i:j])) for i, j in zip(bounds, bounds[1:])]
+
+        def volume(b):
+            return 0 if b is None else math.prod(h - l for l, h in zip(*b))
+
+        if 2 * sum(volume(r[2]) for r in runs) <= volume(whole[0][2]):
+            return runs
+        return whole
+
+    @staticmethod
+    def _check_weights_rows(weights, n: int) -> None:
+        if weights is not None and isinstance(weights, torch.Tensor) and (weights.dim() == 0 or weights.shape[0] != n):
+            raise ValueError(f"weights must have N = {n} rows (one per patch), got shape {tuple(weights.shape)}")
+
+    def _blend_box(self, patches, coords, weights, lo, hi, with_den: bool):
+        """Blend the batch into its box ``[lo, hi)``: ``(num [C, *box], den [*box] or None)`` in ``self.dtype``."""
+        box = [b - a for a, b in zip(lo, hi)]
+        rel = coords - torch.tensor(lo)
+        a = prepare_blend_args(patches, weights, rel, box, "none", None)
+        p = a.patches
+        if p.dtype != self.dtype:  # so that each batch's partial sum is not rounded to half precision
+            p = p.to(self.dtype)
+        w = a.weights
+        if w is not None and w.dtype != self.dtype:
+            w = w.to(self.dtype)
+        num = _ops.blend(p, w, a.coords, self.importance, list(a.out_shape), "none")
+        den = None
+        if with_den:
+            den = _ops.coverage(w if self.normalize == "weight" else None, a.coords,
+                                self.importance if self.normalize == "weight" else None,
+                                list(p.shape[2:]), list(a.out_shape), self.normalize, self.dtype)
+        if self.nd == 2:
+            num = num.squeeze(1)
+            den = None if den is None else den.squeeze(0)
+        return num, den
+
+    def _finalize_values(self, num: torch.Tensor, den: Optional[torch.Tensor]) -> torch.Tensor:
+        """``num / den`` in place by DESIGN §2's rules (``"count"``: ``den`` clamped at 1; ``"weight"``: 0 where
+        ``den`` is 0, since ``num`` is 0 there too). ``den`` is made safe in place (idempotent)."""
+        if self.normalize == "none":
+            return num
+        if not getattr(self, "_den_safe", False):
+            _make_safe_(den, self.normalize)
+        return num.div_(den)
+
+
+def _make_safe_(den: torch.Tensor, normalize: str) -> torch.Tensor:
+    """In place, one pass: clamp a count at 1, or a weight sum at the smallest normal float. Where a weight sum
+    is 0 the numerator is 0 too (weights are >= 0), so the quotient is 0 as DESIGN §2 asks."""
+    if normalize == "count":
+        return den.clamp_(min=1.0)
+    return den.clamp_(min=torch.finfo(den.dtype).tiny)
+
+
+class Blender(_BlendCore):
+    """Streaming weighted overlap-add of patch batches into ``[C, *out_shape]``.
+
+    Args:
+        out_shape: spatial output size ``(D, H, W)`` or ``(H, W)``.
+        channels: ``C``, the channels of every patch.
+        normalize: ``"count"`` (divide by the number of covering patches), ``"weight"`` (by the sum of
+            weight × importance) or ``"none"``, as in :func:`patchblend.calibrated_blend`.
+        importance: optional ``[*P]`` window importance (e.g. a Gaussian), multiplied into every weight.
+        window_shape: ``P``; taken from ``importance`` or from the first batch when omitted.
+        device: where the buffers live (default CPU); patches must be on it.
+        dtype: accumulation dtype, float32 (default) or float64.
+        out: optional preallocated, zeroed numerator ``[C, *out_shape]`` of ``dtype`` to accumulate into (and
+            finalise in place).
+        denominator: optional precomputed denominator ``[*out_shape]`` for every patch that will be added
+            (e.g. :func:`window_coverage`); then no denominator is accumulated per batch, which is only
+            valid when it does not depend on the weights (``"count"``, or ``"weight"`` without weights).
+            :meth:`finalize` makes it safe to divide by in place (counts clamped at 1, zero weight sums
+            raised to the smallest normal float), which is idempotent, so several blenders may share one.
+
+    Memory: the numerator, plus the denominator, plus one batch's bounding box while blending. Patches are
+    never kept. Half-precision patches are accumulated in float32.
+
+    Example:
+        >>> b = Blender((64, 64, 64), channels=2, normalize="count")
+        >>> for patches, coords, scores in batches:   # patches [n, 2, 32, 32, 32], coords [n, 3], scores [n]
+        ...     b.add(patches, coords, scores)
+        >>> out = b.finalize()                         # [2, 64, 64, 64]
+    """
+
+    def __init__(
+        self,
+        out_shape: Sequence[int],
+        channels: int,
+        *,
+        normalize: str = "count",
+        importance: Optional[torch.Tensor] = None,
+        window_shape: Optional[Sequence[int]] = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        out: Optional[torch.Tensor] = None,
+        denominator: Optional[torch.Tensor] = None,
+    ):
+        super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
+        full = (self.channels, *self.out_shape)
+        if out is not None:
+            if tuple(out.shape) != full or out.dtype != dtype or out.device != self.device:
+                raise ValueError(f"out must be a {dtype} tensor {full} on {self.device}, "
+                                 f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+            self.num = out
+        else:
+            self.num = torch.zeros(full, dtype=dtype, device=self.device)
+        self._fixed_den = denominator is not None
+        if denominator is not None:
+            if tuple(denominator.shape) != self.out_shape or denominator.device != self.device:
+                raise ValueError(f"denominator must be {self.out_shape} on {self.device}, "
+                                 f"got {tuple(denominator.shape)} on {denominator.device}")
+            self.den = denominator
+        elif normalize != "none":
+            self.den = torch.zeros(self.out_shape, dtype=dtype, device=self.device)
+        else:
+            self.den = None
+        self._finalized = False
+
+    def add(self, patches: torch.Tensor, coords, weights: Optional[torch.Tensor] = None) -> None:
+        """Blend one batch in.
+
+        Args:
+            patches: ``[n, C, *P]``, any float dtype, on the blender's device.
+            coords: ``[n, nd]`` integer starts in the output (parts outside are clipped).
+            weights: ``None``, ``[n]`` (per patch) or ``[n, *G]`` (per grid cell); finite, ``>= 0``.
+        """
+        if self._finalized:
+            raise RuntimeError("Blender.add called after finalize()")
+        self._check_patches(patches)
+        coords = _as_coords(coords, self.nd)
+        if coords.shape[0] != patches.shape[0]:
+            raise ValueError(f"coords must have {patches.shape[0]} rows (one per patch), got {coords.shape[0]}")
+        if weights is not None and self._fixed_den and self.normalize == "weight":
+            raise ValueError("weights cannot be used with a precomputed denominator under normalize='weight' "
+                             "(the weight sum depends on them)")
+        self._check_weights_rows(weights, patches.shape[0])
+        if patches.shape[0] == 0:
+            return
+        with_den = self.den is not None and not self._fixed_den
+        for i, j, bbox in self._groups(coords):
+            w = None if weights is None else weights[i:j]
+            if bbox is None:  # every patch lies outside the output; still check the weights
+                prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None)
+                continue
+            lo, hi = bbox
+            num, den = self._blend_box(patches[i:j], coords[i:j], w, lo, hi, with_den=with_den)
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            self.num[(slice(None),) + box].add_(num)
+            if den is not None:
+                self.den[box].add_(den)
+
+    def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Divide by the denominator (in place, once) and return ``[C, *out_shape]`` (cast to ``dtype`` if given).
+        Voxels no patch covered are 0."""
+        if not self._finalized:
+            self._finalize_values(self.num, self.den)
+            self._finalized = True
+            self.den = None
+        return self.num if dtype is None or dtype == self.num.dtype else self.num.to(dtype)
+
+
+def _reduce(values: torch.Tensor, reduce, threshold: float, label_dtype) -> torch.Tensor:
+    if reduce is None:
+        return values
+    if reduce == "argmax":
+        return values.argmax(0, keepdim=True).to(label_dtype)
+    return values >= threshold
+
+
+class SlabBlender(_BlendCore):
+    """Streaming blend that holds only a slab of the output along one spatial ``axis``.
+
+    Patches must be added in non-decreasing order of their start along ``axis`` (a patch may not touch a
+    finalised part). Call :meth:`finalize_until` with the start of the next patch to be added: everything
+    before it is final and is divided, optionally reduced, and written to :attr:`out`; :meth:`finish`
+    finalises the rest. The result equals :class:`Blender`'s (bitwise when the batches are the same).
+
+    Args:
+        out_shape, channels, normalize, importance, window_shape, device, dtype: as for :class:`Blender`.
+        axis: the spatial axis to slab along (default 0, the slowest in raster order).
+        reduce: ``None`` (output ``[C, *out_shape]`` in ``out_dtype``), ``"argmax"`` (``[1, *out_shape]``
+            labels in ``label_dtype``) or ``"threshold"`` (``[C, *out_shape]`` bool, ``value >= threshold``).
+        threshold: for ``reduce="threshold"``.
+        out_dtype: dtype of the unreduced output (default: the accumulation dtype).
+        label_dtype: dtype of argmax labels (default int64).
+        out_device: where the output lives (default ``device``).
+        out: optional preallocated output (shape and dtype as described under ``reduce``); every voxel of it
+            is written by the time :meth:`finish` returns.
+        window_coords: optionally, the starts ``[N, nd]`` of every patch that will be added: then the
+            denominator of each finalised slab is computed from them (one pass over the volume) instead of
+            being accumulated per batch; only valid when it does not depend on weights (as for ``denominator``
+            in :class:`Blender`).
+        window_lattice: alternatively, the per-axis starts of a window lattice (as :func:`lattice_coverage`
+            takes them): the denominator is then computed axis by axis, cheaply; same validity condition.
+
+    Memory: ``C × slab × (other axes)`` accumulation floats, where the slab spans the patches of the widest
+    batch along ``axis`` (at least one window), plus the output.
+    """
+
+    def __init__(
+        self,
+        out_shape: Sequence[int],
+        channels: int,
+        *,
+        axis: int = 0,
+        normalize: str = "count",
+        importance: Optional[torch.Tensor] = None,
+        window_shape: Optional[Sequence[int]] = None,
+        reduce: Optional[str] = None,
+        threshold: float = 0.5,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        out_dtype: Optional[torch.dtype] = None,
+        label_dtype: torch.dtype = torch.int64,
+        out_device=None,
+        window_coords=None,
+        window_lattice: Optional[Sequence[Sequence[int]]] = None,
+        out: Optional[torch.Tensor] = None,
+    ):
+        super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
+        if not isinstance(axis, int) or not (-self.nd <= axis < self.nd):
+            raise ValueError(f"axis must be an int in [{-self.nd}, {self.nd}), got {axis!r}")
+        self.axis = axis % self.nd
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        self.reduce = reduce
+        self.threshold = float(threshold)
+        self.label_dtype = label_dtype
+        out_device = torch.device(out_device) if out_device is not None else self.device
+        if reduce == "argmax":
+            shape, odt = (1, *self.out_shape), label_dtype
+        elif reduce == "threshold":
+            shape, odt = (self.channels, *self.out_shape), torch.bool
+        else:
+            shape, odt = (self.channels, *self.out_shape), out_dtype or dtype
+        if out is not None:
+            if tuple(out.shape) != shape or out.dtype != odt:
+                raise ValueError(f"out must be a {odt} tensor {shape}, got {out.dtype} {tuple(out.shape)}")
+            self.out = out
+        else:
+            self.out = torch.empty(shape, dtype=odt, device=out_device)
+        self._coords_all = None
+        if window_coords is not None:
+            self._coords_all = _as_coords(window_coords, self.nd)
+        self._lattice = None
+        self._lattice_partial = None  # the lattice sum over every axis but the slab axis, computed once
+        if window_lattice is not None:
+            if self.window_shape is None or len(window_lattice) != self.nd:
+                raise ValueError(f"window_lattice needs {self.nd} start lists and a window_shape")
+            self._lattice = [list(map(int, a)) for a in window_lattice]
+        self.lo = 0  # first index along axis not yet finalised
+        self._cap = 0
+        self.num = None  # [C, cap, ...] slab buffer covering [lo, lo + cap) along axis
+        self.den = None
+        self.peak_buffer_bytes = 0  # largest accumulation buffer allocated (numerator + denominator)
+
+    # -- slab buffer -------------------------------------------------------------------------------------
+    def _slab_shape(self, cap: int) -> list:
+        shape = list(self.out_shape)
+        shape[self.axis] = cap
+        return shape
+
+    def _ensure_capacity(self, hi: int) -> None:
+        need = hi - self.lo
+        if need <= self._cap:
+            return
+        shape = self._slab_shape(need)
+        num = torch.zeros((self.channels, *shape), dtype=self.dtype, device=self.device)
+        den = None
+        if self.normalize != "none" and self._coords_all is None:
+            den = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self._cap:
+            keep = [slice(None)] * self.nd
+            keep[self.axis] = slice(0, self._cap)
+            num[(slice(None),) + tuple(keep)] = self.num
+            if den is not None:
+                den[tuple(keep)] = self.den
+        self.num, self.den, self._cap = num, den, need
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, num.numel() * num.element_size() +
+                                     (0 if den is None else den.numel() * den.element_size()))
+
+    def _along(self, start: int, stop: int, channel_dim: bool) -> tuple:
+        idx = [slice(None)] * self.nd
+        idx[self.axis] = slice(start, stop)
+        return ((slice(None),) if channel_dim else ()) + tuple(idx)
+
+    def add(self, patches: torch.Tensor, coords, weights: Optional[torch.Tensor] = None) -> None:
+        """Blend one batch in (arguments as :meth:`Blender.add`). Raises if a patch reaches a finalised part."""
+        self._check_patches(patches)
+        coords = _as_coords(coords, self.nd)
+        if coords.shape[0] != patches.shape[0]:
+            raise ValueError(f"coords must have {patches.shape[0]} rows (one per patch), got {coords.shape[0]}")
+        if weights is not None and (self._coords_all is not None or self._lattice is not None) \
+                and self.normalize == "weight":
+            raise ValueError("weights cannot be used with window_coords under normalize='weight' "
+                             "(the weight sum depends on them)")
+        self._check_weights_rows(weights, patches.shape[0])
+        if patches.shape[0] == 0:
+            return
+        groups = self._groups(coords)
+        for _, _, bbox in groups:
+            if bbox is not None and bbox[0][self.axis] < self.lo:
+                raise ValueError(f"a patch reaches index {bbox[0][self.axis]} along axis {self.axis}, which is "
+                                 f"already finalised (up to {self.lo}); add patches in order of their start "
+                                 "along the axis")
+        with_den = self.normalize != "none" and self._coords_all is None and self._lattice is None
+        for i, j, bbox in groups:
+            w = None if weights is None else weights[i:j]
+            if bbox is None:
+                prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None)
+                continue
+            lo, hi = bbox
+            num, den = self._blend_box(patches[i:j], coords[i:j], w, lo, hi, with_den=with_den)
+            self._ensure_capacity(hi[self.axis])
+            box = [slice(a, b) for a, b in zip(lo, hi)]
+            box[self.axis] = slice(lo[self.axis] - self.lo, hi[self.axis] - self.lo)
+            self.num[(slice(None),) + tuple(box)].add_(num)
+            if den is not None:
+                self.den[tuple(box)].add_(den)
+
+    def finalize_until(self, stop: int) -> None:
+        """Finalise ``[lo, stop)`` along the axis: the caller promises that no later patch touches it."""
+        stop = min(int(stop), self.out_shape[self.axis])
+        while self.lo < stop:
+            k = min(stop - self.lo, self._cap)
+            if k == 0:  # nothing buffered: the region was never touched by a patch, its value is 0
+                values = torch.zeros((self.channels, *self._slab_shape(stop - self.lo)), dtype=self.dtype,
+                                     device=self.device)
+                self._write(values, stop)
+                continue
+            values = self.num[self._along(0, k, True)]  # finalised in place: this part is dropped next
+            if self.normalize != "none":
+                if self._lattice is not None:
+                    den = self._lattice_den(self.lo, self.lo + k)
+                elif self._coords_all is not None:
+                    origin = [0] * self.nd
+                    origin[self.axis] = self.lo
+                    den = window_coverage(self._coords_all - torch.tensor(origin), self.window_shape,
+                                          self._slab_shape(k), self.normalize, self._importance_raw,
+                                          dtype=self.dtype, device=self.device)
+                else:
+                    den = self.den[self._along(0, k, False)]
+                values.div_(_make_safe_(den, self.normalize))
+            self._write(values, self.lo + k)
+            self._shift(k)
+
+    def _lattice_den(self, lo: int, hi: int) -> torch.Tensor:
+        """Lattice denominator of ``[lo, hi)`` along the slab axis: the other axes' sums once, then this axis
+        (for axis 0 the same order of additions as :func:`lattice_coverage`, hence bitwise the same values)."""
+        if self._lattice_partial is None:
+            imp = self._importance_raw if self.normalize == "weight" else None
+            f = (torch.ones(self.window_shape, dtype=self.dtype, device=self.device) if imp is None
+                 else imp.to(device=self.device, dtype=self.dtype))
+            for axis in reversed(range(self.nd)):
+                if axis != self.axis:
+                    f = _overlap_add_axis(f, axis, self._lattice[axis], self.out_shape[axis])
+            self._lattice_partial = f
+        return _overlap_add_axis(self._lattice_partial, self.axis, self._lattice[self.axis],
+                                 self.out_shape[self.axis], lo, hi)
+
+    def _write(self, values: torch.Tensor, stop: int) -> None:
+        values = _reduce(values, self.reduce, self.threshold, self.label_dtype)
+        self.out[self._along(self.lo, stop, True)] = values.to(self.out.device)
+        self.lo = stop
+
+    def _shift(self, k: int) -> None:
+        """Drop the first ``k`` slices of the slab buffer: move the rest to the front, zero the tail."""
+        cap = self._cap
+        rest = cap - k
+        for buf, ch in ((self.num, True), (self.den, False)):
+            if buf is None:
+                continue
+            # Copy in chunks of k slices so that source and destination of one copy never overlap.
+            for j in range(0, rest, k):
+                m = min(k, rest - j)
+                buf[self._along(j, j + m, ch)] = buf[self._along(j + k, j + k + m, ch)]
+            buf[self._along(max(rest, 0), cap, ch)] = 0
+
+    def finish(self) -> torch.Tensor:
+        """Finalise everything left and return :attr:`out`."""
+        self.finalize_until(self.out_shape[self.axis])
+        self.num = self.den = self._lattice_partial = None
+        return self.out

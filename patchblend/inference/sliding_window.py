@@ -1,0 +1,445 @@
+"""``sliding_window_inference``: a drop-in for MONAI's, on patchblend's compiled blend.
+
+Per batch of ``sw_batch_size`` windows: one :func:`patchblend.extract_patches` call cuts the windows out of
+the input, the predictor runs, and one blend call adds the batch into a float32 accumulator
+(:class:`~patchblend.inference.blender.Blender`, or :class:`~.SlabBlender` in slab mode). The denominator is
+computed once for all windows when it does not depend on predicted weights. Padding (ROI larger than the
+image) is never materialised for ``padding_mode="constant", cval=0``: windows simply start outside the
+image, read zeros there, and the blend clips them, which gives exactly MONAI's pad-then-crop result.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import extract_patches
+from .blender import REDUCTIONS, Blender, SlabBlender, lattice_coverage
+from .importance import importance_map
+from .windows import WINDOW_STYLES, sliding_windows
+
+__all__ = ["sliding_window_inference", "WEIGHTINGS"]
+
+WEIGHTINGS = (None, "patch", "grid", "patch*grid")
+_PAD_MODES = ("constant", "reflect", "replicate", "circular")
+
+
+def _enum_value(x):
+    return getattr(x, "value", x)
+
+
+def _resolve_roi(roi_size, image_size, nd: int):
+    if isinstance(roi_size, torch.Tensor):
+        roi_size = roi_size.tolist()
+    if isinstance(roi_size, (Sequence,)) and not isinstance(roi_size, str):
+        if len(roi_size) != nd:
+            raise ValueError(
+                f"roi_size has {len(roi_size)} entries but inputs has {nd} spatial dims "
+                f"(inputs must be [B, C, {', '.join(['spatial'] * len(roi_size))}] for a {len(roi_size)}D roi_size; "
+                "channel-last data must be made channel-first first)"
+            )
+        roi = list(roi_size)
+    elif roi_size is None or isinstance(roi_size, int):
+        roi = [roi_size] * nd
+    else:
+        raise TypeError(f"roi_size must be an int or a sequence of {nd} ints, got {roi_size!r}")
+    out = []
+    for r, s in zip(roi, image_size):
+        if r is not None and not isinstance(r, int):
+            try:
+                r = int(r)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"roi_size entries must be ints or None, got {roi_size!r}") from exc
+        out.append(int(s) if r is None or r <= 0 else r)  # None / non-positive: the full axis (MONAI)
+    return tuple(out)
+
+
+def _resolve_overlap(overlap, nd: int):
+    if isinstance(overlap, torch.Tensor):
+        overlap = overlap.tolist()
+    if isinstance(overlap, Sequence) and not isinstance(overlap, str):
+        if len(overlap) != nd:
+            raise ValueError(f"overlap must be a float or {nd} floats, got {overlap!r}")
+        ov = list(overlap)
+    else:
+        ov = [overlap] * nd
+    for o in ov:
+        try:
+            ok = 0.0 <= float(o) < 1.0
+        except (TypeError, ValueError):
+            raise TypeError(f"overlap must be a float or {nd} floats, got {overlap!r}") from None
+        if not ok:
+            raise ValueError(f"overlap must be >= 0 and < 1, got {overlap!r}")
+    return tuple(float(o) for o in ov)
+
+
+def _parse_output(out, n: int, roi, nd: int, weighting):
+    """Predictor output → (seg [n, C, *roi], patch_scores [n] or None, grid_scores [n, *G] or None)."""
+    patch = grid = None
+    if isinstance(out, torch.Tensor):
+        seg = out
+    elif isinstance(out, Mapping):
+        if "seg" not in out:
+            raise ValueError(
+                f"predictor returned a dict with keys {sorted(map(str, out.keys()))}; patchblend expects a tensor, "
+                "or a dict with 'seg' (and 'patch' / 'grid' scores)"
+            )
+        seg, patch, grid = out["seg"], out.get("patch"), out.get("grid")
+    elif isinstance(out, (tuple, list)):
+        if len(out) not in (2, 3):
+            raise ValueError(
+                f"predictor returned a {type(out).__name__} of length {len(out)}; patchblend expects a tensor, "
+                "(seg, patch_scores) or (seg, patch_scores, grid_scores)"
+            )
+        seg, patch = out[0], out[1]
+        grid = out[2] if len(out) == 3 else None
+    else:
+        raise TypeError(f"predictor must return a tensor, a tuple or a dict, got {type(out).__name__}")
+
+    if not isinstance(seg, torch.Tensor) or not seg.dtype.is_floating_point:
+        raise TypeError(f"predictor output seg must be a floating-point tensor, got {type(seg).__name__}"
+                        + (f" {seg.dtype}" if isinstance(seg, torch.Tensor) else ""))
+    if seg.dim() != nd + 2 or seg.shape[0] != n:
+        raise ValueError(f"predictor output seg must be [{n}, C, {', '.join(map(str, roi))}] for a batch of {n} "
+                         f"windows, got {tuple(seg.shape)}")
+    if tuple(seg.shape[2:]) != tuple(roi):
+        raise ValueError(f"predictor output seg must have the window's spatial shape {tuple(roi)}, got "
+                         f"{tuple(seg.shape[2:])} (outputs at another resolution are not supported)")
+
+    uses_patch = weighting in ("patch", "patch*grid")
+    uses_grid = weighting in ("grid", "patch*grid")
+    if uses_patch:
+        if patch is None:
+            raise ValueError(f"weighting={weighting!r} needs patch scores: return (seg, patch_scores, grid_scores) "
+                             "or a dict with 'seg' and 'patch'")
+        if not isinstance(patch, torch.Tensor) or not patch.dtype.is_floating_point:
+            raise TypeError("patch_scores must be a floating-point tensor [B]")
+        if patch.dim() == 2 and patch.shape[1] == 1:
+            patch = patch[:, 0]
+        if tuple(patch.shape) != (n,):
+            raise ValueError(f"patch_scores must have shape [{n}] (one per window), got {tuple(patch.shape)}")
+        _check_scores("patch_scores", patch)
+    if uses_grid:
+        if grid is None:
+            raise ValueError(f"weighting={weighting!r} needs grid scores: return (seg, patch_scores, grid_scores) "
+                             "or a dict with 'seg' and 'grid'")
+        if not isinstance(grid, torch.Tensor) or not grid.dtype.is_floating_point:
+            raise TypeError(f"grid_scores must be a floating-point tensor [B, *G] with {nd} grid dims")
+        if grid.dim() != nd + 1 or grid.shape[0] != n or any(g < 1 or g > p for g, p in zip(grid.shape[1:], roi)):
+            raise ValueError(f"grid_scores must have shape [{n}, *G] with {nd} grid dims, 1 <= G <= roi {tuple(roi)}, "
+                             f"got {tuple(grid.shape)}")
+        _check_scores("grid_scores", grid)
+    return seg, (patch if uses_patch else None), (grid if uses_grid else None)
+
+
+def _check_scores(name: str, t: torch.Tensor) -> None:
+    if t.numel() == 0:
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite (found NaN or inf)")
+    if bool((t < 0).any()):
+        raise ValueError(f"{name} must be >= 0 (found a negative score)")
+
+
+def _weights(patch, grid, nd: int):
+    if patch is None:
+        return grid
+    if grid is None:
+        return patch
+    return patch.reshape(-1, *([1] * nd)).to(grid.dtype) * grid
+
+
+def _progress(iterable, enabled: bool, total: int):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm  # imported lazily: tqdm is optional
+    except ImportError as exc:
+        raise ImportError("progress=True needs tqdm (pip install tqdm)") from exc
+    return tqdm(iterable, total=total)
+
+
+def sliding_window_inference(
+    inputs: torch.Tensor,
+    roi_size: Union[Sequence[int], int],
+    sw_batch_size: int,
+    predictor: Callable[..., Any],
+    overlap: Union[Sequence[float], float] = 0.25,
+    mode: str = "constant",
+    sigma_scale: Union[Sequence[float], float] = 0.125,
+    padding_mode: str = "constant",
+    cval: float = 0.0,
+    sw_device: Union[torch.device, str, None] = None,
+    device: Union[torch.device, str, None] = None,
+    progress: bool = False,
+    *,
+    weighting: Optional[str] = None,
+    normalize: Optional[str] = None,
+    placement: str = "monai",
+    slab_axis: Optional[int] = None,
+    reduce: Optional[str] = None,
+    threshold: float = 0.5,
+    label_dtype: torch.dtype = torch.int64,
+    roi_weight_map: Optional[torch.Tensor] = None,
+    with_coord: bool = False,
+    process_fn: Optional[Callable] = None,
+    buffer_steps: Optional[int] = None,
+    buffer_dim: int = -1,
+    **kwargs: Any,
+):
+    """Sliding-window inference with optional calibrated (per-patch / per-cell) blending weights.
+
+    Positional arguments, names and defaults follow ``monai.inferers.sliding_window_inference``; for a
+    predictor that returns a tensor the result is MONAI's (to float tolerance).
+
+    Args:
+        inputs: ``[B, C_in, H, W]`` or ``[B, C_in, D, H, W]``.
+        roi_size: window size, an int or one per spatial axis; entries ``None`` or ``<= 0`` mean the full axis.
+            A window larger than the image pads the image (``padding_mode``, ``cval``), as MONAI does, and the
+            output is cropped back.
+        sw_batch_size: windows per predictor call (windows of consecutive images may share a call, as in MONAI).
+        predictor: ``f(windows [n, C_in, *roi], **kwargs)`` returning ``seg [n, C, *roi]``; or, for calibrated
+            weighting, ``(seg, patch_scores [n], grid_scores [n, *G])`` or a dict with ``"seg"``, ``"patch"``,
+            ``"grid"`` (scores must be finite and ``>= 0``; the ones ``weighting`` doesn't use may be None).
+        overlap: fraction of a window shared with its neighbour, in ``[0, 1)``, scalar or per axis.
+        mode: importance of each window voxel: ``"constant"``, ``"gaussian"`` (MONAI's, ``sigma_scale``) or
+            ``"nnunet"`` (nnU-Net's Gaussian, peak 10).
+        sigma_scale: Gaussian ``sigma = sigma_scale * roi`` (scalar or per axis).
+        padding_mode: ``"constant"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (when roi > image).
+        cval: fill value for constant padding.
+        sw_device: where the windows and the predictor run (default: ``inputs.device``).
+        device: where the output is accumulated and returned (default: ``inputs.device``).
+        progress: show a tqdm progress bar (tqdm is imported only then).
+        weighting: ``None`` (MONAI's averaging), ``"patch"`` (weight each window by its patch score, Eq. 1),
+            ``"grid"`` (each grid cell by its cell score, Eq. 2) or ``"patch*grid"``. The importance of
+            ``mode`` multiplies in.
+        normalize: ``"weight"`` (divide by the weight sum; the default when ``weighting`` is None, MONAI's
+            behaviour), ``"count"`` (divide by the number of covering windows; the default when ``weighting``
+            is set: the paper's Eq. 1/2) or ``"none"``.
+        placement: window placement, ``"monai"`` (default) or ``"nnunet"`` (``tile_step_size = 1 - overlap``).
+        slab_axis: bounded-memory mode: process windows slab by slab along this spatial axis and finalise each
+            part of the output as soon as no later window touches it; the float accumulator then spans only
+            about one window (times the batch's spread) along the axis. Same result as the full path
+            (bitwise for axis 0, where the window order is MONAI's).
+        reduce: ``None``, ``"argmax"`` (labels ``[B, 1, *S]`` in ``label_dtype``) or ``"threshold"``
+            (``[B, C, *S]`` bool, ``value >= threshold``); in slab mode applied slab by slab, so the full float
+            output never exists.
+        threshold: for ``reduce="threshold"``.
+        label_dtype: dtype of argmax labels.
+        roi_weight_map: optional precomputed importance ``[*roi]`` (non-negative), replacing ``mode``'s.
+        with_coord: pass the windows' MONAI-style slices to the predictor: ``predictor(windows, slices, **kwargs)``.
+        process_fn: MONAI's per-window hook is not supported (it is normalised wrongly there); raises.
+        buffer_steps, buffer_dim: accepted for MONAI compatibility and ignored (see ``slab_axis``).
+        kwargs: passed to ``predictor``; a ``condition`` tensor shaped like ``inputs`` is windowed like it.
+
+    Returns:
+        ``[B, C, *S]`` on ``device`` in ``inputs.dtype`` (the predictor's dtype if ``inputs`` is not floating
+        point); with ``reduce``, labels or masks as above. A MONAI ``MetaTensor`` input gives a ``MetaTensor``.
+        Accumulation is float32 (float64 for float64 inputs) whatever the predictor's precision.
+    """
+    # ---- arguments ------------------------------------------------------------------------------------
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor [B, C, *spatial], got {type(inputs).__name__}")
+    nd = inputs.dim() - 2
+    if nd not in (2, 3):
+        raise ValueError(f"inputs must be [B, C, H, W] or [B, C, D, H, W], got shape {tuple(inputs.shape)}")
+    if not callable(predictor):
+        raise TypeError("predictor must be callable")
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+    image_size = tuple(int(s) for s in inputs.shape[2:])
+    if inputs.shape[0] < 1 or inputs.shape[1] < 1:
+        raise ValueError(f"inputs must have a batch and a channel dimension of at least 1, got {tuple(inputs.shape)}")
+    if any(s < 1 for s in image_size):
+        raise ValueError(f"inputs must have a non-empty spatial size, got {tuple(inputs.shape)}")
+    roi = _resolve_roi(roi_size, image_size, nd)
+    overlaps = _resolve_overlap(overlap, nd)
+    mode = _enum_value(mode)
+    padding_mode = _enum_value(padding_mode)
+    if padding_mode not in _PAD_MODES:
+        raise ValueError(f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if normalize is None:
+        normalize = "weight" if weighting is None else "count"
+    if normalize not in ("count", "weight", "none"):
+        raise ValueError(f"normalize must be 'count', 'weight' or 'none', got {normalize!r}")
+    if placement not in WINDOW_STYLES:
+        raise ValueError(f"placement must be one of {WINDOW_STYLES}, got {placement!r}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    if slab_axis is not None and (isinstance(slab_axis, bool) or not isinstance(slab_axis, int)
+                                  or not -nd <= slab_axis < nd):
+        raise ValueError(f"slab_axis must be None or an int in [{-nd}, {nd}), got {slab_axis!r}")
+    if process_fn is not None:
+        raise NotImplementedError("process_fn is not supported; use weighting= with predictor scores instead")
+    del buffer_steps, buffer_dim  # MONAI memory knobs; slab_axis is patchblend's
+    batch = inputs.shape[0]
+    device = torch.device(device) if device is not None else inputs.device
+    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+
+    meta_source = inputs if hasattr(inputs, "copy_meta_from") else None  # a MONAI MetaTensor
+    x = inputs.as_subclass(torch.Tensor) if type(inputs) is not torch.Tensor else inputs
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    # ---- windows ---------------------------------------------------------------------------------------
+    pad_lo = [max(r - s, 0) // 2 for r, s in zip(roi, image_size)]
+    padded = tuple(max(r, s) for r, s in zip(roi, image_size))
+    grid = sliding_windows(padded, roi, overlaps, placement)
+    coords_pad = grid.coords()  # in the padded image
+    if slab_axis is not None:
+        slab_axis %= nd
+        if slab_axis != 0:  # make the slab axis the slowest (stable: raster order within a slab)
+            coords_pad = coords_pad[torch.argsort(coords_pad[:, slab_axis], stable=True)]
+    coords = coords_pad - torch.tensor(pad_lo)  # in the image (may start outside it)
+    image_starts = [[s - p for s in axis] for axis, p in zip(grid.starts, pad_lo)]
+    num_win = coords.shape[0]
+
+    condition = kwargs.pop("condition", None)
+    if any(pad_lo) or any(p > s for p, s in zip(padded, image_size)):
+        if padding_mode == "constant" and float(cval) == 0.0:
+            src, src_coords, cond_src = x, coords, condition  # extract_patches reads zeros outside
+        else:
+            pads = []
+            for r, s in zip(reversed(roi), reversed(image_size)):
+                d = max(r - s, 0)
+                pads += [d // 2, d - d // 2]
+            pad_kw = {"value": float(cval)} if padding_mode == "constant" else {}
+            src = F.pad(x, pads, mode=padding_mode, **pad_kw)
+            cond_src = None if condition is None else F.pad(condition, pads, mode=padding_mode, **pad_kw)
+            src_coords = coords_pad
+    else:
+        src, src_coords, cond_src = x, coords, condition
+
+    # ---- importance and denominator ---------------------------------------------------------------------
+    if roi_weight_map is not None:
+        imp = torch.as_tensor(roi_weight_map).to(device=device, dtype=acc)
+        if tuple(imp.shape[-nd:]) != roi or imp.numel() != torch.Size(roi).numel():
+            raise ValueError(f"roi_weight_map must have shape {roi}, got {tuple(imp.shape)}")
+        imp = imp.reshape(roi)
+    elif mode == "constant":
+        imp = None
+    else:
+        imp = importance_map(roi, mode, sigma_scale, dtype=acc, device=device)
+    weights_in_den = normalize == "weight" and weighting is not None
+    slab = slab_axis is not None
+
+    out_dtype = x.dtype if x.dtype.is_floating_point else None
+    state = {"channels": None, "out": None, "den": None}
+    blenders = {}
+
+    def blender_for(b: int, channels: int):
+        if b in blenders:
+            return blenders[b]
+        if state["out"] is None:  # first predictor output: now C is known
+            state["channels"] = channels
+            if slab:
+                odt = out_dtype or state["seg_dtype"]
+                shape = (batch, 1 if reduce == "argmax" else channels, *image_size)
+                dt = label_dtype if reduce == "argmax" else torch.bool if reduce == "threshold" else odt
+                state["out"] = torch.empty(shape, dtype=dt, device=device)
+            else:
+                state["out"] = torch.zeros((batch, channels, *image_size), dtype=acc, device=device)
+                if normalize != "none" and not weights_in_den:
+                    # the windows cover every voxel and importance maps are > 0, so this is > 0: safe to divide by
+                    state["den"] = lattice_coverage(image_starts, roi, image_size,
+                                                    imp if normalize == "weight" else None, dtype=acc, device=device)
+                    state["den_safe"] = normalize == "count" or roi_weight_map is None
+        if slab:
+            blenders[b] = SlabBlender(
+                image_size, channels, axis=slab_axis, normalize=normalize, importance=imp, window_shape=roi,
+                reduce=reduce, threshold=threshold, device=device, dtype=acc,
+                out_dtype=out_dtype or state["seg_dtype"], label_dtype=label_dtype,
+                window_lattice=None if weights_in_den else image_starts, out=state["out"][b],
+            )
+        else:
+            blenders[b] = Blender(image_size, channels, normalize=normalize, importance=imp, window_shape=roi,
+                                  device=device, dtype=acc, out=state["out"][b], denominator=state["den"])
+            blenders[b]._den_safe = state.get("den_safe", False)
+        return blenders[b]
+
+    # ---- the loop: one extraction, one predictor call and one blend per batch -------------------------
+    total = batch * num_win
+    starts = range(0, total, sw_batch_size)
+    for g0 in _progress(starts, progress, len(starts)):
+        g1 = min(g0 + sw_batch_size, total)
+        segments = []  # (image, first window, end window) within this batch
+        g = g0
+        while g < g1:
+            b, w0 = divmod(g, num_win)
+            w1 = min(num_win, w0 + (g1 - g))
+            segments.append((b, w0, w1))
+            g += w1 - w0
+        parts = [extract_patches(src[b], src_coords[w0:w1], roi) for b, w0, w1 in segments]
+        win = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(sw_device)
+        if cond_src is not None:
+            cparts = [extract_patches(cond_src[b], src_coords[w0:w1], roi) for b, w0, w1 in segments]
+            kwargs["condition"] = (cparts[0] if len(cparts) == 1 else torch.cat(cparts)).to(sw_device)
+        if with_coord:
+            slices = [[slice(b, b + 1), slice(None)] + [slice(s, s + r) for s, r in zip(c, roi)]
+                      for b, w0, w1 in segments for c in coords_pad[w0:w1].tolist()]
+            out = predictor(win, slices, **kwargs)
+        else:
+            out = predictor(win, **kwargs)
+        n = g1 - g0
+        seg, patch_scores, grid_scores = _parse_output(out, n, roi, nd, weighting)
+        if state["channels"] is not None and seg.shape[1] != state["channels"]:
+            raise ValueError(f"predictor output seg changed its channel count from {state['channels']} to "
+                             f"{seg.shape[1]} between batches")
+        state.setdefault("seg_dtype", seg.dtype)
+        seg = seg.to(device)
+        w = _weights(patch_scores, grid_scores, nd)
+        w = None if w is None else w.to(device)
+        k = 0
+        for b, w0, w1 in segments:
+            m = w1 - w0
+            bl = blender_for(b, seg.shape[1])
+            if not slab:
+                bl.add(seg[k:k + m], coords[w0:w1], None if w is None else w[k:k + m])
+            else:
+                # one add per run of equal starts along the slab axis, finalising in between, so that the slab
+                # buffer stays one window deep even when a predictor batch spans two rows of windows
+                axis_starts = coords[w0:w1, slab_axis].tolist()
+                r0 = 0
+                for r in range(1, m + 1):
+                    if r < m and axis_starts[r] == axis_starts[r0]:
+                        continue
+                    bl.add(seg[k + r0:k + r], coords[w0 + r0:w0 + r], None if w is None else w[k + r0:k + r])
+                    if w0 + r < num_win:
+                        bl.finalize_until(int(coords[w0 + r, slab_axis]))
+                    r0 = r
+                if w1 == num_win:
+                    bl.finish()
+                    del blenders[b]
+            k += m
+    del win, seg
+
+    # ---- finalise --------------------------------------------------------------------------------------
+    result = state["out"]
+    if not slab:
+        for b in range(batch):
+            blender_for(b, state["channels"]).finalize()
+        if reduce == "argmax":
+            result = result.argmax(1, keepdim=True).to(label_dtype)
+        elif reduce == "threshold":
+            result = result >= threshold
+        else:
+            odt = out_dtype or state["seg_dtype"]
+            if result.dtype != odt:
+                result = result.to(odt)
+    if meta_source is not None:
+        result = _as_meta_tensor(result, meta_source)
+    return result
+
+
+def _as_meta_tensor(result: torch.Tensor, like):
+    """Wrap the output as a MONAI MetaTensor carrying ``like``'s metadata (MONAI's behaviour)."""
+    try:
+        from monai.data.meta_tensor import MetaTensor
+    except ImportError:  # pragma: no cover - a MetaTensor input implies MONAI is installed
+        return result
+    out = MetaTensor(result)
+    out.copy_meta_from(like, copy_attr=False)
+    return out

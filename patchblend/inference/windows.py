@@ -1,0 +1,140 @@
+"""Window placement for sliding-window inference (DESIGN §5).
+
+Both conventions are separable: each spatial axis gets its own table of window starts, and the windows
+are the Cartesian product of those tables in raster order (axis 0 slowest), which is the order MONAI
+visits them in.
+
+- ``style="monai"`` (``monai.inferers.sliding_window_inference``): step ``int(window * (1 - overlap))``
+  (at least 1; the whole window when it equals the image), starts ``i * step``, the last window moved
+  back to end flush with the border.
+- ``style="nnunet"`` (nnU-Net v2, ``tile_step_size = 1 - overlap``):
+  ``n = ceil((size - window) / (window * step)) + 1`` windows at ``round(i * ((size - window) / (n - 1)))``,
+  evaluated in float64 exactly as nnU-Net does (``round`` is round-half-to-even).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["WindowGrid", "sliding_windows", "window_starts", "WINDOW_STYLES"]
+
+WINDOW_STYLES = ("monai", "nnunet")
+
+
+def _check_overlap(overlap: float, name: str = "overlap") -> float:
+    try:
+        o = float(overlap)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a float in [0, 1), got {overlap!r}") from exc
+    if not (0.0 <= o < 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0 and < 1, got {overlap!r}")
+    return o
+
+
+def window_starts(size: int, window: int, overlap: float = 0.25, style: str = "monai") -> Tuple[int, ...]:
+    """Starts of the windows along one axis of length ``size`` for windows of length ``window``.
+
+    Args:
+        size: image length along the axis (``>= 1``).
+        window: window length, ``1 <= window <= size`` (pad the image first when it is smaller).
+        overlap: fraction of the window shared by neighbours, in ``[0, 1)``.
+        style: ``"monai"`` or ``"nnunet"`` (see the module docstring).
+
+    Returns:
+        A tuple of ascending starts; the first is 0 and the last is ``size - window``.
+    """
+    size, window = int(size), int(window)
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if window > size:
+        raise ValueError(f"window ({window}) must not exceed the image size ({size}); pad the image first")
+    o = _check_overlap(overlap)
+    if style == "monai":
+        if window == size:
+            return (0,)
+        step = max(int(window * (1 - o)), 1)
+        n = -(-(size - window) // step) + 1  # ceil((size - window) / step) + 1
+        return tuple(min(i * step, size - window) for i in range(n))
+    if style == "nnunet":
+        target = window * (1 - o)  # nnU-Net's tile_step_size * tile size, in voxels
+        n = int(math.ceil((size - window) / target)) + 1
+        if n == 1:
+            return (0,)
+        actual = (size - window) / (n - 1)
+        return tuple(int(round(actual * i)) for i in range(n))
+    raise ValueError(f"style must be one of {WINDOW_STYLES}, got {style!r}")
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """A separable lattice of windows: ``starts[a]`` are the starts along spatial axis ``a``.
+
+    ``len(grid)`` windows, enumerated in raster order (axis 0 slowest) by :meth:`coords`.
+    """
+
+    image_shape: Tuple[int, ...]
+    window_shape: Tuple[int, ...]
+    starts: Tuple[Tuple[int, ...], ...]
+
+    @property
+    def lattice_shape(self) -> Tuple[int, ...]:
+        """Number of windows along each axis."""
+        return tuple(len(s) for s in self.starts)
+
+    def __len__(self) -> int:
+        return math.prod(self.lattice_shape)
+
+    def coords(self, device=None) -> torch.Tensor:
+        """Window starts ``[N, nd]`` (int64) in raster order, axis 0 slowest."""
+        axes = [torch.tensor(s, dtype=torch.int64, device=device) for s in self.starts]
+        mesh = torch.meshgrid(*axes, indexing="ij")
+        return torch.stack([m.reshape(-1) for m in mesh], dim=1)
+
+
+def sliding_windows(
+    image_shape: Sequence[int],
+    window_shape: Union[Sequence[int], int],
+    overlap: Union[Sequence[float], float] = 0.25,
+    style: str = "monai",
+) -> WindowGrid:
+    """Place sliding windows over an image.
+
+    Args:
+        image_shape: spatial size ``(D, H, W)`` or ``(H, W)``.
+        window_shape: window size per axis (an int is used for every axis); each ``<= image_shape``.
+        overlap: scalar or per-axis overlap in ``[0, 1)``.
+        style: ``"monai"`` (MONAI's ``dense_patch_slices`` placement) or ``"nnunet"``
+            (nnU-Net v2's ``compute_steps_for_sliding_window`` with ``tile_step_size = 1 - overlap``).
+
+    Returns:
+        A :class:`WindowGrid`; ``grid.coords()`` is ``[N, nd]``.
+
+    Example:
+        >>> sliding_windows((192, 224, 192), 80, 0.5).starts
+        ((0, 40, 80, 112), (0, 40, 80, 120, 144), (0, 40, 80, 112))
+        >>> sliding_windows((192,), 80, 0.5, style="nnunet").starts
+        ((0, 37, 75, 112),)
+    """
+    image_shape = tuple(int(s) for s in image_shape)
+    nd = len(image_shape)
+    if nd < 1:
+        raise ValueError("image_shape must have at least one axis")
+    if isinstance(window_shape, int):
+        window_shape = (window_shape,) * nd
+    window_shape = tuple(int(s) for s in window_shape)
+    if len(window_shape) != nd:
+        raise ValueError(f"window_shape must have {nd} entries to match image_shape {image_shape}, got {window_shape}")
+    if isinstance(overlap, (int, float)):
+        overlap = (overlap,) * nd
+    overlap = tuple(overlap)
+    if len(overlap) != nd:
+        raise ValueError(f"overlap must be a float or {nd} floats, got {overlap}")
+    if style not in WINDOW_STYLES:
+        raise ValueError(f"style must be one of {WINDOW_STYLES}, got {style!r}")
+    starts = tuple(window_starts(s, w, o, style) for s, w, o in zip(image_shape, window_shape, overlap))
+    return WindowGrid(image_shape, window_shape, starts)

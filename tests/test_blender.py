@@ -1,0 +1,195 @@
+"""Streaming accumulators: Blender == one-shot calibrated_blend; SlabBlender == Blender."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patchblend
+from patchblend.inference import Blender, SlabBlender, monai_gaussian, window_coverage
+
+
+def _case(seed, nd, n, c, weights_kind, with_importance):
+    g = torch.Generator().manual_seed(seed)
+    out_shape = (9, 11, 7)[-nd:] if nd == 3 else (13, 10)
+    patch = (4, 5, 3)[-nd:] if nd == 3 else (6, 4)
+    patches = torch.rand((n, c, *patch), generator=g)
+    lo = torch.tensor([-2] * nd)
+    hi = torch.tensor(out_shape) + 1
+    coords = lo + (torch.rand((n, nd), generator=g) * (hi - lo)).long()
+    if weights_kind == "patch":
+        weights = torch.rand(n, generator=g)
+    elif weights_kind == "grid":
+        weights = torch.rand((n, *([2] * nd)), generator=g)
+    else:
+        weights = None
+    importance = monai_gaussian(patch, 0.3) if with_importance else None
+    return patches, coords, weights, importance, out_shape
+
+
+def _split(n, k):
+    bounds = sorted({0, n, *[(n * (i + 1)) // (k + 1) for i in range(k)]})
+    return list(zip(bounds, bounds[1:]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    nd=st.sampled_from([2, 3]),
+    n=st.integers(1, 12),
+    c=st.integers(1, 3),
+    weights_kind=st.sampled_from([None, "patch", "grid"]),
+    with_importance=st.booleans(),
+    normalize=st.sampled_from(["count", "weight", "none"]),
+    batches=st.integers(1, 5),
+)
+def test_streaming_equals_one_shot(seed, nd, n, c, weights_kind, with_importance, normalize, batches):
+    patches, coords, weights, importance, out_shape = _case(seed, nd, n, c, weights_kind, with_importance)
+    ref = patchblend.calibrated_blend(patches, weights, coords, out_shape, normalize=normalize, importance=importance)
+    b = Blender(out_shape, c, normalize=normalize, importance=importance)
+    for i, j in _split(n, batches - 1):
+        b.add(patches[i:j], coords[i:j], None if weights is None else weights[i:j])
+    got = b.finalize()
+    assert got.shape == (c, *out_shape) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_single_batch_is_bitwise_one_shot():
+    patches, coords, weights, importance, out_shape = _case(1, 3, 8, 2, "grid", True)
+    for normalize in ("count", "weight"):
+        ref = patchblend.calibrated_blend(patches, weights, coords, out_shape, normalize=normalize,
+                                          importance=importance)
+        b = Blender(out_shape, 2, normalize=normalize, importance=importance)
+        b.add(patches, coords, weights)
+        assert torch.equal(b.finalize(), ref)
+
+
+def test_half_patches_accumulate_in_float32():
+    patches, coords, weights, _, out_shape = _case(2, 3, 12, 2, "patch", False)
+    half = patches.half()
+    b = Blender(out_shape, 2, normalize="count")
+    for i in range(12):  # one patch per batch: a half partial sum would round every time
+        b.add(half[i:i + 1], coords[i:i + 1], weights[i:i + 1])
+    ref = patchblend.calibrated_blend(half.float(), weights, coords, out_shape, normalize="count")
+    got = b.finalize()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    assert b.finalize(torch.float16).dtype == torch.float16
+
+
+def test_precomputed_denominator_equals_accumulated():
+    patches, coords, _, importance, out_shape = _case(3, 3, 10, 1, None, True)
+    for normalize in ("count", "weight"):
+        den = window_coverage(coords, patches.shape[2:], out_shape, normalize, importance)
+        a = Blender(out_shape, 1, normalize=normalize, importance=importance, denominator=den)
+        b = Blender(out_shape, 1, normalize=normalize, importance=importance)
+        for i, j in _split(10, 2):
+            a.add(patches[i:j], coords[i:j])
+            b.add(patches[i:j], coords[i:j])
+        assert torch.equal(a.finalize(), b.finalize())
+
+
+def test_empty_and_outside_batches():
+    b = Blender((5, 5), 1, normalize="weight")
+    b.add(torch.rand(0, 1, 2, 2), torch.zeros(0, 2, dtype=torch.long))
+    b.add(torch.rand(1, 1, 2, 2), [[10, 10]])  # entirely outside: ignored
+    assert torch.equal(b.finalize(), torch.zeros(1, 5, 5))
+
+
+def _slab_batches(seed, nd, axis):
+    patches, coords, weights, importance, out_shape = _case(seed, nd, 14, 3, "grid", True)
+    order = torch.argsort(coords[:, axis], stable=True)
+    return patches[order], coords[order], weights[order], importance, out_shape
+
+
+@pytest.mark.parametrize("nd, axis", [(3, 0), (3, 1), (3, 2), (2, 0), (2, 1)])
+@pytest.mark.parametrize("normalize", ["count", "weight", "none"])
+def test_slab_equals_full(nd, axis, normalize):
+    patches, coords, weights, importance, out_shape = _slab_batches(nd * 10 + axis, nd, axis)
+    full = Blender(out_shape, 3, normalize=normalize, importance=importance)
+    slabs = {r: SlabBlender(out_shape, 3, axis=axis, normalize=normalize, importance=importance, reduce=r)
+             for r in (None, "argmax", "threshold")}
+    bounds = _split(14, 4)
+    for k, (i, j) in enumerate(bounds):
+        full.add(patches[i:j], coords[i:j], weights[i:j])
+        nxt = int(coords[j, axis]) if j < 14 else out_shape[axis]
+        for s in slabs.values():
+            s.add(patches[i:j], coords[i:j], weights[i:j])
+            s.finalize_until(nxt)
+    ref = full.finalize()
+    assert torch.equal(slabs[None].finish(), ref)
+    assert torch.equal(slabs["argmax"].finish(), ref.argmax(0, keepdim=True))
+    assert torch.equal(slabs["threshold"].finish(), ref >= 0.5)
+
+
+def test_slab_window_coords_denominator_and_memory():
+    # windows on a lattice, one row at a time: the slab holds about one window along axis 0
+    out_shape, win = (40, 12, 10), (8, 12, 10)
+    starts = torch.arange(0, 33, 4)
+    coords = torch.stack([starts, torch.zeros_like(starts), torch.zeros_like(starts)], 1)
+    patches = torch.rand(len(starts), 4, *win)
+    imp = monai_gaussian(win)
+    full = Blender(out_shape, 4, normalize="weight", importance=imp)
+    slab = SlabBlender(out_shape, 4, normalize="weight", importance=imp, window_coords=coords, reduce="argmax")
+    for i in range(len(starts)):
+        full.add(patches[i:i + 1], coords[i:i + 1])
+        slab.add(patches[i:i + 1], coords[i:i + 1])
+        slab.finalize_until(int(coords[i + 1, 0]) if i + 1 < len(starts) else 40)
+    assert torch.equal(slab.finish(), full.finalize().argmax(0, keepdim=True))
+    full_bytes = 4 * 40 * 12 * 10 * 4  # C x volume float32
+    assert slab.peak_buffer_bytes == 4 * 8 * 12 * 10 * 4  # one window deep; no denominator buffer
+    assert slab.peak_buffer_bytes < full_bytes / 4
+
+
+def test_errors():
+    b = Blender((8, 8, 8), 2)
+    with pytest.raises(ValueError, match="channels"):
+        b.add(torch.rand(1, 3, 2, 2, 2), [[0, 0, 0]])
+    with pytest.raises(ValueError, match="patches"):
+        b.add(torch.rand(1, 2, 2, 2), [[0, 0]])
+    b.add(torch.rand(1, 2, 2, 2, 2), [[0, 0, 0]])
+    with pytest.raises(ValueError, match="spatial shape"):
+        b.add(torch.rand(1, 2, 3, 2, 2), [[0, 0, 0]])
+    with pytest.raises(ValueError, match="coords"):
+        b.add(torch.rand(2, 2, 2, 2, 2), [[0, 0, 0]])
+    with pytest.raises(TypeError, match="coords"):
+        b.add(torch.rand(1, 2, 2, 2, 2), [[0.5, 0, 0]])
+    with pytest.raises(ValueError, match="weights"):
+        b.add(torch.rand(1, 2, 2, 2, 2), [[0, 0, 0]], torch.tensor([-1.0]))
+    with pytest.raises(ValueError, match="weights"):
+        b.add(torch.rand(1, 2, 2, 2, 2), [[0, 0, 0]], torch.tensor([float("nan")]))
+    b.finalize()
+    with pytest.raises(RuntimeError, match="finalize"):
+        b.add(torch.rand(1, 2, 2, 2, 2), [[0, 0, 0]])
+    with pytest.raises(ValueError, match="normalize"):
+        Blender((4, 4), 1, normalize="mean")
+    with pytest.raises(ValueError, match="out_shape"):
+        Blender((4,), 1)
+    with pytest.raises(ValueError, match="importance"):
+        Blender((4, 4), 1, importance=-torch.ones(2, 2))
+    den = torch.ones(4, 4)
+    with pytest.raises(ValueError, match="weights"):
+        Blender((4, 4), 1, normalize="weight", denominator=den).add(torch.rand(1, 1, 2, 2), [[0, 0]], torch.ones(1))
+    s = SlabBlender((8, 8), 1, axis=0)
+    s.add(torch.rand(1, 1, 4, 4), [[2, 0]])
+    s.finalize_until(4)
+    with pytest.raises(ValueError, match="finalised"):
+        s.add(torch.rand(1, 1, 4, 4), [[3, 0]])
+    with pytest.raises(ValueError, match="axis"):
+        SlabBlender((8, 8), 1, axis=2)
+    with pytest.raises(ValueError, match="reduce"):
+        SlabBlender((8, 8), 1, reduce="softmax")
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("normalize", ["count", "weight"])
+def test_lattice_coverage_equals_window_coverage(nd, normalize):
+    from patchblend.inference import lattice_coverage, sliding_windows
+
+    image, win = (21, 17, 13)[-nd:], (8, 6, 5)[-nd:]
+    grid = sliding_windows(image, win, 0.4)
+    starts = [[s - 1 for s in axis] for axis in grid.starts]  # shifted: windows may start outside the output
+    coords = grid.coords() - 1
+    imp = monai_gaussian(win, 0.1)  # clamped at 1e-3: not separable
+    ref = window_coverage(coords, win, image, normalize, imp)
+    got = lattice_coverage(starts, win, image, imp if normalize == "weight" else None)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)

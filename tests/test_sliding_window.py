@@ -1,0 +1,341 @@
+"""sliding_window_inference: MONAI parity matrix, calibrated weighting, slab mode, errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patchblend
+from patchblend.inference import importance_map, sliding_window_inference, sliding_windows
+
+monai_inferers = pytest.importorskip("monai.inferers")
+monai_sw = monai_inferers.sliding_window_inference
+
+
+def predictor_3ch(x):
+    """A deterministic, non-linear, channel-changing predictor (C_in -> 3)."""
+    return torch.cat([x.sin(), x.mean(1, keepdim=True) * 2 - 1, (x[:, :1] * 3).tanh()], dim=1)
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# ---- MONAI parity --------------------------------------------------------------------------------------
+
+PARITY = [
+    # (inputs shape, roi_size, sw_batch_size, overlap, mode, sigma_scale)
+    ((1, 1, 20, 24, 18), (8, 8, 8), 4, 0.25, "constant", 0.125),
+    ((1, 2, 20, 24, 18), (8, 10, 6), 3, 0.5, "gaussian", 0.125),
+    ((2, 1, 15, 17, 19), (7, 7, 7), 5, (0.0, 0.3, 0.6), "gaussian", (0.1, 0.2, 0.3)),
+    ((2, 2, 12, 16, 10), 6, 1, 0.0, "constant", 0.125),
+    ((1, 1, 10, 12, 9), (16, 8, 20), 2, 0.5, "gaussian", 0.25),  # ROI larger than the image on two axes
+    ((1, 1, 10, 12, 9), (10, 12, 9), 2, 0.5, "gaussian", 0.125),  # ROI equal to the image
+    ((1, 1, 10, 12, 9), (-1, 5, 0), 3, 0.4, "constant", 0.125),  # non-positive entries: the full axis
+    ((3, 1, 11, 9, 8), (5, 4, 6), 7, 0.75, "gaussian", 0.5),  # sw batches span images
+    ((1, 1, 30, 26), (12, 10), 4, 0.25, "constant", 0.125),  # 2D
+    ((2, 3, 17, 23), (8, 30), 3, (0.5, 0.1), "gaussian", 0.125),  # 2D, ROI larger on one axis
+    ((1, 1, 9, 9), (4, 4), 100, 0.9, "gaussian", 0.05),  # more sw batch than windows; tiny steps
+]
+
+
+@pytest.mark.parametrize("shape, roi, bs, overlap, mode, sigma", PARITY)
+def test_monai_parity_matrix(shape, roi, bs, overlap, mode, sigma):
+    x = rand(*shape)
+    ref = monai_sw(x, roi, bs, predictor_3ch, overlap, mode, sigma)
+    got = sliding_window_inference(x, roi, bs, predictor_3ch, overlap, mode, sigma)
+    assert got.shape == ref.shape and got.dtype == ref.dtype and got.device == ref.device
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    nd=st.sampled_from([2, 3]),
+    size=st.lists(st.integers(3, 14), min_size=3, max_size=3),
+    roi=st.lists(st.integers(-1, 16), min_size=3, max_size=3),
+    overlap=st.floats(0.0, 0.9),
+    bs=st.integers(1, 9),
+    batch=st.integers(1, 2),
+    mode=st.sampled_from(["constant", "gaussian"]),
+    sigma=st.floats(0.05, 1.0),
+)
+def test_monai_parity_random(nd, size, roi, overlap, bs, batch, mode, sigma):
+    x = rand(batch, 2, *size[:nd], seed=sum(size))
+    args = (roi[:nd], bs, predictor_3ch, overlap, mode, sigma)
+    torch.testing.assert_close(sliding_window_inference(x, *args), monai_sw(x, *args), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding_mode, cval", [("constant", 1.5), ("reflect", 0.0), ("replicate", 0.0),
+                                                ("circular", 0.0)])
+def test_monai_parity_padding(padding_mode, cval):
+    x = rand(2, 1, 9, 7, 8)
+    args = ((12, 10, 6), 3, predictor_3ch, 0.25, "gaussian", 0.125, padding_mode, cval)
+    torch.testing.assert_close(sliding_window_inference(x, *args), monai_sw(x, *args), rtol=1e-5, atol=1e-6)
+
+
+def test_monai_parity_keywords_devices_dtypes():
+    x = rand(1, 1, 14, 12, 10, dtype=torch.float64)
+    kw = dict(overlap=0.5, mode="gaussian", sw_device="cpu", device=torch.device("cpu"))
+    ref = monai_sw(x, (6, 6, 6), 2, predictor_3ch, **kw)
+    got = sliding_window_inference(x, (6, 6, 6), 2, predictor_3ch, **kw)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)  # float64 accumulation for float64 inputs
+    # roi_weight_map, with_coord and a condition tensor behave as in MONAI
+    xf = x.float()
+    w = torch.rand(6, 6, 6) + 0.1
+    seen = {"monai": [], "patchblend": []}
+
+    def pred(key):
+        def f(win, slices, condition=None):
+            seen[key].append([[(s.start, s.stop) for s in sl] for sl in slices])
+            return predictor_3ch(win) + condition.mean()
+        return f
+
+    cond = rand(1, 1, 14, 12, 10, seed=3)
+    ref = monai_sw(xf, (6, 6, 6), 3, pred("monai"), 0.3, roi_weight_map=w, with_coord=True, condition=cond)
+    got = sliding_window_inference(xf, (6, 6, 6), 3, pred("patchblend"), 0.3, roi_weight_map=w, with_coord=True,
+                                   condition=cond)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert seen["monai"] == seen["patchblend"]
+
+
+def test_half_precision_predictor_accumulates_in_float32():
+    x = rand(1, 1, 16, 16, 16)
+    ref = sliding_window_inference(x, 8, 4, predictor_3ch, 0.5)
+    got = sliding_window_inference(x, 8, 4, lambda a: predictor_3ch(a).half(), 0.5)
+    assert got.dtype == torch.float32  # the inputs' dtype, as in MONAI
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-3)  # only the predictor's rounding remains
+
+
+def test_metatensor_in_metatensor_out():
+    meta = pytest.importorskip("monai.data")
+    x = meta.MetaTensor(rand(1, 1, 10, 10, 10), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+    ref = monai_sw(x, 6, 2, predictor_3ch)
+    got = sliding_window_inference(x, 6, 2, predictor_3ch)
+    assert isinstance(got, meta.MetaTensor)
+    assert torch.equal(got.affine, ref.affine)
+    torch.testing.assert_close(got.as_tensor(), ref.as_tensor(), rtol=1e-5, atol=1e-6)
+
+
+def test_nnunet_placement_and_importance():
+    x = rand(1, 1, 23, 19, 21)
+    got = sliding_window_inference(x, (10, 8, 12), 4, predictor_3ch, 0.5, "nnunet", placement="nnunet")
+    grid = sliding_windows((23, 19, 21), (10, 8, 12), 0.5, style="nnunet")
+    coords = grid.coords()
+    patches = predictor_3ch(patchblend.extract_patches(x[0], coords, (10, 8, 12)))
+    ref = patchblend.calibrated_blend(patches, None, coords, (23, 19, 21), normalize="weight",
+                                      importance=importance_map((10, 8, 12), "nnunet"))
+    torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- calibrated weighting == calibrated_blend on the same windows --------------------------------------
+
+def scored_predictor(win):
+    """seg plus scores computed from the window itself: patch = mean, grid = 2x2x2 cell means."""
+    seg = predictor_3ch(win)
+    patch = win.mean(dim=tuple(range(1, win.dim())))
+    nd = win.dim() - 2
+    pool = torch.nn.functional.adaptive_avg_pool3d if nd == 3 else torch.nn.functional.adaptive_avg_pool2d
+    grid = pool(win.mean(1, keepdim=True), (2,) * nd)[:, 0]
+    return seg, patch, grid
+
+
+def calibrated_reference(x, roi, overlap, weighting, normalize, mode):
+    grid = sliding_windows(x.shape[2:], roi, overlap)
+    coords = grid.coords()
+    outs = []
+    for b in range(x.shape[0]):
+        win = patchblend.extract_patches(x[b], coords, roi)
+        seg, patch, cells = scored_predictor(win)
+        nd = len(roi)
+        w = {"patch": patch, "grid": cells, "patch*grid": patch.reshape(-1, *([1] * nd)) * cells}[weighting]
+        imp = None if mode == "constant" else importance_map(roi, mode)
+        outs.append(patchblend.calibrated_blend(seg, w, coords, x.shape[2:], normalize=normalize, importance=imp))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("weighting", ["patch", "grid", "patch*grid"])
+@pytest.mark.parametrize("normalize", [None, "weight"])
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_calibrated_equals_calibrated_blend(weighting, normalize, mode):
+    x = rand(2, 1, 16, 14, 18)
+    got = sliding_window_inference(x, (8, 8, 8), 3, scored_predictor, 0.5, mode, weighting=weighting,
+                                   normalize=normalize)
+    ref = calibrated_reference(x, (8, 8, 8), 0.5, weighting, normalize or "count", mode)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_calibrated_2d_and_dict_output():
+    x = rand(1, 2, 20, 17)
+
+    def as_dict(win):
+        seg, patch, grid = scored_predictor(win)
+        return {"seg": seg, "patch": patch[:, None], "grid": grid, "extra": None}  # [n, 1] scores are accepted
+
+    got = sliding_window_inference(x, (8, 6), 4, as_dict, 0.25, weighting="patch*grid")
+    ref = calibrated_reference(x, (8, 6), 0.25, "patch*grid", "count", "constant")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_scores_ignored_without_weighting():
+    x = rand(1, 1, 12, 12, 12)
+    plain = sliding_window_inference(x, 6, 2, predictor_3ch, 0.5, "gaussian")
+    assert torch.equal(sliding_window_inference(x, 6, 2, scored_predictor, 0.5, "gaussian"), plain)
+
+
+# ---- slab mode -----------------------------------------------------------------------------------------
+
+def multiclass(win):
+    k = torch.arange(1, 9, dtype=win.dtype).view(1, 8, *([1] * (win.dim() - 2)))
+    return (win * k).sin()
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_slab_equals_full(axis):
+    x = rand(2, 1, 18, 15, 13)
+    kw = dict(overlap=0.5, mode="gaussian")
+    full = sliding_window_inference(x, (7, 6, 8), 3, multiclass, **kw)
+    slab = sliding_window_inference(x, (7, 6, 8), 3, multiclass, slab_axis=axis, **kw)
+    if axis == 0:
+        assert torch.equal(slab, full)  # same window order and batches: bitwise
+    else:
+        torch.testing.assert_close(slab, full, rtol=1e-6, atol=1e-6)
+    labels = sliding_window_inference(x, (7, 6, 8), 3, multiclass, slab_axis=axis, reduce="argmax", **kw)
+    assert labels.shape == (2, 1, 18, 15, 13) and labels.dtype == torch.int64
+    if axis == 0:
+        assert torch.equal(labels, full.argmax(1, keepdim=True))
+    mask = sliding_window_inference(x, (7, 6, 8), 3, multiclass, slab_axis=axis, reduce="threshold",
+                                    threshold=0.2, **kw)
+    assert mask.dtype == torch.bool and (mask == (full >= 0.2)).float().mean() > 0.999
+
+
+def test_slab_calibrated_weight_sum_and_2d():
+    x = rand(1, 1, 20, 16, 12)
+    kw = dict(weighting="patch*grid", normalize="weight", mode="gaussian")
+    full = sliding_window_inference(x, (8, 8, 8), 2, scored_predictor, 0.5, **kw)
+    assert torch.equal(sliding_window_inference(x, (8, 8, 8), 2, scored_predictor, 0.5, slab_axis=0, **kw), full)
+    x2 = rand(2, 1, 25, 19)
+    full = sliding_window_inference(x2, (9, 7), 5, predictor_3ch, 0.5)
+    assert torch.equal(sliding_window_inference(x2, (9, 7), 5, predictor_3ch, 0.5, slab_axis=0,
+                                                reduce="argmax", label_dtype=torch.uint8),
+                       full.argmax(1, keepdim=True).to(torch.uint8))
+    # full path with reduce gives the same labels
+    assert torch.equal(sliding_window_inference(x2, (9, 7), 5, predictor_3ch, 0.5, reduce="argmax"),
+                       full.argmax(1, keepdim=True))
+
+
+def _largest_allocation(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    return max(e.cpu_memory_usage for e in prof.events()), out
+
+
+def test_slab_allocates_less():
+    x = rand(1, 1, 48, 32, 32)
+
+    def sixteen(win):
+        return (win * torch.arange(16.0).view(1, 16, 1, 1, 1)).cos()
+
+    full_bytes, full = _largest_allocation(lambda: sliding_window_inference(x, 16, 4, sixteen, 0.5))
+    slab_bytes, labels = _largest_allocation(
+        lambda: sliding_window_inference(x, 16, 4, sixteen, 0.5, slab_axis=0, reduce="argmax"))
+    assert full_bytes >= 16 * 48 * 32 * 32 * 4  # the full C x volume float32 buffer
+    # 9 windows per row and 4 per predictor batch, so batches span rows; the slab stays one window deep
+    assert slab_bytes <= 16 * 16 * 32 * 32 * 4 <= full_bytes / 3
+    assert torch.equal(labels, full.argmax(1, keepdim=True))
+
+
+# ---- progress bar and optional dependencies -------------------------------------------------------------
+
+def test_progress_bar(capsys):
+    pytest.importorskip("tqdm")
+    x = rand(1, 1, 10, 10, 10)
+    out = sliding_window_inference(x, 5, 2, predictor_3ch, progress=True)
+    torch.testing.assert_close(out, sliding_window_inference(x, 5, 2, predictor_3ch))
+    assert "it" in capsys.readouterr().err
+
+
+def test_progress_without_tqdm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with pytest.raises(ImportError, match="tqdm"):
+        sliding_window_inference(rand(1, 1, 6, 6), 3, 1, predictor_3ch, progress=True)
+
+
+def test_core_imports_neither_tqdm_nor_monai():
+    # torch may import tqdm itself; what matters is that patchblend adds neither
+    code = ("import sys, torch; before = set(sys.modules); import patchblend.inference, patchblend.integrations; "
+            "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+            "assert not new & {'tqdm', 'monai'}, new")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+
+X3 = rand(1, 1, 10, 10, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(roi_size=(4, 4)), ValueError, "roi_size"),
+        (dict(roi_size=(4, 4, 4, 4)), ValueError, "roi_size"),
+        (dict(roi_size="abc"), TypeError, "roi_size"),
+        (dict(overlap=1.0), ValueError, "overlap"),
+        (dict(overlap=-0.1), ValueError, "overlap"),
+        (dict(overlap=(0.1, 0.2)), ValueError, "overlap"),
+        (dict(sw_batch_size=0), ValueError, "sw_batch_size"),
+        (dict(mode="hann"), ValueError, "mode"),
+        (dict(padding_mode="wrap"), ValueError, "padding_mode"),
+        (dict(weighting="dice"), ValueError, "weighting"),
+        (dict(normalize="mean"), ValueError, "normalize"),
+        (dict(placement="torchio"), ValueError, "placement"),
+        (dict(slab_axis=3), ValueError, "slab_axis"),
+        (dict(reduce="softmax"), ValueError, "reduce"),
+        (dict(process_fn=lambda *a: a), NotImplementedError, "process_fn"),
+        (dict(weighting="patch"), ValueError, "patch scores"),
+        (dict(predictor=lambda w: w[:1]), ValueError, "seg"),
+        (dict(predictor=lambda w: w[:, :, :2]), ValueError, "spatial shape"),
+        (dict(predictor=lambda w: (w, w.mean((1, 2, 3, 4)), None), weighting="grid"), ValueError, "grid scores"),
+        (dict(predictor=lambda w: (w, torch.ones(w.shape[0] + 1)), weighting="patch"), ValueError, "patch_scores"),
+        (dict(predictor=lambda w: (w, -torch.ones(w.shape[0])), weighting="patch"), ValueError, "patch_scores"),
+        (dict(predictor=lambda w: (w, torch.full((w.shape[0],), float("nan"))), weighting="patch"), ValueError,
+         "patch_scores"),
+        (dict(predictor=lambda w: (w, None, torch.ones(w.shape[0], 2, 2)), weighting="grid"), ValueError,
+         "grid_scores"),
+        (dict(predictor=lambda w: (w, None, -torch.ones(w.shape[0], 2, 2, 2)), weighting="grid"), ValueError,
+         "grid_scores"),
+        (dict(predictor=lambda w: (w, None, torch.ones(w.shape[0], 2, 2, 9)), weighting="grid"), ValueError,
+         "grid_scores"),
+        (dict(predictor=lambda w: (w, w, w, w)), ValueError, "length 4"),
+        (dict(predictor=lambda w: {"logits": w}), ValueError, "seg"),
+        (dict(predictor=lambda w: 3.0), TypeError, "predictor"),
+        (dict(predictor=lambda w: w.long()), TypeError, "seg"),
+    ],
+)
+def test_bad_inputs(kwargs, exc, match):
+    args = dict(inputs=X3, roi_size=(4, 4, 4), sw_batch_size=2, predictor=lambda w: w)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        sliding_window_inference(**args)
+
+
+def test_bad_inputs_shape_and_channel_change():
+    with pytest.raises(ValueError, match="inputs"):
+        sliding_window_inference(rand(1, 1, 8), 4, 1, lambda w: w)
+    with pytest.raises(TypeError, match="inputs"):
+        sliding_window_inference([[1.0]], 4, 1, lambda w: w)
+    with pytest.raises(ValueError, match="inputs"):
+        sliding_window_inference(rand(0, 1, 8, 8), 4, 1, lambda w: w)
+    calls = []
+
+    def changing(w):
+        calls.append(1)
+        return w if len(calls) == 1 else torch.cat([w, w], 1)
+
+    with pytest.raises(ValueError, match="channel"):
+        sliding_window_inference(X3, 4, 2, changing)
