@@ -28,16 +28,12 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from patchblend.inference import sliding_window_inference
 from patchblend.targets import dice_targets
 
 from .data import Case, load_cases, network_input
 from .metrics import METRIC_NAMES, evaluate_case
 from .model import OUTPUT_NEW
-
-try:
-    from patchblend.inference import sliding_window_inference
-except ImportError:  # TEMPORARY: until issue 3's driver lands on main
-    from ._temporary_driver import sliding_window_inference
 
 __all__ = ["BLENDINGS", "CalibratedPredictor", "predict_case", "head_calibration", "evaluate_model", "summarize",
            "format_table", "write_csv", "pick_figure_case", "plot_comparison"]
