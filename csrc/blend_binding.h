@@ -66,6 +66,38 @@ inline BlendInputs check_inputs(const c10::optional<at::Tensor>& weights, const 
   return in;
 }
 
+// The box of output voxels the patches touch, clipped to the output: lo/hi per axis (empty if lo >= hi).
+inline void covered_box(const BlendInputs& in, int64_t lo[3], int64_t hi[3]) {
+  const int64_t* c = in.coords_cpu.data_ptr<int64_t>();
+  for (int a = 0; a < 3; ++a) {
+    lo[a] = in.O[a];
+    hi[a] = 0;
+  }
+  for (int64_t i = 0; i < in.n; ++i) {
+    for (int a = 0; a < 3; ++a) {
+      lo[a] = std::min(lo[a], std::max<int64_t>(c[3 * i + a], 0));
+      hi[a] = std::max(hi[a], std::min(c[3 * i + a] + in.P[a], in.O[a]));
+    }
+  }
+}
+
+// Checks for blend_add_: float sum [C, *O] and optional den [*O] in the accumulation dtype.
+inline void check_accumulators(const at::Tensor& sum, const c10::optional<at::Tensor>& den, const at::Tensor& patches) {
+  const auto acc = at::toOpMathType(patches.scalar_type());
+  TORCH_CHECK(sum.dim() == 4 && sum.size(0) == patches.size(1), "sum must be [C, O0, O1, O2] with C = ",
+              patches.size(1), ", got ", sum.sizes());
+  TORCH_CHECK(sum.scalar_type() == acc, "sum must have the accumulation dtype ", acc, ", got ", sum.scalar_type());
+  TORCH_CHECK(sum.is_contiguous(), "sum must be contiguous");
+  TORCH_CHECK(sum.device() == patches.device(), "sum and patches must be on the same device");
+  if (den.has_value()) {
+    TORCH_CHECK(den->dim() == 3 && den->sizes() == sum.sizes().slice(1), "den must be [O0, O1, O2] = ",
+                sum.sizes().slice(1), ", got ", den->sizes());
+    TORCH_CHECK(den->scalar_type() == acc, "den must have the accumulation dtype ", acc);
+    TORCH_CHECK(den->is_contiguous(), "den must be contiguous");
+    TORCH_CHECK(den->device() == patches.device(), "den and patches must be on the same device");
+  }
+}
+
 inline std::vector<int64_t> build_index(const BlendInputs& in, IndexLayout& layout) {
   return build_blend_index(in.coords_cpu.data_ptr<int64_t>(), in.n, in.P, in.G, in.O, layout);
 }
@@ -79,13 +111,17 @@ BlendProblem<scalar_t, acc_t> make_problem(const BlendInputs& in, const int64_t*
   pr.weights = in.weights.defined() ? in.weights.data_ptr<acc_t>() : nullptr;
   pr.importance = in.importance.defined() ? in.importance.data_ptr<acc_t>() : nullptr;
   pr.out = out;
+  pr.sum_out = nullptr;
   pr.den_out = den_out;
+  pr.accumulate = false;
   pr.n = in.n;
   pr.c = c;
   for (int a = 0; a < 3; ++a) {
     pr.P[a] = in.P[a];
     pr.G[a] = in.G[a];
     pr.O[a] = in.O[a];
+    pr.lo[a] = 0;
+    pr.hi[a] = in.O[a];
   }
   pr.normalize = normalize;
   pr.index = make_index_view(index_base, layout);

@@ -17,6 +17,11 @@ TORCH_LIBRARY(patchblend, m) {
   // coords [N, 3] int64; importance [P0, P1, P2] in the accumulation dtype. Returns [C, *out_shape].
   m.def("blend(Tensor patches, Tensor? weights, Tensor coords, Tensor? importance, SymInt[] out_shape, "
         "str normalize) -> Tensor");
+  // Accumulate mode (streaming): ADDS the weighted sums of these patches into sum [C, *O] and their
+  // denominator (patch count, or weight sum for "weight") into den [*O], both in the accumulation dtype.
+  // Only the box the patches cover is touched; nothing is normalised; "none" leaves den alone.
+  m.def("blend_add_(Tensor(a!) sum, Tensor(b!)? den, Tensor patches, Tensor? weights, Tensor coords, "
+        "Tensor? importance, str normalize) -> ()");
   // The blend's denominator [*out_shape]: patch count, weight sum, or ones ("none").
   m.def("coverage(Tensor? weights, Tensor coords, Tensor? importance, SymInt[] patch_shape, SymInt[] out_shape, "
         "str normalize, ScalarType dtype) -> Tensor");

@@ -31,10 +31,13 @@ struct BlendProblem {
   const scalar_t* patches;   // [N, C, P0, P1, P2]
   const acc_t* weights;      // [N, G0, G1, G2] or nullptr (all ones)
   const acc_t* importance;   // [P0, P1, P2] or nullptr (all ones)
-  scalar_t* out;             // [C, O0, O1, O2] or nullptr (denominator only)
-  acc_t* den_out;            // [O0, O1, O2] or nullptr
+  scalar_t* out;             // [C, O0, O1, O2]: normalised result, or nullptr
+  acc_t* sum_out;            // [C, O0, O1, O2]: weighted sums are ADDED here (accumulate mode), or nullptr
+  acc_t* den_out;            // [O0, O1, O2] or nullptr: denominator, written (or added, in accumulate mode)
+  bool accumulate;           // add into sum_out / den_out instead of writing
   int64_t n, c;
   int64_t P[3], G[3], O[3];
+  int64_t lo[3], hi[3];      // the box of output voxels to compute (the whole output unless accumulating)
   int normalize;
   IndexView index;           // which patches cover which voxel
 };
@@ -141,8 +144,11 @@ PB_HOST_DEVICE void blend_voxel(const BlendProblem<scalar_t, acc_t>& pr, const i
                             den += denominator_term(patch_voxel_weight(pr, n, l0, l1, l2), pr.normalize);
                           });
   }
-  if (pr.den_out != nullptr) pr.den_out[vox] = den;
-  if (pr.out == nullptr) return;
+  if (pr.den_out != nullptr) {
+    if (pr.accumulate) pr.den_out[vox] += den;
+    else pr.den_out[vox] = den;
+  }
+  if (pr.out == nullptr && pr.sum_out == nullptr) return;
 
   for (int64_t ch = 0; ch < pr.c; ++ch) {
     acc_t num = acc_t(0);
@@ -151,7 +157,8 @@ PB_HOST_DEVICE void blend_voxel(const BlendProblem<scalar_t, acc_t>& pr, const i
                             const int64_t at = (n * pr.c + ch) * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2;
                             num += patch_voxel_weight(pr, n, l0, l1, l2) * static_cast<acc_t>(pr.patches[at]);
                           });
-    pr.out[ch * out_volume + vox] = static_cast<scalar_t>(finalize_voxel(num, den, pr.normalize));
+    if (pr.sum_out != nullptr) pr.sum_out[ch * out_volume + vox] += num;
+    else pr.out[ch * out_volume + vox] = static_cast<scalar_t>(finalize_voxel(num, den, pr.normalize));
   }
 }
 
@@ -165,7 +172,7 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
   const int64_t len = xb - xa;
   const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
   const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
-  const int64_t channels = pr.out != nullptr ? pr.c : 0;
+  const int64_t channels = (pr.out != nullptr || pr.sum_out != nullptr) ? pr.c : 0;
   const bool uniform = pr.weights == nullptr && pr.importance == nullptr;  // every weight is 1
   for (int64_t j = 0; j < len; ++j) den[j] = acc_t(0);
   bool partial = false;  // some patch covered only part of the run
@@ -205,8 +212,19 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
   }
 
   const int64_t row = (v0 * pr.O[1] + v1) * pr.O[2] + xa;
-  if (pr.den_out != nullptr) {
-    for (int64_t j = 0; j < len; ++j) pr.den_out[row + j] = partial || pr.normalize != kCount ? den[j] : whole;
+  const bool den_per_voxel = partial || pr.normalize != kCount;
+  if (pr.den_out != nullptr && pr.accumulate) {
+    for (int64_t j = 0; j < len; ++j) pr.den_out[row + j] += den_per_voxel ? den[j] : whole;
+  } else if (pr.den_out != nullptr) {
+    for (int64_t j = 0; j < len; ++j) pr.den_out[row + j] = den_per_voxel ? den[j] : whole;
+  }
+  if (pr.sum_out != nullptr) {  // accumulate mode: add the weighted sums, no normalisation
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      acc_t* __restrict__ o = pr.sum_out + ch * out_volume + row;
+      const acc_t* __restrict__ acc = num + ch * len;
+      for (int64_t j = 0; j < len; ++j) o[j] += acc[j];
+    }
+    return;
   }
   // finalize_voxel, written without branches on the data so that the loops vectorise; the values are
   // the same: a zero denominator is replaced by 1 before dividing (its numerator is 0 in "count" mode),

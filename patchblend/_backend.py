@@ -1,6 +1,6 @@
 """Loads the compiled kernels, or registers the pure-PyTorch reference under the same operator names.
 
-The ops ``torch.ops.patchblend.{blend, coverage, extract}`` always exist after import, so
+The ops ``torch.ops.patchblend.{blend, blend_add_, coverage, extract}`` always exist after import, so
 ``torch.compile`` and ``torch.library.opcheck`` see one custom op whichever backend runs it:
 
 - compiled (default): ``patchblend._C`` defines the schemas (``TORCH_LIBRARY``) and the CPU/CUDA kernels;
@@ -30,6 +30,10 @@ def _register_reference_ops() -> None:
         "str normalize, ScalarType dtype) -> Tensor"
     )
     lib.define("extract(Tensor volume, Tensor coords, SymInt[] patch_shape) -> Tensor")
+    lib.define(
+        "blend_add_(Tensor(a!) sum, Tensor(b!)? den, Tensor patches, Tensor? weights, Tensor coords, "
+        "Tensor? importance, str normalize) -> ()"
+    )
 
     def blend(patches, weights, coords, importance, out_shape, normalize):
         with torch.no_grad():
@@ -43,7 +47,12 @@ def _register_reference_ops() -> None:
     def extract(volume, coords, patch_shape):
         return _reference.extract_patches(volume, coords, tuple(patch_shape))
 
+    def blend_add_(total, den, patches, weights, coords, importance, normalize):
+        with torch.no_grad():
+            _reference.blend_add_reference(total, den, patches, weights, coords, importance, normalize)
+
     for key in ("CPU", "CUDA"):
+        lib.impl("blend_add_", blend_add_, key)
         lib.impl("blend", blend, key)
         lib.impl("coverage", coverage, key)
         lib.impl("extract", extract, key)

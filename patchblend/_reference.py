@@ -94,6 +94,24 @@ def blend_reference(
     return out.to(patches.dtype)
 
 
+def blend_add_reference(
+    total: torch.Tensor,
+    den: Optional[torch.Tensor],
+    patches: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    coords: torch.Tensor,
+    importance: Optional[torch.Tensor],
+    normalize: str,
+) -> None:
+    """Accumulate mode, in place: ``total [C, *O] += num`` and ``den [*O] +=`` the denominator
+    (patch count, or weight sum for ``"weight"``); both in the accumulation dtype. Canonical 3D form."""
+    out_shape = tuple(total.shape[1:])
+    total += blend_reference(patches.to(total.dtype), weights, coords, importance, out_shape, "none")
+    if den is not None and normalize != "none":
+        den += coverage_reference(weights, coords, importance, tuple(patches.shape[2:]), out_shape, normalize,
+                                  den.dtype)
+
+
 def coverage_reference(
     weights: Optional[torch.Tensor],
     coords: torch.Tensor,

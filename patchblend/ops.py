@@ -21,6 +21,11 @@ def _blend_fake(patches, weights, coords, importance, out_shape, normalize):
     return patches.new_empty((patches.shape[1], *out_shape))
 
 
+@torch.library.register_fake("patchblend::blend_add_")
+def _blend_add_fake(total, den, patches, weights, coords, importance, normalize):
+    return None
+
+
 @torch.library.register_fake("patchblend::coverage")
 def _coverage_fake(weights, coords, importance, patch_shape, out_shape, normalize, dtype):
     return coords.new_empty(tuple(out_shape), dtype=dtype)

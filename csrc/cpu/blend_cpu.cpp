@@ -20,27 +20,29 @@ bool use_voxel_kernel() {
 
 template <typename scalar_t, typename acc_t>
 void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
-  const int64_t rows = pr.O[0] * pr.O[1];
-  const int64_t width = pr.O[2];
+  const int64_t rows0 = pr.hi[0] - pr.lo[0], rows1 = pr.hi[1] - pr.lo[1];
+  if (rows0 <= 0 || rows1 <= 0 || pr.hi[2] <= pr.lo[2]) return;
+  const int64_t rows = rows0 * rows1;
+  const int64_t width = pr.hi[2] - pr.lo[2];
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width * std::max<int64_t>(pr.c, 1), 1));
   const bool per_voxel = use_voxel_kernel();
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    const int64_t channels = pr.out != nullptr ? pr.c : 0;
+    const int64_t channels = (pr.out != nullptr || pr.sum_out != nullptr) ? pr.c : 0;
     std::vector<acc_t> scratch(static_cast<size_t>((channels + 2) * width));
     acc_t* num = scratch.data();
     acc_t* den = num + channels * width;
     acc_t* w = den + width;
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t v0 = r / pr.O[1], v1 = r % pr.O[1];
+      const int64_t v0 = pr.lo[0] + r / rows1, v1 = pr.lo[1] + r % rows1;
       if (per_voxel) {
-        for (int64_t x = 0; x < width; ++x) {
+        for (int64_t x = pr.lo[2]; x < pr.hi[2]; ++x) {
           const int64_t v[3] = {v0, v1, x};
           blend_voxel(pr, v);
         }
         continue;
       }
-      for (int64_t xa = 0; xa < width;) {
-        const int64_t xb = segment_end(pr.index, xa);
+      for (int64_t xa = pr.lo[2]; xa < pr.hi[2];) {
+        const int64_t xb = std::min(segment_end(pr.index, xa), pr.hi[2]);
         blend_run(pr, v0, v1, xa, xb, num, den, w);
         xa = xb;
       }
@@ -72,6 +74,30 @@ at::Tensor blend_cpu(const at::Tensor& patches, const c10::optional<at::Tensor>&
   return out;
 }
 
+void blend_add_cpu(at::Tensor& sum, const c10::optional<at::Tensor>& den, const at::Tensor& patches,
+                   const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
+                   const c10::optional<at::Tensor>& importance, c10::string_view normalize) {
+  TORCH_CHECK(patches.dim() == 5, "patches must be [N, C, P0, P1, P2], got ", patches.sizes());
+  check_accumulators(sum, den, patches);
+  const int mode = parse_normalize(std::string(normalize));
+  const at::Tensor p = patches.contiguous();
+  const auto acc = at::toOpMathType(p.scalar_type());
+  BlendInputs in = check_inputs(weights, coords, importance, p.sizes().slice(2), sum.sizes().slice(1), acc, p.device());
+  TORCH_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
+  if (in.n == 0) return;
+  IndexLayout layout;
+  const std::vector<int64_t> index = build_index(in, layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "patchblend_blend_add_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto pr = make_problem<scalar_t, acc_t>(in, index.data(), layout, p.data_ptr<scalar_t>(), p.size(1), nullptr,
+                                            den.has_value() && mode != kNone ? den->data_ptr<acc_t>() : nullptr, mode);
+    pr.sum_out = sum.data_ptr<acc_t>();
+    pr.accumulate = true;
+    covered_box(in, pr.lo, pr.hi);
+    run_blend_cpu(pr);
+  });
+}
+
 at::Tensor coverage_cpu(const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
                         const c10::optional<at::Tensor>& importance, c10::IntArrayRef patch_shape,
                         c10::IntArrayRef out_shape, c10::string_view normalize, at::ScalarType dtype) {
@@ -101,7 +127,7 @@ at::Tensor extract_cpu(const at::Tensor& volume, const at::Tensor& coords, c10::
   const at::Tensor vol = volume.contiguous();
   const at::Tensor cc = coords.to(at::kCPU).contiguous();
   const int64_t n = cc.size(0), c = vol.size(0);
-  at::Tensor out = at::zeros({n, c, P[0], P[1], P[2]}, vol.options());
+  at::Tensor out = at::empty({n, c, P[0], P[1], P[2]}, vol.options());
   if (out.numel() == 0) return out;
   const int64_t* co = cc.data_ptr<int64_t>();
   const int64_t item = vol.element_size();
@@ -111,15 +137,24 @@ at::Tensor extract_cpu(const at::Tensor& volume, const at::Tensor& coords, c10::
     for (int64_t r = begin; r < end; ++r) {
       const int64_t l0 = r % P[0], ch = (r / P[0]) % c, i = r / (P[0] * c);
       const int64_t x0 = co[3 * i] + l0;
-      if (x0 < 0 || x0 >= O[0]) continue;
+      char* block = dst + r * P[1] * P[2] * item;
       const int64_t x2_lo = std::max<int64_t>(co[3 * i + 2], 0), x2_hi = std::min<int64_t>(co[3 * i + 2] + P[2], O[2]);
-      if (x2_lo >= x2_hi) continue;
+      if (x0 < 0 || x0 >= O[0] || x2_lo >= x2_hi) {  // the whole P1 × P2 block lies outside
+        std::memset(block, 0, P[1] * P[2] * item);
+        continue;
+      }
+      const int64_t head = x2_lo - co[3 * i + 2], body = x2_hi - x2_lo, tail = P[2] - head - body;
       for (int64_t l1 = 0; l1 < P[1]; ++l1) {
+        char* to = block + l1 * P[2] * item;
         const int64_t x1 = co[3 * i + 1] + l1;
-        if (x1 < 0 || x1 >= O[1]) continue;
+        if (x1 < 0 || x1 >= O[1]) {
+          std::memset(to, 0, P[2] * item);
+          continue;
+        }
         const int64_t from = ((ch * O[0] + x0) * O[1] + x1) * O[2] + x2_lo;
-        const int64_t to = ((r * P[1]) + l1) * P[2] + (x2_lo - co[3 * i + 2]);
-        std::memcpy(dst + to * item, src + from * item, (x2_hi - x2_lo) * item);
+        if (head > 0) std::memset(to, 0, head * item);
+        std::memcpy(to + head * item, src + from * item, body * item);
+        if (tail > 0) std::memset(to + (head + body) * item, 0, tail * item);
       }
     }
   });
@@ -130,6 +165,7 @@ at::Tensor extract_cpu(const at::Tensor& volume, const at::Tensor& coords, c10::
 
 TORCH_LIBRARY_IMPL(patchblend, CPU, m) {
   m.impl("blend", &blend_cpu);
+  m.impl("blend_add_", &blend_add_cpu);
   m.impl("coverage", &coverage_cpu);
   m.impl("extract", &extract_cpu);
 }

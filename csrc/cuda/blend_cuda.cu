@@ -15,12 +15,13 @@ constexpr int kThreads = 256;
 template <typename scalar_t, typename acc_t>
 __global__ void blend_kernel(BlendProblem<scalar_t, acc_t> pr, int64_t voxels) {
   // Consecutive threads take consecutive voxels along the last (fastest) axis: coalesced reads.
-  for (int64_t vox = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; vox < voxels;
-       vox += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t w2 = pr.hi[2] - pr.lo[2], w1 = pr.hi[1] - pr.lo[1];
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < voxels;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     int64_t v[3];
-    v[2] = vox % pr.O[2];
-    v[1] = (vox / pr.O[2]) % pr.O[1];
-    v[0] = vox / (pr.O[2] * pr.O[1]);
+    v[2] = pr.lo[2] + k % w2;
+    v[1] = pr.lo[1] + (k / w2) % w1;
+    v[0] = pr.lo[0] + k / (w2 * w1);
     blend_voxel(pr, v);
   }
 }
@@ -47,18 +48,22 @@ cudaError_t launch_typed(const CudaBlendArgs& a, cudaStream_t stream) {
   pr.weights = static_cast<const acc_t*>(a.weights);
   pr.importance = static_cast<const acc_t*>(a.importance);
   pr.out = static_cast<scalar_t*>(a.out);
+  pr.sum_out = static_cast<acc_t*>(a.sum_out);
   pr.den_out = static_cast<acc_t*>(a.den_out);
+  pr.accumulate = a.accumulate;
   pr.n = a.n;
   pr.c = a.c;
   for (int i = 0; i < 3; ++i) {
     pr.P[i] = a.P[i];
     pr.G[i] = a.G[i];
     pr.O[i] = a.O[i];
+    pr.lo[i] = a.lo[i];
+    pr.hi[i] = a.hi[i];
+    if (a.hi[i] <= a.lo[i]) return cudaSuccess;  // empty box
   }
   pr.normalize = a.normalize;
   pr.index = make_index_view(a.index, a.layout);
-  const int64_t voxels = a.O[0] * a.O[1] * a.O[2];
-  if (voxels == 0) return cudaSuccess;
+  const int64_t voxels = (a.hi[0] - a.lo[0]) * (a.hi[1] - a.lo[1]) * (a.hi[2] - a.lo[2]);
   blend_kernel<scalar_t, acc_t><<<blocks_for(voxels), kThreads, 0, stream>>>(pr, voxels);
   return cudaGetLastError();
 }

@@ -18,15 +18,18 @@ struct CudaBlendArgs {
   const void* weights;         // [N, G0, G1, G2] or nullptr
   const void* importance;      // [P0, P1, P2] or nullptr
   void* out;                   // [C, O0, O1, O2] or nullptr
+  void* sum_out;               // [C, O0, O1, O2] accumulation-dtype sums to add into (accumulate mode) or nullptr
   void* den_out;               // [O0, O1, O2] or nullptr
+  bool accumulate;             // add into sum_out / den_out instead of writing
   int64_t n, c;
   int64_t P[3], G[3], O[3];
+  int64_t lo[3], hi[3];        // box of output voxels to compute
   int normalize;
   const int64_t* index;        // packed index, device memory
   IndexLayout layout;
 };
 
-// Blend (or, with out == nullptr, the denominator only). Returns the launch's cudaError_t.
+// Blend (or, with out == sum_out == nullptr, the denominator only). Returns the launch's cudaError_t.
 cudaError_t launch_blend(const CudaBlendArgs& args, cudaStream_t stream);
 
 // out [N, C, P0, P1, P2] = windows of volume [C, O0, O1, O2] at coords [N, 3] (zeros outside).

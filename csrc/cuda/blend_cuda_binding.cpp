@@ -52,13 +52,17 @@ at::Tensor run(const c10::optional<at::Tensor>& patches, const c10::optional<at:
   a.weights = in.weights.defined() ? in.weights.data_ptr() : nullptr;
   a.importance = in.importance.defined() ? in.importance.data_ptr() : nullptr;
   a.out = coverage ? nullptr : result.data_ptr();
+  a.sum_out = nullptr;
   a.den_out = coverage ? result.data_ptr() : nullptr;
+  a.accumulate = false;
   a.n = in.n;
   a.c = c;
   for (int i = 0; i < 3; ++i) {
     a.P[i] = in.P[i];
     a.G[i] = in.G[i];
     a.O[i] = in.O[i];
+    a.lo[i] = 0;
+    a.hi[i] = in.O[i];
   }
   a.normalize = mode;
   a.index = index.data_ptr<int64_t>();
@@ -74,6 +78,46 @@ at::Tensor blend_cuda(const at::Tensor& patches, const c10::optional<at::Tensor>
   TORCH_CHECK(patches.dim() == 5, "patches must be [N, C, P0, P1, P2], got ", patches.sizes());
   return run(patches, weights, coords, importance, patches.sizes().slice(2), out_shape,
              parse_normalize(std::string(normalize)), patches.scalar_type(), /*coverage=*/false);
+}
+
+void blend_add_cuda(at::Tensor& sum, const c10::optional<at::Tensor>& den, const at::Tensor& patches,
+                    const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
+                    const c10::optional<at::Tensor>& importance, c10::string_view normalize) {
+  TORCH_CHECK(patches.dim() == 5, "patches must be [N, C, P0, P1, P2], got ", patches.sizes());
+  TORCH_CHECK(patches.device().is_cuda() && coords.device() == patches.device(),
+              "patches and coords must be on the same CUDA device");
+  check_accumulators(sum, den, patches);
+  const c10::cuda::CUDAGuard guard(patches.device());
+  const int mode = parse_normalize(std::string(normalize));
+  const at::Tensor p = patches.contiguous();
+  const at::ScalarType acc = at::toOpMathType(p.scalar_type());
+  BlendInputs in = check_inputs(weights, coords, importance, p.sizes().slice(2), sum.sizes().slice(1), acc, p.device());
+  TORCH_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
+  if (in.n == 0) return;
+  IndexLayout layout;
+  at::Tensor index = upload_index(in, layout, p.device());
+  CudaBlendArgs a{};
+  a.dtype = dtype_code(p.scalar_type());
+  a.patches = p.data_ptr();
+  a.weights = in.weights.defined() ? in.weights.data_ptr() : nullptr;
+  a.importance = in.importance.defined() ? in.importance.data_ptr() : nullptr;
+  a.out = nullptr;
+  a.sum_out = sum.data_ptr();
+  a.den_out = den.has_value() && mode != kNone ? den->data_ptr() : nullptr;  // "none" has no denominator
+  a.accumulate = true;
+  a.n = in.n;
+  a.c = p.size(1);
+  for (int i = 0; i < 3; ++i) {
+    a.P[i] = in.P[i];
+    a.G[i] = in.G[i];
+    a.O[i] = in.O[i];
+  }
+  covered_box(in, a.lo, a.hi);
+  a.normalize = mode;
+  a.index = index.data_ptr<int64_t>();
+  a.layout = layout;
+  const cudaError_t err = launch_blend(a, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "patchblend blend kernel failed: ", cudaGetErrorString(err));
 }
 
 at::Tensor coverage_cuda(const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
@@ -107,6 +151,7 @@ at::Tensor extract_cuda(const at::Tensor& volume, const at::Tensor& coords, c10:
 
 TORCH_LIBRARY_IMPL(patchblend, CUDA, m) {
   m.impl("blend", &blend_cuda);
+  m.impl("blend_add_", &blend_add_cuda);
   m.impl("coverage", &coverage_cuda);
   m.impl("extract", &extract_cuda);
 }

@@ -199,27 +199,21 @@ class _BlendCore:
         if weights is not None and isinstance(weights, torch.Tensor) and (weights.dim() == 0 or weights.shape[0] != n):
             raise ValueError(f"weights must have N = {n} rows (one per patch), got shape {tuple(weights.shape)}")
 
-    def _blend_box(self, patches, coords, weights, lo, hi, with_den: bool):
-        """Blend the batch into its box ``[lo, hi)``: ``(num [C, *box], den [*box] or None)`` in ``self.dtype``."""
-        box = [b - a for a, b in zip(lo, hi)]
-        rel = coords - torch.tensor(lo)
-        a = prepare_blend_args(patches, weights, rel, box, "none", None)
+    def _accumulate(self, num: torch.Tensor, den: Optional[torch.Tensor], patches, coords, weights) -> None:
+        """Add one batch into ``num [C, *S]`` (and its denominator into ``den [*S]``) in place, with the
+        compiled accumulate-mode blend (``torch.ops.patchblend.blend_add_``): only the box the patches cover
+        is touched, half patches are read as half. ``coords`` are relative to the buffers' origin."""
+        a = prepare_blend_args(patches, weights, coords, tuple(num.shape[1:]), "none", None)
         p = a.patches
-        if p.dtype != self.dtype:  # so that each batch's partial sum is not rounded to half precision
+        if accumulation_dtype(p.dtype) != self.dtype:
             p = p.to(self.dtype)
         w = a.weights
         if w is not None and w.dtype != self.dtype:
             w = w.to(self.dtype)
-        num = _ops.blend(p, w, a.coords, self.importance, list(a.out_shape), "none")
-        den = None
-        if with_den:
-            den = _ops.coverage(w if self.normalize == "weight" else None, a.coords,
-                                self.importance if self.normalize == "weight" else None,
-                                list(p.shape[2:]), list(a.out_shape), self.normalize, self.dtype)
         if self.nd == 2:
-            num = num.squeeze(1)
-            den = None if den is None else den.squeeze(0)
-        return num, den
+            num = num.unsqueeze(1)
+            den = None if den is None else den.unsqueeze(0)
+        _ops.blend_add_(num, den, p, w, a.coords, self.importance, self.normalize)
 
     def _finalize_values(self, num: torch.Tensor, den: Optional[torch.Tensor]) -> torch.Tensor:
         """``num / den`` in place by DESIGN §2's rules (``"count"``: ``den`` clamped at 1; ``"weight"``: 0 where
@@ -285,8 +279,8 @@ class Blender(_BlendCore):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
         full = (self.channels, *self.out_shape)
         if out is not None:
-            if tuple(out.shape) != full or out.dtype != dtype or out.device != self.device:
-                raise ValueError(f"out must be a {dtype} tensor {full} on {self.device}, "
+            if tuple(out.shape) != full or out.dtype != dtype or out.device != self.device or not out.is_contiguous():
+                raise ValueError(f"out must be a contiguous {dtype} tensor {full} on {self.device}, "
                                  f"got {out.dtype} {tuple(out.shape)} on {out.device}")
             self.num = out
         else:
@@ -329,12 +323,7 @@ class Blender(_BlendCore):
             if bbox is None:  # every patch lies outside the output; still check the weights
                 prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None)
                 continue
-            lo, hi = bbox
-            num, den = self._blend_box(patches[i:j], coords[i:j], w, lo, hi, with_den=with_den)
-            box = tuple(slice(a, b) for a, b in zip(lo, hi))
-            self.num[(slice(None),) + box].add_(num)
-            if den is not None:
-                self.den[box].add_(den)
+            self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j], w)
 
     def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Divide by the denominator (in place, once) and return ``[C, *out_shape]`` (cast to ``dtype`` if given).
@@ -496,14 +485,10 @@ class SlabBlender(_BlendCore):
             if bbox is None:
                 prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None)
                 continue
-            lo, hi = bbox
-            num, den = self._blend_box(patches[i:j], coords[i:j], w, lo, hi, with_den=with_den)
-            self._ensure_capacity(hi[self.axis])
-            box = [slice(a, b) for a, b in zip(lo, hi)]
-            box[self.axis] = slice(lo[self.axis] - self.lo, hi[self.axis] - self.lo)
-            self.num[(slice(None),) + tuple(box)].add_(num)
-            if den is not None:
-                self.den[tuple(box)].add_(den)
+            self._ensure_capacity(bbox[1][self.axis])
+            origin = torch.zeros(self.nd, dtype=torch.int64)
+            origin[self.axis] = self.lo
+            self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j] - origin, w)
 
     def finalize_until(self, stop: int) -> None:
         """Finalise ``[lo, stop)`` along the axis: the caller promises that no later patch touches it."""
