@@ -253,7 +253,7 @@ class Blender(_BlendCore):
             :meth:`finalize` makes it safe to divide by in place (counts clamped at 1, zero weight sums
             raised to the smallest normal float), which is idempotent, so several blenders may share one.
 
-    Memory: the numerator, plus the denominator, plus one batch's bounding box while blending. Patches are
+    Memory: the numerator and the denominator; each batch is added in place (``blend_add_``). Patches are
     never kept. Half-precision patches are accumulated in float32.
 
     Example:
