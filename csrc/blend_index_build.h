@@ -118,10 +118,7 @@ inline std::vector<int64_t> build_blend_index(const int64_t* coords, int64_t n, 
   std::vector<int64_t> segment_end(static_cast<size_t>(O[2]));
   for (int64_t x = O[2] - 1; x >= 0; --x) {
     if (layout.is_lattice) {
-      const int64_t* first = buf.data() + layout.off_first[2];
-      const int64_t* last = buf.data() + layout.off_last[2];
-      const bool same = x + 1 < O[2] && first[x + 1] == first[x] && last[x + 1] == last[x];
-      segment_end[x] = same ? segment_end[x + 1] : x + 1;
+      segment_end[x] = O[2];
     } else {
       segment_end[x] = std::min<int64_t>((x / layout.tile[2] + 1) * layout.tile[2], O[2]);
     }

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "blend_index.h"
 
@@ -19,6 +20,10 @@
 #define PB_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define PB_HOST_DEVICE inline
+#endif
+
+#ifndef PB_PREFETCH_ROWS
+#define PB_PREFETCH_ROWS 8
 #endif
 
 namespace patchblend {
@@ -93,8 +98,11 @@ PB_HOST_DEVICE void for_each_covering_run(const IndexView& ix, const int64_t P[3
       for (int64_t i1 = ix.first[1][v1]; i1 < ix.last[1][v1]; ++i1) {
         const int64_t l1 = v1 - ix.starts[1][i1];
         const int64_t row = (i0 * ix.lattice[1] + i1) * ix.lattice[2];
-        for (int64_t i2 = ix.first[2][xa]; i2 < ix.last[2][xa]; ++i2) {
-          visit(ix.patch_of[row + i2], l0, l1, xa, xb, xa - ix.starts[2][i2]);
+        for (int64_t i2 = ix.first[2][xa]; i2 < ix.last[2][xb - 1]; ++i2) {
+          const int64_t s2 = ix.starts[2][i2];
+          const int64_t x_lo = xa > s2 ? xa : s2;
+          const int64_t x_hi = xb < s2 + P[2] ? xb : s2 + P[2];
+          visit(ix.patch_of[row + i2], l0, l1, x_lo, x_hi, x_lo - s2);
         }
       }
     }
@@ -162,6 +170,26 @@ PB_HOST_DEVICE void blend_voxel(const BlendProblem<scalar_t, acc_t>& pr, const i
   }
 }
 
+// Row primitives of blend_run, m contiguous values. RowAccumulate adds one patch row to the sums,
+// acc[j] += w[j] * p[j] (p[j] alone when w is null, every weight being 1), p converted to acc_t by
+// static_cast; RowStore converts the normalised row back to the patch dtype. The generic versions
+// below are the definition; a backend may specialise them for speed (the CPU kernel does for half with
+// F16C) provided the values stay exactly the same, so that blend_run stays bitwise equal to blend_voxel.
+template <typename scalar_t, typename acc_t>
+struct RowAccumulate {
+  static inline void run(acc_t* __restrict__ acc, const acc_t* __restrict__ w, const scalar_t* __restrict__ p,
+                         int64_t m) {
+    if (w == nullptr) for (int64_t j = 0; j < m; ++j) acc[j] += static_cast<acc_t>(p[j]);
+    else for (int64_t j = 0; j < m; ++j) acc[j] += w[j] * static_cast<acc_t>(p[j]);
+  }
+};
+template <typename scalar_t, typename acc_t>
+struct RowStore {
+  static inline void run(const acc_t* __restrict__ from, int64_t m, scalar_t* __restrict__ to) {
+    for (int64_t j = 0; j < m; ++j) to[j] = static_cast<scalar_t>(from[j]);
+  }
+};
+
 // Blend the run [xa, xb) of output row (v0, v1), one segment (see for_each_covering_run): the CPU
 // kernel's unit of work. Same terms, same order per voxel as blend_voxel, so the result is bitwise the
 // same; the loop order (patch outside, contiguous x inside) lets the compiler vectorise.
@@ -198,11 +226,9 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
                             else for (int64_t j = 0; j < m; ++j) d[j] += ww[j];
                           }
                           for (int64_t ch = 0; ch < channels; ++ch) {
-                            const scalar_t* __restrict__ p =
+                            const scalar_t* p =
                                 pr.patches + (n * pr.c + ch) * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
-                            acc_t* __restrict__ acc = num + ch * len + off;
-                            if (uniform) for (int64_t j = 0; j < m; ++j) acc[j] += static_cast<acc_t>(p[j]);  // 1 * p
-                            else for (int64_t j = 0; j < m; ++j) acc[j] += ww[j] * static_cast<acc_t>(p[j]);
+                            RowAccumulate<scalar_t, acc_t>::run(num + ch * len + off, uniform ? nullptr : ww, p, m);
                           }
                         });
   if (pr.normalize == kNone) {
@@ -229,22 +255,27 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
   // finalize_voxel, written without branches on the data so that the loops vectorise; the values are
   // the same: a zero denominator is replaced by 1 before dividing (its numerator is 0 in "count" mode),
   // and "weight" mode selects 0 where the weight sum is 0.
+  // The normalised values go straight to the output when it is acc_t, else back into the scratch row
+  // and then through RowStore (the same static_cast, vectorised where a backend specialises it).
   for (int64_t ch = 0; ch < channels; ++ch) {
-    scalar_t* __restrict__ o = pr.out + ch * out_volume + row;
-    const acc_t* __restrict__ acc = num + ch * len;
+    acc_t* acc = num + ch * len;
+    acc_t* o;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) o = pr.out + ch * out_volume + row;
+    else o = acc;
     if (pr.normalize == kNone) {
-      for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(acc[j]);
+      for (int64_t j = 0; j < len; ++j) o[j] = acc[j];
     } else if (pr.normalize == kCount && !partial) {
       const acc_t d = whole > acc_t(1) ? whole : acc_t(1);
-      for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(acc[j] / d);
+      for (int64_t j = 0; j < len; ++j) o[j] = acc[j] / d;
     } else if (pr.normalize == kCount) {
-      for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(acc[j] / (den[j] + acc_t(den[j] == acc_t(0))));
+      for (int64_t j = 0; j < len; ++j) o[j] = acc[j] / (den[j] + acc_t(den[j] == acc_t(0)));
     } else {
       for (int64_t j = 0; j < len; ++j) {
         const acc_t q = acc[j] / (den[j] + acc_t(den[j] == acc_t(0)));
-        o[j] = static_cast<scalar_t>(den[j] > acc_t(0) ? q : acc_t(0));
+        o[j] = den[j] > acc_t(0) ? q : acc_t(0);
       }
     }
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) RowStore<scalar_t, acc_t>::run(acc, len, pr.out + ch * out_volume + row);
   }
 }
 
