@@ -66,14 +66,15 @@ inline BlendInputs check_inputs(const c10::optional<at::Tensor>& weights, const 
   return in;
 }
 
-// The box of output voxels the patches touch, clipped to the output: lo/hi per axis (empty if lo >= hi).
-inline void covered_box(const BlendInputs& in, int64_t lo[3], int64_t hi[3]) {
+// The box of output voxels that patches [first, end) touch (default: all), clipped to the output: lo/hi
+// per axis (empty if lo >= hi).
+inline void covered_box(const BlendInputs& in, int64_t lo[3], int64_t hi[3], int64_t first = 0, int64_t end = -1) {
   const int64_t* c = in.coords_cpu.data_ptr<int64_t>();
   for (int a = 0; a < 3; ++a) {
     lo[a] = in.O[a];
     hi[a] = 0;
   }
-  for (int64_t i = 0; i < in.n; ++i) {
+  for (int64_t i = first; i < (end < 0 ? in.n : end); ++i) {
     for (int a = 0; a < 3; ++a) {
       lo[a] = std::min(lo[a], std::max<int64_t>(c[3 * i + a], 0));
       hi[a] = std::max(hi[a], std::min(c[3 * i + a] + in.P[a], in.O[a]));
@@ -100,6 +101,58 @@ inline void check_accumulators(const at::Tensor& sum, const c10::optional<at::Te
 
 inline std::vector<int64_t> build_index(const BlendInputs& in, IndexLayout& layout) {
   return build_blend_index(in.coords_cpu.data_ptr<int64_t>(), in.n, in.P, in.G, in.O, layout);
+}
+
+// blend_stream_: checks its arguments (running buffer `out` [C, *O] in the accumulation dtype; `patches`
+// [n, C, *P] = windows [first, first + n) of `coords` [N, 3]; weights [n, *G] for the batch), builds the
+// index of all N windows and checks that they form a lattice in raster order.
+struct StreamInputs {
+  BlendInputs in;
+  std::vector<int64_t> index;
+  IndexLayout layout;
+  int64_t first = 0, end = 0;
+  int mode = kCount;
+};
+
+inline StreamInputs check_stream_inputs(const at::Tensor& out, const at::Tensor& patches,
+                                        const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
+                                        int64_t first, const c10::optional<at::Tensor>& importance,
+                                        const std::string& normalize) {
+  TORCH_CHECK(patches.dim() == 5, "patches must be [n, C, P0, P1, P2], got ", patches.sizes());
+  check_accumulators(out, c10::nullopt, patches);
+  StreamInputs s;
+  s.mode = parse_normalize(normalize);
+  const auto acc = at::toOpMathType(patches.scalar_type());
+  s.in = check_inputs(c10::nullopt, coords, importance, patches.sizes().slice(2), out.sizes().slice(1), acc,
+                      patches.device());
+  const int64_t n = patches.size(0);
+  TORCH_CHECK(first >= 0 && first + n <= s.in.n, "blend_stream_: windows [", first, ", ", first + n,
+              ") are not within the ", s.in.n, " windows of coords");
+  s.first = first;
+  s.end = first + n;
+  if (weights.has_value()) {
+    TORCH_CHECK(s.mode != kWeight, "blend_stream_: normalize='weight' cannot take weights (the weight sum of a "
+                "voxel depends on windows of later batches); use blend_add_ with a denominator");
+    const auto& w = *weights;
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == n, "weights must be [n, G0, G1, G2] for the batch's n = ", n,
+                " windows, got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == acc, "weights must have the accumulation dtype ", acc, ", got ", w.scalar_type());
+    TORCH_CHECK(w.device() == patches.device(), "weights must be on ", patches.device());
+    for (int a = 0; a < 3; ++a) {
+      s.in.G[a] = w.size(a + 1);
+      TORCH_CHECK(s.in.G[a] >= 1 && s.in.G[a] <= s.in.P[a], "weights grid must satisfy 1 <= g <= P");
+    }
+    s.in.weights = w.contiguous();
+  }
+  // "weight" without weights or importance divides by the window count, exactly as "count" does (the
+  // count of a covered voxel is >= 1, and an uncovered voxel is 0 either way), and "count" needs no sums.
+  if (s.mode == kWeight && !s.in.importance.defined()) s.mode = kCount;
+  s.index = build_index(s.in, s.layout);
+  bool raster = s.layout.is_lattice;
+  for (int64_t k = 0; raster && k < s.in.n; ++k) raster = s.index[s.layout.off_patch_of + k] == k;
+  TORCH_CHECK(raster, "blend_stream_: coords must be the windows of a lattice (every combination of per-axis "
+              "starts, each once) in raster order");
+  return s;
 }
 
 template <typename scalar_t, typename acc_t>

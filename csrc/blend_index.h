@@ -28,7 +28,8 @@ struct IndexLayout {
   int64_t off_tile_patches = 0;
   int64_t off_cell[3] = {0, 0, 0};
   int64_t off_cell_end = 0;     // [P2]: end of the grid-cell run that local coordinate l lies in
-  int64_t off_segment_end = 0;  // [O2]: end of the run along the last axis with one covering set
+  int64_t off_segment_end = 0;  // [O2]: end of the CPU kernel's run along the last axis (a whole row on a lattice)
+  int64_t off_coverage_end = 0;  // [O2]: end of the run along the last axis with one covering set (lattice)
   int64_t total = 0;  // buffer length
 };
 
@@ -48,6 +49,7 @@ struct IndexView {
   const int64_t* cell[3];  // grid cell of each local coordinate, k * g / P
   const int64_t* cell_end;     // [P2]
   const int64_t* segment_end;  // [O2]
+  const int64_t* coverage_end;  // [O2]
 };
 
 inline IndexView make_index_view(const int64_t* base, const IndexLayout& L) {
@@ -68,6 +70,7 @@ inline IndexView make_index_view(const int64_t* base, const IndexLayout& L) {
   v.tile_patches = base + L.off_tile_patches;
   v.cell_end = base + L.off_cell_end;
   v.segment_end = base + L.off_segment_end;
+  v.coverage_end = base + L.off_coverage_end;
   return v;
 }
 

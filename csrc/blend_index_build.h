@@ -114,16 +114,23 @@ inline std::vector<int64_t> build_blend_index(const int64_t* coords, int64_t n, 
     layout.off_tile_offsets = append(offsets);
     layout.off_tile_patches = append(ids);
   }
-  // Segments along the last axis: runs with one covering set (lattice) or inside one tile.
-  std::vector<int64_t> segment_end(static_cast<size_t>(O[2]));
+  // The CPU kernel's runs along the last axis: whole rows (lattice) or the part inside one tile; and, on a
+  // lattice, the coverage segments: runs with one covering set.
+  std::vector<int64_t> segment_end(static_cast<size_t>(O[2])), coverage_end(static_cast<size_t>(O[2]));
   for (int64_t x = O[2] - 1; x >= 0; --x) {
     if (layout.is_lattice) {
       segment_end[x] = O[2];
+      const int64_t* first = buf.data() + layout.off_first[2];
+      const int64_t* last = buf.data() + layout.off_last[2];
+      const bool same = x + 1 < O[2] && first[x + 1] == first[x] && last[x + 1] == last[x];
+      coverage_end[x] = same ? coverage_end[x + 1] : x + 1;
     } else {
       segment_end[x] = std::min<int64_t>((x / layout.tile[2] + 1) * layout.tile[2], O[2]);
+      coverage_end[x] = segment_end[x];
     }
   }
   layout.off_segment_end = append(segment_end);
+  layout.off_coverage_end = append(coverage_end);
   layout.total = static_cast<int64_t>(buf.size());
   return buf;
 }

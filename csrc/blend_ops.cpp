@@ -22,6 +22,14 @@ TORCH_LIBRARY(patchblend, m) {
   // Only the box the patches cover is touched; nothing is normalised; "none" leaves den alone.
   m.def("blend_add_(Tensor(a!) sum, Tensor(b!)? den, Tensor patches, Tensor? weights, Tensor coords, "
         "Tensor? importance, str normalize) -> ()");
+  // Stream mode: `coords` [N, 3] are ALL windows of a lattice in raster order, `patches` [n, C, *P] are
+  // windows [first, first + n). `out` [C, *O] (accumulation dtype) is the running output: the batch's
+  // weighted terms are added to the running sums of the voxels it covers (a voxel's first window writes,
+  // so `out` need not be zeroed), and each voxel whose last covering window is in this batch is divided by
+  // its denominator over all windows. After the last batch `out` is the blend of all windows (bitwise).
+  // Weights [n, *G] are allowed with "count" and "none".
+  m.def("blend_stream_(Tensor(a!) out, Tensor patches, Tensor? weights, Tensor coords, int first, "
+        "Tensor? importance, str normalize) -> ()");
   // The blend's denominator [*out_shape]: patch count, weight sum, or ones ("none").
   m.def("coverage(Tensor? weights, Tensor coords, Tensor? importance, SymInt[] patch_shape, SymInt[] out_shape, "
         "str normalize, ScalarType dtype) -> Tensor");

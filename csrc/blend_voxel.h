@@ -45,16 +45,23 @@ struct BlendProblem {
   int64_t lo[3], hi[3];      // the box of output voxels to compute (the whole output unless accumulating)
   int normalize;
   IndexView index;           // which patches cover which voxel
+  // Stream mode (blend_stream_): the index holds ALL windows of a lattice in raster order and `patches`
+  // only windows [stream_first, stream_end); sum_out is the running output (see stream_voxel).
+  int64_t stream_first = -1, stream_end = 0;
 };
 
 // Weights of patch n along its local row (l0, l1, l2_lo + j), j < m: the grid-cell weight times the
 // importance, w[j] = weights[n, cell(l0), cell(l1), cell(l2_lo + j)] * importance[l0, l1, l2_lo + j]
-// (1 where a factor is absent). The one statement of the weight; m = 1 gives a single voxel.
+// (1 where a factor is absent). The one statement of the weight; m = 1 gives a single voxel. Returns the
+// row: `w` filled in, or, with importance alone, the importance row itself (1 * imp = imp exactly).
 template <typename scalar_t, typename acc_t>
-PB_HOST_DEVICE void patch_row_weights(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, int64_t l0, int64_t l1,
-                                      int64_t l2_lo, int64_t m, acc_t* w) {
+PB_HOST_DEVICE const acc_t* patch_row_weights(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, int64_t l0,
+                                              int64_t l1, int64_t l2_lo, int64_t m, acc_t* w) {
+  const acc_t* imp = pr.importance == nullptr ? nullptr : pr.importance + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
+  if (pr.weights == nullptr && imp != nullptr) return imp;
   if (pr.weights != nullptr) {
-    const acc_t* cells = pr.weights + n * pr.G[0] * pr.G[1] * pr.G[2] +
+    const int64_t slot = pr.stream_first > 0 ? n - pr.stream_first : n;  // stream mode: weights of the batch
+    const acc_t* cells = pr.weights + slot * pr.G[0] * pr.G[1] * pr.G[2] +
                          (pr.index.cell[0][l0] * pr.G[1] + pr.index.cell[1][l1]) * pr.G[2];
     // Cells are runs along the last axis: fill each run with its weight (cell_end: end of a local run).
     for (int64_t j = 0; j < m;) {
@@ -67,38 +74,41 @@ PB_HOST_DEVICE void patch_row_weights(const BlendProblem<scalar_t, acc_t>& pr, i
   } else {
     for (int64_t j = 0; j < m; ++j) w[j] = acc_t(1);
   }
-  if (pr.importance != nullptr) {
-    const acc_t* imp = pr.importance + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
-    for (int64_t j = 0; j < m; ++j) w[j] *= imp[j];
-  }
+  if (imp != nullptr) for (int64_t j = 0; j < m; ++j) w[j] *= imp[j];
+  return w;
 }
 
 template <typename scalar_t, typename acc_t>
 PB_HOST_DEVICE acc_t patch_voxel_weight(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, int64_t l0, int64_t l1,
                                         int64_t l2) {
   acc_t w;
-  patch_row_weights(pr, n, l0, l1, l2, 1, &w);
-  return w;
+  return *patch_row_weights(pr, n, l0, l1, l2, 1, &w);
 }
 
 // The one statement of which patches cover which voxels, and in which order.
 //
-// For output row (v0, v1) and a run [xa, xb) along the last axis that lies inside one "segment"
-// (lattice path: a run where the covering windows along the last axis do not change; tile path: a run
+// For output row (v0, v1) and a run [xa, xb) along the last axis (lattice path: any run; tile path: a run
 // inside one tile), calls visit(n, l0, l1, x_lo, x_hi, l2_lo) for every patch n that covers part of the
 // run, in a fixed order (lattice order on the lattice path, which is patch order for raster-ordered
 // windows; ascending patch index on the tile path). Patch n covers exactly [x_lo, x_hi) of the run, at
 // local coordinates (l0, l1, l2_lo + x - x_lo). A single voxel [x, x + 1) is always a valid run.
+// With a window range [n_lo, n_hi) (stream mode, raster-ordered lattice only), only patches n in it.
 template <typename Visit>
 PB_HOST_DEVICE void for_each_covering_run(const IndexView& ix, const int64_t P[3], int64_t v0, int64_t v1,
-                                          int64_t xa, int64_t xb, Visit&& visit) {
+                                          int64_t xa, int64_t xb, Visit&& visit, int64_t n_lo = -1,
+                                          int64_t n_hi = -1) {
   if (ix.is_lattice) {
     for (int64_t i0 = ix.first[0][v0]; i0 < ix.last[0][v0]; ++i0) {
       const int64_t l0 = v0 - ix.starts[0][i0];
       for (int64_t i1 = ix.first[1][v1]; i1 < ix.last[1][v1]; ++i1) {
         const int64_t l1 = v1 - ix.starts[1][i1];
         const int64_t row = (i0 * ix.lattice[1] + i1) * ix.lattice[2];
-        for (int64_t i2 = ix.first[2][xa]; i2 < ix.last[2][xb - 1]; ++i2) {
+        int64_t i2_lo = ix.first[2][xa], i2_hi = ix.last[2][xb - 1];
+        if (n_lo >= 0) {  // raster order: patch row + i2 is window row + i2
+          i2_lo = i2_lo > n_lo - row ? i2_lo : n_lo - row;
+          i2_hi = i2_hi < n_hi - row ? i2_hi : n_hi - row;
+        }
+        for (int64_t i2 = i2_lo; i2 < i2_hi; ++i2) {
           const int64_t s2 = ix.starts[2][i2];
           const int64_t x_lo = xa > s2 ? xa : s2;
           const int64_t x_hi = xb < s2 + P[2] ? xb : s2 + P[2];
@@ -110,6 +120,7 @@ PB_HOST_DEVICE void for_each_covering_run(const IndexView& ix, const int64_t P[3
     const int64_t tile = ((v0 / ix.tile[0]) * ix.tiles[1] + v1 / ix.tile[1]) * ix.tiles[2] + xa / ix.tile[2];
     for (int64_t k = ix.tile_offsets[tile]; k < ix.tile_offsets[tile + 1]; ++k) {
       const int64_t n = ix.tile_patches[k];
+      if (n_lo >= 0 && (n < n_lo || n >= n_hi)) continue;
       const int64_t* s = ix.coords + 3 * n;
       const int64_t l0 = v0 - s[0], l1 = v1 - s[1];
       if (l0 < 0 || l0 >= P[0] || l1 < 0 || l1 >= P[1]) continue;
@@ -213,10 +224,9 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
                         [&](int64_t n, int64_t l0, int64_t l1, int64_t x_lo, int64_t x_hi, int64_t l2_lo) {
                           const int64_t m = x_hi - x_lo, off = x_lo - xa;
                           acc_t* __restrict__ d = den + off;
-                          acc_t* __restrict__ ww = w;
                           // The branches below hoist loop-invariant cases out of the loops so that they
                           // vectorise; every value is the one patch_row_weights/denominator_term give.
-                          if (!uniform) patch_row_weights(pr, n, l0, l1, l2_lo, m, ww);
+                          const acc_t* __restrict__ ww = uniform ? nullptr : patch_row_weights(pr, n, l0, l1, l2_lo, m, w);
                           partial = partial || m != len;
                           if (pr.normalize == kCount) {
                             if (m == len) whole += acc_t(1);
@@ -228,7 +238,7 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
                           for (int64_t ch = 0; ch < channels; ++ch) {
                             const scalar_t* p =
                                 pr.patches + (n * pr.c + ch) * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
-                            RowAccumulate<scalar_t, acc_t>::run(num + ch * len + off, uniform ? nullptr : ww, p, m);
+                            RowAccumulate<scalar_t, acc_t>::run(num + ch * len + off, ww, p, m);
                           }
                         });
   if (pr.normalize == kNone) {
@@ -276,6 +286,208 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
       }
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) RowStore<scalar_t, acc_t>::run(acc, len, pr.out + ch * out_volume + row);
+  }
+}
+
+// ---- Stream mode: windows of a raster-ordered lattice arrive in consecutive batches -----------------------
+//
+// The running buffer R = pr.sum_out [C, *O] holds, for every voxel, the weighted sum of the windows seen so
+// far that cover it, and the finished value once its last covering window has been added. A batch holds
+// windows [first, end) (patch n of the index is patches[n - first]). For voxel v with covering windows
+// F(v) = min index ... L(v) = max index (a lattice in raster order: the windows at the lowest / highest
+// lattice position):
+//   if no window of the batch covers v: R[v] is left alone;
+//   acc = (F(v) < first ? R[v] : 0), then acc += w_i(v) p_i(v) for the batch's covering windows in order;
+//   R[v] = L(v) < end ? finalize_voxel(acc, den(v)) : acc,   den over ALL covering windows.
+// So the sum runs in the same order as one blend of all windows, and the result is bitwise the same as
+// blend_voxel's, without a zero-filled buffer, a denominator volume or a division pass. Needs a
+// denominator that does not depend on predicted weights: "count", "none", or "weight" without weights.
+
+// Lattice index of the first / one past the last window covering output row (v0, v1) along axes 0, 1, and
+// window index at lattice position (i0, i1, i2) (raster order: the position itself).
+struct StreamRow {
+  int64_t f0, e0, f1, e1;
+  bool covered;
+};
+PB_HOST_DEVICE StreamRow stream_row(const IndexView& ix, int64_t v0, int64_t v1) {
+  StreamRow r{ix.first[0][v0], ix.last[0][v0], ix.first[1][v1], ix.last[1][v1], false};
+  r.covered = r.f0 < r.e0 && r.f1 < r.e1;
+  return r;
+}
+PB_HOST_DEVICE int64_t lattice_window(const IndexView& ix, int64_t i0, int64_t i1, int64_t i2) {
+  return (i0 * ix.lattice[1] + i1) * ix.lattice[2] + i2;
+}
+
+// The denominator of voxel v over all its covering windows, given the weight sum `weight_sum` where
+// "weight" needs it: count = the number of covering windows (a product of per-axis counts on a lattice).
+template <typename acc_t>
+PB_HOST_DEVICE acc_t stream_denominator(const IndexView& ix, const StreamRow& r, int64_t x, int normalize,
+                                        acc_t weight_sum) {
+  if (normalize == kCount) return acc_t((r.e0 - r.f0) * (r.e1 - r.f1) * (ix.last[2][x] - ix.first[2][x]));
+  if (normalize == kWeight) return weight_sum;
+  return acc_t(1);
+}
+
+// Stream mode for one voxel (the CUDA kernel's unit of work).
+template <typename scalar_t, typename acc_t>
+PB_HOST_DEVICE void stream_voxel(const BlendProblem<scalar_t, acc_t>& pr, const int64_t v[3]) {
+  const IndexView& ix = pr.index;
+  const StreamRow r = stream_row(ix, v[0], v[1]);
+  const int64_t x = v[2];
+  if (!r.covered || ix.first[2][x] >= ix.last[2][x]) return;
+  const int64_t first_window = lattice_window(ix, r.f0, r.f1, ix.first[2][x]);
+  const int64_t last_window = lattice_window(ix, r.e0 - 1, r.e1 - 1, ix.last[2][x] - 1);
+  if (last_window < pr.stream_first || first_window >= pr.stream_end) return;  // quick reject
+  const bool finishes = last_window < pr.stream_end;
+  const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
+  const int64_t vox = (v[0] * pr.O[1] + v[1]) * pr.O[2] + x;
+  const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
+
+  bool hit = false;
+  acc_t weight_sum = acc_t(0);
+  for_each_covering_run(ix, pr.P, v[0], v[1], x, x + 1,
+                        [&](int64_t n, int64_t l0, int64_t l1, int64_t, int64_t, int64_t l2) {
+                          hit = hit || (n >= pr.stream_first && n < pr.stream_end);
+                          if (finishes && pr.normalize == kWeight) weight_sum += patch_voxel_weight(pr, n, l0, l1, l2);
+                        });
+  if (!hit) return;
+  const acc_t den = stream_denominator(ix, r, x, pr.normalize, weight_sum);
+  for (int64_t ch = 0; ch < pr.c; ++ch) {
+    acc_t* at_out = pr.sum_out + ch * out_volume + vox;
+    acc_t acc = first_window < pr.stream_first ? *at_out : acc_t(0);
+    for_each_covering_run(ix, pr.P, v[0], v[1], x, x + 1,
+                          [&](int64_t n, int64_t l0, int64_t l1, int64_t, int64_t, int64_t l2) {
+                            if (n < pr.stream_first || n >= pr.stream_end) return;
+                            const int64_t at = ((n - pr.stream_first) * pr.c + ch) * patch_volume +
+                                               (l0 * pr.P[1] + l1) * pr.P[2] + l2;
+                            acc += patch_voxel_weight(pr, n, l0, l1, l2) * static_cast<acc_t>(pr.patches[at]);
+                          });
+    *at_out = finishes ? finalize_voxel(acc, den, pr.normalize) : acc;
+  }
+}
+
+// Per-voxel facts of one row run in stream mode, as 0/1 masks (so that the loops using them vectorise):
+// seen (an earlier batch has written the running sum), finishes (a window of the batch covers the voxel and
+// none after it does) and divisor (the window count where the voxel finishes in "count" mode, else 1;
+// division by 1 is exact). They are constant along each coverage segment and depend on the row only through
+// (f0, e0, f1, e1), which consecutive rows share, so the CPU kernel keeps them between rows (`key`).
+// Memory (len entries each) is the caller's.
+template <typename acc_t>
+struct StreamMasks {
+  int64_t key[6] = {-1, -1, -1, -1, -1, -1};
+  acc_t* seen;
+  acc_t* finishes;
+  acc_t* divisor;
+};
+
+template <typename scalar_t, typename acc_t>
+PB_HOST_DEVICE void stream_masks(const BlendProblem<scalar_t, acc_t>& pr, const StreamRow& r, int64_t xa, int64_t xb,
+                                 StreamMasks<acc_t>& mk) {
+  const int64_t key[6] = {r.f0, r.e0, r.f1, r.e1, xa, xb};
+  bool same = true;
+  for (int k = 0; k < 6; ++k) same = same && mk.key[k] == key[k];
+  if (same) return;
+  const IndexView& ix = pr.index;
+  for (int64_t x = xa; x < xb;) {  // one coverage segment at a time
+    const int64_t end = ix.coverage_end[x] < xb ? ix.coverage_end[x] : xb;
+    const int64_t f2 = ix.first[2][x], e2 = ix.last[2][x];
+    bool touched = false, seen = false, finishes = false;
+    acc_t divisor = acc_t(1);
+    if (f2 < e2) {
+      // For fixed (i0, i1) the covering windows are the index range [w(i0, i1, f2), w(i0, i1, e2)): does one
+      // of these ranges meet the batch's [stream_first, stream_end)?
+      for (int64_t i0 = r.f0; i0 < r.e0; ++i0)
+        for (int64_t i1 = r.f1; i1 < r.e1; ++i1)
+          touched = touched || (lattice_window(ix, i0, i1, f2) < pr.stream_end &&
+                                lattice_window(ix, i0, i1, e2) > pr.stream_first);
+      seen = lattice_window(ix, r.f0, r.f1, f2) < pr.stream_first;
+      finishes = touched && lattice_window(ix, r.e0 - 1, r.e1 - 1, e2 - 1) < pr.stream_end;
+      const acc_t count = acc_t((r.e0 - r.f0) * (r.e1 - r.f1) * (e2 - f2));  // >= 1
+      if (finishes && pr.normalize == kCount) divisor = count;
+    }
+    for (int64_t k = x - xa; k < end - xa; ++k) {
+      mk.seen[k] = acc_t(seen);
+      mk.finishes[k] = acc_t(finishes);
+      mk.divisor[k] = divisor;
+    }
+    x = end;
+  }
+  for (int k = 0; k < 6; ++k) mk.key[k] = key[k];
+}
+
+// "weight" write-back of stream_run: o = finalize_voxel(acc, sums) where the voxel finishes, else acc.
+// d is the weight sum where it finishes, else 1 (both exact, finishes being 0 or 1), so that the loop is
+// branch-free and vectorises.
+template <typename acc_t>
+PB_HOST_DEVICE void stream_finish_weight(acc_t* __restrict__ o, const acc_t* __restrict__ acc,
+                                         const acc_t* __restrict__ sums, const acc_t* __restrict__ finishes,
+                                         int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t d = sums[j] * finishes[j] + (acc_t(1) - finishes[j]);
+    const acc_t q = acc[j] / (d + acc_t(d == acc_t(0)));
+    o[j] = d > acc_t(0) ? q : acc_t(0);
+  }
+}
+
+// Stream mode for the run [xa, xb) of output row (v0, v1) (the CPU kernel's unit of work): the same terms
+// in the same order per voxel as stream_voxel, so bitwise the same.
+// Scratch: num [C * (xb - xa)], den and w [xb - xa] each, and the masks (see StreamMasks).
+template <typename scalar_t, typename acc_t>
+PB_HOST_DEVICE void stream_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v0, int64_t v1, int64_t xa,
+                               int64_t xb, acc_t* num, acc_t* den, acc_t* w, StreamMasks<acc_t>& mk) {
+  const IndexView& ix = pr.index;
+  const StreamRow r = stream_row(ix, v0, v1);
+  if (!r.covered) return;
+  const int64_t len = xb - xa;
+  const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
+  const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
+  const int64_t row = (v0 * pr.O[1] + v1) * pr.O[2] + xa;
+  const bool uniform = pr.weights == nullptr && pr.importance == nullptr;
+  stream_masks(pr, r, xa, xb, mk);
+  const acc_t* __restrict__ seen = mk.seen;
+  const acc_t* __restrict__ finishes = mk.finishes;
+  const acc_t* __restrict__ divisor = mk.divisor;
+
+  // Weight sums are needed only if some voxel of the run finishes in this batch. L(x) does not decrease
+  // with x, so test x = xa (an uncovered xa gives a lower bound, which only makes the test conservative).
+  const bool weight_den = pr.normalize == kWeight &&
+                          lattice_window(ix, r.e0 - 1, r.e1 - 1, ix.last[2][xa] - 1) < pr.stream_end;
+  if (weight_den) for (int64_t j = 0; j < len; ++j) den[j] = acc_t(0);
+  for (int64_t ch = 0; ch < pr.c; ++ch) {  // start from the running sums, or 0
+    const acc_t* __restrict__ running = pr.sum_out + ch * out_volume + row;
+    acc_t* __restrict__ acc = num + ch * len;
+    for (int64_t j = 0; j < len; ++j) acc[j] = seen[j] != acc_t(0) ? running[j] : acc_t(0);
+  }
+  for_each_covering_run(ix, pr.P, v0, v1, xa, xb,
+                        [&](int64_t n, int64_t l0, int64_t l1, int64_t x_lo, int64_t x_hi, int64_t l2_lo) {
+                          const bool in_batch = n >= pr.stream_first && n < pr.stream_end;
+                          const int64_t m = x_hi - x_lo, off = x_lo - xa;
+                          const acc_t* __restrict__ ww = uniform ? nullptr : patch_row_weights(pr, n, l0, l1, l2_lo, m, w);
+                          if (weight_den) {
+                            acc_t* __restrict__ d = den + off;
+                            if (uniform) for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
+                            else for (int64_t j = 0; j < m; ++j) d[j] += ww[j];
+                          }
+                          if (!in_batch) return;
+                          for (int64_t ch = 0; ch < pr.c; ++ch) {
+                            const scalar_t* p = pr.patches + ((n - pr.stream_first) * pr.c + ch) * patch_volume +
+                                                (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
+                            RowAccumulate<scalar_t, acc_t>::run(num + ch * len + off, ww, p, m);
+                          }
+                        },
+                        weight_den ? -1 : pr.stream_first, weight_den ? -1 : pr.stream_end);
+  // Write back every voxel of the run: the finished value where it finishes (finalize_voxel's values,
+  // branch-free), else the running sum. A voxel the batch does not touch gets back what it had if an earlier
+  // batch wrote it (acc = running, divisor 1), else 0, which is also right: either no window covers it, or
+  // its first window is in a later batch, which starts from 0 without reading it.
+  for (int64_t ch = 0; ch < pr.c; ++ch) {
+    acc_t* __restrict__ o = pr.sum_out + ch * out_volume + row;
+    const acc_t* __restrict__ acc = num + ch * len;
+    if (pr.normalize == kWeight && weight_den) {
+      stream_finish_weight(o, acc, den, finishes, len);
+    } else {  // "count" and "none" (divisor 1), and "weight" where nothing finishes (divisor 1)  // "count" and "none" (divisor 1)
+      for (int64_t j = 0; j < len; ++j) o[j] = acc[j] / divisor[j];
+    }
   }
 }
 

@@ -35,6 +35,11 @@ def _register_reference_ops() -> None:
         "Tensor? importance, str normalize) -> ()"
     )
 
+    lib.define(
+        "blend_stream_(Tensor(a!) out, Tensor patches, Tensor? weights, Tensor coords, int first, "
+        "Tensor? importance, str normalize) -> ()"
+    )
+
     def blend(patches, weights, coords, importance, out_shape, normalize):
         with torch.no_grad():
             return _reference.blend_reference(patches, weights, coords, importance, tuple(out_shape), normalize)
@@ -51,8 +56,13 @@ def _register_reference_ops() -> None:
         with torch.no_grad():
             _reference.blend_add_reference(total, den, patches, weights, coords, importance, normalize)
 
+    def blend_stream_(out, patches, weights, coords, first, importance, normalize):
+        with torch.no_grad():
+            _reference.blend_stream_reference(out, patches, weights, coords, first, importance, normalize)
+
     for key in ("CPU", "CUDA"):
         lib.impl("blend_add_", blend_add_, key)
+        lib.impl("blend_stream_", blend_stream_, key)
         lib.impl("blend", blend, key)
         lib.impl("coverage", coverage, key)
         lib.impl("extract", extract, key)

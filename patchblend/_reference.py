@@ -112,6 +112,74 @@ def blend_add_reference(
                                   den.dtype)
 
 
+def is_raster_lattice(coords: torch.Tensor) -> bool:
+    """Whether ``coords [N, nd]`` are every combination of their per-axis starts, each once, in raster order
+    (last axis fastest): the window order ``blend_stream_`` needs."""
+    if coords.shape[0] == 0:
+        return False
+    axes = [torch.unique(coords[:, a].cpu()) for a in range(coords.shape[1])]
+    expected = torch.cartesian_prod(*axes).reshape(-1, coords.shape[1])
+    return expected.shape == coords.shape and torch.equal(expected, coords.cpu())
+
+
+def blend_stream_reference(
+    out: torch.Tensor,
+    patches: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    coords: torch.Tensor,
+    first: int,
+    importance: Optional[torch.Tensor],
+    normalize: str,
+) -> None:
+    """Stream mode, in place (canonical 3D form). ``coords [N, 3]`` are all windows of a lattice in raster
+    order, ``patches [n, C, *P]`` windows ``first .. first + n - 1``, ``weights None | [n, *G]``.
+    ``out [C, *O]`` (accumulation dtype) is the running output: for each voxel a window of this batch covers,
+    start from ``out`` if an earlier window covers it (else 0), add this batch's weighted terms in order, and
+    divide by the denominator over all windows if no later window covers it. After the last batch, ``out``
+    is the blend of all windows."""
+    n_all, n = coords.shape[0], patches.shape[0]
+    end = first + n
+    if not 0 <= first <= end <= n_all:
+        raise ValueError(f"blend_stream_: windows [{first}, {end}) are not within the {n_all} windows of coords")
+    if not is_raster_lattice(coords):
+        raise ValueError("blend_stream_: coords must be the windows of a lattice (every combination of per-axis "
+                         "starts, each once) in raster order")
+    if weights is not None and normalize == "weight":
+        raise ValueError("blend_stream_: normalize='weight' cannot take weights")
+    if n == 0:
+        return
+    out_shape, patch_shape, acc = tuple(out.shape[1:]), tuple(patches.shape[2:]), out.dtype
+    first_window = torch.full(out_shape, n_all, dtype=torch.int64, device=out.device)
+    last_window = torch.full(out_shape, -1, dtype=torch.int64, device=out.device)
+    hit = torch.zeros(out_shape, dtype=torch.bool, device=out.device)
+    for i, start in enumerate(coords.tolist()):
+        boxes = clipped_boxes(start, patch_shape, out_shape)
+        if boxes is None:
+            continue
+        box = boxes[0]
+        first_window[box] = first_window[box].clamp(max=i)
+        last_window[box] = i
+        if first <= i < end:
+            hit[box] = True
+    running = torch.where(first_window < first, out, torch.zeros_like(out))
+    w = voxel_weights(weights, importance, n, patch_shape, acc, out.device)
+    for k, start in enumerate(coords[first:end].tolist()):
+        boxes = clipped_boxes(start, patch_shape, out_shape)
+        if boxes is not None:
+            out_box, patch_box = boxes
+            running[(slice(None),) + out_box] += w[k][patch_box] * patches[k][(slice(None),) + patch_box].to(acc)
+    den = coverage_reference(None, coords, importance if normalize == "weight" else None, patch_shape, out_shape,
+                             normalize, acc)
+    if normalize == "count":
+        value = running / den.clamp(min=1.0)
+    elif normalize == "weight":
+        value = torch.where(den > 0, running / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+    else:
+        value = running
+    value = torch.where(last_window < end, value, running)
+    out[:, hit] = value[:, hit]
+
+
 def coverage_reference(
     weights: Optional[torch.Tensor],
     coords: torch.Tensor,

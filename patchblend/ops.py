@@ -26,6 +26,11 @@ def _blend_add_fake(total, den, patches, weights, coords, importance, normalize)
     return None
 
 
+@torch.library.register_fake("patchblend::blend_stream_")
+def _blend_stream_fake(out, patches, weights, coords, first, importance, normalize):
+    return None
+
+
 @torch.library.register_fake("patchblend::coverage")
 def _coverage_fake(weights, coords, importance, patch_shape, out_shape, normalize, dtype):
     return coords.new_empty(tuple(out_shape), dtype=dtype)

@@ -65,22 +65,30 @@ void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
   const bool per_voxel = use_voxel_kernel();
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const int64_t channels = (pr.out != nullptr || pr.sum_out != nullptr) ? pr.c : 0;
-    std::vector<acc_t> scratch(static_cast<size_t>((channels + 2) * width));  // blend_run's num, den, w
+    std::vector<acc_t> scratch(static_cast<size_t>((channels + 2) * width));  // num, den, w
     acc_t* num = scratch.data();
     acc_t* den = num + channels * width;
     acc_t* w = den + width;
+    const bool stream = pr.stream_first >= 0;
+    std::vector<acc_t> mask_memory(stream ? 3 * width : 0);
+    StreamMasks<acc_t> masks;
+    masks.seen = mask_memory.data();
+    masks.finishes = masks.seen + width;
+    masks.divisor = masks.finishes + width;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t v0 = pr.lo[0] + r / rows1, v1 = pr.lo[1] + r % rows1;
       if (per_voxel) {
         for (int64_t x = pr.lo[2]; x < pr.hi[2]; ++x) {
           const int64_t v[3] = {v0, v1, x};
-          blend_voxel(pr, v);
+          if (stream) stream_voxel(pr, v);
+          else blend_voxel(pr, v);
         }
         continue;
       }
       for (int64_t xa = pr.lo[2]; xa < pr.hi[2];) {
         const int64_t xb = std::min(segment_end(pr.index, xa), pr.hi[2]);
-        blend_run(pr, v0, v1, xa, xb, num, den, w);
+        if (stream) stream_run(pr, v0, v1, xa, xb, num, den, w, masks);
+        else blend_run(pr, v0, v1, xa, xb, num, den, w);
         xa = xb;
       }
     }
@@ -131,6 +139,25 @@ void blend_add_cpu(at::Tensor& sum, const c10::optional<at::Tensor>& den, const 
     pr.sum_out = sum.data_ptr<acc_t>();
     pr.accumulate = true;
     covered_box(in, pr.lo, pr.hi);
+    run_blend_cpu(pr);
+  });
+}
+
+void blend_stream_cpu(at::Tensor& out, const at::Tensor& patches, const c10::optional<at::Tensor>& weights,
+                      const at::Tensor& coords, int64_t first, const c10::optional<at::Tensor>& importance,
+                      c10::string_view normalize) {
+  TORCH_CHECK(patches.device().is_cpu(), "blend_stream_ (CPU): patches must be on the CPU");
+  const at::Tensor p = patches.contiguous();
+  StreamInputs s = check_stream_inputs(out, p, weights, coords, first, importance, std::string(normalize));
+  if (s.end == s.first) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "patchblend_blend_stream_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto pr = make_problem<scalar_t, acc_t>(s.in, s.index.data(), s.layout, p.data_ptr<scalar_t>(), p.size(1),
+                                            nullptr, nullptr, s.mode);
+    pr.sum_out = out.data_ptr<acc_t>();
+    pr.stream_first = s.first;
+    pr.stream_end = s.end;
+    covered_box(s.in, pr.lo, pr.hi, s.first, s.end);
     run_blend_cpu(pr);
   });
 }
@@ -203,6 +230,7 @@ at::Tensor extract_cpu(const at::Tensor& volume, const at::Tensor& coords, c10::
 TORCH_LIBRARY_IMPL(patchblend, CPU, m) {
   m.impl("blend", &blend_cpu);
   m.impl("blend_add_", &blend_add_cpu);
+  m.impl("blend_stream_", &blend_stream_cpu);
   m.impl("coverage", &coverage_cpu);
   m.impl("extract", &extract_cpu);
 }

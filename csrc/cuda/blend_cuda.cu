@@ -22,7 +22,8 @@ __global__ void blend_kernel(BlendProblem<scalar_t, acc_t> pr, int64_t voxels) {
     v[2] = pr.lo[2] + k % w2;
     v[1] = pr.lo[1] + (k / w2) % w1;
     v[0] = pr.lo[0] + k / (w2 * w1);
-    blend_voxel(pr, v);
+    if (pr.stream_first >= 0) stream_voxel(pr, v);
+    else blend_voxel(pr, v);
   }
 }
 
@@ -63,6 +64,8 @@ cudaError_t launch_typed(const CudaBlendArgs& a, cudaStream_t stream) {
   }
   pr.normalize = a.normalize;
   pr.index = make_index_view(a.index, a.layout);
+  pr.stream_first = a.stream_first;
+  pr.stream_end = a.stream_end;
   const int64_t voxels = (a.hi[0] - a.lo[0]) * (a.hi[1] - a.lo[1]) * (a.hi[2] - a.lo[2]);
   blend_kernel<scalar_t, acc_t><<<blocks_for(voxels), kThreads, 0, stream>>>(pr, voxels);
   return cudaGetLastError();

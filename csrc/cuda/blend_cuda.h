@@ -27,6 +27,8 @@ struct CudaBlendArgs {
   int normalize;
   const int64_t* index;        // packed index, device memory
   IndexLayout layout;
+  int64_t stream_first = -1;   // stream mode (blend_stream_): patches are windows [stream_first, stream_end)
+  int64_t stream_end = 0;      //   of the index's lattice, sum_out is the running output
 };
 
 // Blend (or, with out == sum_out == nullptr, the denominator only). Returns the launch's cudaError_t.

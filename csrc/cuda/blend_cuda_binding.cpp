@@ -120,6 +120,43 @@ void blend_add_cuda(at::Tensor& sum, const c10::optional<at::Tensor>& den, const
   TORCH_CHECK(err == cudaSuccess, "patchblend blend kernel failed: ", cudaGetErrorString(err));
 }
 
+void blend_stream_cuda(at::Tensor& out, const at::Tensor& patches, const c10::optional<at::Tensor>& weights,
+                       const at::Tensor& coords, int64_t first, const c10::optional<at::Tensor>& importance,
+                       c10::string_view normalize) {
+  TORCH_CHECK(patches.device().is_cuda() && coords.device() == patches.device(),
+              "patches and coords must be on the same CUDA device");
+  const c10::cuda::CUDAGuard guard(patches.device());
+  const at::Tensor p = patches.contiguous();
+  StreamInputs s = check_stream_inputs(out, p, weights, coords, first, importance, std::string(normalize));
+  if (s.end == s.first) return;
+  at::Tensor host = at::from_blob(s.index.data(), {static_cast<int64_t>(s.index.size())}, at::kLong).pin_memory();
+  at::Tensor index = host.to(p.device(), /*non_blocking=*/true);
+  CudaBlendArgs a{};
+  a.dtype = dtype_code(p.scalar_type());
+  a.patches = p.data_ptr();
+  a.weights = s.in.weights.defined() ? s.in.weights.data_ptr() : nullptr;
+  a.importance = s.in.importance.defined() ? s.in.importance.data_ptr() : nullptr;
+  a.out = nullptr;
+  a.sum_out = out.data_ptr();
+  a.den_out = nullptr;
+  a.accumulate = true;
+  a.n = s.in.n;
+  a.c = p.size(1);
+  for (int i = 0; i < 3; ++i) {
+    a.P[i] = s.in.P[i];
+    a.G[i] = s.in.G[i];
+    a.O[i] = s.in.O[i];
+  }
+  covered_box(s.in, a.lo, a.hi, s.first, s.end);
+  a.normalize = s.mode;
+  a.index = index.data_ptr<int64_t>();
+  a.layout = s.layout;
+  a.stream_first = s.first;
+  a.stream_end = s.end;
+  const cudaError_t err = launch_blend(a, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "patchblend blend_stream_ kernel failed: ", cudaGetErrorString(err));
+}
+
 at::Tensor coverage_cuda(const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
                          const c10::optional<at::Tensor>& importance, c10::IntArrayRef patch_shape,
                          c10::IntArrayRef out_shape, c10::string_view normalize, at::ScalarType dtype) {
@@ -152,6 +189,7 @@ at::Tensor extract_cuda(const at::Tensor& volume, const at::Tensor& coords, c10:
 TORCH_LIBRARY_IMPL(patchblend, CUDA, m) {
   m.impl("blend", &blend_cuda);
   m.impl("blend_add_", &blend_add_cuda);
+  m.impl("blend_stream_", &blend_stream_cuda);
   m.impl("coverage", &coverage_cuda);
   m.impl("extract", &extract_cuda);
 }

@@ -6,10 +6,11 @@
   ``"nnunet"``).
 - Importance maps: :func:`importance_map`, :func:`constant_importance`, :func:`monai_gaussian`,
   :func:`nnunet_gaussian`.
-- Streaming accumulators: :class:`Blender`, :class:`SlabBlender`; denominators :func:`window_coverage`,
+- Streaming accumulators: :class:`Blender`, :class:`LatticeBlender` (windows of a lattice in raster order,
+  output only), :class:`SlabBlender`; denominators :func:`window_coverage`,
   :func:`lattice_coverage`.
 """
-from .blender import Blender, SlabBlender, lattice_coverage, window_coverage
+from .blender import Blender, LatticeBlender, SlabBlender, lattice_coverage, window_coverage
 from .importance import constant_importance, importance_map, monai_gaussian, nnunet_gaussian
 from .sliding_window import sliding_window_inference
 from .windows import WindowGrid, sliding_windows, window_starts
@@ -17,6 +18,7 @@ from .windows import WindowGrid, sliding_windows, window_starts
 __all__ = [
     "sliding_window_inference",
     "Blender",
+    "LatticeBlender",
     "SlabBlender",
     "window_coverage",
     "lattice_coverage",

@@ -21,7 +21,7 @@ import torch
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
 from .._validate import NORMALIZE_MODES, accumulation_dtype, prepare_blend_args
 
-__all__ = ["Blender", "SlabBlender", "window_coverage", "lattice_coverage", "REDUCTIONS"]
+__all__ = ["Blender", "LatticeBlender", "SlabBlender", "window_coverage", "lattice_coverage", "REDUCTIONS"]
 
 _ops = torch.ops.patchblend
 
@@ -51,8 +51,10 @@ def _canonical_importance(importance, window_shape, acc, device) -> Optional[tor
         raise TypeError("importance must be a floating-point tensor [*window_shape]")
     if tuple(importance.shape) != tuple(window_shape):
         raise ValueError(f"importance must have shape {tuple(window_shape)}, got {tuple(importance.shape)}")
-    if importance.numel() and (not bool(torch.isfinite(importance).all()) or bool((importance < 0).any())):
-        raise ValueError("importance must be finite and >= 0")
+    if importance.numel():
+        lo, hi = torch.aminmax(importance)  # one pass; NaN fails both tests
+        if not (bool(lo >= 0) and bool(hi < float("inf"))):
+            raise ValueError("importance must be finite and >= 0")
     importance = importance.to(device=device, dtype=acc)
     while importance.dim() < 3:
         importance = importance.unsqueeze(0)
@@ -335,6 +337,118 @@ class Blender(_BlendCore):
         return self.num if dtype is None or dtype == self.num.dtype else self.num.to(dtype)
 
 
+def _covers(coords: torch.Tensor, window_shape, out_shape) -> bool:
+    """Whether the windows at ``coords`` (a lattice) leave no voxel of ``out_shape`` uncovered."""
+    for a, (p, o) in enumerate(zip(window_shape, out_shape)):
+        reach = 0
+        for s in torch.unique(coords[:, a]).tolist():  # ascending
+            if s > reach:
+                return False
+            reach = max(reach, s + p)
+        if reach < o:
+            return False
+    return True
+
+
+class LatticeBlender(_BlendCore):
+    """Streaming blend of the windows of a lattice arriving in raster order; holds nothing but the output.
+
+    The windows are known up front (``coords``, e.g. :meth:`WindowGrid.coords`); each :meth:`add` takes the
+    next batch of them. The compiled ``blend_stream_`` op adds a batch's weighted terms to the running sums
+    of the voxels it covers and divides each voxel by its denominator (computed from the lattice) as soon as
+    its last window has been added. So there is no zero-filled numerator, no denominator volume and no final
+    division pass, and the result is bitwise :func:`patchblend.calibrated_blend` of all windows.
+
+    Args:
+        out_shape: spatial output size ``(D, H, W)`` or ``(H, W)``.
+        channels: ``C``.
+        coords: ``[N, nd]`` starts of all windows: every combination of per-axis starts, each once, in raster
+            order (last axis fastest).
+        window_shape: ``P``.
+        normalize: ``"count"``, ``"weight"`` or ``"none"``. Per-window ``weights`` may be passed to
+            :meth:`add` with ``"count"`` and ``"none"``; ``"weight"`` takes only the fixed ``importance`` (its
+            denominator must not depend on later batches; use :class:`Blender` otherwise).
+        importance: optional ``[*P]`` window importance, multiplied into every weight.
+        device, dtype: where and in which float dtype (float32 or float64) the output is accumulated.
+        out: optional preallocated contiguous ``[C, *out_shape]`` buffer of ``dtype``; it need not be zeroed.
+
+    Example:
+        >>> grid = sliding_windows((64, 64, 64), (32, 32, 32), 0.5)
+        >>> b = LatticeBlender((64, 64, 64), 2, grid.coords(), (32, 32, 32))
+        >>> for k in range(0, len(grid), 4):
+        ...     b.add(predictor(windows[k:k + 4]))      # [n, 2, 32, 32, 32], the next n windows
+        >>> out = b.finalize()                           # [2, 64, 64, 64]
+    """
+
+    def __init__(
+        self,
+        out_shape: Sequence[int],
+        channels: int,
+        coords,
+        window_shape: Sequence[int],
+        *,
+        normalize: str = "count",
+        importance: Optional[torch.Tensor] = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        out: Optional[torch.Tensor] = None,
+    ):
+        super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
+        coords = _as_coords(coords, self.nd)
+        from .._reference import is_raster_lattice
+
+        if not is_raster_lattice(coords):
+            raise ValueError("coords must be the windows of a lattice (every combination of per-axis starts, each "
+                             "once) in raster order, as WindowGrid.coords() gives them")
+        self.coords = coords
+        self._coords3 = torch.nn.functional.pad(coords, (1, 0)) if self.nd == 2 else coords
+        self._coords3 = self._coords3.to(self.device)
+        full = (self.channels, *self.out_shape)
+        if out is not None:
+            if tuple(out.shape) != full or out.dtype != dtype or out.device != self.device or not out.is_contiguous():
+                raise ValueError(f"out must be a contiguous {dtype} tensor {full} on {self.device}, "
+                                 f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+            self.out = out
+        else:
+            self.out = torch.empty(full, dtype=dtype, device=self.device)
+        if not _covers(coords, self.window_shape, self.out_shape):
+            self.out.zero_()  # voxels no window covers are never written by the op
+        self.next = 0  # index of the next window to be added
+
+    def add(self, patches: torch.Tensor, weights: Optional[torch.Tensor] = None) -> None:
+        """Blend in the next ``n`` windows.
+
+        Args:
+            patches: ``[n, C, *P]``, any float dtype, on the blender's device: windows ``next .. next + n - 1``.
+            weights: ``None``, ``[n]`` or ``[n, *G]``; finite, ``>= 0``; not with ``normalize="weight"``.
+        """
+        self._check_patches(patches)
+        n = patches.shape[0]
+        if self.next + n > self.coords.shape[0]:
+            raise ValueError(f"patches has {n} windows but only {self.coords.shape[0] - self.next} of the "
+                             f"{self.coords.shape[0]} are left")
+        if weights is not None and self.normalize == "weight":
+            raise ValueError("weights cannot be used with normalize='weight' in a LatticeBlender (the weight sum "
+                             "depends on later batches); use Blender")
+        self._check_weights_rows(weights, n)
+        if n == 0:
+            return
+        a = prepare_blend_args(patches, weights, self.coords[self.next:self.next + n], self.out_shape, "none", None)
+        p = a.patches
+        if accumulation_dtype(p.dtype) != self.dtype:
+            p = p.to(self.dtype)
+        w = None if a.weights is None else a.weights.to(self.dtype)
+        out = self.out.unsqueeze(1) if self.nd == 2 else self.out
+        _ops.blend_stream_(out, p, w, self._coords3, self.next, self.importance, self.normalize)
+        self.next += n
+
+    def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``[C, *out_shape]`` once every window has been added (cast to ``dtype`` if given)."""
+        if self.next != self.coords.shape[0]:
+            raise RuntimeError(f"LatticeBlender.finalize: only {self.next} of {self.coords.shape[0]} windows added")
+        return self.out if dtype is None or dtype == self.out.dtype else self.out.to(dtype)
+
+
 def _reduce(values: torch.Tensor, reduce, threshold: float, label_dtype) -> torch.Tensor:
     if reduce is None:
         return values
@@ -367,7 +481,11 @@ class SlabBlender(_BlendCore):
             being accumulated per batch; only valid when it does not depend on weights (as for ``denominator``
             in :class:`Blender`).
         window_lattice: alternatively, the per-axis starts of a window lattice (as :func:`lattice_coverage`
-            takes them): the denominator is then computed axis by axis, cheaply; same validity condition.
+            takes them); same validity condition. With ``axis=0`` the patches must then arrive in the lattice's
+            raster order, and each batch goes through the compiled ``blend_stream_`` op as in
+            :class:`LatticeBlender`: the slab holds only the running output (no denominator, no zero fill), and
+            the result is bitwise that of :class:`LatticeBlender` and :func:`patchblend.calibrated_blend`.
+            Otherwise the denominator is computed axis by axis.
 
     Memory: ``C × slab × (other axes)`` accumulation floats, where the slab spans the patches of the widest
     batch along ``axis`` (at least one window), plus the output.
@@ -424,6 +542,13 @@ class SlabBlender(_BlendCore):
             if self.window_shape is None or len(window_lattice) != self.nd:
                 raise ValueError(f"window_lattice needs {self.nd} start lists and a window_shape")
             self._lattice = [list(map(int, a)) for a in window_lattice]
+        # stream mode: windows in raster order of the lattice, slabs along the slowest axis
+        self._stream = self._lattice is not None and self.axis == 0
+        if self._stream:
+            self._stream_coords = torch.cartesian_prod(*[torch.tensor(a, dtype=torch.int64) for a in self._lattice])
+            self._stream_coords = self._stream_coords.reshape(-1, self.nd)
+            self._stream_zero = not _covers(self._stream_coords, self.window_shape, self.out_shape)
+            self._next = 0
         self.lo = 0  # first index along axis not yet finalised
         self._cap = 0
         self.num = None  # [C, cap, ...] slab buffer covering [lo, lo + cap) along axis
@@ -441,9 +566,10 @@ class SlabBlender(_BlendCore):
         if need <= self._cap:
             return
         shape = self._slab_shape(need)
-        num = torch.zeros((self.channels, *shape), dtype=self.dtype, device=self.device)
+        stream = self._stream and not self._stream_zero  # the stream op writes before it reads
+        num = (torch.empty if stream else torch.zeros)((self.channels, *shape), dtype=self.dtype, device=self.device)
         den = None
-        if self.normalize != "none" and self._coords_all is None:
+        if self.normalize != "none" and self._coords_all is None and not self._stream:
             den = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self._cap:
             keep = [slice(None)] * self.nd
@@ -479,6 +605,9 @@ class SlabBlender(_BlendCore):
                 raise ValueError(f"a patch reaches index {bbox[0][self.axis]} along axis {self.axis}, which is "
                                  f"already finalised (up to {self.lo}); add patches in order of their start "
                                  "along the axis")
+        if self._stream:
+            self._add_stream(patches, coords, weights, groups)
+            return
         with_den = self.normalize != "none" and self._coords_all is None and self._lattice is None
         for i, j, bbox in groups:
             w = None if weights is None else weights[i:j]
@@ -489,6 +618,29 @@ class SlabBlender(_BlendCore):
             origin = torch.zeros(self.nd, dtype=torch.int64)
             origin[self.axis] = self.lo
             self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j] - origin, w)
+
+    def _add_stream(self, patches, coords, weights, groups) -> None:
+        n = patches.shape[0]
+        expected = self._stream_coords[self._next:self._next + n]
+        if not torch.equal(coords, expected):
+            raise ValueError("with window_lattice and axis=0, patches must arrive in the lattice's raster order: "
+                             f"expected coords {expected.tolist()[:4]}..., got {coords.tolist()[:4]}...")
+        hi = max(b[1][0] for _, _, b in groups if b is not None) if any(b is not None for _, _, b in groups) \
+            else self.lo
+        self._ensure_capacity(hi)
+        if self._cap:
+            a = prepare_blend_args(patches, weights, coords, self.out_shape, "none", None)
+            p = a.patches if accumulation_dtype(a.patches.dtype) == self.dtype else a.patches.to(self.dtype)
+            w = None if a.weights is None else a.weights.to(self.dtype)
+            origin = torch.zeros(self.nd, dtype=torch.int64)
+            origin[0] = self.lo
+            all_coords = self._stream_coords - origin
+            num = self.num
+            if self.nd == 2:
+                all_coords = torch.nn.functional.pad(all_coords, (1, 0))
+                num = num.unsqueeze(1)
+            _ops.blend_stream_(num, p, w, all_coords.to(self.device), self._next, self.importance, self.normalize)
+        self._next += n
 
     def finalize_until(self, stop: int) -> None:
         """Finalise ``[lo, stop)`` along the axis: the caller promises that no later patch touches it."""
@@ -501,7 +653,7 @@ class SlabBlender(_BlendCore):
                 self._write(values, stop)
                 continue
             values = self.num[self._along(0, k, True)]  # finalised in place: this part is dropped next
-            if self.normalize != "none":
+            if self.normalize != "none" and not self._stream:  # (the stream op has divided already)
                 if self._lattice is not None:
                     den = self._lattice_den(self.lo, self.lo + k)
                 elif self._coords_all is not None:
@@ -546,7 +698,8 @@ class SlabBlender(_BlendCore):
             for j in range(0, rest, k):
                 m = min(k, rest - j)
                 buf[self._along(j, j + m, ch)] = buf[self._along(j + k, j + k + m, ch)]
-            buf[self._along(max(rest, 0), cap, ch)] = 0
+            if not (self._stream and not self._stream_zero):  # (the stream op never reads unwritten voxels)
+                buf[self._along(max(rest, 0), cap, ch)] = 0
 
     def finish(self) -> torch.Tensor:
         """Finalise everything left and return :attr:`out`."""

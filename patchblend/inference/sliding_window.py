@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import extract_patches
-from .blender import REDUCTIONS, Blender, SlabBlender, lattice_coverage
+from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, lattice_coverage
 from .importance import importance_map
 from .windows import WINDOW_STYLES, sliding_windows
 
@@ -340,6 +340,8 @@ def sliding_window_inference(
                 shape = (batch, 1 if reduce == "argmax" else channels, *image_size)
                 dt = label_dtype if reduce == "argmax" else torch.bool if reduce == "threshold" else odt
                 state["out"] = torch.empty(shape, dtype=dt, device=device)
+            elif not weights_in_den:  # LatticeBlender: every voxel is written, no zero fill needed
+                state["out"] = torch.empty((batch, channels, *image_size), dtype=acc, device=device)
             else:
                 state["out"] = torch.zeros((batch, channels, *image_size), dtype=acc, device=device)
                 if normalize != "none" and not weights_in_den:
@@ -354,6 +356,9 @@ def sliding_window_inference(
                 out_dtype=out_dtype or state["seg_dtype"], label_dtype=label_dtype,
                 window_lattice=None if weights_in_den else image_starts, out=state["out"][b],
             )
+        elif not weights_in_den:
+            blenders[b] = LatticeBlender(image_size, channels, coords, roi, normalize=normalize, importance=imp,
+                                         device=device, dtype=acc, out=state["out"][b])
         else:
             blenders[b] = Blender(image_size, channels, normalize=normalize, importance=imp, window_shape=roi,
                                   device=device, dtype=acc, out=state["out"][b], denominator=state["den"])
@@ -396,7 +401,9 @@ def sliding_window_inference(
         for b, w0, w1 in segments:
             m = w1 - w0
             bl = blender_for(b, seg.shape[1])
-            if not slab:
+            if isinstance(bl, LatticeBlender):
+                bl.add(seg[k:k + m], None if w is None else w[k:k + m])
+            elif not slab:
                 bl.add(seg[k:k + m], coords[w0:w1], None if w is None else w[k:k + m])
             else:
                 # one add per run of equal starts along the slab axis, finalising in between, so that the slab
