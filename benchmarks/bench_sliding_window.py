@@ -3,7 +3,8 @@
 Cases (DESIGN §4): S = one 1x1x192x224x192 volume, 80^3 windows, overlap 0.5 (80 windows); CT = 1x1x512x512x256,
 96^3 windows, overlap 0.5 (500 windows; ``--ct``, slow on a small CPU); SLAB = a many-class output
 (``--classes``, default 16) on 1x1x384x128x128 with 64^3 windows, where patchblend's slab mode with on-the-fly
-argmax is compared with MONAI + argmax.
+argmax (int64 labels as MONAI's argmax gives, and uint8 labels: ``patchblend-slab-u8``) is compared with
+MONAI + argmax.
 
 Predictors: ``identity`` (measures the inference machinery alone), ``unet`` (a small seeded 3D U-Net) and, for
 SLAB, ``conv1x1`` (1 -> C channels). ``sw_batch_size`` 4 (2 for SLAB).
@@ -94,6 +95,8 @@ def _run_once(impl: str, cfg: dict, x, predictor):
             extra = {}
             if impl == "patchblend-slab":
                 extra = dict(slab_axis=0, reduce="argmax")
+            elif impl == "patchblend-slab-u8":  # uint8 labels instead of int64 (C <= 256)
+                extra = dict(slab_axis=0, reduce="argmax", label_dtype=torch.uint8)
             elif cfg.get("argmax"):
                 extra = dict(reduce="argmax")
             out = sw(x, case["roi"], case["bs"], predictor, **kw, **extra)
@@ -224,7 +227,7 @@ def main() -> None:
         impls = ["monai", "patchblend"]
         if case == "SLAB":
             base = dict(slab, device=args.device)
-            impls = ["monai", "patchblend", "patchblend-slab"]
+            impls = ["monai", "patchblend", "patchblend-slab", "patchblend-slab-u8"]
         mem = {i: _spawn(dict(base, what="memory", impl=i), timeout=3600) for i in impls}
         for i in impls:
             if mem[i]["pb_file"] and not mem[i]["pb_file"].startswith(str(ROOT)):

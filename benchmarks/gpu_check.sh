@@ -35,7 +35,7 @@ timeout 240 python3 benchmarks/bench_blend.py --device cuda --repeat 20 --csv "$
     | tee "$OUT/bench_blend_cuda.log"
 if [ -f benchmarks/bench_sliding_window.py ]; then
     echo "== sliding-window benchmark (GPU)"
-    timeout 180 python3 benchmarks/bench_sliding_window.py --device cuda --csv "$OUT/bench_sliding_window_cuda.csv" 2>&1 \
+    timeout 180 python3 benchmarks/bench_sliding_window.py --device cuda --out "$OUT/bench_sliding_window_cuda.csv" 2>&1 \
         | tee "$OUT/bench_sliding_window_cuda.log"
 fi
 echo "done"
