@@ -2,6 +2,7 @@
 
 Implementations (registry ``IMPLEMENTATIONS``):
   compiled   patchblend's kernel (C++ on the CPU, CUDA on the GPU)
+  stream     the same kernels' stream mode (blend_stream_ via LatticeBlender, batches of 4 windows)
   reference  patchblend's pure-PyTorch reference (one slice-add per patch)
   index_add  a pure-PyTorch blend: precomputed flat indices, one ``index_add_`` (index build not timed)
   monai_loop a MONAI-style loop: per window ``out[sl] += w * p; count[sl] += 1``, then divide
@@ -76,6 +77,20 @@ def impl_compiled(p, w, coords, image, device):
     return lambda: patchblend.calibrated_blend(p, w, coords, image)
 
 
+def impl_stream(p, w, coords, image, device):
+    """The compiled stream op, as the sliding-window driver uses it: batches of 4 windows in raster order
+    into the output alone (LatticeBlender)."""
+    from patchblend.inference import LatticeBlender
+
+    def run():
+        b = LatticeBlender(image, p.shape[1], coords, p.shape[2:], normalize="count", device=device)
+        for k in range(0, p.shape[0], 4):
+            b.add(p[k:k + 4], None if w is None else w[k:k + 4])
+        return b.finalize(p.dtype)
+
+    return run
+
+
 def impl_reference(p, w, coords, image, device):
     a = prepare_blend_args(p, w, coords, image, "count", None)
     return lambda: _reference.blend_reference(a.patches, a.weights, a.coords, a.importance, a.out_shape, "count")
@@ -129,6 +144,7 @@ def impl_monai_loop(p, w, coords, image, device):
 
 IMPLEMENTATIONS: Dict[str, Callable] = {
     "compiled": impl_compiled,
+    "stream": impl_stream,
     "reference": impl_reference,
     "index_add": impl_index_add,
     "monai_loop": impl_monai_loop,

@@ -151,6 +151,17 @@ class _BlendCore:
                 self.window_shape = tuple(importance.shape)
             self.importance = _canonical_importance(importance, self.window_shape, dtype, self.device)
 
+    def _output_buffer(self, out: Optional[torch.Tensor], make) -> torch.Tensor:
+        """The caller's ``out`` (checked: contiguous ``[C, *out_shape]`` of the accumulation dtype on the device)
+        or a new one from ``make`` (``torch.zeros`` / ``torch.empty``)."""
+        full = (self.channels, *self.out_shape)
+        if out is None:
+            return make(full, dtype=self.dtype, device=self.device)
+        if tuple(out.shape) != full or out.dtype != self.dtype or out.device != self.device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {self.dtype} tensor {full} on {self.device}, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        return out
+
     def _check_patches(self, patches: torch.Tensor) -> None:
         if not isinstance(patches, torch.Tensor):
             raise TypeError(f"patches must be a torch.Tensor, got {type(patches).__name__}")
@@ -279,14 +290,7 @@ class Blender(_BlendCore):
         denominator: Optional[torch.Tensor] = None,
     ):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
-        full = (self.channels, *self.out_shape)
-        if out is not None:
-            if tuple(out.shape) != full or out.dtype != dtype or out.device != self.device or not out.is_contiguous():
-                raise ValueError(f"out must be a contiguous {dtype} tensor {full} on {self.device}, "
-                                 f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-            self.num = out
-        else:
-            self.num = torch.zeros(full, dtype=dtype, device=self.device)
+        self.num = self._output_buffer(out, torch.zeros)
         self._fixed_den = denominator is not None
         if denominator is not None:
             if tuple(denominator.shape) != self.out_shape or denominator.device != self.device:
@@ -403,14 +407,7 @@ class LatticeBlender(_BlendCore):
         self.coords = coords
         self._coords3 = torch.nn.functional.pad(coords, (1, 0)) if self.nd == 2 else coords
         self._coords3 = self._coords3.to(self.device)
-        full = (self.channels, *self.out_shape)
-        if out is not None:
-            if tuple(out.shape) != full or out.dtype != dtype or out.device != self.device or not out.is_contiguous():
-                raise ValueError(f"out must be a contiguous {dtype} tensor {full} on {self.device}, "
-                                 f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-            self.out = out
-        else:
-            self.out = torch.empty(full, dtype=dtype, device=self.device)
+        self.out = self._output_buffer(out, torch.empty)
         if not _covers(coords, self.window_shape, self.out_shape):
             self.out.zero_()  # voxels no window covers are never written by the op
         self.next = 0  # index of the next window to be added

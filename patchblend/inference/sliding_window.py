@@ -382,6 +382,7 @@ def sliding_window_inference(
         if cond_src is not None:
             cparts = [extract_patches(cond_src[b], src_coords[w0:w1], roi) for b, w0, w1 in segments]
             kwargs["condition"] = (cparts[0] if len(cparts) == 1 else torch.cat(cparts)).to(sw_device)
+            del cparts
         if with_coord:
             slices = [[slice(b, b + 1), slice(None)] + [slice(s, s + r) for s, r in zip(c, roi)]
                       for b, w0, w1 in segments for c in coords_pad[w0:w1].tolist()]
@@ -421,7 +422,9 @@ def sliding_window_inference(
                     bl.finish()
                     del blenders[b]
             k += m
-    del win, seg
+        # drop this batch's windows and predictions before the next predictor call allocates its own
+        del parts, win, out, seg, patch_scores, grid_scores, w
+        kwargs.pop("condition", None)
 
     # ---- finalise --------------------------------------------------------------------------------------
     result = state["out"]
