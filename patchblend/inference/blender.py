@@ -430,13 +430,17 @@ class LatticeBlender(_BlendCore):
         self._check_weights_rows(weights, n)
         if n == 0:
             return
-        a = prepare_blend_args(patches, weights, self.coords[self.next:self.next + n], self.out_shape, "none", None)
+        coords = self.coords[self.next:self.next + n]
+        a = prepare_blend_args(patches, weights, coords, self.out_shape, "none", None)
         p = a.patches
         if accumulation_dtype(p.dtype) != self.dtype:
             p = p.to(self.dtype)
         w = None if a.weights is None else a.weights.to(self.dtype)
         out = self.out.unsqueeze(1) if self.nd == 2 else self.out
-        _ops.blend_stream_(out, p, w, self._coords3, self.next, self.importance, self.normalize)
+        # a batch that spans two rows of windows is blended row by row (tighter boxes, see _groups)
+        for i, j, _ in self._groups(coords):
+            _ops.blend_stream_(out, p[i:j], None if w is None else w[i:j], self._coords3, self.next + i,
+                               self.importance, self.normalize)
         self.next += n
 
     def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
