@@ -34,9 +34,11 @@ struct BlendInputs {
   int64_t P[3] = {1, 1, 1}, G[3] = {1, 1, 1}, O[3] = {0, 0, 0};
 };
 
+// Weights have one row per patch: N rows, or `weight_rows` (stream mode: the batch's patches).
 inline BlendInputs check_inputs(const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
                                 const c10::optional<at::Tensor>& importance, c10::IntArrayRef patch_shape,
-                                c10::IntArrayRef out_shape, at::ScalarType acc, const at::Device& device) {
+                                c10::IntArrayRef out_shape, at::ScalarType acc, const at::Device& device,
+                                int64_t weight_rows = -1) {
   BlendInputs in;
   copy3(in.P, patch_shape, "patch shape");
   copy3(in.O, out_shape, "out_shape");
@@ -46,7 +48,9 @@ inline BlendInputs check_inputs(const c10::optional<at::Tensor>& weights, const 
   in.coords_cpu = coords.to(at::kCPU).contiguous();
   if (weights.has_value()) {
     const auto& w = *weights;
-    TORCH_CHECK(w.dim() == 4 && w.size(0) == in.n, "weights must be [N, G0, G1, G2], got ", w.sizes());
+    const int64_t rows = weight_rows < 0 ? in.n : weight_rows;
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == rows, "weights must be [", rows, ", G0, G1, G2] (one row per patch), got ",
+                w.sizes());
     TORCH_CHECK(w.scalar_type() == acc, "weights must have the accumulation dtype ", acc, ", got ", w.scalar_type());
     TORCH_CHECK(w.device() == device, "weights must be on ", device);
     for (int a = 0; a < 3; ++a) {
@@ -123,27 +127,15 @@ inline StreamInputs check_stream_inputs(const at::Tensor& out, const at::Tensor&
   StreamInputs s;
   s.mode = parse_normalize(normalize);
   const auto acc = at::toOpMathType(patches.scalar_type());
-  s.in = check_inputs(c10::nullopt, coords, importance, patches.sizes().slice(2), out.sizes().slice(1), acc,
-                      patches.device());
   const int64_t n = patches.size(0);
+  TORCH_CHECK(!weights.has_value() || s.mode != kWeight, "blend_stream_: normalize='weight' cannot take weights (the "
+              "weight sum of a voxel depends on windows of later batches); use blend_add_ with a denominator");
+  s.in = check_inputs(weights, coords, importance, patches.sizes().slice(2), out.sizes().slice(1), acc,
+                      patches.device(), /*weight_rows=*/n);
   TORCH_CHECK(first >= 0 && first + n <= s.in.n, "blend_stream_: windows [", first, ", ", first + n,
               ") are not within the ", s.in.n, " windows of coords");
   s.first = first;
   s.end = first + n;
-  if (weights.has_value()) {
-    TORCH_CHECK(s.mode != kWeight, "blend_stream_: normalize='weight' cannot take weights (the weight sum of a "
-                "voxel depends on windows of later batches); use blend_add_ with a denominator");
-    const auto& w = *weights;
-    TORCH_CHECK(w.dim() == 4 && w.size(0) == n, "weights must be [n, G0, G1, G2] for the batch's n = ", n,
-                " windows, got ", w.sizes());
-    TORCH_CHECK(w.scalar_type() == acc, "weights must have the accumulation dtype ", acc, ", got ", w.scalar_type());
-    TORCH_CHECK(w.device() == patches.device(), "weights must be on ", patches.device());
-    for (int a = 0; a < 3; ++a) {
-      s.in.G[a] = w.size(a + 1);
-      TORCH_CHECK(s.in.G[a] >= 1 && s.in.G[a] <= s.in.P[a], "weights grid must satisfy 1 <= g <= P");
-    }
-    s.in.weights = w.contiguous();
-  }
   // "weight" without weights or importance divides by the window count, exactly as "count" does (the
   // count of a covered voxel is >= 1, and an uncovered voxel is 0 either way), and "count" needs no sums.
   if (s.mode == kWeight && !s.in.importance.defined()) s.mode = kCount;

@@ -318,12 +318,18 @@ PB_HOST_DEVICE int64_t lattice_window(const IndexView& ix, int64_t i0, int64_t i
   return (i0 * ix.lattice[1] + i1) * ix.lattice[2] + i2;
 }
 
+// The number of windows covering a voxel of row r whose windows along the last axis are [f2, e2): on a
+// lattice, the product of the per-axis counts.
+PB_HOST_DEVICE int64_t stream_count(const StreamRow& r, int64_t f2, int64_t e2) {
+  return (r.e0 - r.f0) * (r.e1 - r.f1) * (e2 - f2);
+}
+
 // The denominator of voxel v over all its covering windows, given the weight sum `weight_sum` where
-// "weight" needs it: count = the number of covering windows (a product of per-axis counts on a lattice).
+// "weight" needs it.
 template <typename acc_t>
 PB_HOST_DEVICE acc_t stream_denominator(const IndexView& ix, const StreamRow& r, int64_t x, int normalize,
                                         acc_t weight_sum) {
-  if (normalize == kCount) return acc_t((r.e0 - r.f0) * (r.e1 - r.f1) * (ix.last[2][x] - ix.first[2][x]));
+  if (normalize == kCount) return acc_t(stream_count(r, ix.first[2][x], ix.last[2][x]));
   if (normalize == kWeight) return weight_sum;
   return acc_t(1);
 }
@@ -402,8 +408,7 @@ PB_HOST_DEVICE void stream_masks(const BlendProblem<scalar_t, acc_t>& pr, const 
                                 lattice_window(ix, i0, i1, e2) > pr.stream_first);
       seen = lattice_window(ix, r.f0, r.f1, f2) < pr.stream_first;
       finishes = touched && lattice_window(ix, r.e0 - 1, r.e1 - 1, e2 - 1) < pr.stream_end;
-      const acc_t count = acc_t((r.e0 - r.f0) * (r.e1 - r.f1) * (e2 - f2));  // >= 1
-      if (finishes && pr.normalize == kCount) divisor = count;
+      if (finishes && pr.normalize == kCount) divisor = acc_t(stream_count(r, f2, e2));  // >= 1
     }
     for (int64_t k = x - xa; k < end - xa; ++k) {
       mk.seen[k] = acc_t(seen);

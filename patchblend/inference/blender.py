@@ -216,26 +216,27 @@ class _BlendCore:
         """Add one batch into ``num [C, *S]`` (and its denominator into ``den [*S]``) in place, with the
         compiled accumulate-mode blend (``torch.ops.patchblend.blend_add_``): only the box the patches cover
         is touched, half patches are read as half. ``coords`` are relative to the buffers' origin."""
-        a = prepare_blend_args(patches, weights, coords, tuple(num.shape[1:]), "none", None)
-        p = a.patches
-        if accumulation_dtype(p.dtype) != self.dtype:
-            p = p.to(self.dtype)
-        w = a.weights
-        if w is not None and w.dtype != self.dtype:
-            w = w.to(self.dtype)
+        p, w, coords3 = self._batch_args(patches, weights, coords, tuple(num.shape[1:]))
         if self.nd == 2:
             num = num.unsqueeze(1)
             den = None if den is None else den.unsqueeze(0)
-        _ops.blend_add_(num, den, p, w, a.coords, self.importance, self.normalize)
+        _ops.blend_add_(num, den, p, w, coords3, self.importance, self.normalize)
+
+    def _batch_args(self, patches, weights, coords, out_shape):
+        """One batch checked by ``prepare_blend_args`` and put in the ops' canonical 3D form: ``(patches,
+        weights, coords [n, 3])``, weights in the accumulation dtype; patches keep their dtype when it
+        accumulates in it (half is read as half by the kernels), else are converted."""
+        a = prepare_blend_args(patches, weights, coords, out_shape, "none", None)
+        p = a.patches if accumulation_dtype(a.patches.dtype) == self.dtype else a.patches.to(self.dtype)
+        w = None if a.weights is None else a.weights.to(self.dtype)
+        return p, w, a.coords
 
     def _finalize_values(self, num: torch.Tensor, den: Optional[torch.Tensor]) -> torch.Tensor:
         """``num / den`` in place by DESIGN §2's rules (``"count"``: ``den`` clamped at 1; ``"weight"``: 0 where
         ``den`` is 0, since ``num`` is 0 there too). ``den`` is made safe in place (idempotent)."""
         if self.normalize == "none":
             return num
-        if not getattr(self, "_den_safe", False):
-            _make_safe_(den, self.normalize)
-        return num.div_(den)
+        return num.div_(_make_safe_(den, self.normalize))
 
 
 def _make_safe_(den: torch.Tensor, normalize: str) -> torch.Tensor:
@@ -431,11 +432,7 @@ class LatticeBlender(_BlendCore):
         if n == 0:
             return
         coords = self.coords[self.next:self.next + n]
-        a = prepare_blend_args(patches, weights, coords, self.out_shape, "none", None)
-        p = a.patches
-        if accumulation_dtype(p.dtype) != self.dtype:
-            p = p.to(self.dtype)
-        w = None if a.weights is None else a.weights.to(self.dtype)
+        p, w, _ = self._batch_args(patches, weights, coords, self.out_shape)
         out = self.out.unsqueeze(1) if self.nd == 2 else self.out
         # a batch that spans two rows of windows is blended row by row (tighter boxes, see _groups)
         for i, j, _ in self._groups(coords):
@@ -630,9 +627,7 @@ class SlabBlender(_BlendCore):
             else self.lo
         self._ensure_capacity(hi)
         if self._cap:
-            a = prepare_blend_args(patches, weights, coords, self.out_shape, "none", None)
-            p = a.patches if accumulation_dtype(a.patches.dtype) == self.dtype else a.patches.to(self.dtype)
-            w = None if a.weights is None else a.weights.to(self.dtype)
+            p, w, _ = self._batch_args(patches, weights, coords, self.out_shape)
             origin = torch.zeros(self.nd, dtype=torch.int64)
             origin[0] = self.lo
             all_coords = self._stream_coords - origin

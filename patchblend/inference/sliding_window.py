@@ -15,8 +15,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .._validate import _check_finite_nonnegative
 from ..ops import extract_patches
-from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, lattice_coverage
+from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender
 from .importance import importance_map
 from .windows import WINDOW_STYLES, sliding_windows
 
@@ -120,7 +121,7 @@ def _parse_output(out, n: int, roi, nd: int, weighting):
             patch = patch[:, 0]
         if tuple(patch.shape) != (n,):
             raise ValueError(f"patch_scores must have shape [{n}] (one per window), got {tuple(patch.shape)}")
-        _check_scores("patch_scores", patch)
+        _check_finite_nonnegative("patch_scores", patch)
     if uses_grid:
         if grid is None:
             raise ValueError(f"weighting={weighting!r} needs grid scores: return (seg, patch_scores, grid_scores) "
@@ -130,17 +131,8 @@ def _parse_output(out, n: int, roi, nd: int, weighting):
         if grid.dim() != nd + 1 or grid.shape[0] != n or any(g < 1 or g > p for g, p in zip(grid.shape[1:], roi)):
             raise ValueError(f"grid_scores must have shape [{n}, *G] with {nd} grid dims, 1 <= G <= roi {tuple(roi)}, "
                              f"got {tuple(grid.shape)}")
-        _check_scores("grid_scores", grid)
+        _check_finite_nonnegative("grid_scores", grid)
     return seg, (patch if uses_patch else None), (grid if uses_grid else None)
-
-
-def _check_scores(name: str, t: torch.Tensor) -> None:
-    if t.numel() == 0:
-        return
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite (found NaN or inf)")
-    if bool((t < 0).any()):
-        raise ValueError(f"{name} must be >= 0 (found a negative score)")
 
 
 def _weights(patch, grid, nd: int):
@@ -327,7 +319,7 @@ def sliding_window_inference(
     slab = slab_axis is not None
 
     out_dtype = x.dtype if x.dtype.is_floating_point else None
-    state = {"channels": None, "out": None, "den": None}
+    state = {"channels": None, "out": None}
     blenders = {}
 
     def blender_for(b: int, channels: int):
@@ -342,13 +334,8 @@ def sliding_window_inference(
                 state["out"] = torch.empty(shape, dtype=dt, device=device)
             elif not weights_in_den:  # LatticeBlender: every voxel is written, no zero fill needed
                 state["out"] = torch.empty((batch, channels, *image_size), dtype=acc, device=device)
-            else:
+            else:  # Blender with a numerator and the weight sum, divided at the end
                 state["out"] = torch.zeros((batch, channels, *image_size), dtype=acc, device=device)
-                if normalize != "none" and not weights_in_den:
-                    # the windows cover every voxel and importance maps are > 0, so this is > 0: safe to divide by
-                    state["den"] = lattice_coverage(image_starts, roi, image_size,
-                                                    imp if normalize == "weight" else None, dtype=acc, device=device)
-                    state["den_safe"] = normalize == "count" or roi_weight_map is None
         if slab:
             blenders[b] = SlabBlender(
                 image_size, channels, axis=slab_axis, normalize=normalize, importance=imp, window_shape=roi,
@@ -361,8 +348,7 @@ def sliding_window_inference(
                                          device=device, dtype=acc, out=state["out"][b])
         else:
             blenders[b] = Blender(image_size, channels, normalize=normalize, importance=imp, window_shape=roi,
-                                  device=device, dtype=acc, out=state["out"][b], denominator=state["den"])
-            blenders[b]._den_safe = state.get("den_safe", False)
+                                  device=device, dtype=acc, out=state["out"][b])
         return blenders[b]
 
     # ---- the loop: one extraction, one predictor call and one blend per batch -------------------------
