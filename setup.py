@@ -46,7 +46,7 @@ def extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/blend_ops.cpp", "csrc/cpu/blend_cpu.cpp"]
+    sources = ["csrc/blend_ops.cpp", "csrc/cpu/blend_cpu.cpp", "csrc/cpu/large_alloc.cpp"]
     # -fno-trapping-math: lets the compiler vectorise the branch-free normalisation loops (it may then compute
     # a quotient that a select discards); results are unchanged, FP exceptions are never enabled here.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"] + _cpu_flags()

@@ -35,4 +35,8 @@ TORCH_LIBRARY(patchblend, m) {
         "str normalize, ScalarType dtype) -> Tensor");
   // Windows of volume [C, O0, O1, O2] at coords [N, 3]: [N, C, *patch_shape], zeros outside.
   m.def("extract(Tensor volume, Tensor coords, SymInt[] patch_shape) -> Tensor");
+  // An uninitialised CPU tensor (like torch.empty) whose large buffers are mapped in transparent huge
+  // pages, for outputs and running sums (csrc/cpu/large_alloc.h). No tensor arguments: registered under
+  // CompositeExplicitAutograd, which the dispatcher uses for such ops.
+  m.def("empty_large(SymInt[] size, ScalarType dtype) -> Tensor");
 }

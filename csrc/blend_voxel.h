@@ -22,10 +22,6 @@
 #define PB_HOST_DEVICE inline
 #endif
 
-#ifndef PB_PREFETCH_ROWS
-#define PB_PREFETCH_ROWS 8
-#endif
-
 namespace patchblend {
 
 enum Normalize : int { kCount = 0, kWeight = 1, kNone = 2 };
@@ -50,31 +46,48 @@ struct BlendProblem {
   int64_t stream_first = -1, stream_end = 0;
 };
 
+// Grid-cell weights of patch n along its local row (l0, l1, l2_lo + j), j < m: calls
+// visit(j_lo, j_hi, weight) for each run of one grid cell, in order (cells are runs along the last axis;
+// cell_end is the end of a local run). Without weights: one run of weight 1.
+template <typename scalar_t, typename acc_t, typename Visit>
+PB_HOST_DEVICE void for_each_cell_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, int64_t l0, int64_t l1,
+                                      int64_t l2_lo, int64_t m, Visit&& visit) {
+  if (pr.weights == nullptr) {
+    visit(int64_t(0), m, acc_t(1));
+    return;
+  }
+  const int64_t slot = pr.stream_first > 0 ? n - pr.stream_first : n;  // stream mode: weights of the batch
+  const acc_t* cells = pr.weights + slot * pr.G[0] * pr.G[1] * pr.G[2] +
+                       (pr.index.cell[0][l0] * pr.G[1] + pr.index.cell[1][l1]) * pr.G[2];
+  for (int64_t j = 0; j < m;) {
+    const int64_t l2 = l2_lo + j;
+    const int64_t run_end = pr.index.cell_end[l2] - l2_lo;
+    const int64_t stop = run_end < m ? run_end : m;
+    visit(j, stop, cells[pr.index.cell[2][l2]]);
+    j = stop;
+  }
+}
+
+// The importance row of patch n at (l0, l1, l2_lo), or nullptr (all ones).
+template <typename scalar_t, typename acc_t>
+PB_HOST_DEVICE const acc_t* importance_row(const BlendProblem<scalar_t, acc_t>& pr, int64_t l0, int64_t l1,
+                                           int64_t l2_lo) {
+  return pr.importance == nullptr ? nullptr : pr.importance + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
+}
+
 // Weights of patch n along its local row (l0, l1, l2_lo + j), j < m: the grid-cell weight times the
-// importance, w[j] = weights[n, cell(l0), cell(l1), cell(l2_lo + j)] * importance[l0, l1, l2_lo + j]
-// (1 where a factor is absent). The one statement of the weight; m = 1 gives a single voxel. Returns the
-// row: `w` filled in, or, with importance alone, the importance row itself (1 * imp = imp exactly).
+// importance, w[j] = cell_weight * importance[l0, l1, l2_lo + j] (the one statement of the weight; a
+// factor that is absent is 1, and 1 * x = x exactly). m = 1 gives a single voxel. Returns the row: `w`
+// filled in, or, with importance alone, the importance row itself.
 template <typename scalar_t, typename acc_t>
 PB_HOST_DEVICE const acc_t* patch_row_weights(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, int64_t l0,
                                               int64_t l1, int64_t l2_lo, int64_t m, acc_t* w) {
-  const acc_t* imp = pr.importance == nullptr ? nullptr : pr.importance + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
+  const acc_t* imp = importance_row(pr, l0, l1, l2_lo);
   if (pr.weights == nullptr && imp != nullptr) return imp;
-  if (pr.weights != nullptr) {
-    const int64_t slot = pr.stream_first > 0 ? n - pr.stream_first : n;  // stream mode: weights of the batch
-    const acc_t* cells = pr.weights + slot * pr.G[0] * pr.G[1] * pr.G[2] +
-                         (pr.index.cell[0][l0] * pr.G[1] + pr.index.cell[1][l1]) * pr.G[2];
-    // Cells are runs along the last axis: fill each run with its weight (cell_end: end of a local run).
-    for (int64_t j = 0; j < m;) {
-      const int64_t l2 = l2_lo + j;
-      const int64_t run_end = pr.index.cell_end[l2] - l2_lo;
-      const int64_t stop = run_end < m ? run_end : m;
-      const acc_t v = cells[pr.index.cell[2][l2]];
-      for (; j < stop; ++j) w[j] = v;
-    }
-  } else {
-    for (int64_t j = 0; j < m; ++j) w[j] = acc_t(1);
-  }
-  if (imp != nullptr) for (int64_t j = 0; j < m; ++j) w[j] *= imp[j];
+  for_each_cell_run(pr, n, l0, l1, l2_lo, m, [&](int64_t lo, int64_t hi, acc_t v) {
+    if (imp == nullptr) for (int64_t j = lo; j < hi; ++j) w[j] = v;
+    else for (int64_t j = lo; j < hi; ++j) w[j] = v * imp[j];
+  });
   return w;
 }
 
@@ -181,17 +194,18 @@ PB_HOST_DEVICE void blend_voxel(const BlendProblem<scalar_t, acc_t>& pr, const i
   }
 }
 
-// Row primitives of blend_run, m contiguous values. RowAccumulate adds one patch row to the sums,
-// acc[j] += w[j] * p[j] (p[j] alone when w is null, every weight being 1), p converted to acc_t by
-// static_cast; RowStore converts the normalised row back to the patch dtype. The generic versions
-// below are the definition; a backend may specialise them for speed (the CPU kernel does for half with
-// F16C) provided the values stay exactly the same, so that blend_run stays bitwise equal to blend_voxel.
+// Row primitives of the CPU row kernels, m contiguous values. RowAccumulate adds one weighted patch row to
+// the sums, acc[j] += (s * w[j]) * p[j] (s * p[j] when w is null), p converted to acc_t by static_cast:
+// s is a grid-cell weight (or 1) and w an importance row, so s * w[j] is patch_row_weights' value, bitwise.
+// RowStore converts the normalised row back to the patch dtype. The generic versions below are the
+// definition; a backend may specialise them for speed (the CPU kernel does for half with F16C) provided
+// the values stay exactly the same, so that the row kernels stay bitwise equal to the per-voxel ones.
 template <typename scalar_t, typename acc_t>
 struct RowAccumulate {
-  static inline void run(acc_t* __restrict__ acc, const acc_t* __restrict__ w, const scalar_t* __restrict__ p,
-                         int64_t m) {
-    if (w == nullptr) for (int64_t j = 0; j < m; ++j) acc[j] += static_cast<acc_t>(p[j]);
-    else for (int64_t j = 0; j < m; ++j) acc[j] += w[j] * static_cast<acc_t>(p[j]);
+  static inline void run(acc_t* __restrict__ acc, acc_t s, const acc_t* __restrict__ w,
+                         const scalar_t* __restrict__ p, int64_t m) {
+    if (w == nullptr) for (int64_t j = 0; j < m; ++j) acc[j] += s * static_cast<acc_t>(p[j]);
+    else for (int64_t j = 0; j < m; ++j) acc[j] += (s * w[j]) * static_cast<acc_t>(p[j]);
   }
 };
 template <typename scalar_t, typename acc_t>
@@ -201,6 +215,55 @@ struct RowStore {
   }
 };
 
+// num[ch * len + j] += w_n(l0, l1, l2_lo + j) * p[ch * patch_volume + j] for j < m and every channel, where
+// p is channel 0's row of patch n at (l0, l1, l2_lo): one RowAccumulate per grid-cell run and channel, so
+// that no weight row is written.
+template <typename scalar_t, typename acc_t>
+PB_HOST_DEVICE void accumulate_patch_row(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, int64_t l0, int64_t l1,
+                                         int64_t l2_lo, int64_t m, const scalar_t* p, acc_t* num, int64_t len) {
+  const acc_t* imp = importance_row(pr, l0, l1, l2_lo);
+  const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
+  for_each_cell_run(pr, n, l0, l1, l2_lo, m, [&](int64_t lo, int64_t hi, acc_t v) {
+    for (int64_t ch = 0; ch < pr.c; ++ch)
+      RowAccumulate<scalar_t, acc_t>::run(num + ch * len + lo, v, imp == nullptr ? nullptr : imp + lo,
+                                          p + ch * patch_volume + lo, hi - lo);
+  });
+}
+
+// Lattice index of the first / one past the last window covering output row (v0, v1) along axes 0, 1, and
+// window index at lattice position (i0, i1, i2) (raster order: the position itself).
+struct LatticeRow {
+  int64_t f0, e0, f1, e1;
+  bool covered;
+};
+PB_HOST_DEVICE LatticeRow lattice_row(const IndexView& ix, int64_t v0, int64_t v1) {
+  LatticeRow r{ix.first[0][v0], ix.last[0][v0], ix.first[1][v1], ix.last[1][v1], false};
+  r.covered = r.f0 < r.e0 && r.f1 < r.e1;
+  return r;
+}
+PB_HOST_DEVICE int64_t lattice_window(const IndexView& ix, int64_t i0, int64_t i1, int64_t i2) {
+  return (i0 * ix.lattice[1] + i1) * ix.lattice[2] + i2;
+}
+
+// The number of windows covering a voxel of row r whose windows along the last axis are [f2, e2): on a
+// lattice, the product of the per-axis counts.
+PB_HOST_DEVICE int64_t lattice_count(const LatticeRow& r, int64_t f2, int64_t e2) {
+  return (r.e0 - r.f0) * (r.e1 - r.f1) * (e2 - f2);
+}
+
+// "count" denominators of the run [xa, xb) of output row (v0, v1) on a lattice: the covering-window count,
+// constant along each coverage segment (integers, so the same values as counting the visits).
+template <typename acc_t>
+PB_HOST_DEVICE void lattice_counts(const IndexView& ix, int64_t v0, int64_t v1, int64_t xa, int64_t xb, acc_t* den) {
+  const LatticeRow r = lattice_row(ix, v0, v1);
+  for (int64_t x = xa; x < xb;) {  // one coverage segment at a time
+    const int64_t end = ix.coverage_end[x] < xb ? ix.coverage_end[x] : xb;
+    const acc_t count = acc_t(lattice_count(r, ix.first[2][x], ix.last[2][x]));  // 0 where uncovered
+    for (int64_t j = x - xa; j < end - xa; ++j) den[j] = count;
+    x = end;
+  }
+}
+
 // Blend the run [xa, xb) of output row (v0, v1), one segment (see for_each_covering_run): the CPU
 // kernel's unit of work. Same terms, same order per voxel as blend_voxel, so the result is bitwise the
 // same; the loop order (patch outside, contiguous x inside) lets the compiler vectorise.
@@ -208,11 +271,14 @@ struct RowStore {
 template <typename scalar_t, typename acc_t>
 PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v0, int64_t v1, int64_t xa,
                               int64_t xb, acc_t* num, acc_t* den, acc_t* w) {
+  const IndexView& ix = pr.index;
   const int64_t len = xb - xa;
   const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
   const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
   const int64_t channels = (pr.out != nullptr || pr.sum_out != nullptr) ? pr.c : 0;
   const bool uniform = pr.weights == nullptr && pr.importance == nullptr;  // every weight is 1
+  // "count" on a lattice: the denominators come from the window counts, not from the visits.
+  const bool counted = pr.normalize == kCount && ix.is_lattice;
   for (int64_t j = 0; j < len; ++j) den[j] = acc_t(0);
   bool partial = false;  // some patch covered only part of the run
   for (int64_t j = 0; j < channels * len; ++j) num[j] = acc_t(0);
@@ -220,28 +286,34 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
   // Patches covering the whole run in "count" mode add 1 to every voxel: counted once in `whole`
   // (integer-valued, so the sum is exact and the result equals the per-voxel one bitwise).
   acc_t whole = acc_t(0);
-  for_each_covering_run(pr.index, pr.P, v0, v1, xa, xb,
+  for_each_covering_run(ix, pr.P, v0, v1, xa, xb,
                         [&](int64_t n, int64_t l0, int64_t l1, int64_t x_lo, int64_t x_hi, int64_t l2_lo) {
                           const int64_t m = x_hi - x_lo, off = x_lo - xa;
                           acc_t* __restrict__ d = den + off;
+                          partial = partial || m != len;
                           // The branches below hoist loop-invariant cases out of the loops so that they
                           // vectorise; every value is the one patch_row_weights/denominator_term give.
-                          const acc_t* __restrict__ ww = uniform ? nullptr : patch_row_weights(pr, n, l0, l1, l2_lo, m, w);
-                          partial = partial || m != len;
-                          if (pr.normalize == kCount) {
+                          if (counted) {
+                          } else if (pr.normalize == kCount) {
                             if (m == len) whole += acc_t(1);
                             else for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
                           } else if (pr.normalize == kWeight) {
-                            if (uniform) for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
-                            else for (int64_t j = 0; j < m; ++j) d[j] += ww[j];
+                            if (uniform) {
+                              for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
+                            } else {
+                              const acc_t* __restrict__ ww = patch_row_weights(pr, n, l0, l1, l2_lo, m, w);
+                              for (int64_t j = 0; j < m; ++j) d[j] += ww[j];
+                            }
                           }
-                          for (int64_t ch = 0; ch < channels; ++ch) {
-                            const scalar_t* p =
-                                pr.patches + (n * pr.c + ch) * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
-                            RowAccumulate<scalar_t, acc_t>::run(num + ch * len + off, ww, p, m);
+                          if (channels > 0) {
+                            const scalar_t* p = pr.patches + n * pr.c * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
+                            accumulate_patch_row(pr, n, l0, l1, l2_lo, m, p, num + off, len);
                           }
                         });
-  if (pr.normalize == kNone) {
+  if (counted) {
+    lattice_counts(ix, v0, v1, xa, xb, den);
+    partial = true;
+  } else if (pr.normalize == kNone) {
     for (int64_t j = 0; j < len; ++j) den[j] = acc_t(1);
   } else if (partial || pr.normalize == kWeight) {
     for (int64_t j = 0; j < len; ++j) den[j] += whole;
@@ -303,33 +375,12 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
 // blend_voxel's, without a zero-filled buffer, a denominator volume or a division pass. Needs a
 // denominator that does not depend on predicted weights: "count", "none", or "weight" without weights.
 
-// Lattice index of the first / one past the last window covering output row (v0, v1) along axes 0, 1, and
-// window index at lattice position (i0, i1, i2) (raster order: the position itself).
-struct StreamRow {
-  int64_t f0, e0, f1, e1;
-  bool covered;
-};
-PB_HOST_DEVICE StreamRow stream_row(const IndexView& ix, int64_t v0, int64_t v1) {
-  StreamRow r{ix.first[0][v0], ix.last[0][v0], ix.first[1][v1], ix.last[1][v1], false};
-  r.covered = r.f0 < r.e0 && r.f1 < r.e1;
-  return r;
-}
-PB_HOST_DEVICE int64_t lattice_window(const IndexView& ix, int64_t i0, int64_t i1, int64_t i2) {
-  return (i0 * ix.lattice[1] + i1) * ix.lattice[2] + i2;
-}
-
-// The number of windows covering a voxel of row r whose windows along the last axis are [f2, e2): on a
-// lattice, the product of the per-axis counts.
-PB_HOST_DEVICE int64_t stream_count(const StreamRow& r, int64_t f2, int64_t e2) {
-  return (r.e0 - r.f0) * (r.e1 - r.f1) * (e2 - f2);
-}
-
 // The denominator of voxel v over all its covering windows, given the weight sum `weight_sum` where
 // "weight" needs it.
 template <typename acc_t>
-PB_HOST_DEVICE acc_t stream_denominator(const IndexView& ix, const StreamRow& r, int64_t x, int normalize,
+PB_HOST_DEVICE acc_t stream_denominator(const IndexView& ix, const LatticeRow& r, int64_t x, int normalize,
                                         acc_t weight_sum) {
-  if (normalize == kCount) return acc_t(stream_count(r, ix.first[2][x], ix.last[2][x]));
+  if (normalize == kCount) return acc_t(lattice_count(r, ix.first[2][x], ix.last[2][x]));
   if (normalize == kWeight) return weight_sum;
   return acc_t(1);
 }
@@ -338,7 +389,7 @@ PB_HOST_DEVICE acc_t stream_denominator(const IndexView& ix, const StreamRow& r,
 template <typename scalar_t, typename acc_t>
 PB_HOST_DEVICE void stream_voxel(const BlendProblem<scalar_t, acc_t>& pr, const int64_t v[3]) {
   const IndexView& ix = pr.index;
-  const StreamRow r = stream_row(ix, v[0], v[1]);
+  const LatticeRow r = lattice_row(ix, v[0], v[1]);
   const int64_t x = v[2];
   if (!r.covered || ix.first[2][x] >= ix.last[2][x]) return;
   const int64_t first_window = lattice_window(ix, r.f0, r.f1, ix.first[2][x]);
@@ -387,7 +438,7 @@ struct StreamMasks {
 };
 
 template <typename scalar_t, typename acc_t>
-PB_HOST_DEVICE void stream_masks(const BlendProblem<scalar_t, acc_t>& pr, const StreamRow& r, int64_t xa, int64_t xb,
+PB_HOST_DEVICE void stream_masks(const BlendProblem<scalar_t, acc_t>& pr, const LatticeRow& r, int64_t xa, int64_t xb,
                                  StreamMasks<acc_t>& mk) {
   const int64_t key[6] = {r.f0, r.e0, r.f1, r.e1, xa, xb};
   bool same = true;
@@ -408,7 +459,7 @@ PB_HOST_DEVICE void stream_masks(const BlendProblem<scalar_t, acc_t>& pr, const 
                                 lattice_window(ix, i0, i1, e2) > pr.stream_first);
       seen = lattice_window(ix, r.f0, r.f1, f2) < pr.stream_first;
       finishes = touched && lattice_window(ix, r.e0 - 1, r.e1 - 1, e2 - 1) < pr.stream_end;
-      if (finishes && pr.normalize == kCount) divisor = acc_t(stream_count(r, f2, e2));  // >= 1
+      if (finishes && pr.normalize == kCount) divisor = acc_t(lattice_count(r, f2, e2));  // >= 1
     }
     for (int64_t k = x - xa; k < end - xa; ++k) {
       mk.seen[k] = acc_t(seen);
@@ -441,7 +492,7 @@ template <typename scalar_t, typename acc_t>
 PB_HOST_DEVICE void stream_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v0, int64_t v1, int64_t xa,
                                int64_t xb, acc_t* num, acc_t* den, acc_t* w, StreamMasks<acc_t>& mk) {
   const IndexView& ix = pr.index;
-  const StreamRow r = stream_row(ix, v0, v1);
+  const LatticeRow r = lattice_row(ix, v0, v1);
   if (!r.covered) return;
   const int64_t len = xb - xa;
   const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
@@ -467,18 +518,19 @@ PB_HOST_DEVICE void stream_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t 
                         [&](int64_t n, int64_t l0, int64_t l1, int64_t x_lo, int64_t x_hi, int64_t l2_lo) {
                           const bool in_batch = n >= pr.stream_first && n < pr.stream_end;
                           const int64_t m = x_hi - x_lo, off = x_lo - xa;
-                          const acc_t* __restrict__ ww = uniform ? nullptr : patch_row_weights(pr, n, l0, l1, l2_lo, m, w);
                           if (weight_den) {
                             acc_t* __restrict__ d = den + off;
-                            if (uniform) for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
-                            else for (int64_t j = 0; j < m; ++j) d[j] += ww[j];
+                            if (uniform) {
+                              for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
+                            } else {
+                              const acc_t* __restrict__ ww = patch_row_weights(pr, n, l0, l1, l2_lo, m, w);
+                              for (int64_t j = 0; j < m; ++j) d[j] += ww[j];
+                            }
                           }
                           if (!in_batch) return;
-                          for (int64_t ch = 0; ch < pr.c; ++ch) {
-                            const scalar_t* p = pr.patches + ((n - pr.stream_first) * pr.c + ch) * patch_volume +
-                                                (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
-                            RowAccumulate<scalar_t, acc_t>::run(num + ch * len + off, ww, p, m);
-                          }
+                          const scalar_t* p = pr.patches + (n - pr.stream_first) * pr.c * patch_volume +
+                                              (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
+                          accumulate_patch_row(pr, n, l0, l1, l2_lo, m, p, num + off, len);
                         },
                         weight_den ? -1 : pr.stream_first, weight_den ? -1 : pr.stream_end);
   // Write back every voxel of the run: the finished value where it finishes (finalize_voxel's values,
@@ -490,7 +542,7 @@ PB_HOST_DEVICE void stream_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t 
     const acc_t* __restrict__ acc = num + ch * len;
     if (pr.normalize == kWeight && weight_den) {
       stream_finish_weight(o, acc, den, finishes, len);
-    } else {  // "count" and "none" (divisor 1), and "weight" where nothing finishes (divisor 1)  // "count" and "none" (divisor 1)
+    } else {  // "count" and "none" (divisor 1), and "weight" where nothing finishes (divisor 1)
       for (int64_t j = 0; j < len; ++j) o[j] = acc[j] / divisor[j];
     }
   }

@@ -40,6 +40,9 @@ def _register_reference_ops() -> None:
         "Tensor? importance, str normalize) -> ()"
     )
 
+    lib.define("empty_large(SymInt[] size, ScalarType dtype) -> Tensor")
+    lib.impl("empty_large", lambda size, dtype: torch.empty(size, dtype=dtype), "CompositeExplicitAutograd")
+
     def blend(patches, weights, coords, importance, out_shape, normalize):
         with torch.no_grad():
             return _reference.blend_reference(patches, weights, coords, importance, tuple(out_shape), normalize)

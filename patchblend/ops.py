@@ -116,6 +116,21 @@ def calibrated_blend(
     return out.squeeze(1) if a.spatial_dims == 2 else out
 
 
+def empty_output(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor like ``torch.empty``; a large CPU one lives in transparent huge pages (the
+    compiled backend, Linux), which makes its first write several times cheaper (csrc/cpu/large_alloc.h).
+    For output buffers and running sums, which are written once per call."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _ops.empty_large([int(s) for s in shape], dtype)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def zeros_output(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """:func:`empty_output`, zero-filled."""
+    return empty_output(shape, dtype, device).zero_()
+
+
 def extract_patches(volume: torch.Tensor, coords, patch_shape: Sequence[int]) -> torch.Tensor:
     """Windows of ``volume [C, *S]`` at integer ``coords [N, nd]``: ``[N, C, *patch_shape]``, zeros outside.
 

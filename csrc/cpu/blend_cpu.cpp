@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include "../blend_binding.h"
+#include "large_alloc.h"
 
 namespace patchblend {
 
@@ -19,18 +20,21 @@ namespace patchblend {
 #if defined(__F16C__) && defined(__AVX__)
 template <>
 struct RowAccumulate<c10::Half, float> {
-  static inline void run(float* __restrict__ acc, const float* __restrict__ w, const c10::Half* __restrict__ p,
+  static inline void run(float* __restrict__ acc, float s, const float* __restrict__ w, const c10::Half* __restrict__ p,
                          int64_t m) {
     auto load8 = [p](int64_t j) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j))); };
+    const __m256 s8 = _mm256_set1_ps(s);
     int64_t j = 0;
     // mul then add, not FMA: the same rounding as the generic version
     if (w == nullptr) {
-      for (; j + 8 <= m; j += 8) _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), load8(j)));
-      for (; j < m; ++j) acc[j] += static_cast<float>(p[j]);
+      for (; j + 8 <= m; j += 8)
+        _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), _mm256_mul_ps(s8, load8(j))));
+      for (; j < m; ++j) acc[j] += s * static_cast<float>(p[j]);
     } else {
       for (; j + 8 <= m; j += 8)
-        _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), _mm256_mul_ps(_mm256_loadu_ps(w + j), load8(j))));
-      for (; j < m; ++j) acc[j] += w[j] * static_cast<float>(p[j]);
+        _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j),
+                                                _mm256_mul_ps(_mm256_mul_ps(s8, _mm256_loadu_ps(w + j)), load8(j))));
+      for (; j < m; ++j) acc[j] += (s * w[j]) * static_cast<float>(p[j]);
     }
   }
 };
@@ -106,7 +110,7 @@ at::Tensor blend_cpu(const at::Tensor& patches, const c10::optional<at::Tensor>&
   BlendInputs in = check_inputs(weights, coords, importance, p.sizes().slice(2), out_shape, acc, p.device());
   TORCH_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
   const int64_t c = p.size(1);
-  at::Tensor out = at::empty({c, in.O[0], in.O[1], in.O[2]}, p.options());
+  at::Tensor out = empty_large({c, in.O[0], in.O[1], in.O[2]}, p.options());
   if (out.numel() == 0) return out;
   IndexLayout layout;
   const std::vector<int64_t> index = build_index(in, layout);
@@ -168,7 +172,7 @@ at::Tensor coverage_cpu(const c10::optional<at::Tensor>& weights, const at::Tens
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "coverage dtype must be float32 or float64");
   const int mode = parse_normalize(std::string(normalize));
   BlendInputs in = check_inputs(weights, coords, importance, patch_shape, out_shape, dtype, coords.device());
-  at::Tensor den = at::empty({in.O[0], in.O[1], in.O[2]}, coords.options().dtype(dtype));
+  at::Tensor den = empty_large({in.O[0], in.O[1], in.O[2]}, coords.options().dtype(dtype));
   if (den.numel() == 0) return den;
   IndexLayout layout;
   const std::vector<int64_t> index = build_index(in, layout);
@@ -225,7 +229,13 @@ at::Tensor extract_cpu(const at::Tensor& volume, const at::Tensor& coords, c10::
   return out;
 }
 
+at::Tensor empty_large_op(c10::IntArrayRef size, at::ScalarType dtype) {
+  return empty_large(size, at::TensorOptions().dtype(dtype));
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(patchblend, CompositeExplicitAutograd, m) { m.impl("empty_large", &empty_large_op); }
 
 TORCH_LIBRARY_IMPL(patchblend, CPU, m) {
   m.impl("blend", &blend_cpu);

@@ -20,6 +20,7 @@ import torch
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
 from .._validate import NORMALIZE_MODES, accumulation_dtype, prepare_blend_args
+from ..ops import empty_output, zeros_output
 
 __all__ = ["Blender", "LatticeBlender", "SlabBlender", "window_coverage", "lattice_coverage", "REDUCTIONS"]
 
@@ -153,10 +154,10 @@ class _BlendCore:
 
     def _output_buffer(self, out: Optional[torch.Tensor], make) -> torch.Tensor:
         """The caller's ``out`` (checked: contiguous ``[C, *out_shape]`` of the accumulation dtype on the device)
-        or a new one from ``make`` (``torch.zeros`` / ``torch.empty``)."""
+        or a new one from ``make`` (``zeros_output`` / ``empty_output``)."""
         full = (self.channels, *self.out_shape)
         if out is None:
-            return make(full, dtype=self.dtype, device=self.device)
+            return make(full, self.dtype, self.device)
         if tuple(out.shape) != full or out.dtype != self.dtype or out.device != self.device or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {self.dtype} tensor {full} on {self.device}, "
                              f"got {out.dtype} {tuple(out.shape)} on {out.device}")
@@ -291,7 +292,7 @@ class Blender(_BlendCore):
         denominator: Optional[torch.Tensor] = None,
     ):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
-        self.num = self._output_buffer(out, torch.zeros)
+        self.num = self._output_buffer(out, zeros_output)
         self._fixed_den = denominator is not None
         if denominator is not None:
             if tuple(denominator.shape) != self.out_shape or denominator.device != self.device:
@@ -299,7 +300,7 @@ class Blender(_BlendCore):
                                  f"got {tuple(denominator.shape)} on {denominator.device}")
             self.den = denominator
         elif normalize != "none":
-            self.den = torch.zeros(self.out_shape, dtype=dtype, device=self.device)
+            self.den = zeros_output(self.out_shape, dtype, self.device)
         else:
             self.den = None
         self._finalized = False
@@ -408,7 +409,7 @@ class LatticeBlender(_BlendCore):
         self.coords = coords
         self._coords3 = torch.nn.functional.pad(coords, (1, 0)) if self.nd == 2 else coords
         self._coords3 = self._coords3.to(self.device)
-        self.out = self._output_buffer(out, torch.empty)
+        self.out = self._output_buffer(out, empty_output)
         if not _covers(coords, self.window_shape, self.out_shape):
             self.out.zero_()  # voxels no window covers are never written by the op
         self.next = 0  # index of the next window to be added
@@ -530,7 +531,7 @@ class SlabBlender(_BlendCore):
                 raise ValueError(f"out must be a {odt} tensor {shape}, got {out.dtype} {tuple(out.shape)}")
             self.out = out
         else:
-            self.out = torch.empty(shape, dtype=odt, device=out_device)
+            self.out = empty_output(shape, odt, out_device)
         self._coords_all = None
         if window_coords is not None:
             self._coords_all = _as_coords(window_coords, self.nd)

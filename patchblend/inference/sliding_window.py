@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import _check_finite_nonnegative
-from ..ops import extract_patches
+from ..ops import empty_output, extract_patches, zeros_output
 from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender
 from .importance import importance_map
 from .windows import WINDOW_STYLES, sliding_windows
@@ -331,11 +331,11 @@ def sliding_window_inference(
                 odt = out_dtype or state["seg_dtype"]
                 shape = (batch, 1 if reduce == "argmax" else channels, *image_size)
                 dt = label_dtype if reduce == "argmax" else torch.bool if reduce == "threshold" else odt
-                state["out"] = torch.empty(shape, dtype=dt, device=device)
+                state["out"] = empty_output(shape, dt, device)
             elif not weights_in_den:  # LatticeBlender: every voxel is written, no zero fill needed
-                state["out"] = torch.empty((batch, channels, *image_size), dtype=acc, device=device)
+                state["out"] = empty_output((batch, channels, *image_size), acc, device)
             else:  # Blender with a numerator and the weight sum, divided at the end
-                state["out"] = torch.zeros((batch, channels, *image_size), dtype=acc, device=device)
+                state["out"] = zeros_output((batch, channels, *image_size), acc, device)
         if slab:
             blenders[b] = SlabBlender(
                 image_size, channels, axis=slab_axis, normalize=normalize, importance=imp, window_shape=roi,

@@ -1,0 +1,67 @@
+#include "large_alloc.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+namespace patchblend {
+
+namespace {
+
+#if defined(__linux__)
+constexpr size_t kHugePage = size_t(2) << 20;
+
+struct Mapping {
+  void* base;
+  size_t length;
+};
+
+void unmap(void* ctx) {
+  auto* m = static_cast<Mapping*>(ctx);
+  munmap(m->base, m->length);
+  delete m;
+}
+
+// Maps whole huge pages, 2 MiB-aligned, advised MADV_HUGEPAGE; small requests and failures go to the
+// default CPU allocator.
+struct HugePageAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    if (n < static_cast<size_t>(kLargeAllocBytes)) return c10::GetDefaultCPUAllocator()->allocate(n);
+    const size_t length = (n + kHugePage - 1) / kHugePage * kHugePage;
+    void* raw = mmap(nullptr, length + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return c10::GetDefaultCPUAllocator()->allocate(n);
+    // Keep the aligned [base, base + length) and return the rest.
+    const uintptr_t at = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t base = (at + kHugePage - 1) / kHugePage * kHugePage;
+    if (base > at) munmap(raw, base - at);
+    const uintptr_t tail = base + length, end = at + length + kHugePage;
+    if (end > tail) munmap(reinterpret_cast<void*>(tail), end - tail);
+    void* data = reinterpret_cast<void*>(base);
+    madvise(data, length, MADV_HUGEPAGE);  // advice only: a refusal leaves ordinary pages
+    return {data, new Mapping{data, length}, &unmap, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+};
+
+HugePageAllocator huge_page_allocator;
+#endif
+
+}  // namespace
+
+at::Tensor empty_large(c10::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__)
+  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
+  if (options.device().is_cpu() && bytes >= kLargeAllocBytes)
+    return at::detail::empty_generic(sizes, &huge_page_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(), c10::nullopt);
+#endif
+  return at::empty(sizes, options);
+}
+
+}  // namespace patchblend
