@@ -215,17 +215,17 @@ struct RowStore {
   }
 };
 
-// num[ch * len + j] += w_n(l0, l1, l2_lo + j) * p[ch * patch_volume + j] for j < m and every channel, where
-// p is channel 0's row of patch n at (l0, l1, l2_lo): one RowAccumulate per grid-cell run and channel, so
-// that no weight row is written.
+// num[ch * stride + j] += w_n(l0, l1, l2_lo + j) * p[ch * patch_volume + j] for j < m and every channel,
+// where p is channel 0's row of patch n at (l0, l1, l2_lo): one RowAccumulate per grid-cell run and channel,
+// so that no weight row is written.
 template <typename scalar_t, typename acc_t>
 PB_HOST_DEVICE void accumulate_patch_row(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, int64_t l0, int64_t l1,
-                                         int64_t l2_lo, int64_t m, const scalar_t* p, acc_t* num, int64_t len) {
+                                         int64_t l2_lo, int64_t m, const scalar_t* p, acc_t* num, int64_t stride) {
   const acc_t* imp = importance_row(pr, l0, l1, l2_lo);
   const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
   for_each_cell_run(pr, n, l0, l1, l2_lo, m, [&](int64_t lo, int64_t hi, acc_t v) {
     for (int64_t ch = 0; ch < pr.c; ++ch)
-      RowAccumulate<scalar_t, acc_t>::run(num + ch * len + lo, v, imp == nullptr ? nullptr : imp + lo,
+      RowAccumulate<scalar_t, acc_t>::run(num + ch * stride + lo, v, imp == nullptr ? nullptr : imp + lo,
                                           p + ch * patch_volume + lo, hi - lo);
   });
 }
@@ -423,29 +423,32 @@ PB_HOST_DEVICE void stream_voxel(const BlendProblem<scalar_t, acc_t>& pr, const 
   }
 }
 
-// Per-voxel facts of one row run in stream mode, as 0/1 masks (so that the loops using them vectorise):
-// seen (an earlier batch has written the running sum), finishes (a window of the batch covers the voxel and
-// none after it does) and divisor (the window count where the voxel finishes in "count" mode, else 1;
-// division by 1 is exact). They are constant along each coverage segment and depend on the row only through
-// (f0, e0, f1, e1), which consecutive rows share, so the CPU kernel keeps them between rows (`key`).
-// Memory (len entries each) is the caller's.
+// The coverage segments of one row run in stream mode: segment k is [xa + start[k], xa + start[k + 1]) and
+// has one set of covering windows, so one value of: seen (an earlier batch has written the running sum),
+// finishes (a window of the batch covers it and none after it does) and divisor (the window count where it
+// finishes in "count" mode, else 1). They depend on the row only through (f0, e0, f1, e1), which consecutive
+// rows share, so the CPU kernel keeps them between rows (`key`). Memory (xb - xa + 1 entries each) is the
+// caller's.
 template <typename acc_t>
-struct StreamMasks {
+struct StreamSegments {
   int64_t key[6] = {-1, -1, -1, -1, -1, -1};
-  acc_t* seen;
-  acc_t* finishes;
+  int64_t count = 0;
+  int64_t* start;
+  bool* seen;
+  bool* finishes;
   acc_t* divisor;
 };
 
 template <typename scalar_t, typename acc_t>
-PB_HOST_DEVICE void stream_masks(const BlendProblem<scalar_t, acc_t>& pr, const LatticeRow& r, int64_t xa, int64_t xb,
-                                 StreamMasks<acc_t>& mk) {
+PB_HOST_DEVICE void stream_segments(const BlendProblem<scalar_t, acc_t>& pr, const LatticeRow& r, int64_t xa,
+                                    int64_t xb, StreamSegments<acc_t>& sg) {
   const int64_t key[6] = {r.f0, r.e0, r.f1, r.e1, xa, xb};
   bool same = true;
-  for (int k = 0; k < 6; ++k) same = same && mk.key[k] == key[k];
+  for (int k = 0; k < 6; ++k) same = same && sg.key[k] == key[k];
   if (same) return;
   const IndexView& ix = pr.index;
-  for (int64_t x = xa; x < xb;) {  // one coverage segment at a time
+  sg.count = 0;
+  for (int64_t x = xa; x < xb;) {
     const int64_t end = ix.coverage_end[x] < xb ? ix.coverage_end[x] : xb;
     const int64_t f2 = ix.first[2][x], e2 = ix.last[2][x];
     bool touched = false, seen = false, finishes = false;
@@ -461,58 +464,49 @@ PB_HOST_DEVICE void stream_masks(const BlendProblem<scalar_t, acc_t>& pr, const 
       finishes = touched && lattice_window(ix, r.e0 - 1, r.e1 - 1, e2 - 1) < pr.stream_end;
       if (finishes && pr.normalize == kCount) divisor = acc_t(lattice_count(r, f2, e2));  // >= 1
     }
-    for (int64_t k = x - xa; k < end - xa; ++k) {
-      mk.seen[k] = acc_t(seen);
-      mk.finishes[k] = acc_t(finishes);
-      mk.divisor[k] = divisor;
-    }
+    sg.start[sg.count] = x - xa;
+    sg.seen[sg.count] = seen;
+    sg.finishes[sg.count] = finishes;
+    sg.divisor[sg.count] = divisor;
+    ++sg.count;
     x = end;
   }
-  for (int k = 0; k < 6; ++k) mk.key[k] = key[k];
+  sg.start[sg.count] = xb - xa;
+  for (int k = 0; k < 6; ++k) sg.key[k] = key[k];
 }
 
-// "weight" write-back of stream_run: o = finalize_voxel(acc, sums) where the voxel finishes, else acc.
-// d is the weight sum where it finishes, else 1 (both exact, finishes being 0 or 1), so that the loop is
-// branch-free and vectorises.
-template <typename acc_t>
-PB_HOST_DEVICE void stream_finish_weight(acc_t* __restrict__ o, const acc_t* __restrict__ acc,
-                                         const acc_t* __restrict__ sums, const acc_t* __restrict__ finishes,
-                                         int64_t len) {
-  for (int64_t j = 0; j < len; ++j) {
-    const acc_t d = sums[j] * finishes[j] + (acc_t(1) - finishes[j]);
-    const acc_t q = acc[j] / (d + acc_t(d == acc_t(0)));
-    o[j] = d > acc_t(0) ? q : acc_t(0);
-  }
-}
-
-// Stream mode for the run [xa, xb) of output row (v0, v1) (the CPU kernel's unit of work): the same terms
-// in the same order per voxel as stream_voxel, so bitwise the same.
-// Scratch: num [C * (xb - xa)], den and w [xb - xa] each, and the masks (see StreamMasks).
+// Stream mode for the run [xa, xb) of output row (v0, v1) (the CPU kernel's unit of work), in place in the
+// running buffer: the same terms in the same order per voxel as stream_voxel, so bitwise the same.
+//   1. a voxel no earlier batch wrote starts from 0 (written; for one the batch does not touch that is also
+//      right: no window covers it, or its first window is in a later batch, which starts from 0 unread);
+//   2. the batch's terms are added to the running sums;
+//   3. where the voxel finishes: divided by its count ("count"), or finalize_voxel with its weight sum
+//      ("weight"); x / 1 being exact, segments with divisor 1 are left as they are.
+// Scratch: den and w [xb - xa] each ("weight"), and the segments (see StreamSegments).
 template <typename scalar_t, typename acc_t>
 PB_HOST_DEVICE void stream_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v0, int64_t v1, int64_t xa,
-                               int64_t xb, acc_t* num, acc_t* den, acc_t* w, StreamMasks<acc_t>& mk) {
+                               int64_t xb, acc_t* den, acc_t* w, StreamSegments<acc_t>& sg) {
   const IndexView& ix = pr.index;
   const LatticeRow r = lattice_row(ix, v0, v1);
   if (!r.covered) return;
   const int64_t len = xb - xa;
   const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
   const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
-  const int64_t row = (v0 * pr.O[1] + v1) * pr.O[2] + xa;
+  acc_t* const row = pr.sum_out + (v0 * pr.O[1] + v1) * pr.O[2] + xa;  // channel 0; channels out_volume apart
   const bool uniform = pr.weights == nullptr && pr.importance == nullptr;
-  stream_masks(pr, r, xa, xb, mk);
-  const acc_t* __restrict__ seen = mk.seen;
-  const acc_t* __restrict__ finishes = mk.finishes;
-  const acc_t* __restrict__ divisor = mk.divisor;
+  stream_segments(pr, r, xa, xb, sg);
 
   // Weight sums are needed only if some voxel of the run finishes in this batch. L(x) does not decrease
   // with x, so test x = xa (an uncovered xa gives a lower bound, which only makes the test conservative).
   const bool weight_den = pr.normalize == kWeight &&
                           lattice_window(ix, r.e0 - 1, r.e1 - 1, ix.last[2][xa] - 1) < pr.stream_end;
   if (weight_den) for (int64_t j = 0; j < len; ++j) den[j] = acc_t(0);
-  for (int64_t ch = 0; ch < pr.c; ++ch) {  // start from the running sums, or 0
-    const acc_t* __restrict__ running = pr.sum_out + ch * out_volume + row;
-    acc_t* __restrict__ acc = num + ch * len;
-    for (int64_t j = 0; j < len; ++j) acc[j] = seen[j] != acc_t(0) ? running[j] : acc_t(0);
+  for (int64_t k = 0; k < sg.count; ++k) {
+    if (sg.seen[k]) continue;
+    for (int64_t ch = 0; ch < pr.c; ++ch) {
+      acc_t* __restrict__ o = row + ch * out_volume;
+      for (int64_t j = sg.start[k]; j < sg.start[k + 1]; ++j) o[j] = acc_t(0);
+    }
   }
   for_each_covering_run(ix, pr.P, v0, v1, xa, xb,
                         [&](int64_t n, int64_t l0, int64_t l1, int64_t x_lo, int64_t x_hi, int64_t l2_lo) {
@@ -530,20 +524,24 @@ PB_HOST_DEVICE void stream_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t 
                           if (!in_batch) return;
                           const scalar_t* p = pr.patches + (n - pr.stream_first) * pr.c * patch_volume +
                                               (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
-                          accumulate_patch_row(pr, n, l0, l1, l2_lo, m, p, num + off, len);
+                          accumulate_patch_row(pr, n, l0, l1, l2_lo, m, p, row + off, out_volume);
                         },
                         weight_den ? -1 : pr.stream_first, weight_den ? -1 : pr.stream_end);
-  // Write back every voxel of the run: the finished value where it finishes (finalize_voxel's values,
-  // branch-free), else the running sum. A voxel the batch does not touch gets back what it had if an earlier
-  // batch wrote it (acc = running, divisor 1), else 0, which is also right: either no window covers it, or
-  // its first window is in a later batch, which starts from 0 without reading it.
-  for (int64_t ch = 0; ch < pr.c; ++ch) {
-    acc_t* __restrict__ o = pr.sum_out + ch * out_volume + row;
-    const acc_t* __restrict__ acc = num + ch * len;
-    if (pr.normalize == kWeight && weight_den) {
-      stream_finish_weight(o, acc, den, finishes, len);
-    } else {  // "count" and "none" (divisor 1), and "weight" where nothing finishes (divisor 1)
-      for (int64_t j = 0; j < len; ++j) o[j] = acc[j] / divisor[j];
+  for (int64_t k = 0; k < sg.count; ++k) {
+    if (!sg.finishes[k]) continue;
+    const int64_t lo = sg.start[k], hi = sg.start[k + 1];
+    for (int64_t ch = 0; ch < pr.c; ++ch) {
+      acc_t* __restrict__ o = row + ch * out_volume;
+      if (pr.normalize == kWeight) {  // finishes implies weight_den (see above)
+        // finalize_voxel, branch-free: a zero weight sum gives 0
+        for (int64_t j = lo; j < hi; ++j) {
+          const acc_t q = o[j] / (den[j] + acc_t(den[j] == acc_t(0)));
+          o[j] = den[j] > acc_t(0) ? q : acc_t(0);
+        }
+      } else if (sg.divisor[k] != acc_t(1)) {
+        const acc_t d = sg.divisor[k];
+        for (int64_t j = lo; j < hi; ++j) o[j] = o[j] / d;
+      }
     }
   }
 }

@@ -1,6 +1,7 @@
 // CPU kernels: a parallel loop over output rows calling the shared per-voxel gather (blend_voxel.h).
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__F16C__) && defined(__AVX__)
@@ -74,11 +75,15 @@ void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
     acc_t* den = num + channels * width;
     acc_t* w = den + width;
     const bool stream = pr.stream_first >= 0;
-    std::vector<acc_t> mask_memory(stream ? 3 * width : 0);
-    StreamMasks<acc_t> masks;
-    masks.seen = mask_memory.data();
-    masks.finishes = masks.seen + width;
-    masks.divisor = masks.finishes + width;
+    const size_t segments = stream ? static_cast<size_t>(width + 1) : 0;
+    std::vector<int64_t> segment_start(segments);
+    std::unique_ptr<bool[]> segment_flags(new bool[2 * segments]);
+    std::vector<acc_t> segment_divisor(segments);
+    StreamSegments<acc_t> sg;
+    sg.start = segment_start.data();
+    sg.seen = segment_flags.get();
+    sg.finishes = sg.seen + segments;
+    sg.divisor = segment_divisor.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t v0 = pr.lo[0] + r / rows1, v1 = pr.lo[1] + r % rows1;
       if (per_voxel) {
@@ -91,7 +96,7 @@ void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
       }
       for (int64_t xa = pr.lo[2]; xa < pr.hi[2];) {
         const int64_t xb = std::min(segment_end(pr.index, xa), pr.hi[2]);
-        if (stream) stream_run(pr, v0, v1, xa, xb, num, den, w, masks);
+        if (stream) stream_run(pr, v0, v1, xa, xb, den, w, sg);
         else blend_run(pr, v0, v1, xa, xb, num, den, w);
         xa = xb;
       }
