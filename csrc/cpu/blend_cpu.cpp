@@ -1,4 +1,5 @@
 // CPU kernels: a parallel loop over output rows calling the shared per-voxel gather (blend_voxel.h).
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -60,6 +61,31 @@ bool use_voxel_kernel() {
   return flag != nullptr && std::strcmp(flag, "voxel") == 0;
 }
 
+// Work sharing for a shared machine: [0, total) is handed out in chunks of `grain` on demand (an atomic
+// counter) rather than as one fixed share per thread, so that a thread the machine stalls does not hold
+// the others up. per_thread(queue) runs once on each thread: it sets up its scratch, then takes chunks.
+class ChunkQueue {
+ public:
+  ChunkQueue(int64_t total, int64_t grain) : total_(total), grain_(std::max<int64_t>(grain, 1)) {}
+  bool take(int64_t& begin, int64_t& end) {  // the next chunk; false when none is left
+    begin = next_.fetch_add(1) * grain_;
+    end = std::min(total_, begin + grain_);
+    return begin < total_;
+  }
+  int64_t chunks() const { return (total_ + grain_ - 1) / grain_; }
+
+ private:
+  const int64_t total_, grain_;
+  std::atomic<int64_t> next_{0};
+};
+
+template <typename PerThread>
+void parallel_chunks(int64_t total, int64_t grain, const PerThread& per_thread) {
+  ChunkQueue queue(total, grain);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), queue.chunks()));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { per_thread(queue); });
+}
+
 template <typename scalar_t, typename acc_t>
 void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
   const int64_t rows0 = pr.hi[0] - pr.lo[0], rows1 = pr.hi[1] - pr.lo[1];
@@ -68,13 +94,14 @@ void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
   const int64_t width = pr.hi[2] - pr.lo[2];
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width * std::max<int64_t>(pr.c, 1), 1));
   const bool per_voxel = use_voxel_kernel();
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  const bool stream = pr.stream_first >= 0;
+  // Values do not depend on which thread does a row.
+  parallel_chunks(rows, grain, [&](ChunkQueue& queue) {
     const int64_t channels = (pr.out != nullptr || pr.sum_out != nullptr) ? pr.c : 0;
     std::vector<acc_t> scratch(static_cast<size_t>((channels + 2) * width));  // num, den, w
     acc_t* num = scratch.data();
     acc_t* den = num + channels * width;
     acc_t* w = den + width;
-    const bool stream = pr.stream_first >= 0;
     const size_t segments = stream ? static_cast<size_t>(width + 1) : 0;
     std::vector<int64_t> segment_start(segments);
     std::unique_ptr<bool[]> segment_flags(new bool[2 * segments]);
@@ -84,15 +111,14 @@ void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
     sg.seen = segment_flags.get();
     sg.finishes = sg.seen + segments;
     sg.divisor = segment_divisor.data();
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t v0 = pr.lo[0] + r / rows1, v1 = pr.lo[1] + r % rows1;
+    auto blend_row = [&](int64_t v0, int64_t v1) {
       if (per_voxel) {
         for (int64_t x = pr.lo[2]; x < pr.hi[2]; ++x) {
           const int64_t v[3] = {v0, v1, x};
           if (stream) stream_voxel(pr, v);
           else blend_voxel(pr, v);
         }
-        continue;
+        return;
       }
       for (int64_t xa = pr.lo[2]; xa < pr.hi[2];) {
         const int64_t xb = std::min(segment_end(pr.index, xa), pr.hi[2]);
@@ -100,7 +126,9 @@ void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
         else blend_run(pr, v0, v1, xa, xb, num, den, w);
         xa = xb;
       }
-    }
+    };
+    for (int64_t begin, end; queue.take(begin, end);)
+      for (int64_t r = begin; r < end; ++r) blend_row(pr.lo[0] + r / rows1, pr.lo[1] + r % rows1);
   });
 }
 
@@ -206,30 +234,33 @@ at::Tensor extract_cpu(const at::Tensor& volume, const at::Tensor& coords, c10::
   const int64_t item = vol.element_size();
   const char* src = static_cast<const char*>(vol.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, n * c * P[0], 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t l0 = r % P[0], ch = (r / P[0]) % c, i = r / (P[0] * c);
-      const int64_t x0 = co[3 * i] + l0;
-      char* block = dst + r * P[1] * P[2] * item;
-      const int64_t x2_lo = std::max<int64_t>(co[3 * i + 2], 0), x2_hi = std::min<int64_t>(co[3 * i + 2] + P[2], O[2]);
-      if (x0 < 0 || x0 >= O[0] || x2_lo >= x2_hi) {  // the whole P1 × P2 block lies outside
-        std::memset(block, 0, P[1] * P[2] * item);
+  // Block r = (window i, channel ch, local l0): the P1 x P2 rows of one window plane.
+  auto copy_block = [&](int64_t r) {
+    const int64_t l0 = r % P[0], ch = (r / P[0]) % c, i = r / (P[0] * c);
+    const int64_t x0 = co[3 * i] + l0;
+    char* block = dst + r * P[1] * P[2] * item;
+    const int64_t x2_lo = std::max<int64_t>(co[3 * i + 2], 0), x2_hi = std::min<int64_t>(co[3 * i + 2] + P[2], O[2]);
+    if (x0 < 0 || x0 >= O[0] || x2_lo >= x2_hi) {  // the whole P1 × P2 block lies outside
+      std::memset(block, 0, P[1] * P[2] * item);
+      return;
+    }
+    const int64_t head = x2_lo - co[3 * i + 2], body = x2_hi - x2_lo, tail = P[2] - head - body;
+    for (int64_t l1 = 0; l1 < P[1]; ++l1) {
+      char* to = block + l1 * P[2] * item;
+      const int64_t x1 = co[3 * i + 1] + l1;
+      if (x1 < 0 || x1 >= O[1]) {
+        std::memset(to, 0, P[2] * item);
         continue;
       }
-      const int64_t head = x2_lo - co[3 * i + 2], body = x2_hi - x2_lo, tail = P[2] - head - body;
-      for (int64_t l1 = 0; l1 < P[1]; ++l1) {
-        char* to = block + l1 * P[2] * item;
-        const int64_t x1 = co[3 * i + 1] + l1;
-        if (x1 < 0 || x1 >= O[1]) {
-          std::memset(to, 0, P[2] * item);
-          continue;
-        }
-        const int64_t from = ((ch * O[0] + x0) * O[1] + x1) * O[2] + x2_lo;
-        if (head > 0) std::memset(to, 0, head * item);
-        std::memcpy(to + head * item, src + from * item, body * item);
-        if (tail > 0) std::memset(to + (head + body) * item, 0, tail * item);
-      }
+      const int64_t from = ((ch * O[0] + x0) * O[1] + x1) * O[2] + x2_lo;
+      if (head > 0) std::memset(to, 0, head * item);
+      std::memcpy(to + head * item, src + from * item, body * item);
+      if (tail > 0) std::memset(to + (head + body) * item, 0, tail * item);
     }
+  };
+  parallel_chunks(n * c * P[0], 16, [&](ChunkQueue& queue) {
+    for (int64_t begin, end; queue.take(begin, end);)
+      for (int64_t r = begin; r < end; ++r) copy_block(r);
   });
   return out;
 }
