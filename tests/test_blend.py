@@ -129,8 +129,9 @@ def test_zero_patches_gives_zeros():
 @st.composite
 def blend_cases(draw):
     nd = draw(st.sampled_from([3, 3, 2]))
-    patch = tuple(draw(st.integers(1, 6)) for _ in range(nd))
-    out_shape = tuple(draw(st.integers(1, 12)) for _ in range(nd))
+    # the last axis long enough, at times, for the vectorised row loops (8 floats per step) to run
+    patch = tuple(draw(st.integers(1, 6)) for _ in range(nd - 1)) + (draw(st.integers(1, 20)),)
+    out_shape = tuple(draw(st.integers(1, 12)) for _ in range(nd - 1)) + (draw(st.integers(1, 40)),)
     n = draw(st.integers(0, 7))
     c = draw(st.integers(1, 3))
     if draw(st.booleans()) and n > 0:  # a sliding-window lattice (the fast path)
@@ -441,3 +442,25 @@ def test_opcheck_blend_add():
         torch.library.opcheck(torch.ops.patchblend.blend_add_.default,
                               (total, den, p.detach(), w.detach(), coords, imp, normalize),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5), torch.float16), ((9, 1024, 1024), torch.float32),
+                                          ((2, 64, 64, 1024), torch.int64), ((40 << 20,), torch.bool)])
+def test_empty_output_is_an_ordinary_tensor(shape, dtype):
+    """Large outputs live in their own huge-page mapping (compiled backend): still a normal, writable,
+    resizable, contiguous CPU tensor whose memory is released with it."""
+    from patchblend.ops import empty_output, zeros_output
+
+    t = empty_output(shape, dtype, "cpu")
+    assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+    nbytes = t.numel() * t.element_size()
+    if COMPILED and nbytes >= 32 << 20 and sys.platform.startswith("linux"):
+        assert t.data_ptr() % (2 << 20) == 0  # its own 2 MiB-aligned mapping
+    t.fill_(1)
+    assert int(t.sum()) == t.numel()
+    t.resize_(t.numel() + 1000)  # storage grows through the same allocator
+    t[-1] = 0
+    assert int(t[: t.numel() - 1000].sum()) == t.numel() - 1000
+    z = zeros_output(shape, dtype, "cpu")
+    assert not z.any()
+    del t, z

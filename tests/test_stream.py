@@ -23,8 +23,9 @@ def raster_lattice(axes):
 @st.composite
 def stream_cases(draw):
     nd = draw(st.sampled_from([2, 3]))
-    out_shape = tuple(draw(st.integers(1, 12)) for _ in range(nd))
-    patch = tuple(draw(st.integers(1, 6)) for _ in range(nd))
+    # the last axis long enough, at times, for the vectorised row loops (8 floats per step) to run
+    out_shape = tuple(draw(st.integers(1, 12)) for _ in range(nd - 1)) + (draw(st.integers(1, 40)),)
+    patch = tuple(draw(st.integers(1, 6)) for _ in range(nd - 1)) + (draw(st.integers(1, 20)),)
     axes = []
     for o, p in zip(out_shape, patch):
         # steps may leave gaps; starts may lie outside the output (clipped windows)
