@@ -161,6 +161,7 @@ BlendProblem<scalar_t, acc_t> make_problem(const BlendInputs& in, const int64_t*
   pr.accumulate = false;
   pr.n = in.n;
   pr.c = c;
+  pr.window_stride = c * in.P[0] * in.P[1] * in.P[2];
   for (int a = 0; a < 3; ++a) {
     pr.P[a] = in.P[a];
     pr.G[a] = in.G[a];

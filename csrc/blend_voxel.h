@@ -37,6 +37,8 @@ struct BlendProblem {
   acc_t* den_out;            // [O0, O1, O2] or nullptr: denominator, written (or added, in accumulate mode)
   bool accumulate;           // add into sum_out / den_out instead of writing
   int64_t n, c;
+  int64_t window_stride;     // elements from one patch to the next in `patches`: C * P0 * P1 * P2 (a problem
+                             // restricted to one channel keeps it while c = 1)
   int64_t P[3], G[3], O[3];
   int64_t lo[3], hi[3];      // the box of output voxels to compute (the whole output unless accumulating)
   int normalize;
@@ -186,7 +188,7 @@ PB_HOST_DEVICE void blend_voxel(const BlendProblem<scalar_t, acc_t>& pr, const i
     acc_t num = acc_t(0);
     for_each_covering_run(pr.index, pr.P, v[0], v[1], v[2], v[2] + 1,
                           [&](int64_t n, int64_t l0, int64_t l1, int64_t, int64_t, int64_t l2) {
-                            const int64_t at = (n * pr.c + ch) * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2;
+                            const int64_t at = n * pr.window_stride + ch * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2;
                             num += patch_voxel_weight(pr, n, l0, l1, l2) * static_cast<acc_t>(pr.patches[at]);
                           });
     if (pr.sum_out != nullptr) pr.sum_out[ch * out_volume + vox] += num;
@@ -306,7 +308,7 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
                             }
                           }
                           if (channels > 0) {
-                            const scalar_t* p = pr.patches + n * pr.c * patch_volume + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
+                            const scalar_t* p = pr.patches + n * pr.window_stride + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
                             accumulate_patch_row(pr, n, l0, l1, l2_lo, m, p, num + off, len);
                           }
                         });
@@ -415,7 +417,7 @@ PB_HOST_DEVICE void stream_voxel(const BlendProblem<scalar_t, acc_t>& pr, const 
     for_each_covering_run(ix, pr.P, v[0], v[1], x, x + 1,
                           [&](int64_t n, int64_t l0, int64_t l1, int64_t, int64_t, int64_t l2) {
                             if (n < pr.stream_first || n >= pr.stream_end) return;
-                            const int64_t at = ((n - pr.stream_first) * pr.c + ch) * patch_volume +
+                            const int64_t at = (n - pr.stream_first) * pr.window_stride + ch * patch_volume +
                                                (l0 * pr.P[1] + l1) * pr.P[2] + l2;
                             acc += patch_voxel_weight(pr, n, l0, l1, l2) * static_cast<acc_t>(pr.patches[at]);
                           });
@@ -522,7 +524,7 @@ PB_HOST_DEVICE void stream_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t 
                             }
                           }
                           if (!in_batch) return;
-                          const scalar_t* p = pr.patches + (n - pr.stream_first) * pr.c * patch_volume +
+                          const scalar_t* p = pr.patches + (n - pr.stream_first) * pr.window_stride +
                                               (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
                           accumulate_patch_row(pr, n, l0, l1, l2_lo, m, p, row + off, out_volume);
                         },

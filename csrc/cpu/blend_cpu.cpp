@@ -87,7 +87,7 @@ void parallel_chunks(int64_t total, int64_t grain, const PerThread& per_thread) 
 }
 
 template <typename scalar_t, typename acc_t>
-void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
+void run_rows(const BlendProblem<scalar_t, acc_t>& pr) {
   const int64_t rows0 = pr.hi[0] - pr.lo[0], rows1 = pr.hi[1] - pr.lo[1];
   if (rows0 <= 0 || rows1 <= 0 || pr.hi[2] <= pr.lo[2]) return;
   const int64_t rows = rows0 * rows1;
@@ -130,6 +130,30 @@ void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
     for (int64_t begin, end; queue.take(begin, end);)
       for (int64_t r = begin; r < end; ++r) blend_row(pr.lo[0] + r / rows1, pr.lo[1] + r % rows1);
   });
+}
+
+// Several channels: when the denominator costs next to nothing per row (a lattice's "count", or "none"),
+// one channel after the other. A row then reads one channel of each covering patch instead of all of them:
+// C times fewer concurrent memory streams, which the hardware prefetchers can follow (16 channels on 2
+// threads: 1.6x faster). Channels do not interact, so the values are the same.
+template <typename scalar_t, typename acc_t>
+void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
+  const bool cheap_den = pr.normalize == kNone || (pr.normalize == kCount && pr.index.is_lattice);
+  if (pr.c <= 1 || !cheap_den || (pr.out == nullptr && pr.sum_out == nullptr)) {
+    run_rows(pr);
+    return;
+  }
+  const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
+  const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
+  for (int64_t ch = 0; ch < pr.c; ++ch) {
+    BlendProblem<scalar_t, acc_t> one = pr;
+    one.c = 1;
+    one.patches = pr.patches + ch * patch_volume;  // window_stride stays C * patch_volume
+    if (pr.out != nullptr) one.out = pr.out + ch * out_volume;
+    if (pr.sum_out != nullptr) one.sum_out = pr.sum_out + ch * out_volume;
+    if (ch > 0) one.den_out = nullptr;  // written (or added) once
+    run_rows(one);
+  }
 }
 
 at::Tensor blend_cpu(const at::Tensor& patches, const c10::optional<at::Tensor>& weights, const at::Tensor& coords,

@@ -54,6 +54,7 @@ cudaError_t launch_typed(const CudaBlendArgs& a, cudaStream_t stream) {
   pr.accumulate = a.accumulate;
   pr.n = a.n;
   pr.c = a.c;
+  pr.window_stride = a.c * a.P[0] * a.P[1] * a.P[2];
   for (int i = 0; i < 3; ++i) {
     pr.P[i] = a.P[i];
     pr.G[i] = a.G[i];
