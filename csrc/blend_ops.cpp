@@ -39,4 +39,6 @@ TORCH_LIBRARY(patchblend, m) {
   // pages, for outputs and running sums (csrc/cpu/large_alloc.h). No tensor arguments: registered under
   // CompositeExplicitAutograd, which the dispatcher uses for such ops.
   m.def("empty_large(SymInt[] size, ScalarType dtype) -> Tensor");
+  // Frees the one large block empty_large keeps for reuse; returns its size in bytes.
+  m.def("release_cached_output() -> int");
 }

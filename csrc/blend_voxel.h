@@ -266,13 +266,24 @@ PB_HOST_DEVICE void lattice_counts(const IndexView& ix, int64_t v0, int64_t v1, 
   }
 }
 
-// Blend the run [xa, xb) of output row (v0, v1), one segment (see for_each_covering_run): the CPU
-// kernel's unit of work. Same terms, same order per voxel as blend_voxel, so the result is bitwise the
-// same; the loop order (patch outside, contiguous x inside) lets the compiler vectorise.
-// Scratch: num [C * (xb - xa)], den and w [xb - xa] each.
+// Whether blend_run may take several rows at once: a lattice whose denominator does not come from the
+// visits ("count", from the window counts, or "none").
 template <typename scalar_t, typename acc_t>
-PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v0, int64_t v1, int64_t xa,
-                              int64_t xb, acc_t* num, acc_t* den, acc_t* w) {
+PB_HOST_DEVICE bool blocks_of_rows(const BlendProblem<scalar_t, acc_t>& pr) {
+  return pr.index.is_lattice && pr.stream_first < 0 && (pr.normalize == kCount || pr.normalize == kNone);
+}
+
+// Blend the run [xa, xb) of the `rows` output rows (v0, v1 + k), k < rows, one segment each (see
+// for_each_covering_run): the CPU kernel's unit of work. Several rows only where blocks_of_rows holds
+// and the rows have the same covering windows (on a lattice: the same first/last window along axis 1);
+// each patch then adds its `rows` consecutive local rows, which lie one after the other in memory, in
+// one go, a sequential read that the hardware prefetchers follow. Same terms, same order per voxel as
+// blend_voxel, so the result is bitwise the same; the loop order (patch outside, contiguous x inside)
+// lets the compiler vectorise.
+// Scratch: num [rows * C * (xb - xa)], den and w [xb - xa] each.
+template <typename scalar_t, typename acc_t>
+PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v0, int64_t v1, int64_t rows,
+                              int64_t xa, int64_t xb, acc_t* num, acc_t* den, acc_t* w) {
   const IndexView& ix = pr.index;
   const int64_t len = xb - xa;
   const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
@@ -283,7 +294,7 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
   const bool counted = pr.normalize == kCount && ix.is_lattice;
   for (int64_t j = 0; j < len; ++j) den[j] = acc_t(0);
   bool partial = false;  // some patch covered only part of the run
-  for (int64_t j = 0; j < channels * len; ++j) num[j] = acc_t(0);
+  for (int64_t j = 0; j < rows * channels * len; ++j) num[j] = acc_t(0);
 
   // Patches covering the whole run in "count" mode add 1 to every voxel: counted once in `whole`
   // (integer-valued, so the sum is exact and the result equals the per-voxel one bitwise).
@@ -309,7 +320,9 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
                           }
                           if (channels > 0) {
                             const scalar_t* p = pr.patches + n * pr.window_stride + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
-                            accumulate_patch_row(pr, n, l0, l1, l2_lo, m, p, num + off, len);
+                            for (int64_t k = 0; k < rows; ++k)
+                              accumulate_patch_row(pr, n, l0, l1 + k, l2_lo, m, p + k * pr.P[2],
+                                                   num + k * channels * len + off, len);
                           }
                         });
   if (counted) {
@@ -321,45 +334,48 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
     for (int64_t j = 0; j < len; ++j) den[j] += whole;
   }
 
-  const int64_t row = (v0 * pr.O[1] + v1) * pr.O[2] + xa;
   const bool den_per_voxel = partial || pr.normalize != kCount;
-  if (pr.den_out != nullptr && pr.accumulate) {
-    for (int64_t j = 0; j < len; ++j) pr.den_out[row + j] += den_per_voxel ? den[j] : whole;
-  } else if (pr.den_out != nullptr) {
-    for (int64_t j = 0; j < len; ++j) pr.den_out[row + j] = den_per_voxel ? den[j] : whole;
-  }
-  if (pr.sum_out != nullptr) {  // accumulate mode: add the weighted sums, no normalisation
-    for (int64_t ch = 0; ch < channels; ++ch) {
-      acc_t* __restrict__ o = pr.sum_out + ch * out_volume + row;
-      const acc_t* __restrict__ acc = num + ch * len;
-      for (int64_t j = 0; j < len; ++j) o[j] += acc[j];
+  for (int64_t k = 0; k < rows; ++k) {
+    const int64_t row = (v0 * pr.O[1] + v1 + k) * pr.O[2] + xa;
+    acc_t* const num_k = num + k * channels * len;
+    if (pr.den_out != nullptr && pr.accumulate) {
+      for (int64_t j = 0; j < len; ++j) pr.den_out[row + j] += den_per_voxel ? den[j] : whole;
+    } else if (pr.den_out != nullptr) {
+      for (int64_t j = 0; j < len; ++j) pr.den_out[row + j] = den_per_voxel ? den[j] : whole;
     }
-    return;
-  }
-  // finalize_voxel, written without branches on the data so that the loops vectorise; the values are
-  // the same: a zero denominator is replaced by 1 before dividing (its numerator is 0 in "count" mode),
-  // and "weight" mode selects 0 where the weight sum is 0.
-  // The normalised values go straight to the output when it is acc_t, else back into the scratch row
-  // and then through RowStore (the same static_cast, vectorised where a backend specialises it).
-  for (int64_t ch = 0; ch < channels; ++ch) {
-    acc_t* acc = num + ch * len;
-    acc_t* o;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) o = pr.out + ch * out_volume + row;
-    else o = acc;
-    if (pr.normalize == kNone) {
-      for (int64_t j = 0; j < len; ++j) o[j] = acc[j];
-    } else if (pr.normalize == kCount && !partial) {
-      const acc_t d = whole > acc_t(1) ? whole : acc_t(1);
-      for (int64_t j = 0; j < len; ++j) o[j] = acc[j] / d;
-    } else if (pr.normalize == kCount) {
-      for (int64_t j = 0; j < len; ++j) o[j] = acc[j] / (den[j] + acc_t(den[j] == acc_t(0)));
-    } else {
-      for (int64_t j = 0; j < len; ++j) {
-        const acc_t q = acc[j] / (den[j] + acc_t(den[j] == acc_t(0)));
-        o[j] = den[j] > acc_t(0) ? q : acc_t(0);
+    if (pr.sum_out != nullptr) {  // accumulate mode: add the weighted sums, no normalisation
+      for (int64_t ch = 0; ch < channels; ++ch) {
+        acc_t* __restrict__ o = pr.sum_out + ch * out_volume + row;
+        const acc_t* __restrict__ acc = num_k + ch * len;
+        for (int64_t j = 0; j < len; ++j) o[j] += acc[j];
       }
+      continue;
     }
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) RowStore<scalar_t, acc_t>::run(acc, len, pr.out + ch * out_volume + row);
+    // finalize_voxel, written without branches on the data so that the loops vectorise; the values are
+    // the same: a zero denominator is replaced by 1 before dividing (its numerator is 0 in "count" mode),
+    // and "weight" mode selects 0 where the weight sum is 0.
+    // The normalised values go straight to the output when it is acc_t, else back into the scratch row
+    // and then through RowStore (the same static_cast, vectorised where a backend specialises it).
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      acc_t* acc = num_k + ch * len;
+      acc_t* o;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) o = pr.out + ch * out_volume + row;
+      else o = acc;
+      if (pr.normalize == kNone) {
+        for (int64_t j = 0; j < len; ++j) o[j] = acc[j];
+      } else if (pr.normalize == kCount && !partial) {
+        const acc_t d = whole > acc_t(1) ? whole : acc_t(1);
+        for (int64_t j = 0; j < len; ++j) o[j] = acc[j] / d;
+      } else if (pr.normalize == kCount) {
+        for (int64_t j = 0; j < len; ++j) o[j] = acc[j] / (den[j] + acc_t(den[j] == acc_t(0)));
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          const acc_t q = acc[j] / (den[j] + acc_t(den[j] == acc_t(0)));
+          o[j] = den[j] > acc_t(0) ? q : acc_t(0);
+        }
+      }
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) RowStore<scalar_t, acc_t>::run(acc, len, pr.out + ch * out_volume + row);
+    }
   }
 }
 

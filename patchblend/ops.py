@@ -117,13 +117,21 @@ def calibrated_blend(
 
 
 def empty_output(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised tensor like ``torch.empty``; a large CPU one lives in transparent huge pages (the
-    compiled backend, Linux), which makes its first write several times cheaper (csrc/cpu/large_alloc.h).
-    For output buffers and running sums, which are written once per call."""
+    """An uninitialised tensor like ``torch.empty``; a large CPU one (32 MiB and more) lives in transparent
+    huge pages (the compiled backend, Linux), which makes its first write several times cheaper, and the
+    most recently freed such block is kept for the next one (see :func:`empty_cache`;
+    csrc/cpu/large_alloc.h). For output buffers and running sums, which are written once per call."""
     device = torch.device(device)
     if device.type == "cpu":
         return _ops.empty_large([int(s) for s in shape], dtype)
     return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def empty_cache() -> int:
+    """Free the one large CPU block that patchblend keeps after a large output (32 MiB and more) is freed,
+    for reuse by the next one (a fresh block must be zeroed by the kernel on first touch, which costs about
+    a third of a large blend). Returns the bytes released (0 if none). Like ``torch.cuda.empty_cache``."""
+    return int(_ops.release_cached_output())
 
 
 def zeros_output(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:

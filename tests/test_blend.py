@@ -464,3 +464,22 @@ def test_empty_output_is_an_ordinary_tensor(shape, dtype):
     z = zeros_output(shape, dtype, "cpu")
     assert not z.any()
     del t, z
+
+
+def test_empty_cache_releases_the_kept_block():
+    """After a large output is freed its block is kept for the next one (compiled, Linux); empty_cache
+    releases it and says how many bytes; a kept block is reused only for a request it fits."""
+    from patchblend.ops import empty_output
+
+    patchblend.empty_cache()
+    t = empty_output((40 << 20,), torch.float32, "cpu")  # 160 MiB
+    address = t.data_ptr()
+    del t
+    large = COMPILED and sys.platform.startswith("linux")
+    u = empty_output((30 << 20,), torch.float32, "cpu")  # fits: at least its size, at most twice it
+    assert (u.data_ptr() == address) == large
+    u.fill_(2)  # the reused block is ordinary memory
+    assert float(u[-1]) == 2
+    del u
+    assert patchblend.empty_cache() == ((40 << 20) * 4 if large else 0)
+    assert patchblend.empty_cache() == 0

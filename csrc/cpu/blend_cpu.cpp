@@ -96,11 +96,18 @@ void run_rows(const BlendProblem<scalar_t, acc_t>& pr) {
   const bool per_voxel = use_voxel_kernel();
   const bool stream = pr.stream_first >= 0;
   // Values do not depend on which thread does a row.
+  // Rows blended together where blend_run allows it (see blocks_of_rows): up to kBlockRows consecutive rows
+  // of one plane with the same covering windows.
+  constexpr int64_t kBlockRows = 8;
+  const bool blocks = !per_voxel && blocks_of_rows(pr);
+  const int64_t block_rows = blocks ? kBlockRows : 1;
+  const int64_t* first1 = pr.index.first[1];
+  const int64_t* last1 = pr.index.last[1];
   parallel_chunks(rows, grain, [&](ChunkQueue& queue) {
     const int64_t channels = (pr.out != nullptr || pr.sum_out != nullptr) ? pr.c : 0;
-    std::vector<acc_t> scratch(static_cast<size_t>((channels + 2) * width));  // num, den, w
+    std::vector<acc_t> scratch(static_cast<size_t>((block_rows * channels + 2) * width));  // num, den, w
     acc_t* num = scratch.data();
-    acc_t* den = num + channels * width;
+    acc_t* den = num + block_rows * channels * width;
     acc_t* w = den + width;
     const size_t segments = stream ? static_cast<size_t>(width + 1) : 0;
     std::vector<int64_t> segment_start(segments);
@@ -111,24 +118,32 @@ void run_rows(const BlendProblem<scalar_t, acc_t>& pr) {
     sg.seen = segment_flags.get();
     sg.finishes = sg.seen + segments;
     sg.divisor = segment_divisor.data();
-    auto blend_row = [&](int64_t v0, int64_t v1) {
-      if (per_voxel) {
-        for (int64_t x = pr.lo[2]; x < pr.hi[2]; ++x) {
-          const int64_t v[3] = {v0, v1, x};
-          if (stream) stream_voxel(pr, v);
-          else blend_voxel(pr, v);
+    for (int64_t begin, end; queue.take(begin, end);) {
+      for (int64_t r = begin; r < end;) {
+        const int64_t v0 = pr.lo[0] + r / rows1, v1 = pr.lo[1] + r % rows1;
+        if (per_voxel) {
+          for (int64_t x = pr.lo[2]; x < pr.hi[2]; ++x) {
+            const int64_t v[3] = {v0, v1, x};
+            if (stream) stream_voxel(pr, v);
+            else blend_voxel(pr, v);
+          }
+          ++r;
+          continue;
         }
-        return;
+        int64_t k = 1;  // rows in this block: same plane, same covering windows along axis 1
+        if (blocks) {
+          const int64_t limit = std::min({end - r, block_rows, pr.hi[1] - v1});
+          while (k < limit && first1[v1 + k] == first1[v1] && last1[v1 + k] == last1[v1]) ++k;
+        }
+        for (int64_t xa = pr.lo[2]; xa < pr.hi[2];) {
+          const int64_t xb = std::min(segment_end(pr.index, xa), pr.hi[2]);
+          if (stream) stream_run(pr, v0, v1, xa, xb, den, w, sg);
+          else blend_run(pr, v0, v1, k, xa, xb, num, den, w);
+          xa = xb;
+        }
+        r += k;
       }
-      for (int64_t xa = pr.lo[2]; xa < pr.hi[2];) {
-        const int64_t xb = std::min(segment_end(pr.index, xa), pr.hi[2]);
-        if (stream) stream_run(pr, v0, v1, xa, xb, den, w, sg);
-        else blend_run(pr, v0, v1, xa, xb, num, den, w);
-        xa = xb;
-      }
-    };
-    for (int64_t begin, end; queue.take(begin, end);)
-      for (int64_t r = begin; r < end; ++r) blend_row(pr.lo[0] + r / rows1, pr.lo[1] + r % rows1);
+    }
   });
 }
 
@@ -295,7 +310,10 @@ at::Tensor empty_large_op(c10::IntArrayRef size, at::ScalarType dtype) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(patchblend, CompositeExplicitAutograd, m) { m.impl("empty_large", &empty_large_op); }
+TORCH_LIBRARY_IMPL(patchblend, CompositeExplicitAutograd, m) {
+  m.impl("empty_large", &empty_large_op);
+  m.impl("release_cached_output", &release_cached_output);
+}
 
 TORCH_LIBRARY_IMPL(patchblend, CPU, m) {
   m.impl("blend", &blend_cpu);
