@@ -177,29 +177,32 @@ class _BlendCore:
         if patches.device != self.device:
             raise ValueError(f"patches is on {patches.device} but the blender accumulates on {self.device}")
 
-    def _bbox(self, coords: torch.Tensor):
-        """Bounding box of the patches clipped to the output: (lo, hi) per axis, or None if empty."""
-        lo = coords.amin(0).tolist()
-        hi = (coords.amax(0) + torch.tensor(self.window_shape)).tolist()
-        lo = [max(a, 0) for a in lo]
-        hi = [min(b, s) for b, s in zip(hi, self.out_shape)]
+    def _bbox(self, coords):
+        """Bounding box of the patches (``[n, nd]`` tensor or list of rows) clipped to the output: (lo, hi) per
+        axis, or None if empty."""
+        rows = coords.tolist() if isinstance(coords, torch.Tensor) else coords
+        if not rows:
+            return None
+        lo = [max(min(c), 0) for c in zip(*rows)]
+        hi = [min(max(c) + w, s) for c, w, s in zip(zip(*rows), self.window_shape, self.out_shape)]
         if any(b <= a for a, b in zip(lo, hi)):
             return None
         return lo, hi
 
     def _groups(self, coords: torch.Tensor):
         """Split a batch into runs of consecutive patches that share their start on every axis but the last
-        (rows of MONAI's raster order) when that at least halves the volume blended; ``[(i, j, bbox)]``."""
-        n = coords.shape[0]
-        whole = [(0, n, self._bbox(coords))]
+        (rows of MONAI's raster order) when that at least halves the volume blended; ``[(i, j, bbox)]``.
+        (Python ints throughout: a batch has a handful of patches, and tensor ops would cost more.)"""
+        rows = coords.tolist()
+        n = len(rows)
+        whole = [(0, n, self._bbox(rows))]
         if n < 2 or self.nd < 2:
             return whole
-        head = coords[:, :-1]
-        change = ((head[1:] != head[:-1]).any(1).nonzero().flatten() + 1).tolist()
+        change = [k for k in range(1, n) if rows[k][:-1] != rows[k - 1][:-1]]
         if not change:
             return whole
         bounds = [0, *change, n]
-        runs = [(i, j, self._bbox(coords[i:j])) for i, j in zip(bounds, bounds[1:])]
+        runs = [(i, j, self._bbox(rows[i:j])) for i, j in zip(bounds, bounds[1:])]
 
         def volume(b):
             return 0 if b is None else math.prod(h - l for l, h in zip(*b))
