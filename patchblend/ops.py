@@ -128,7 +128,7 @@ def empty_output(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tens
 
 
 def empty_cache() -> int:
-    """Free the one large CPU block that patchblend keeps after a large output (32 MiB and more) is freed,
+    """Free the one large CPU block that patchblend keeps after a large output (32 MiB to 1 GiB) is freed,
     for reuse by the next one (a fresh block must be zeroed by the kernel on first touch, which costs about
     a third of a large blend). Returns the bytes released (0 if none). Like ``torch.cuda.empty_cache``."""
     return int(_ops.release_cached_output())

@@ -483,3 +483,13 @@ def test_empty_cache_releases_the_kept_block():
     del u
     assert patchblend.empty_cache() == ((40 << 20) * 4 if large else 0)
     assert patchblend.empty_cache() == 0
+
+
+@pytest.mark.skipif(not (COMPILED and sys.platform.startswith("linux")), reason="huge-page outputs: compiled, Linux")
+def test_blocks_over_one_gib_are_not_kept():
+    from patchblend.ops import empty_output
+
+    patchblend.empty_cache()
+    t = empty_output((257 << 20,), torch.float32, "cpu")  # 1028 MiB, never touched: no memory used
+    del t
+    assert patchblend.empty_cache() == 0

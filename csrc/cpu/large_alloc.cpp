@@ -31,15 +31,19 @@ void unmap_now(Mapping m) {
   if (m.base != nullptr) munmap(m.base, m.length);
 }
 
+// Blocks larger than this are unmapped when freed, never kept: holding on to several GiB after a huge
+// output is gone would surprise more than the zeroing it saves.
+constexpr size_t kMaxKeptBytes = size_t(1) << 30;
+
 void release(void* ctx) {
   auto* m = static_cast<Mapping*>(ctx);
-  Mapping older{nullptr, 0};
-  {
+  Mapping drop = *m;
+  if (m->length <= kMaxKeptBytes) {
     std::lock_guard<std::mutex> lock(cache_mutex);
-    older = cached;
+    drop = cached;
     cached = *m;
   }
-  unmap_now(older);
+  unmap_now(drop);
   delete m;
 }
 

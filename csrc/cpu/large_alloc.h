@@ -24,8 +24,8 @@ constexpr int64_t kLargeAllocBytes = int64_t(32) << 20;
 // Freed large blocks: even in huge pages, faulting in a fresh block still makes the kernel zero it (a
 // 453 MiB output: about 50 ms of a 150 ms blend). So the most recently freed block is kept, ONE block at
 // most, and handed to the next large request it fits (at least its size, at most twice it); any other
-// request unmaps it. Like torch's CUDA caching allocator, but holding one block; release_cached_output()
-// (patchblend.empty_cache()) unmaps it now.
+// request unmaps it; blocks over 1 GiB are never kept. Like torch's CUDA caching allocator, but holding one
+// block; release_cached_output() (patchblend.empty_cache()) unmaps it now.
 at::Tensor empty_large(c10::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Unmaps the kept block, if any; returns its size in bytes (0 if none).
