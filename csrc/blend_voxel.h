@@ -266,11 +266,40 @@ PB_HOST_DEVICE void lattice_counts(const IndexView& ix, int64_t v0, int64_t v1, 
   }
 }
 
-// Whether blend_run may take several rows at once: a lattice whose denominator does not come from the
-// visits ("count", from the window counts, or "none").
+// Whether the denominator comes without visiting the patches: "none" (1), or "count" on a lattice (the
+// window counts, lattice_counts).
+template <typename scalar_t, typename acc_t>
+PB_HOST_DEVICE bool denominator_without_visits(const BlendProblem<scalar_t, acc_t>& pr) {
+  return pr.normalize == kNone || (pr.normalize == kCount && pr.index.is_lattice);
+}
+
+// Whether blend_run may take several rows at once: a lattice (not in stream mode) whose denominator comes
+// without visits.
 template <typename scalar_t, typename acc_t>
 PB_HOST_DEVICE bool blocks_of_rows(const BlendProblem<scalar_t, acc_t>& pr) {
-  return pr.index.is_lattice && pr.stream_first < 0 && (pr.normalize == kCount || pr.normalize == kNone);
+  return pr.index.is_lattice && pr.stream_first < 0 && denominator_without_visits(pr);
+}
+
+// "weight" denominators: d[j] += w_n(l0, l1, l2_lo + j) for j < m (1 when every weight is 1). Scratch: w [m].
+template <typename scalar_t, typename acc_t>
+PB_HOST_DEVICE void add_weight_sums(const BlendProblem<scalar_t, acc_t>& pr, int64_t n, int64_t l0, int64_t l1,
+                                    int64_t l2_lo, int64_t m, acc_t* __restrict__ d, acc_t* w) {
+  if (pr.weights == nullptr && pr.importance == nullptr) {
+    for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
+  } else {
+    const acc_t* __restrict__ ww = patch_row_weights(pr, n, l0, l1, l2_lo, m, w);
+    for (int64_t j = 0; j < m; ++j) d[j] += ww[j];
+  }
+}
+
+// finalize_voxel's "weight" case for m values, without branches on the data so that the loop vectorises:
+// o[j] = acc[j] / den[j], 0 where den[j] is 0 (o may be acc).
+template <typename acc_t>
+PB_HOST_DEVICE void weight_normalize_row(acc_t* o, const acc_t* acc, const acc_t* __restrict__ den, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) {
+    const acc_t q = acc[j] / (den[j] + acc_t(den[j] == acc_t(0)));
+    o[j] = den[j] > acc_t(0) ? q : acc_t(0);
+  }
 }
 
 // Blend the run [xa, xb) of the `rows` output rows (v0, v1 + k), k < rows, one segment each (see
@@ -287,9 +316,7 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
   const IndexView& ix = pr.index;
   const int64_t len = xb - xa;
   const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
-  const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
   const int64_t channels = (pr.out != nullptr || pr.sum_out != nullptr) ? pr.c : 0;
-  const bool uniform = pr.weights == nullptr && pr.importance == nullptr;  // every weight is 1
   // "count" on a lattice: the denominators come from the window counts, not from the visits.
   const bool counted = pr.normalize == kCount && ix.is_lattice;
   for (int64_t j = 0; j < len; ++j) den[j] = acc_t(0);
@@ -306,17 +333,11 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
                           partial = partial || m != len;
                           // The branches below hoist loop-invariant cases out of the loops so that they
                           // vectorise; every value is the one patch_row_weights/denominator_term give.
-                          if (counted) {
-                          } else if (pr.normalize == kCount) {
+                          if (pr.normalize == kCount && !counted) {
                             if (m == len) whole += acc_t(1);
                             else for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
                           } else if (pr.normalize == kWeight) {
-                            if (uniform) {
-                              for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
-                            } else {
-                              const acc_t* __restrict__ ww = patch_row_weights(pr, n, l0, l1, l2_lo, m, w);
-                              for (int64_t j = 0; j < m; ++j) d[j] += ww[j];
-                            }
+                            add_weight_sums(pr, n, l0, l1, l2_lo, m, d, w);
                           }
                           if (channels > 0) {
                             const scalar_t* p = pr.patches + n * pr.window_stride + (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
@@ -369,10 +390,7 @@ PB_HOST_DEVICE void blend_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t v
       } else if (pr.normalize == kCount) {
         for (int64_t j = 0; j < len; ++j) o[j] = acc[j] / (den[j] + acc_t(den[j] == acc_t(0)));
       } else {
-        for (int64_t j = 0; j < len; ++j) {
-          const acc_t q = acc[j] / (den[j] + acc_t(den[j] == acc_t(0)));
-          o[j] = den[j] > acc_t(0) ? q : acc_t(0);
-        }
+        weight_normalize_row(o, acc, den, len);
       }
       if constexpr (!std::is_same_v<scalar_t, acc_t>) RowStore<scalar_t, acc_t>::run(acc, len, pr.out + ch * out_volume + row);
     }
@@ -509,9 +527,7 @@ PB_HOST_DEVICE void stream_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t 
   if (!r.covered) return;
   const int64_t len = xb - xa;
   const int64_t out_volume = pr.O[0] * pr.O[1] * pr.O[2];
-  const int64_t patch_volume = pr.P[0] * pr.P[1] * pr.P[2];
   acc_t* const row = pr.sum_out + (v0 * pr.O[1] + v1) * pr.O[2] + xa;  // channel 0; channels out_volume apart
-  const bool uniform = pr.weights == nullptr && pr.importance == nullptr;
   stream_segments(pr, r, xa, xb, sg);
 
   // Weight sums are needed only if some voxel of the run finishes in this batch. L(x) does not decrease
@@ -530,15 +546,7 @@ PB_HOST_DEVICE void stream_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t 
                         [&](int64_t n, int64_t l0, int64_t l1, int64_t x_lo, int64_t x_hi, int64_t l2_lo) {
                           const bool in_batch = n >= pr.stream_first && n < pr.stream_end;
                           const int64_t m = x_hi - x_lo, off = x_lo - xa;
-                          if (weight_den) {
-                            acc_t* __restrict__ d = den + off;
-                            if (uniform) {
-                              for (int64_t j = 0; j < m; ++j) d[j] += acc_t(1);
-                            } else {
-                              const acc_t* __restrict__ ww = patch_row_weights(pr, n, l0, l1, l2_lo, m, w);
-                              for (int64_t j = 0; j < m; ++j) d[j] += ww[j];
-                            }
-                          }
+                          if (weight_den) add_weight_sums(pr, n, l0, l1, l2_lo, m, den + off, w);
                           if (!in_batch) return;
                           const scalar_t* p = pr.patches + (n - pr.stream_first) * pr.window_stride +
                                               (l0 * pr.P[1] + l1) * pr.P[2] + l2_lo;
@@ -551,11 +559,7 @@ PB_HOST_DEVICE void stream_run(const BlendProblem<scalar_t, acc_t>& pr, int64_t 
     for (int64_t ch = 0; ch < pr.c; ++ch) {
       acc_t* __restrict__ o = row + ch * out_volume;
       if (pr.normalize == kWeight) {  // finishes implies weight_den (see above)
-        // finalize_voxel, branch-free: a zero weight sum gives 0
-        for (int64_t j = lo; j < hi; ++j) {
-          const acc_t q = o[j] / (den[j] + acc_t(den[j] == acc_t(0)));
-          o[j] = den[j] > acc_t(0) ? q : acc_t(0);
-        }
+        weight_normalize_row(o + lo, o + lo, den + lo, hi - lo);
       } else if (sg.divisor[k] != acc_t(1)) {
         const acc_t d = sg.divisor[k];
         for (int64_t j = lo; j < hi; ++j) o[j] = o[j] / d;

@@ -153,8 +153,7 @@ void run_rows(const BlendProblem<scalar_t, acc_t>& pr) {
 // threads: 1.6x faster). Channels do not interact, so the values are the same.
 template <typename scalar_t, typename acc_t>
 void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
-  const bool cheap_den = pr.normalize == kNone || (pr.normalize == kCount && pr.index.is_lattice);
-  if (pr.c <= 1 || !cheap_den || (pr.out == nullptr && pr.sum_out == nullptr)) {
+  if (pr.c <= 1 || !denominator_without_visits(pr) || (pr.out == nullptr && pr.sum_out == nullptr)) {
     run_rows(pr);
     return;
   }

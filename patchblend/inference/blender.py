@@ -177,10 +177,9 @@ class _BlendCore:
         if patches.device != self.device:
             raise ValueError(f"patches is on {patches.device} but the blender accumulates on {self.device}")
 
-    def _bbox(self, coords):
-        """Bounding box of the patches (``[n, nd]`` tensor or list of rows) clipped to the output: (lo, hi) per
-        axis, or None if empty."""
-        rows = coords.tolist() if isinstance(coords, torch.Tensor) else coords
+    def _bbox(self, rows):
+        """Bounding box of the patches (their starts as lists of ints) clipped to the output: (lo, hi) per axis,
+        or None if empty."""
         if not rows:
             return None
         lo = [max(min(c), 0) for c in zip(*rows)]
