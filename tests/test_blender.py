@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import patchblend
 from patchblend.inference import Blender, SlabBlender, monai_gaussian, window_coverage
+from patchblend.inference.blender import compact_label_dtype
 
 
 def _case(seed, nd, n, c, weights_kind, with_importance):
@@ -117,8 +118,20 @@ def test_slab_equals_full(nd, axis, normalize):
             s.finalize_until(nxt)
     ref = full.finalize()
     assert torch.equal(slabs[None].finish(), ref)
-    assert torch.equal(slabs["argmax"].finish(), ref.argmax(0, keepdim=True))
+    assert slabs["argmax"].out.dtype == torch.uint8  # compact while the slab exists, int64 once finished
+    labels = slabs["argmax"].finish()
+    assert labels.dtype == torch.int64 and torch.equal(labels, ref.argmax(0, keepdim=True))
     assert torch.equal(slabs["threshold"].finish(), ref >= 0.5)
+
+
+def test_compact_label_dtype():
+    assert compact_label_dtype(16, torch.int64) == torch.uint8
+    assert compact_label_dtype(256, torch.int64) == torch.uint8
+    assert compact_label_dtype(257, torch.int64) == torch.int16
+    assert compact_label_dtype(40000, torch.int64) == torch.int32
+    assert compact_label_dtype(40000, torch.int32) == torch.int32  # nothing smaller holds the labels
+    assert compact_label_dtype(3, torch.uint8) == torch.uint8
+    assert compact_label_dtype(300, torch.float32) == torch.int16  # exact in either
 
 
 def test_slab_window_coords_denominator_and_memory():

@@ -450,6 +450,18 @@ class LatticeBlender(_BlendCore):
         return self.out if dtype is None or dtype == self.out.dtype else self.out.to(dtype)
 
 
+def compact_label_dtype(channels: int, label_dtype: torch.dtype) -> torch.dtype:
+    """The smallest integer dtype that holds the labels ``0 .. channels - 1`` exactly, if it is smaller than
+    ``label_dtype`` (else ``label_dtype``). Slab mode stores argmax labels in it while the slab exists and widens
+    them to ``label_dtype`` once the slab is freed, so that the peak holds the slab or the wide labels, not both."""
+    if label_dtype == torch.bool:
+        return label_dtype
+    for dt in (torch.uint8, torch.int16, torch.int32):
+        if channels - 1 <= torch.iinfo(dt).max and dt.itemsize < label_dtype.itemsize:
+            return dt
+    return label_dtype
+
+
 def _reduce(values: torch.Tensor, reduce, threshold: float, label_dtype) -> torch.Tensor:
     if reduce is None:
         return values
@@ -473,7 +485,9 @@ class SlabBlender(_BlendCore):
             labels in ``label_dtype``) or ``"threshold"`` (``[C, *out_shape]`` bool, ``value >= threshold``).
         threshold: for ``reduce="threshold"``.
         out_dtype: dtype of the unreduced output (default: the accumulation dtype).
-        label_dtype: dtype of argmax labels (default int64).
+        label_dtype: dtype of argmax labels (default int64). Without ``out``, the labels are stored in the
+            smallest integer dtype that holds them until :meth:`finish` (:func:`compact_label_dtype`), so
+            :attr:`out` has ``label_dtype`` only after :meth:`finish`.
         out_device: where the output lives (default ``device``).
         out: optional preallocated output (shape and dtype as described under ``reduce``); every voxel of it
             is written by the time :meth:`finish` returns.
@@ -522,14 +536,18 @@ class SlabBlender(_BlendCore):
         self.threshold = float(threshold)
         self.label_dtype = label_dtype
         out_device = torch.device(out_device) if out_device is not None else self.device
+        self._widen_to = None  # argmax labels kept compact while the slab exists (see compact_label_dtype)
         if reduce == "argmax":
             shape, odt = (1, *self.out_shape), label_dtype
+            if out is None and compact_label_dtype(self.channels, label_dtype) != label_dtype:
+                self._widen_to, odt = label_dtype, compact_label_dtype(self.channels, label_dtype)
+                self.label_dtype = odt
         elif reduce == "threshold":
             shape, odt = (self.channels, *self.out_shape), torch.bool
         else:
             shape, odt = (self.channels, *self.out_shape), out_dtype or dtype
         if out is not None:
-            if tuple(out.shape) != shape or out.dtype != odt:
+            if tuple(out.shape) != shape or out.dtype != odt:  # (a given out is written in its own dtype)
                 raise ValueError(f"out must be a {odt} tensor {shape}, got {out.dtype} {tuple(out.shape)}")
             self.out = out
         else:
@@ -704,4 +722,7 @@ class SlabBlender(_BlendCore):
         """Finalise everything left and return :attr:`out`."""
         self.finalize_until(self.out_shape[self.axis])
         self.num = self.den = self._lattice_partial = None
+        if self._widen_to is not None:  # the slab is gone: now the labels may take their requested width
+            self.out, self._widen_to = self.out.to(self._widen_to), None
+            self.label_dtype = self.out.dtype
         return self.out

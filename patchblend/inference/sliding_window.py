@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .._validate import _check_finite_nonnegative
 from ..ops import empty_output, extract_patches, zeros_output
-from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender
+from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, compact_label_dtype
 from .importance import importance_map
 from .windows import WINDOW_STYLES, sliding_windows
 
@@ -330,7 +330,9 @@ def sliding_window_inference(
             if slab:
                 odt = out_dtype or state["seg_dtype"]
                 shape = (batch, 1 if reduce == "argmax" else channels, *image_size)
-                dt = label_dtype if reduce == "argmax" else torch.bool if reduce == "threshold" else odt
+                # argmax labels stay compact while slabs exist and are widened at the end (lower peak)
+                labels = compact_label_dtype(channels, label_dtype)
+                dt = labels if reduce == "argmax" else torch.bool if reduce == "threshold" else odt
                 state["out"] = empty_output(shape, dt, device)
             elif not weights_in_den:  # LatticeBlender: every voxel is written, no zero fill needed
                 state["out"] = empty_output((batch, channels, *image_size), acc, device)
@@ -340,7 +342,7 @@ def sliding_window_inference(
             blenders[b] = SlabBlender(
                 image_size, channels, axis=slab_axis, normalize=normalize, importance=imp, window_shape=roi,
                 reduce=reduce, threshold=threshold, device=device, dtype=acc,
-                out_dtype=out_dtype or state["seg_dtype"], label_dtype=label_dtype,
+                out_dtype=out_dtype or state["seg_dtype"], label_dtype=state["out"].dtype,
                 window_lattice=None if weights_in_den else image_starts, out=state["out"][b],
             )
         elif not weights_in_den:
@@ -414,6 +416,9 @@ def sliding_window_inference(
 
     # ---- finalise --------------------------------------------------------------------------------------
     result = state["out"]
+    if slab and reduce == "argmax" and result.dtype != label_dtype:
+        state["out"] = None
+        result = result.to(label_dtype)  # every slab is freed by now
     if not slab:
         for b in range(batch):
             blender_for(b, state["channels"]).finalize()
