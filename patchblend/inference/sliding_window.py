@@ -219,7 +219,9 @@ def sliding_window_inference(
             (``[B, C, *S]`` bool, ``value >= threshold``); in slab mode applied slab by slab, so the full float
             output never exists.
         threshold: for ``reduce="threshold"``.
-        label_dtype: dtype of argmax labels.
+        label_dtype: dtype of argmax labels. In slab mode they are held in the smallest integer dtype that fits
+            (uint8 up to 256 classes) until the last slab is freed, then widened: int64 labels do not raise the
+            peak.
         roi_weight_map: optional precomputed importance ``[*roi]`` (non-negative), replacing ``mode``'s.
         with_coord: pass the windows' MONAI-style slices to the predictor: ``predictor(windows, slices, **kwargs)``.
         process_fn: MONAI's per-window hook is not supported (it is normalised wrongly there); raises.
