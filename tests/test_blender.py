@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import patchblend
 from patchblend.inference import Blender, SlabBlender, monai_gaussian, window_coverage
-from patchblend.inference.blender import compact_label_dtype
+from patchblend.inference.blender import check_label_dtype, compact_label_dtype
 
 
 def _case(seed, nd, n, c, weights_kind, with_importance):
@@ -122,6 +122,16 @@ def test_slab_equals_full(nd, axis, normalize):
     labels = slabs["argmax"].finish()
     assert labels.dtype == torch.int64 and torch.equal(labels, ref.argmax(0, keepdim=True))
     assert torch.equal(slabs["threshold"].finish(), ref >= 0.5)
+
+
+def test_check_label_dtype():
+    check_label_dtype(256, torch.uint8)
+    check_label_dtype(2049, torch.float16)  # integers up to 2048 are exact in float16
+    for channels, dt in ((257, torch.uint8), (129, torch.int8), (2050, torch.float16), (258, torch.bfloat16)):
+        with pytest.raises(ValueError, match="label_dtype"):
+            check_label_dtype(channels, dt)
+    with pytest.raises(ValueError, match="label_dtype"):  # the standalone SlabBlender checks too
+        SlabBlender((8, 8), 300, reduce="argmax", label_dtype=torch.uint8)
 
 
 def test_compact_label_dtype():

@@ -324,6 +324,13 @@ X3 = rand(1, 1, 10, 10, 10)
         (dict(placement="torchio"), ValueError, "placement"),
         (dict(slab_axis=3), ValueError, "slab_axis"),
         (dict(reduce="softmax"), ValueError, "reduce"),
+        (dict(reduce="argmax", label_dtype="int64"), TypeError, "label_dtype"),
+        (dict(reduce="argmax", label_dtype=torch.bool), TypeError, "label_dtype"),
+        # 300 classes do not fit uint8 labels: an error, not labels wrapped modulo 256 (full and slab path)
+        (dict(predictor=lambda w: w.repeat(1, 300, 1, 1, 1), reduce="argmax", label_dtype=torch.uint8),
+         ValueError, "label_dtype"),
+        (dict(predictor=lambda w: w.repeat(1, 300, 1, 1, 1), reduce="argmax", label_dtype=torch.uint8, slab_axis=0),
+         ValueError, "label_dtype"),
         (dict(process_fn=lambda *a: a), NotImplementedError, "process_fn"),
         (dict(weighting="patch"), ValueError, "patch scores"),
         (dict(predictor=lambda w: w[:1]), ValueError, "seg"),

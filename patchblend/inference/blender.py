@@ -450,12 +450,24 @@ class LatticeBlender(_BlendCore):
         return self.out if dtype is None or dtype == self.out.dtype else self.out.to(dtype)
 
 
+def check_label_dtype(channels: int, label_dtype) -> None:
+    """Raise unless ``label_dtype`` holds every argmax label ``0 .. channels - 1`` exactly (no silent wrap)."""
+    if not isinstance(label_dtype, torch.dtype) or label_dtype == torch.bool or label_dtype.is_complex:
+        raise TypeError(f"label_dtype must be an integer or floating torch.dtype, got {label_dtype!r}")
+    if label_dtype.is_floating_point:
+        largest = int(2 / torch.finfo(label_dtype).eps)  # 2 ** (mantissa bits + 1): every integer up to it is exact
+    else:
+        largest = torch.iinfo(label_dtype).max
+    if channels - 1 > largest:
+        raise ValueError(f"label_dtype {label_dtype} cannot hold the argmax labels of {channels} channels "
+                         f"(labels up to {channels - 1}, the dtype holds up to {largest}); use a wider dtype "
+                         "such as torch.int64")
+
+
 def compact_label_dtype(channels: int, label_dtype: torch.dtype) -> torch.dtype:
     """The smallest integer dtype that holds the labels ``0 .. channels - 1`` exactly, if it is smaller than
     ``label_dtype`` (else ``label_dtype``). Slab mode stores argmax labels in it while the slab exists and widens
     them to ``label_dtype`` once the slab is freed, so that the peak holds the slab or the wide labels, not both."""
-    if label_dtype == torch.bool:
-        return label_dtype
     for dt in (torch.uint8, torch.int16, torch.int32):
         if channels - 1 <= torch.iinfo(dt).max and dt.itemsize < label_dtype.itemsize:
             return dt
@@ -538,6 +550,7 @@ class SlabBlender(_BlendCore):
         out_device = torch.device(out_device) if out_device is not None else self.device
         self._widen_to = None  # argmax labels kept compact while the slab exists (see compact_label_dtype)
         if reduce == "argmax":
+            check_label_dtype(self.channels, label_dtype)
             shape, odt = (1, *self.out_shape), label_dtype
             if out is None and compact_label_dtype(self.channels, label_dtype) != label_dtype:
                 self._widen_to, odt = label_dtype, compact_label_dtype(self.channels, label_dtype)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .._validate import _check_finite_nonnegative
 from ..ops import empty_output, extract_patches, zeros_output
-from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, compact_label_dtype
+from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype
 from .importance import importance_map
 from .windows import WINDOW_STYLES, sliding_windows
 
@@ -264,6 +264,8 @@ def sliding_window_inference(
         raise ValueError(f"placement must be one of {WINDOW_STYLES}, got {placement!r}")
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    if reduce == "argmax":
+        check_label_dtype(1, label_dtype)  # the type now; whether it holds every class once C is known
     if slab_axis is not None and (isinstance(slab_axis, bool) or not isinstance(slab_axis, int)
                                   or not -nd <= slab_axis < nd):
         raise ValueError(f"slab_axis must be None or an int in [{-nd}, {nd}), got {slab_axis!r}")
@@ -329,6 +331,8 @@ def sliding_window_inference(
             return blenders[b]
         if state["out"] is None:  # first predictor output: now C is known
             state["channels"] = channels
+            if reduce == "argmax":
+                check_label_dtype(channels, label_dtype)
             if slab:
                 odt = out_dtype or state["seg_dtype"]
                 shape = (batch, 1 if reduce == "argmax" else channels, *image_size)
