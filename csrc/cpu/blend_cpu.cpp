@@ -272,11 +272,13 @@ at::Tensor extract_cpu(const at::Tensor& volume, const at::Tensor& coords, c10::
   const int64_t item = vol.element_size();
   const char* src = static_cast<const char*>(vol.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  // Block r = (window i, channel ch, local l0): the P1 x P2 rows of one window plane.
+  // Block r = (channel ch, local l0, window i), window fastest: the P1 x P2 rows of one window plane. Windows
+  // next to each other (a batch is usually a row of windows along the last axis) read the same source rows,
+  // so taking their planes one after another reads those rows from cache rather than memory.
   auto copy_block = [&](int64_t r) {
-    const int64_t l0 = r % P[0], ch = (r / P[0]) % c, i = r / (P[0] * c);
+    const int64_t i = r % n, l0 = (r / n) % P[0], ch = r / (n * P[0]);
     const int64_t x0 = co[3 * i] + l0;
-    char* block = dst + r * P[1] * P[2] * item;
+    char* block = dst + ((i * c + ch) * P[0] + l0) * P[1] * P[2] * item;
     const int64_t x2_lo = std::max<int64_t>(co[3 * i + 2], 0), x2_hi = std::min<int64_t>(co[3 * i + 2] + P[2], O[2]);
     if (x0 < 0 || x0 >= O[0] || x2_lo >= x2_hi) {  // the whole P1 × P2 block lies outside
       std::memset(block, 0, P[1] * P[2] * item);
