@@ -85,6 +85,24 @@ def _blend_backward(ctx, grad_out):
 torch.library.register_autograd("patchblend::blend", _blend_backward, setup_context=_blend_setup_context)
 
 
+def _extract_setup_context(ctx, inputs, output):
+    volume, coords, patch_shape = inputs
+    ctx.volume_shape = list(volume.shape[1:])
+    ctx.volume_dtype = volume.dtype
+    ctx.save_for_backward(coords)
+
+
+def _extract_backward(ctx, grad_windows):
+    """The adjoint of extraction: the windows' gradients added back where they were cut (an unweighted blend
+    with normalize="none"); parts outside the volume are dropped."""
+    (coords,) = ctx.saved_tensors
+    grad = _ops.blend(grad_windows.contiguous(), None, coords, None, ctx.volume_shape, "none")
+    return grad.to(ctx.volume_dtype), None, None
+
+
+torch.library.register_autograd("patchblend::extract", _extract_backward, setup_context=_extract_setup_context)
+
+
 def calibrated_blend(
     patches: torch.Tensor,
     weights: Optional[torch.Tensor],
@@ -142,8 +160,9 @@ def zeros_output(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tens
 def extract_patches(volume: torch.Tensor, coords, patch_shape: Sequence[int]) -> torch.Tensor:
     """Windows of ``volume [C, *S]`` at integer ``coords [N, nd]``: ``[N, C, *patch_shape]``, zeros outside.
 
-    The adjoint of an unweighted :func:`calibrated_blend` with ``normalize="none"``; also what the
-    sliding-window driver uses to cut windows out of the input in one call.
+    The adjoint of an unweighted :func:`calibrated_blend` with ``normalize="none"`` (and differentiable in
+    ``volume``, with that blend as its backward); also what the sliding-window driver uses to cut windows out
+    of the input in one call.
     """
     if not isinstance(volume, torch.Tensor) or volume.dim() not in (3, 4):
         raise ValueError("volume must be a [C, D, H, W] or [C, H, W] tensor")

@@ -310,6 +310,14 @@ def test_gradcheck(normalize, kind, importance):
     assert torch.autograd.gradcheck(f, (patches, weights))
 
 
+def test_extract_gradcheck():
+    # extraction is differentiable in the volume: its backward is the unweighted blend with normalize="none"
+    volume = torch.rand(2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    coords = torch.tensor([[0, 0, 0], [2, 1, 3], [-1, 2, 4], [3, -2, -1]])  # partly outside
+    assert torch.autograd.gradcheck(lambda v: patchblend.extract_patches(v, coords, (3, 3, 3)), (volume,))
+    torch.library.opcheck(torch.ops.patchblend.extract.default, (volume, coords, [3, 3, 3]))
+
+
 def test_gradient_matches_reference_autograd():
     patches, weights, coords, imp = _gradcheck_case("weight", "grid", True)
     g = torch.randn(2, 5, 4, 6, dtype=torch.float64)
