@@ -124,6 +124,24 @@ def test_slab_equals_full(nd, axis, normalize):
     assert torch.equal(slabs["threshold"].finish(), ref >= 0.5)
 
 
+def test_slab_lattice_on_other_axes_holds_no_denominator():
+    # with window_lattice the denominator is computed when a slab is finalised, so none is accumulated
+    starts = [[0, 4, 8], [0, 3, 6], [0, 5]]
+    coords = torch.cartesian_prod(*[torch.tensor(a) for a in starts])
+    patches = torch.rand(len(coords), 1, 6, 5, 7)
+    full = Blender((14, 11, 12), 1, normalize="count", window_shape=(6, 5, 7))
+    full.add(patches, coords)
+    order = torch.argsort(coords[:, 1], stable=True)
+    slab = SlabBlender((14, 11, 12), 1, axis=1, normalize="count", window_shape=(6, 5, 7), window_lattice=starts)
+    for j in range(0, len(coords), 6):
+        idx = order[j:j + 6]
+        slab.add(patches[idx], coords[idx])
+        if j + 6 < len(coords):
+            slab.finalize_until(int(coords[order[j + 6], 1]))
+    torch.testing.assert_close(slab.finish(), full.finalize())
+    assert slab.den is None and slab.peak_buffer_bytes == 1 * 14 * 5 * 12 * 4  # numerator only, one window deep
+
+
 def test_check_label_dtype():
     check_label_dtype(256, torch.uint8)
     check_label_dtype(2049, torch.float16)  # integers up to 2048 are exact in float16

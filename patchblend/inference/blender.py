@@ -601,8 +601,8 @@ class SlabBlender(_BlendCore):
         stream = self._stream and not self._stream_zero  # the stream op writes before it reads
         num = (torch.empty if stream else torch.zeros)((self.channels, *shape), dtype=self.dtype, device=self.device)
         den = None
-        if self.normalize != "none" and self._coords_all is None and not self._stream:
-            den = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.normalize != "none" and self._coords_all is None and self._lattice is None:
+            den = torch.zeros(shape, dtype=self.dtype, device=self.device)  # else computed when finalised
         if self._cap:
             keep = [slice(None)] * self.nd
             keep[self.axis] = slice(0, self._cap)
