@@ -130,6 +130,89 @@ def test_nnunet_placement_and_importance():
     torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kw", [{}, dict(slab_axis=0), dict(slab_axis=1), dict(mode="gaussian")])
+def test_nnunet_placement_with_repeated_starts(kw):
+    # roi * (1 - overlap) < 1: nnU-Net's placement repeats window starts (0, 1, 2, 2, ...), which is not a strict
+    # lattice; the driver then takes the general path, and every window (repeats included) is blended
+    x = rand(1, 1, 20, 9, 11)
+    got = sliding_window_inference(x, (8, 4, 5), 4, predictor_3ch, 0.9, placement="nnunet", **kw)
+    coords = sliding_windows((20, 9, 11), (8, 4, 5), 0.9, style="nnunet").coords()
+    assert len({tuple(c) for c in coords.tolist()}) < len(coords)  # the case: repeated windows
+    patches = predictor_3ch(patchblend.extract_patches(x[0], coords, (8, 4, 5)))
+    imp = importance_map((8, 4, 5), "gaussian") if kw.get("mode") else None
+    ref = patchblend.calibrated_blend(patches, None, coords, (20, 9, 11), normalize="weight", importance=imp)
+    torch.testing.assert_close(got[0], ref, rtol=1e-4, atol=1e-5)  # up to ~100 terms a voxel, in batches
+
+
+def test_numpy_arguments_as_in_monai():
+    np = pytest.importorskip("numpy")
+    x = rand(1, 1, 12, 10, 9)
+    ref = sliding_window_inference(x, (6, 5, 4), 3, predictor_3ch, (0.5, 0.25, 0.0))
+    got = sliding_window_inference(x, np.array([6, 5, 4]), np.int64(3), predictor_3ch, np.array([0.5, 0.25, 0.0]))
+    assert torch.equal(got, ref)
+    assert torch.equal(sliding_window_inference(x, np.int64(6), 3, predictor_3ch),
+                       sliding_window_inference(x, 6, 3, predictor_3ch))
+
+
+# ---- gradients ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, roi", [("constant", (8, 8, 8)), ("gaussian", (8, 6, 8)), ("gaussian", (24, 8, 8))])
+def test_gradients_match_monai(mode, roi):
+    # with autograd on, the output is differentiable in the input and the predictor's parameters, as MONAI's
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)
+    x = rand(1, 1, 20, 18, 16)
+    results = []
+    for infer in (monai_sw, sliding_window_inference):
+        xx = x.clone().requires_grad_()
+        net.zero_grad()
+        y = infer(xx, roi, 3, net, 0.5, mode)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), xx.grad, net.weight.grad.clone()))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_of_calibrated_weighting():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def pred(w):
+        s = net(w)
+        return s, torch.sigmoid(s.mean((1, 2, 3, 4))), torch.sigmoid(s.mean(1)[:, ::4, ::4, ::4])
+
+    x = rand(1, 1, 20, 18, 16)
+    grads = []
+    for route in ("driver", "reference"):
+        xx = x.clone().requires_grad_()
+        net.zero_grad()
+        if route == "driver":
+            y = sliding_window_inference(xx, (8, 8, 8), 3, pred, 0.5, weighting="patch*grid", normalize="weight")[0]
+        else:  # every window at once through calibrated_blend
+            coords = sliding_windows((20, 18, 16), (8, 8, 8), 0.5).coords()
+            seg, patch, cells = pred(patchblend.extract_patches(xx[0], coords, (8, 8, 8)))
+            y = patchblend.calibrated_blend(seg, patch.view(-1, 1, 1, 1) * cells, coords, (20, 18, 16),
+                                            normalize="weight")
+        y.sum().backward()
+        grads.append((y.detach(), xx.grad, net.weight.grad.clone(), net.bias.grad.clone()))
+    for ref, got in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_no_gradients_in_slab_mode_or_under_no_grad():
+    net = torch.nn.Conv3d(1, 2, 1)
+    x = rand(1, 1, 12, 10, 8)
+    with pytest.warns(UserWarning, match="slab_axis"):
+        y = sliding_window_inference(x, 6, 2, net, slab_axis=0)
+    assert not y.requires_grad
+    labels = sliding_window_inference(x, 6, 2, net, reduce="argmax")  # labels: nothing to differentiate
+    assert labels.dtype == torch.int64 and not labels.requires_grad
+    with torch.no_grad():
+        y2 = sliding_window_inference(x, 6, 2, net)
+    assert not y2.requires_grad
+    torch.testing.assert_close(y2, y)
+
+
 # ---- calibrated weighting == calibrated_blend on the same windows --------------------------------------
 
 def scored_predictor(win):
@@ -165,6 +248,18 @@ def test_calibrated_equals_calibrated_blend(weighting, normalize, mode):
                                    normalize=normalize)
     ref = calibrated_reference(x, (8, 8, 8), 0.5, weighting, normalize or "count", mode)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_times_grid_in_float32():
+    # float16 grid scores times float32 patch scores: the product is formed in float32 (1e-4 * 1e-4 underflows
+    # in float16, and 1e3 * 1e2 overflows it)
+    x = rand(1, 1, 12, 10, 8)
+    for p, g in ((1e-4, 1e-4), (1e3, 1e2)):
+        def pred(w, p=p, g=g):
+            return w, torch.full((len(w),), p), torch.full((len(w), 2, 2, 2), g, dtype=torch.float16)
+
+        got = sliding_window_inference(x, 6, 4, pred, 0.5, weighting="patch*grid", normalize="weight")
+        torch.testing.assert_close(got, x)  # equal weights everywhere: the weighted mean of identical windows
 
 
 def test_calibrated_2d_and_dict_output():
@@ -324,6 +419,8 @@ X3 = rand(1, 1, 10, 10, 10)
         (dict(placement="torchio"), ValueError, "placement"),
         (dict(slab_axis=3), ValueError, "slab_axis"),
         (dict(reduce="softmax"), ValueError, "reduce"),
+        (dict(roi_weight_map=-torch.ones(4, 4, 4)), ValueError, "roi_weight_map"),
+        (dict(roi_weight_map=torch.full((4, 4, 4), float("nan"))), ValueError, "roi_weight_map"),
         (dict(reduce="argmax", label_dtype="int64"), TypeError, "label_dtype"),
         (dict(reduce="argmax", label_dtype=torch.bool), TypeError, "label_dtype"),
         # 300 classes do not fit uint8 labels: an error, not labels wrapped modulo 256 (full and slab path)

@@ -9,6 +9,8 @@ image, read zeros there, and the blend clips them, which gives exactly MONAI's p
 """
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import _check_finite_nonnegative
-from ..ops import empty_output, extract_patches, zeros_output
+from ..ops import calibrated_blend, empty_output, extract_patches, zeros_output
 from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype
 from .importance import importance_map
 from .windows import WINDOW_STYLES, sliding_windows
@@ -32,7 +34,7 @@ def _enum_value(x):
 
 
 def _resolve_roi(roi_size, image_size, nd: int):
-    if isinstance(roi_size, torch.Tensor):
+    if hasattr(roi_size, "tolist"):  # a tensor, numpy array or numpy scalar (MONAI accepts them)
         roi_size = roi_size.tolist()
     if isinstance(roi_size, (Sequence,)) and not isinstance(roi_size, str):
         if len(roi_size) != nd:
@@ -58,7 +60,7 @@ def _resolve_roi(roi_size, image_size, nd: int):
 
 
 def _resolve_overlap(overlap, nd: int):
-    if isinstance(overlap, torch.Tensor):
+    if hasattr(overlap, "tolist"):  # a tensor, numpy array or numpy scalar
         overlap = overlap.tolist()
     if isinstance(overlap, Sequence) and not isinstance(overlap, str):
         if len(overlap) != nd:
@@ -140,7 +142,9 @@ def _weights(patch, grid, nd: int):
         return grid
     if grid is None:
         return patch
-    return patch.reshape(-1, *([1] * nd)).to(grid.dtype) * grid
+    # the product in at least float32 (half scores would underflow or overflow in it)
+    dt = torch.promote_types(torch.promote_types(patch.dtype, grid.dtype), torch.float32)
+    return patch.reshape(-1, *([1] * nd)).to(dt) * grid.to(dt)
 
 
 def _progress(iterable, enabled: bool, total: int):
@@ -226,12 +230,20 @@ def sliding_window_inference(
         with_coord: pass the windows' MONAI-style slices to the predictor: ``predictor(windows, slices, **kwargs)``.
         process_fn: MONAI's per-window hook is not supported (it is normalised wrongly there); raises.
         buffer_steps, buffer_dim: accepted for MONAI compatibility and ignored (see ``slab_axis``).
-        kwargs: passed to ``predictor``; a ``condition`` tensor shaped like ``inputs`` is windowed like it.
+        kwargs: passed to ``predictor``; a ``condition`` tensor shaped like ``inputs`` is windowed like it. The
+            keyword-only names above are patchblend's and do not reach the predictor (a predictor argument
+            called ``threshold``, say, must be bound first, e.g. with ``functools.partial``).
 
     Returns:
         ``[B, C, *S]`` on ``device`` in ``inputs.dtype`` (the predictor's dtype if ``inputs`` is not floating
         point); with ``reduce``, labels or masks as above. A MONAI ``MetaTensor`` input gives a ``MetaTensor``.
         Accumulation is float32 (float64 for float64 inputs) whatever the predictor's precision.
+
+    Gradients: when autograd is on and the predictions (or scores) require grad, the output is differentiable
+    in ``inputs``, the predictor's parameters and the scores, as MONAI's is; every window's prediction is then
+    kept until one :func:`~patchblend.calibrated_blend` at the end (autograd keeps the predictor's activations
+    anyway). Under ``torch.no_grad()`` / ``torch.inference_mode()`` the streaming paths run. Slab mode and
+    ``reduce`` return detached results (slab mode warns).
     """
     # ---- arguments ------------------------------------------------------------------------------------
     if not isinstance(inputs, torch.Tensor):
@@ -241,8 +253,9 @@ def sliding_window_inference(
         raise ValueError(f"inputs must be [B, C, H, W] or [B, C, D, H, W], got shape {tuple(inputs.shape)}")
     if not callable(predictor):
         raise TypeError("predictor must be callable")
-    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+    sw_batch_size = int(sw_batch_size)  # (a numpy integer too)
     image_size = tuple(int(s) for s in inputs.shape[2:])
     if inputs.shape[0] < 1 or inputs.shape[1] < 1:
         raise ValueError(f"inputs must have a batch and a channel dimension of at least 1, got {tuple(inputs.shape)}")
@@ -315,16 +328,21 @@ def sliding_window_inference(
         if tuple(imp.shape[-nd:]) != roi or imp.numel() != torch.Size(roi).numel():
             raise ValueError(f"roi_weight_map must have shape {roi}, got {tuple(imp.shape)}")
         imp = imp.reshape(roi)
+        _check_finite_nonnegative("roi_weight_map", imp)
     elif mode == "constant":
         imp = None
     else:
         imp = importance_map(roi, mode, sigma_scale, dtype=acc, device=device)
     weights_in_den = normalize == "weight" and weighting is not None
+    # The streaming paths need a strict lattice; nnU-Net's placement repeats starts when roi * (1 - overlap) < 1.
+    strict_lattice = all(b > a for axis in image_starts for a, b in zip(axis, axis[1:]))
+    general = weights_in_den or not strict_lattice  # Blender: numerator and denominator, divided at the end
     slab = slab_axis is not None
 
     out_dtype = x.dtype if x.dtype.is_floating_point else None
     state = {"channels": None, "out": None}
     blenders = {}
+    kept = {}  # with autograd: image -> [(seg, weights)] of every batch
 
     def blender_for(b: int, channels: int):
         if b in blenders:
@@ -340,7 +358,7 @@ def sliding_window_inference(
                 labels = compact_label_dtype(channels, label_dtype)
                 dt = labels if reduce == "argmax" else torch.bool if reduce == "threshold" else odt
                 state["out"] = empty_output(shape, dt, device)
-            elif not weights_in_den:  # LatticeBlender: every voxel is written, no zero fill needed
+            elif not general:  # LatticeBlender: every voxel is written, no zero fill needed
                 state["out"] = empty_output((batch, channels, *image_size), acc, device)
             else:  # Blender with a numerator and the weight sum, divided at the end
                 state["out"] = zeros_output((batch, channels, *image_size), acc, device)
@@ -349,9 +367,9 @@ def sliding_window_inference(
                 image_size, channels, axis=slab_axis, normalize=normalize, importance=imp, window_shape=roi,
                 reduce=reduce, threshold=threshold, device=device, dtype=acc,
                 out_dtype=out_dtype or state["seg_dtype"], label_dtype=state["out"].dtype,
-                window_lattice=None if weights_in_den else image_starts, out=state["out"][b],
+                window_lattice=None if general else image_starts, out=state["out"][b],
             )
-        elif not weights_in_den:
+        elif not general:
             blenders[b] = LatticeBlender(image_size, channels, coords, roi, normalize=normalize, importance=imp,
                                          device=device, dtype=acc, out=state["out"][b])
         else:
@@ -392,6 +410,21 @@ def sliding_window_inference(
         seg = seg.to(device)
         w = _weights(patch_scores, grid_scores, nd)
         w = None if w is None else w.to(device)
+        if "grad" not in state:  # decided once, at the first batch
+            wants_grad = torch.is_grad_enabled() and (seg.requires_grad or (w is not None and w.requires_grad))
+            state["grad"] = wants_grad and not slab and reduce is None
+            if wants_grad and slab and reduce is None:
+                warnings.warn("slab_axis: gradients do not flow through slab mode; the output is detached "
+                              "(run under torch.no_grad() to silence this)", stacklevel=2)
+        if state["grad"]:  # keep the (differentiable) predictions; one differentiable blend at the end
+            k = 0
+            for b, w0, w1 in segments:
+                kept.setdefault(b, []).append((seg[k:k + w1 - w0], None if w is None else w[k:k + w1 - w0]))
+                k += w1 - w0
+            del parts, win, out, seg, patch_scores, grid_scores, w
+            kwargs.pop("condition", None)
+            continue
+        seg, w = seg.detach(), None if w is None else w.detach()
         k = 0
         for b, w0, w1 in segments:
             m = w1 - w0
@@ -421,13 +454,18 @@ def sliding_window_inference(
         kwargs.pop("condition", None)
 
     # ---- finalise --------------------------------------------------------------------------------------
-    result = state["out"]
-    if slab and reduce == "argmax" and result.dtype != label_dtype:
-        state["out"] = None
-        result = result.to(label_dtype)  # every slab is freed by now
+    if state.get("grad"):
+        result = _differentiable_blend(kept, batch, coords, image_size, normalize, imp, acc)
+        kept = None
+    else:
+        result = state["out"]
+        if slab and reduce == "argmax" and result.dtype != label_dtype:
+            state["out"] = None
+            result = result.to(label_dtype)  # every slab is freed by now
+        if not slab:
+            for b in range(batch):
+                blender_for(b, state["channels"]).finalize()
     if not slab:
-        for b in range(batch):
-            blender_for(b, state["channels"]).finalize()
         if reduce == "argmax":
             result = result.argmax(1, keepdim=True).to(label_dtype)
         elif reduce == "threshold":
@@ -439,6 +477,18 @@ def sliding_window_inference(
     if meta_source is not None:
         result = _as_meta_tensor(result, meta_source)
     return result
+
+
+def _differentiable_blend(kept, batch: int, coords, image_size, normalize, importance, acc) -> torch.Tensor:
+    """With autograd: every window's prediction in one :func:`~patchblend.calibrated_blend` per image (the
+    spec the streaming paths match), which is differentiable in the predictions and the scores."""
+    outs = []
+    for b in range(batch):
+        segs, ws = zip(*kept[b])
+        weights = None if ws[0] is None else torch.cat(ws)
+        outs.append(calibrated_blend(torch.cat(segs).to(acc), weights, coords, image_size, normalize=normalize,
+                                     importance=importance))
+    return torch.stack(outs)
 
 
 def _as_meta_tensor(result: torch.Tensor, like):
