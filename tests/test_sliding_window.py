@@ -150,6 +150,7 @@ def test_numpy_arguments_as_in_monai():
     ref = sliding_window_inference(x, (6, 5, 4), 3, predictor_3ch, (0.5, 0.25, 0.0))
     got = sliding_window_inference(x, np.array([6, 5, 4]), np.int64(3), predictor_3ch, np.array([0.5, 0.25, 0.0]))
     assert torch.equal(got, ref)
+    assert torch.equal(sliding_window_inference(x, (6, 5, 4), torch.tensor(3), predictor_3ch, (0.5, 0.25, 0.0)), ref)
     assert torch.equal(sliding_window_inference(x, np.int64(6), 3, predictor_3ch),
                        sliding_window_inference(x, 6, 3, predictor_3ch))
 
@@ -171,6 +172,37 @@ def test_gradients_match_monai(mode, roi):
         results.append((y.detach(), xx.grad, net.weight.grad.clone()))
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, roi, scored", [((1, 1, 20, 23), (8, 8), False), ((2, 1, 12, 10, 9), (6, 5, 4), True)])
+def test_gradient_to_roi_weight_map(shape, roi, scored):
+    # a roi_weight_map that requires grad gets its gradient (MONAI's does), also with calibrated weights
+    net = torch.nn.Conv2d(1, 2, 3, padding=1) if len(roi) == 2 else torch.nn.Conv3d(1, 2, 3, padding=1)
+    for p in net.parameters():
+        p.requires_grad_(False)  # frozen network, input without grad: the map is the only leaf
+    x = rand(*shape)
+    base = rand(*roi, seed=3) + 0.5
+
+    def run(infer, **kw):
+        wm = base.clone().requires_grad_()
+        infer(x, roi, 3, net if not scored else lambda w: (net(w), net(w).mean((1, 2, 3, 4)).sigmoid()), 0.5,
+              roi_weight_map=wm, **kw).square().sum().backward()
+        return wm.grad
+
+    got = run(sliding_window_inference, **(dict(weighting="patch", normalize="weight") if scored else {}))
+    assert got is not None and got.abs().sum() > 0
+    if not scored:
+        torch.testing.assert_close(got, run(monai_sw), rtol=1e-4, atol=1e-5)
+    else:  # against finite differences of the driver itself (float64)
+        x64, b64 = x.double(), base.double()
+        net.double()
+
+        def f(wm):
+            pred = lambda w: (net(w), net(w).mean((1, 2, 3, 4)).sigmoid())
+            return sliding_window_inference(x64, roi, 3, pred, 0.5, roi_weight_map=wm, weighting="patch",
+                                            normalize="weight").square().sum()
+
+        assert torch.autograd.gradcheck(f, (b64.requires_grad_(),))
 
 
 def test_gradients_of_calibrated_weighting():

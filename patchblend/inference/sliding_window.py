@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .._reference import voxel_weights
 from .._validate import _check_finite_nonnegative
 from ..ops import calibrated_blend, empty_output, extract_patches, zeros_output
 from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype
@@ -253,6 +254,8 @@ def sliding_window_inference(
         raise ValueError(f"inputs must be [B, C, H, W] or [B, C, D, H, W], got shape {tuple(inputs.shape)}")
     if not callable(predictor):
         raise TypeError("predictor must be callable")
+    if isinstance(sw_batch_size, torch.Tensor) and sw_batch_size.dim() == 0:
+        sw_batch_size = sw_batch_size.item()  # MONAI accepts a 0-d tensor
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
     sw_batch_size = int(sw_batch_size)  # (a numpy integer too)
@@ -411,7 +414,8 @@ def sliding_window_inference(
         w = _weights(patch_scores, grid_scores, nd)
         w = None if w is None else w.to(device)
         if "grad" not in state:  # decided once, at the first batch
-            wants_grad = torch.is_grad_enabled() and (seg.requires_grad or (w is not None and w.requires_grad))
+            wants_grad = torch.is_grad_enabled() and (seg.requires_grad or (w is not None and w.requires_grad)
+                                                      or (imp is not None and imp.requires_grad))
             state["grad"] = wants_grad and not slab and reduce is None
             if wants_grad and slab and reduce is None:
                 warnings.warn("slab_axis: gradients do not flow through slab mode; the output is detached "
@@ -485,10 +489,25 @@ def _differentiable_blend(kept, batch: int, coords, image_size, normalize, impor
     outs = []
     for b in range(batch):
         segs, ws = zip(*kept[b])
+        seg = torch.cat(segs).to(acc)
         weights = None if ws[0] is None else torch.cat(ws)
-        outs.append(calibrated_blend(torch.cat(segs).to(acc), weights, coords, image_size, normalize=normalize,
-                                     importance=importance))
+        imp = importance
+        if imp is not None and imp.requires_grad:
+            # calibrated_blend is differentiable in weights, not importance: fold it into per-voxel weights
+            weights, imp = _voxel_weights(weights, imp, seg.shape[0]), None
+        outs.append(calibrated_blend(seg, weights, coords, image_size, normalize=normalize, importance=imp))
     return torch.stack(outs)
+
+
+def _voxel_weights(weights, importance, n: int) -> torch.Tensor:
+    """``[n, *P]`` per-voxel weights: per-patch or per-cell ``weights`` (or 1) times ``importance [*P]``."""
+    roi = tuple(importance.shape)
+    shape3 = (1,) * (3 - len(roi)) + roi
+    if weights is not None:
+        weights = weights.reshape(n, *([1] * 3)) if weights.dim() == 1 else \
+            weights.reshape(n, *((1,) * (3 - len(roi)) + tuple(weights.shape[1:])))
+    w = voxel_weights(weights, importance.reshape(shape3), n, shape3, importance.dtype, importance.device)
+    return w.reshape(n, *roi)
 
 
 def _as_meta_tensor(result: torch.Tensor, like):
