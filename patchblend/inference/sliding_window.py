@@ -241,7 +241,7 @@ def sliding_window_inference(
         Accumulation is float32 (float64 for float64 inputs) whatever the predictor's precision.
 
     Gradients: when autograd is on and the predictions (or scores) require grad, the output is differentiable
-    in ``inputs``, the predictor's parameters and the scores, as MONAI's is; every window's prediction is then
+    in ``inputs``, the predictor's parameters, the scores and ``roi_weight_map``, as MONAI's is; every window's prediction is then
     kept until one :func:`~patchblend.calibrated_blend` at the end (autograd keeps the predictor's activations
     anyway). Under ``torch.no_grad()`` / ``torch.inference_mode()`` the streaming paths run. Slab mode and
     ``reduce`` return detached results (slab mode warns).
