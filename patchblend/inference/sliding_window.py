@@ -420,20 +420,15 @@ def sliding_window_inference(
             if wants_grad and slab and reduce is None:
                 warnings.warn("slab_axis: gradients do not flow through slab mode; the output is detached "
                               "(run under torch.no_grad() to silence this)", stacklevel=2)
-        if state["grad"]:  # keep the (differentiable) predictions; one differentiable blend at the end
-            k = 0
-            for b, w0, w1 in segments:
-                kept.setdefault(b, []).append((seg[k:k + w1 - w0], None if w is None else w[k:k + w1 - w0]))
-                k += w1 - w0
-            del parts, win, out, seg, patch_scores, grid_scores, w
-            kwargs.pop("condition", None)
-            continue
-        seg, w = seg.detach(), None if w is None else w.detach()
+        if not state["grad"]:
+            seg, w = seg.detach(), None if w is None else w.detach()
         k = 0
         for b, w0, w1 in segments:
             m = w1 - w0
-            bl = blender_for(b, seg.shape[1])
-            if isinstance(bl, LatticeBlender):
+            bl = None if state["grad"] else blender_for(b, seg.shape[1])
+            if bl is None:  # keep the (differentiable) predictions; one differentiable blend at the end
+                kept.setdefault(b, []).append((seg[k:k + m], None if w is None else w[k:k + m]))
+            elif isinstance(bl, LatticeBlender):
                 bl.add(seg[k:k + m], None if w is None else w[k:k + m])
             elif not slab:
                 bl.add(seg[k:k + m], coords[w0:w1], None if w is None else w[k:k + m])
