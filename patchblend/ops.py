@@ -47,13 +47,16 @@ def _blend_setup_context(ctx, inputs, output):
     ctx.normalize = normalize
     ctx.has_weights = weights is not None
     ctx.has_importance = importance is not None
-    saved_out = output if normalize == "weight" and weights is not None else None
+    # the weight-sum derivative needs the output: only when some weight (or the importance) is differentiable
+    varies = weights is not None or (importance is not None and importance.requires_grad)
+    saved_out = output if normalize == "weight" and varies else None
     ctx.save_for_backward(patches, weights, coords, importance, saved_out)
 
 
 def _blend_backward(ctx, grad_out):
-    """out = num / den with num = Σ w p: d/dp = w·G and d/dw = Σ_c G·(p − out·[weight mode]) per cell,
-    where G = grad_out / den is read back at every patch position (patch extraction, the adjoint)."""
+    """out = num / den with num = Σ w·imp·p: d/dp = w·imp·G, and with D = Σ_c G·(p − out·[weight mode]) per
+    voxel, d/dw = Σ over each cell of D·imp and d/dimp = Σ_n D·w, where G = grad_out / den is read back at
+    every patch position (patch extraction, the adjoint)."""
     patches, weights, coords, importance, out = ctx.saved_tensors
     weights = weights if ctx.has_weights else None
     importance = importance if ctx.has_importance else None
@@ -67,19 +70,25 @@ def _blend_backward(ctx, grad_out):
         g = torch.where(covered, g / torch.where(covered, den, torch.ones_like(den)), torch.zeros_like(g))
     g_at_patches = _ops.extract(g, coords, patch_shape)  # [N, C, *P]
 
-    grad_patches = grad_weights = None
+    grad_patches = grad_weights = grad_importance = None
     if ctx.needs_input_grad[0]:
         w = voxel_weights(weights, importance, n, patch_shape, acc, patches.device)
         grad_patches = (g_at_patches * w[:, None]).to(patches.dtype)
-    if weights is not None and ctx.needs_input_grad[1]:
+    need_weights = weights is not None and ctx.needs_input_grad[1]
+    need_importance = importance is not None and ctx.needs_input_grad[3]
+    if need_weights or need_importance:
         p = patches.to(acc)
         if out is not None:
             p = p - _ops.extract(out.to(acc), coords, patch_shape)
-        per_voxel = (g_at_patches * p).sum(1)
-        if importance is not None:
-            per_voxel = per_voxel * importance
-        grad_weights = reduce_to_cells(per_voxel, weights.shape[1:]).to(weights.dtype)
-    return grad_patches, grad_weights, None, None, None, None
+        per_voxel = (g_at_patches * p).sum(1)  # D [N, *P]
+        if need_weights:
+            d = per_voxel if importance is None else per_voxel * importance
+            grad_weights = reduce_to_cells(d, weights.shape[1:]).to(weights.dtype)
+        if need_importance:
+            d = per_voxel if weights is None else per_voxel * voxel_weights(weights, None, n, patch_shape, acc,
+                                                                            patches.device)
+            grad_importance = d.sum(0).to(importance.dtype)
+    return grad_patches, grad_weights, None, grad_importance, None, None
 
 
 torch.library.register_autograd("patchblend::blend", _blend_backward, setup_context=_blend_setup_context)
@@ -127,7 +136,8 @@ def calibrated_blend(
 
     Returns:
         ``[C, *out_shape]`` in ``patches.dtype`` (accumulated in float32, float64 for float64 input).
-        Voxels no patch covers are 0. Deterministic; differentiable in ``patches`` and ``weights``.
+        Voxels no patch covers are 0. Deterministic; differentiable in ``patches``, ``weights`` and
+        ``importance``.
     """
     a = prepare_blend_args(patches, weights, coords, out_shape, normalize, importance)
     out = _ops.blend(a.patches, a.weights, a.coords, a.importance, list(a.out_shape), a.normalize)

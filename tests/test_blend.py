@@ -310,6 +310,20 @@ def test_gradcheck(normalize, kind, importance):
     assert torch.autograd.gradcheck(f, (patches, weights))
 
 
+@pytest.mark.parametrize("normalize", ["count", "weight", "none"])
+@pytest.mark.parametrize("kind", [None, "patch", "grid"])
+def test_gradcheck_importance(normalize, kind):
+    # the importance map is differentiable too (with and without weights; "weight" mode divides by it)
+    patches, weights, coords, imp = _gradcheck_case(normalize, kind or "patch", True)
+    weights = None if kind is None else weights
+    imp.requires_grad_()
+
+    def f(p, i, w):
+        return patchblend.calibrated_blend(p, w, coords, (5, 4, 6), normalize=normalize, importance=i)
+
+    assert torch.autograd.gradcheck(f, (patches, imp, weights))
+
+
 def test_extract_gradcheck():
     # extraction is differentiable in the volume: its backward is the unweighted blend with normalize="none"
     volume = torch.rand(2, 5, 4, 6, dtype=torch.float64, requires_grad=True)

@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .._reference import voxel_weights
 from .._validate import _check_finite_nonnegative
 from ..ops import calibrated_blend, empty_output, extract_patches, zeros_output
 from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype
@@ -480,29 +479,14 @@ def sliding_window_inference(
 
 def _differentiable_blend(kept, batch: int, coords, image_size, normalize, importance, acc) -> torch.Tensor:
     """With autograd: every window's prediction in one :func:`~patchblend.calibrated_blend` per image (the
-    spec the streaming paths match), which is differentiable in the predictions and the scores."""
+    spec the streaming paths match), which is differentiable in the predictions, the scores and the importance."""
     outs = []
     for b in range(batch):
         segs, ws = zip(*kept[b])
-        seg = torch.cat(segs).to(acc)
         weights = None if ws[0] is None else torch.cat(ws)
-        imp = importance
-        if imp is not None and imp.requires_grad:
-            # calibrated_blend is differentiable in weights, not importance: fold it into per-voxel weights
-            weights, imp = _voxel_weights(weights, imp, seg.shape[0]), None
-        outs.append(calibrated_blend(seg, weights, coords, image_size, normalize=normalize, importance=imp))
+        outs.append(calibrated_blend(torch.cat(segs).to(acc), weights, coords, image_size, normalize=normalize,
+                                     importance=importance))
     return torch.stack(outs)
-
-
-def _voxel_weights(weights, importance, n: int) -> torch.Tensor:
-    """``[n, *P]`` per-voxel weights: per-patch or per-cell ``weights`` (or 1) times ``importance [*P]``."""
-    roi = tuple(importance.shape)
-    shape3 = (1,) * (3 - len(roi)) + roi
-    if weights is not None:
-        weights = weights.reshape(n, *([1] * 3)) if weights.dim() == 1 else \
-            weights.reshape(n, *((1,) * (3 - len(roi)) + tuple(weights.shape[1:])))
-    w = voxel_weights(weights, importance.reshape(shape3), n, shape3, importance.dtype, importance.device)
-    return w.reshape(n, *roi)
 
 
 def _as_meta_tensor(result: torch.Tensor, like):
