@@ -14,6 +14,8 @@ All functions here take the canonical 3D form produced by :mod:`patchblend._vali
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -94,6 +96,21 @@ def blend_reference(
     return out.to(patches.dtype)
 
 
+def check_accumulators(total: torch.Tensor, den: Optional[torch.Tensor], patches: torch.Tensor) -> None:
+    """The checks of the compiled accumulate-mode ops (RuntimeError, as theirs): ``total [C, *O]`` and
+    ``den [*O]`` contiguous, in the accumulation dtype of ``patches``."""
+    acc = accumulation_dtype(patches.dtype)
+    if total.dim() != 4 or total.shape[0] != patches.shape[1]:
+        raise RuntimeError(f"sum must be [C, O0, O1, O2] with C = {patches.shape[1]}, got {tuple(total.shape)}")
+    if total.dtype != acc:
+        raise RuntimeError(f"sum must have the accumulation dtype {acc}, got {total.dtype}")
+    if den is not None:
+        if tuple(den.shape) != tuple(total.shape[1:]):
+            raise RuntimeError(f"den must be [O0, O1, O2] = {tuple(total.shape[1:])}, got {tuple(den.shape)}")
+        if den.dtype != acc:
+            raise RuntimeError(f"den must have the accumulation dtype {acc}")
+
+
 def blend_add_reference(
     total: torch.Tensor,
     den: Optional[torch.Tensor],
@@ -105,21 +122,31 @@ def blend_add_reference(
 ) -> None:
     """Accumulate mode, in place: ``total [C, *O] += num`` and ``den [*O] +=`` the denominator
     (patch count, or weight sum for ``"weight"``); both in the accumulation dtype. Canonical 3D form."""
+    check_accumulators(total, den, patches)
     out_shape = tuple(total.shape[1:])
     total += blend_reference(patches.to(total.dtype), weights, coords, importance, out_shape, "none")
     if den is not None and normalize != "none":
         den += coverage_reference(weights, coords, importance, tuple(patches.shape[2:]), out_shape, normalize,
-                                  den.dtype)
+                                  den.dtype, den.device)
 
 
 def is_raster_lattice(coords: torch.Tensor) -> bool:
     """Whether ``coords [N, nd]`` are every combination of their per-axis starts, each once, in raster order
     (last axis fastest): the window order ``blend_stream_`` needs."""
-    if coords.shape[0] == 0:
-        return False
-    axes = [torch.unique(coords[:, a].cpu()) for a in range(coords.shape[1])]
-    expected = torch.cartesian_prod(*axes).reshape(-1, coords.shape[1])
-    return expected.shape == coords.shape and torch.equal(expected, coords.cpu())
+    return lattice_axes(coords.tolist()) is not None
+
+
+def lattice_axes(rows: list) -> Optional[list]:
+    """The per-axis starts (ascending) if ``rows`` (starts as int lists) are every combination of them, each
+    once, in raster order (last axis fastest); else None. (Python lists: cheaper than tensor ops at these
+    sizes, and this runs once per sliding-window call.)"""
+    if not rows:
+        return None
+    axes = [sorted(set(col)) for col in zip(*rows)]
+    if len(rows) != math.prod(len(a) for a in axes):
+        return None
+    expected = itertools.product(*axes)
+    return axes if all(tuple(r) == e for r, e in zip(rows, expected)) else None
 
 
 def blend_stream_reference(
@@ -137,15 +164,16 @@ def blend_stream_reference(
     start from ``out`` if an earlier window covers it (else 0), add this batch's weighted terms in order, and
     divide by the denominator over all windows if no later window covers it. After the last batch, ``out``
     is the blend of all windows."""
+    check_accumulators(out, None, patches)
     n_all, n = coords.shape[0], patches.shape[0]
     end = first + n
-    if not 0 <= first <= end <= n_all:
-        raise ValueError(f"blend_stream_: windows [{first}, {end}) are not within the {n_all} windows of coords")
-    if not is_raster_lattice(coords):
-        raise ValueError("blend_stream_: coords must be the windows of a lattice (every combination of per-axis "
-                         "starts, each once) in raster order")
     if weights is not None and normalize == "weight":
-        raise ValueError("blend_stream_: normalize='weight' cannot take weights")
+        raise RuntimeError("blend_stream_: normalize='weight' cannot take weights")
+    if not 0 <= first <= end <= n_all:
+        raise RuntimeError(f"blend_stream_: windows [{first}, {end}) are not within the {n_all} windows of coords")
+    if not is_raster_lattice(coords):
+        raise RuntimeError("blend_stream_: coords must be the windows of a lattice (every combination of per-axis "
+                           "starts, each once) in raster order")
     if n == 0:
         return
     out_shape, patch_shape, acc = tuple(out.shape[1:]), tuple(patches.shape[2:]), out.dtype
@@ -169,7 +197,7 @@ def blend_stream_reference(
             out_box, patch_box = boxes
             running[(slice(None),) + out_box] += w[k][patch_box] * patches[k][(slice(None),) + patch_box].to(acc)
     den = coverage_reference(None, coords, importance if normalize == "weight" else None, patch_shape, out_shape,
-                             normalize, acc)
+                             normalize, acc, out.device)
     if normalize == "count":
         value = running / den.clamp(min=1.0)
     elif normalize == "weight":
@@ -188,10 +216,13 @@ def coverage_reference(
     out_shape: Tuple[int, int, int],
     normalize: str,
     dtype: torch.dtype,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """The blend's denominator ``[*out_shape]``: patch count (``"count"``), weight sum (``"weight"``),
-    or ones (``"none"``)."""
-    device = coords.device
+    or ones (``"none"``); on ``device``, by default that of ``weights`` or ``importance`` if given, else of
+    ``coords`` (which may be on the CPU for patches on a GPU)."""
+    if device is None:
+        device = next((t.device for t in (weights, importance) if t is not None), coords.device)
     if normalize == "none":
         return torch.ones(tuple(out_shape), dtype=dtype, device=device)
     den = torch.zeros(tuple(out_shape), dtype=dtype, device=device)

@@ -6,7 +6,8 @@ kernels, the reference and the sliding-window driver all see the same canonical 
 - ``patches``: ``[N, C, D, H, W]`` (2D input ``[N, C, H, W]`` becomes depth 1);
 - ``weights``: ``None`` or a float tensor ``[N, Gd, Gh, Gw]`` (a per-patch weight is the grid ``1×1×1``),
   in the accumulation dtype;
-- ``coords``: ``[N, 3]`` int64 on the patches' device;
+- ``coords``: ``[N, 3]`` int64 on the CPU (the kernels build their index on the host; CUDA kernels take CPU
+  coords without a device synchronisation);
 - ``importance``: ``None`` or ``[D, H, W]`` in the accumulation dtype;
 - ``out_shape``: a tuple of 3 ints.
 """
@@ -56,6 +57,54 @@ def _check_finite_nonnegative(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be >= 0 (found a negative value)")
 
 
+def finite_nonnegative(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on ``t``'s device: every value finite and ``>= 0`` (NaN fails). Unlike
+    :func:`_check_finite_nonnegative` it does not synchronise with a GPU; check it later, once."""
+    return torch.all((t >= 0) & (t < float("inf")))
+
+
+def prepare_weights(
+    weights: Optional[torch.Tensor],
+    n: int,
+    patch_shape: Sequence[int],
+    acc: torch.dtype,
+    device: torch.device,
+    check_values: bool = True,
+) -> Optional[torch.Tensor]:
+    """Check ``weights`` (None, ``[N]`` or ``[N, *G]`` with ``1 <= G <= P``) for ``n`` patches of spatial shape
+    ``patch_shape`` and return them as ``[N, Gd, Gh, Gw]`` in ``acc``. ``check_values=False`` skips the finite and
+    non-negative check (one device synchronisation each) when the caller has done it."""
+    if weights is None:
+        return None
+    spatial_dims = len(patch_shape)
+    _check_float_tensor("weights", weights)
+    if weights.device != device:
+        raise ValueError(f"weights is on {weights.device} but patches is on {device}")
+    if weights.dim() == 1:
+        if weights.shape[0] != n:
+            raise ValueError(f"weights [N] must have N = {n} entries, got {tuple(weights.shape)}")
+    elif weights.dim() == 1 + spatial_dims:
+        if weights.shape[0] != n:
+            raise ValueError(f"weights [N, *G] must have N = {n}, got {tuple(weights.shape)}")
+        for axis, (g, p) in enumerate(zip(weights.shape[1:], patch_shape)):
+            if g < 1 or g > p:
+                raise ValueError(
+                    f"weights grid size {tuple(weights.shape[1:])} must satisfy 1 <= g <= patch size "
+                    f"{tuple(patch_shape)} on every axis (axis {axis}: g={g}, P={p})"
+                )
+    else:
+        raise ValueError(
+            f"weights must be [N] (one per patch) or [N, *G] with {spatial_dims} grid dims, "
+            f"got shape {tuple(weights.shape)}"
+        )
+    if check_values:
+        _check_finite_nonnegative("weights", weights)
+    weights = weights.to(acc)
+    if weights.dim() == 1:
+        return weights.reshape(n, 1, 1, 1)
+    return weights.unsqueeze(1) if spatial_dims == 2 else weights
+
+
 def prepare_blend_args(
     patches: torch.Tensor,
     weights: Optional[torch.Tensor],
@@ -63,8 +112,10 @@ def prepare_blend_args(
     out_shape: Optional[Sequence[int]],
     normalize: str,
     importance: Optional[torch.Tensor],
+    check_values: bool = True,
 ) -> BlendArgs:
-    """Check every argument of ``calibrated_blend`` and return them in canonical 3D form."""
+    """Check every argument of ``calibrated_blend`` and return them in canonical 3D form (``check_values``:
+    see :func:`prepare_weights`)."""
     _check_float_tensor("patches", patches)
     if patches.dim() not in (4, 5):
         raise ValueError(
@@ -96,38 +147,11 @@ def prepare_blend_args(
             f"coords must have shape [N, {spatial_dims}] = [{n}, {spatial_dims}] to match patches, "
             f"got {tuple(coords.shape)}"
         )
-    coords = coords.to(device=patches.device, dtype=torch.int64)
+    coords = coords.to(device="cpu", dtype=torch.int64)
 
     acc = accumulation_dtype(patches.dtype)
 
-    # weights: None, [N] or [N, *G]
-    if weights is not None:
-        _check_float_tensor("weights", weights)
-        if weights.device != patches.device:
-            raise ValueError(f"weights is on {weights.device} but patches is on {patches.device}")
-        if weights.dim() == 1:
-            if weights.shape[0] != n:
-                raise ValueError(f"weights [N] must have N = {n} entries, got {tuple(weights.shape)}")
-        elif weights.dim() == 1 + spatial_dims:
-            if weights.shape[0] != n:
-                raise ValueError(f"weights [N, *G] must have N = {n}, got {tuple(weights.shape)}")
-            for axis, (g, p) in enumerate(zip(weights.shape[1:], patch_shape)):
-                if g < 1 or g > p:
-                    raise ValueError(
-                        f"weights grid size {tuple(weights.shape[1:])} must satisfy 1 <= g <= patch size "
-                        f"{patch_shape} on every axis (axis {axis}: g={g}, P={p})"
-                    )
-        else:
-            raise ValueError(
-                f"weights must be [N] (one per patch) or [N, *G] with {spatial_dims} grid dims, "
-                f"got shape {tuple(weights.shape)}"
-            )
-        _check_finite_nonnegative("weights", weights)
-        weights = weights.to(acc)
-        if weights.dim() == 1:
-            weights = weights.reshape(n, *([1] * 3))
-        elif spatial_dims == 2:
-            weights = weights.unsqueeze(1)
+    weights = prepare_weights(weights, n, patch_shape, acc, patches.device, check_values)
 
     if importance is not None:
         _check_float_tensor("importance", importance)

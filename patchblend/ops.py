@@ -16,6 +16,14 @@ from ._validate import accumulation_dtype, prepare_blend_args
 _ops = torch.ops.patchblend
 
 
+def coverage_on(weights, coords, importance, patch_shape, out_shape, normalize: str, dtype, device) -> torch.Tensor:
+    """The ``coverage`` op's denominator ``[*out_shape]`` on ``device``. The op runs where its tensors are;
+    ``coords`` are passed on the CPU (no device synchronisation) unless nothing else names the device."""
+    if weights is None and importance is None:
+        coords = coords.to(device)
+    return _ops.coverage(weights, coords, importance, list(patch_shape), list(out_shape), normalize, dtype)
+
+
 @torch.library.register_fake("patchblend::blend")
 def _blend_fake(patches, weights, coords, importance, out_shape, normalize):
     return patches.new_empty((patches.shape[1], *out_shape))
@@ -65,7 +73,7 @@ def _blend_backward(ctx, grad_out):
     acc = accumulation_dtype(patches.dtype)
     g = grad_out.to(acc)
     if ctx.normalize != "none":
-        den = _ops.coverage(weights, coords, importance, patch_shape, list(ctx.out_shape), ctx.normalize, acc)
+        den = coverage_on(weights, coords, importance, patch_shape, ctx.out_shape, ctx.normalize, acc, g.device)
         covered = den > 0
         g = torch.where(covered, g / torch.where(covered, den, torch.ones_like(den)), torch.zeros_like(g))
     g_at_patches = _ops.extract(g, coords, patch_shape)  # [N, C, *P]
@@ -183,7 +191,8 @@ def extract_patches(volume: torch.Tensor, coords, patch_shape: Sequence[int]) ->
     patch_shape = [int(s) for s in patch_shape]
     if len(patch_shape) != nd or any(s < 1 for s in patch_shape):
         raise ValueError(f"patch_shape must be {nd} positive ints, got {patch_shape}")
-    coords = coords.to(device=volume.device, dtype=torch.int64)
+    # coords stay on the CPU (a CUDA kernel uploads them without synchronising) or on the volume's device
+    coords = coords.to(device=coords.device if coords.device == volume.device else "cpu", dtype=torch.int64)
     if nd == 2:
         out = _ops.extract(volume.unsqueeze(1), torch.nn.functional.pad(coords, (1, 0)), [1] + patch_shape)
         return out.squeeze(2)

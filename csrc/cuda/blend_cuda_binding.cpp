@@ -1,5 +1,10 @@
 // Thin torch binding for the CUDA kernels: checks, allocation, index upload, stream; the arithmetic is in
 // blend_cuda.cu (which calls the shared ../blend_voxel.h).
+//
+// coords may be on the CPU or on the device. The blend ops read them on the host (to build the index), so
+// CPU coords cost nothing and device coords cost a copy back, i.e. a device synchronisation; extract reads
+// them on the device and uploads CPU coords asynchronously from pinned memory. Pass CPU coords in loops
+// (the sliding-window driver does): then no op here synchronises with the device.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -19,17 +24,38 @@ DType dtype_code(at::ScalarType t) {
   }
 }
 
+// Host int64 data to the device without a synchronisation: staged in pinned memory (the caching host
+// allocator keeps the block alive until the copy has run), then copied asynchronously on the current stream.
+at::Tensor upload_async(const int64_t* data, int64_t count, const at::Device& device) {
+  at::Tensor host = at::empty({count}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(data, data + count, host.data_ptr<int64_t>());
+  return host.to(device, /*non_blocking=*/true);
+}
+
 at::Tensor upload_index(const BlendInputs& in, IndexLayout& layout, const at::Device& device) {
   std::vector<int64_t> index = build_index(in, layout);
-  at::Tensor host = at::from_blob(index.data(), {static_cast<int64_t>(index.size())}, at::kLong).pin_memory();
-  return host.to(device, /*non_blocking=*/true);
+  return upload_async(index.data(), static_cast<int64_t>(index.size()), device);
+}
+
+void check_coords_device(const at::Tensor& coords, const at::Device& device) {
+  TORCH_CHECK(coords.is_cpu() || coords.device() == device, "coords must be on the CPU or on ", device, ", got ",
+              coords.device());
+}
+
+// The device of the op: that of patches, else of weights or importance, else of coords.
+at::Device op_device(const c10::optional<at::Tensor>& patches, const c10::optional<at::Tensor>& weights,
+                     const at::Tensor& coords, const c10::optional<at::Tensor>& importance) {
+  for (const auto* t : {&patches, &weights, &importance})
+    if (t->has_value() && (*t)->is_cuda()) return (*t)->device();
+  return coords.device();
 }
 
 at::Tensor run(const c10::optional<at::Tensor>& patches, const c10::optional<at::Tensor>& weights,
                const at::Tensor& coords, const c10::optional<at::Tensor>& importance, c10::IntArrayRef patch_shape,
                c10::IntArrayRef out_shape, int mode, at::ScalarType out_dtype, bool coverage) {
-  const at::Device device = coords.device();
-  TORCH_CHECK(device.is_cuda(), "patchblend CUDA kernel: coords must be on a CUDA device");
+  const at::Device device = op_device(patches, weights, coords, importance);
+  TORCH_CHECK(device.is_cuda(), "patchblend CUDA kernel: no input is on a CUDA device");
+  check_coords_device(coords, device);
   const c10::cuda::CUDAGuard guard(device);
   const at::ScalarType acc = at::toOpMathType(out_dtype);
   BlendInputs in = check_inputs(weights, coords, importance, patch_shape, out_shape, acc, device);
@@ -84,8 +110,8 @@ void blend_add_cuda(at::Tensor& sum, const c10::optional<at::Tensor>& den, const
                     const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
                     const c10::optional<at::Tensor>& importance, c10::string_view normalize) {
   TORCH_CHECK(patches.dim() == 5, "patches must be [N, C, P0, P1, P2], got ", patches.sizes());
-  TORCH_CHECK(patches.device().is_cuda() && coords.device() == patches.device(),
-              "patches and coords must be on the same CUDA device");
+  TORCH_CHECK(patches.device().is_cuda(), "patches must be on a CUDA device");
+  check_coords_device(coords, patches.device());
   check_accumulators(sum, den, patches);
   const c10::cuda::CUDAGuard guard(patches.device());
   const int mode = parse_normalize(std::string(normalize));
@@ -123,14 +149,13 @@ void blend_add_cuda(at::Tensor& sum, const c10::optional<at::Tensor>& den, const
 void blend_stream_cuda(at::Tensor& out, const at::Tensor& patches, const c10::optional<at::Tensor>& weights,
                        const at::Tensor& coords, int64_t first, const c10::optional<at::Tensor>& importance,
                        c10::string_view normalize) {
-  TORCH_CHECK(patches.device().is_cuda() && coords.device() == patches.device(),
-              "patches and coords must be on the same CUDA device");
+  TORCH_CHECK(patches.device().is_cuda(), "patches must be on a CUDA device");
+  check_coords_device(coords, patches.device());
   const c10::cuda::CUDAGuard guard(patches.device());
   const at::Tensor p = patches.contiguous();
   StreamInputs s = check_stream_inputs(out, p, weights, coords, first, importance, std::string(normalize));
   if (s.end == s.first) return;
-  at::Tensor host = at::from_blob(s.index.data(), {static_cast<int64_t>(s.index.size())}, at::kLong).pin_memory();
-  at::Tensor index = host.to(p.device(), /*non_blocking=*/true);
+  at::Tensor index = upload_async(s.index.data(), static_cast<int64_t>(s.index.size()), p.device());
   CudaBlendArgs a{};
   a.dtype = dtype_code(p.scalar_type());
   a.patches = p.data_ptr();
@@ -169,13 +194,15 @@ at::Tensor extract_cuda(const at::Tensor& volume, const at::Tensor& coords, c10:
   TORCH_CHECK(volume.dim() == 4, "volume must be [C, O0, O1, O2], got ", volume.sizes());
   TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3 && coords.scalar_type() == at::kLong,
               "coords must be int64 [N, 3]");
-  TORCH_CHECK(volume.device() == coords.device(), "volume and coords must be on the same device");
+  TORCH_CHECK(volume.is_cuda(), "volume must be on a CUDA device");
+  check_coords_device(coords, volume.device());
   const c10::cuda::CUDAGuard guard(volume.device());
   int64_t P[3], O[3];
   copy3(P, patch_shape, "patch_shape");
   for (int a = 0; a < 3; ++a) O[a] = volume.size(a + 1);
   const at::Tensor vol = volume.contiguous();
-  const at::Tensor cc = coords.contiguous();
+  at::Tensor cc = coords.contiguous();
+  if (cc.is_cpu() && cc.numel() > 0) cc = upload_async(cc.data_ptr<int64_t>(), cc.numel(), volume.device()).view_as(cc);
   at::Tensor out = at::empty({cc.size(0), vol.size(0), P[0], P[1], P[2]}, vol.options());
   const cudaError_t err = launch_extract(dtype_code(vol.scalar_type()), vol.data_ptr(), cc.data_ptr<int64_t>(),
                                          out.data_ptr(), cc.size(0), vol.size(0), P, O,
