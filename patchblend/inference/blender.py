@@ -19,8 +19,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import NORMALIZE_MODES, accumulation_dtype, prepare_blend_args
-from ..ops import empty_output, zeros_output
+from .._validate import NORMALIZE_MODES, accumulation_dtype, prepare_blend_args, prepare_weights
+from .._reference import lattice_axes
+from ..ops import coverage_on, empty_output, zeros_output
 
 __all__ = ["Blender", "LatticeBlender", "SlabBlender", "window_coverage", "lattice_coverage", "REDUCTIONS"]
 
@@ -83,7 +84,8 @@ def window_coverage(
     if nd == 2:
         coords = torch.nn.functional.pad(coords, (1, 0))
     imp = _canonical_importance(importance, window_shape, dtype, device) if normalize == "weight" else None
-    den = _ops.coverage(None, coords.to(device), imp, list(_to3(window_shape)), list(_to3(out_shape)), normalize, dtype)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    den = coverage_on(None, coords, imp, _to3(window_shape), _to3(out_shape), normalize, dtype, device)
     return den.reshape(tuple(out_shape))
 
 
@@ -125,7 +127,11 @@ def lattice_coverage(
 
 
 class _BlendCore:
-    """Shared by both accumulators: argument checks and one batch blended into its bounding box."""
+    """Shared by the accumulators: argument checks and one batch blended into its bounding box."""
+
+    #: Check that weights are finite and >= 0 on every ``add`` (one device synchronisation on a GPU). The
+    #: sliding-window driver sets it to False: it checks predictor scores itself, once per call on a GPU.
+    check_values: bool = True
 
     def __init__(self, out_shape, channels, window_shape, normalize, importance, device, dtype):
         self.out_shape = tuple(int(s) for s in out_shape)
@@ -188,18 +194,16 @@ class _BlendCore:
             return None
         return lo, hi
 
-    def _groups(self, coords: torch.Tensor):
-        """Split a batch into runs of consecutive patches that share their start on every axis but the last
-        (rows of MONAI's raster order) when that at least halves the volume blended; ``[(i, j, bbox)]``.
-        (Python ints throughout: a batch has a handful of patches, and tensor ops would cost more.)"""
-        rows = coords.tolist()
+    def _groups(self, rows: list, boxes: bool = True):
+        """Split a batch (its starts, a list of int lists) into runs of consecutive patches that share their
+        start on every axis but the last (rows of MONAI's raster order) when that at least halves the volume
+        blended; ``[(i, j, bbox)]`` (bbox None when ``boxes`` is False and the batch is one run). (Python ints
+        throughout: a batch has a handful of patches, and tensor ops would cost more.)"""
         n = len(rows)
-        whole = [(0, n, self._bbox(rows))]
-        if n < 2 or self.nd < 2:
-            return whole
-        change = [k for k in range(1, n) if rows[k][:-1] != rows[k - 1][:-1]]
+        change = [k for k in range(1, n) if rows[k][:-1] != rows[k - 1][:-1]] if self.nd >= 2 else []
         if not change:
-            return whole
+            return [(0, n, self._bbox(rows) if boxes else None)]
+        whole = [(0, n, self._bbox(rows))]
         bounds = [0, *change, n]
         runs = [(i, j, self._bbox(rows[i:j])) for i, j in zip(bounds, bounds[1:])]
 
@@ -229,7 +233,7 @@ class _BlendCore:
         """One batch checked by ``prepare_blend_args`` and put in the ops' canonical 3D form: ``(patches,
         weights, coords [n, 3])``, weights in the accumulation dtype; patches keep their dtype when it
         accumulates in it (half is read as half by the kernels), else are converted."""
-        a = prepare_blend_args(patches, weights, coords, out_shape, "none", None)
+        a = prepare_blend_args(patches, weights, coords, out_shape, "none", None, self.check_values)
         p = a.patches if accumulation_dtype(a.patches.dtype) == self.dtype else a.patches.to(self.dtype)
         w = None if a.weights is None else a.weights.to(self.dtype)
         return p, w, a.coords
@@ -328,10 +332,10 @@ class Blender(_BlendCore):
         if patches.shape[0] == 0:
             return
         with_den = self.den is not None and not self._fixed_den
-        for i, j, bbox in self._groups(coords):
+        for i, j, bbox in self._groups(coords.tolist()):
             w = None if weights is None else weights[i:j]
             if bbox is None:  # every patch lies outside the output; still check the weights
-                prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None)
+                prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None, self.check_values)
                 continue
             self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j], w)
 
@@ -345,11 +349,12 @@ class Blender(_BlendCore):
         return self.num if dtype is None or dtype == self.num.dtype else self.num.to(dtype)
 
 
-def _covers(coords: torch.Tensor, window_shape, out_shape) -> bool:
-    """Whether the windows at ``coords`` (a lattice) leave no voxel of ``out_shape`` uncovered."""
-    for a, (p, o) in enumerate(zip(window_shape, out_shape)):
+def _covers(axes: Sequence[Sequence[int]], window_shape, out_shape) -> bool:
+    """Whether the windows of a lattice with per-axis starts ``axes`` (ascending) leave no voxel of
+    ``out_shape`` uncovered."""
+    for starts, p, o in zip(axes, window_shape, out_shape):
         reach = 0
-        for s in torch.unique(coords[:, a]).tolist():  # ascending
+        for s in starts:
             if s > reach:
                 return False
             reach = max(reach, s + p)
@@ -403,16 +408,15 @@ class LatticeBlender(_BlendCore):
     ):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
         coords = _as_coords(coords, self.nd)
-        from .._reference import is_raster_lattice
-
-        if not is_raster_lattice(coords):
+        self.coords = coords
+        self._rows = coords.tolist()
+        axes = lattice_axes(self._rows)
+        if axes is None:
             raise ValueError("coords must be the windows of a lattice (every combination of per-axis starts, each "
                              "once) in raster order, as WindowGrid.coords() gives them")
-        self.coords = coords
-        self._coords3 = torch.nn.functional.pad(coords, (1, 0)) if self.nd == 2 else coords
-        self._coords3 = self._coords3.to(self.device)
+        self._coords3 = torch.nn.functional.pad(coords, (1, 0)) if self.nd == 2 else coords  # on the CPU
         self.out = self._output_buffer(out, empty_output)
-        if not _covers(coords, self.window_shape, self.out_shape):
+        if not _covers(axes, self.window_shape, self.out_shape):
             self.out.zero_()  # voxels no window covers are never written by the op
         self.next = 0  # index of the next window to be added
 
@@ -432,13 +436,21 @@ class LatticeBlender(_BlendCore):
             raise ValueError("weights cannot be used with normalize='weight' in a LatticeBlender (the weight sum "
                              "depends on later batches); use Blender")
         self._check_weights_rows(weights, n)
+        self._add(patches, weights)
+
+    def _add(self, patches: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
+        """:meth:`add` after its checks of the arguments' structure (the driver's per-batch path: a few
+        microseconds of Python besides the op, and no device synchronisation unless :attr:`check_values`)."""
+        n = patches.shape[0]
         if n == 0:
             return
-        coords = self.coords[self.next:self.next + n]
-        p, w, _ = self._batch_args(patches, weights, coords, self.out_shape)
+        p = patches if accumulation_dtype(patches.dtype) == self.dtype else patches.to(self.dtype)
+        if self.nd == 2:
+            p = p.unsqueeze(2)
+        w = prepare_weights(weights, n, self.window_shape, self.dtype, self.device, self.check_values)
         out = self.out.unsqueeze(1) if self.nd == 2 else self.out
         # a batch that spans two rows of windows is blended row by row (tighter boxes, see _groups)
-        for i, j, _ in self._groups(coords):
+        for i, j, _ in self._groups(self._rows[self.next:self.next + n], boxes=False):
             _ops.blend_stream_(out, p[i:j], None if w is None else w[i:j], self._coords3, self.next + i,
                                self.importance, self.normalize)
         self.next += n
@@ -579,7 +591,7 @@ class SlabBlender(_BlendCore):
         if self._stream:
             self._stream_coords = torch.cartesian_prod(*[torch.tensor(a, dtype=torch.int64) for a in self._lattice])
             self._stream_coords = self._stream_coords.reshape(-1, self.nd)
-            self._stream_zero = not _covers(self._stream_coords, self.window_shape, self.out_shape)
+            self._stream_zero = not _covers([sorted(set(a)) for a in self._lattice], self.window_shape, self.out_shape)
             self._next = 0
         self.lo = 0  # first index along axis not yet finalised
         self._cap = 0
@@ -631,7 +643,7 @@ class SlabBlender(_BlendCore):
         self._check_weights_rows(weights, patches.shape[0])
         if patches.shape[0] == 0:
             return
-        groups = self._groups(coords)
+        groups = self._groups(coords.tolist())
         for _, _, bbox in groups:
             if bbox is not None and bbox[0][self.axis] < self.lo:
                 raise ValueError(f"a patch reaches index {bbox[0][self.axis]} along axis {self.axis}, which is "
@@ -644,7 +656,7 @@ class SlabBlender(_BlendCore):
         for i, j, bbox in groups:
             w = None if weights is None else weights[i:j]
             if bbox is None:
-                prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None)
+                prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None, self.check_values)
                 continue
             self._ensure_capacity(bbox[1][self.axis])
             origin = torch.zeros(self.nd, dtype=torch.int64)
@@ -669,7 +681,7 @@ class SlabBlender(_BlendCore):
             if self.nd == 2:
                 all_coords = torch.nn.functional.pad(all_coords, (1, 0))
                 num = num.unsqueeze(1)
-            _ops.blend_stream_(num, p, w, all_coords.to(self.device), self._next, self.importance, self.normalize)
+            _ops.blend_stream_(num, p, w, all_coords, self._next, self.importance, self.normalize)
         self._next += n
 
     def finalize_until(self, stop: int) -> None:

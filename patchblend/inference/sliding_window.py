@@ -17,13 +17,16 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .._validate import _check_finite_nonnegative
-from ..ops import calibrated_blend, empty_output, extract_patches, zeros_output
+from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
+from .._validate import _check_finite_nonnegative, finite_nonnegative
+from ..ops import calibrated_blend, empty_output, zeros_output
 from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype
 from .importance import importance_map
 from .windows import WINDOW_STYLES, sliding_windows
 
 __all__ = ["sliding_window_inference", "WEIGHTINGS"]
+
+_ops = torch.ops.patchblend
 
 WEIGHTINGS = (None, "patch", "grid", "patch*grid")
 _PAD_MODES = ("constant", "reflect", "replicate", "circular")
@@ -78,8 +81,9 @@ def _resolve_overlap(overlap, nd: int):
     return tuple(float(o) for o in ov)
 
 
-def _parse_output(out, n: int, roi, nd: int, weighting):
-    """Predictor output → (seg [n, C, *roi], patch_scores [n] or None, grid_scores [n, *G] or None)."""
+def _parse_output(out, n: int, roi, nd: int, weighting, check_values=_check_finite_nonnegative):
+    """Predictor output → (seg [n, C, *roi], patch_scores [n] or None, grid_scores [n, *G] or None).
+    ``check_values(name, scores)`` checks the values of the scores in use (finite, >= 0)."""
     patch = grid = None
     if isinstance(out, torch.Tensor):
         seg = out
@@ -123,7 +127,7 @@ def _parse_output(out, n: int, roi, nd: int, weighting):
             patch = patch[:, 0]
         if tuple(patch.shape) != (n,):
             raise ValueError(f"patch_scores must have shape [{n}] (one per window), got {tuple(patch.shape)}")
-        _check_finite_nonnegative("patch_scores", patch)
+        check_values("patch_scores", patch)
     if uses_grid:
         if grid is None:
             raise ValueError(f"weighting={weighting!r} needs grid scores: return (seg, patch_scores, grid_scores) "
@@ -133,8 +137,29 @@ def _parse_output(out, n: int, roi, nd: int, weighting):
         if grid.dim() != nd + 1 or grid.shape[0] != n or any(g < 1 or g > p for g, p in zip(grid.shape[1:], roi)):
             raise ValueError(f"grid_scores must have shape [{n}, *G] with {nd} grid dims, 1 <= G <= roi {tuple(roi)}, "
                              f"got {tuple(grid.shape)}")
-        _check_finite_nonnegative("grid_scores", grid)
+        check_values("grid_scores", grid)
     return seg, (patch if uses_patch else None), (grid if uses_grid else None)
+
+
+class _ScoreChecks:
+    """Checks that predictor scores are finite and >= 0: at once on the CPU; on a GPU, one flag per name
+    stays on the device and :meth:`raise_if_bad` reads it once at the end (no synchronisation per batch)."""
+
+    def __init__(self):
+        self.flags = {}
+
+    def __call__(self, name: str, scores: torch.Tensor) -> None:
+        if scores.device.type == "cpu":
+            _check_finite_nonnegative(name, scores)
+            return
+        ok = finite_nonnegative(scores)
+        self.flags[name] = ok if name not in self.flags else self.flags[name] & ok
+
+    def raise_if_bad(self) -> None:
+        for name, ok in self.flags.items():
+            if not bool(ok):
+                raise ValueError(f"{name} must be finite and >= 0 (a predictor call returned NaN, inf or a "
+                                 "negative value)")
 
 
 def _weights(patch, grid, nd: int):
@@ -323,6 +348,16 @@ def sliding_window_inference(
             src_coords = coords_pad
     else:
         src, src_coords, cond_src = x, coords, condition
+    # extraction in the ops' 3D form; the starts stay on the CPU (a GPU kernel uploads them without a sync)
+    src_coords3 = (F.pad(src_coords, (1, 0)) if nd == 2 else src_coords).contiguous()
+    roi3 = [1, *roi] if nd == 2 else list(roi)
+
+    def windows(source, segments):
+        """The windows of ``segments`` [(image, first, end)] of ``source [B, C, *S]`` → ``[n, C, *roi]``."""
+        parts = [_ops.extract(source[b] if nd == 3 else source[b].unsqueeze(1), src_coords3[w0:w1], roi3)
+                 for b, w0, w1 in segments]
+        win = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return win if nd == 3 else win.squeeze(2)
 
     # ---- importance and denominator ---------------------------------------------------------------------
     if roi_weight_map is not None:
@@ -343,6 +378,7 @@ def sliding_window_inference(
 
     out_dtype = x.dtype if x.dtype.is_floating_point else None
     state = {"channels": None, "out": None}
+    score_checks = _ScoreChecks()
     blenders = {}
     kept = {}  # with autograd: image -> [(seg, weights)] of every batch
 
@@ -371,12 +407,15 @@ def sliding_window_inference(
                 out_dtype=out_dtype or state["seg_dtype"], label_dtype=state["out"].dtype,
                 window_lattice=None if general else image_starts, out=state["out"][b],
             )
+            blenders[b].check_values = False  # score_checks did it
         elif not general:
             blenders[b] = LatticeBlender(image_size, channels, coords, roi, normalize=normalize, importance=imp,
                                          device=device, dtype=acc, out=state["out"][b])
+            blenders[b].check_values = False
         else:
             blenders[b] = Blender(image_size, channels, normalize=normalize, importance=imp, window_shape=roi,
                                   device=device, dtype=acc, out=state["out"][b])
+            blenders[b].check_values = False
         return blenders[b]
 
     # ---- the loop: one extraction, one predictor call and one blend per batch -------------------------
@@ -391,12 +430,9 @@ def sliding_window_inference(
             w1 = min(num_win, w0 + (g1 - g))
             segments.append((b, w0, w1))
             g += w1 - w0
-        parts = [extract_patches(src[b], src_coords[w0:w1], roi) for b, w0, w1 in segments]
-        win = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(sw_device)
+        win = windows(src, segments).to(sw_device)
         if cond_src is not None:
-            cparts = [extract_patches(cond_src[b], src_coords[w0:w1], roi) for b, w0, w1 in segments]
-            kwargs["condition"] = (cparts[0] if len(cparts) == 1 else torch.cat(cparts)).to(sw_device)
-            del cparts
+            kwargs["condition"] = windows(cond_src, segments).to(sw_device)
         if with_coord:
             slices = [[slice(b, b + 1), slice(None)] + [slice(s, s + r) for s, r in zip(c, roi)]
                       for b, w0, w1 in segments for c in coords_pad[w0:w1].tolist()]
@@ -404,7 +440,7 @@ def sliding_window_inference(
         else:
             out = predictor(win, **kwargs)
         n = g1 - g0
-        seg, patch_scores, grid_scores = _parse_output(out, n, roi, nd, weighting)
+        seg, patch_scores, grid_scores = _parse_output(out, n, roi, nd, weighting, score_checks)
         if state["channels"] is not None and seg.shape[1] != state["channels"]:
             raise ValueError(f"predictor output seg changed its channel count from {state['channels']} to "
                              f"{seg.shape[1]} between batches")
@@ -428,7 +464,7 @@ def sliding_window_inference(
             if bl is None:  # keep the (differentiable) predictions; one differentiable blend at the end
                 kept.setdefault(b, []).append((seg[k:k + m], None if w is None else w[k:k + m]))
             elif isinstance(bl, LatticeBlender):
-                bl.add(seg[k:k + m], None if w is None else w[k:k + m])
+                bl._add(seg[k:k + m], None if w is None else w[k:k + m])  # (checked by _parse_output)
             elif not slab:
                 bl.add(seg[k:k + m], coords[w0:w1], None if w is None else w[k:k + m])
             else:
@@ -448,10 +484,11 @@ def sliding_window_inference(
                     del blenders[b]
             k += m
         # drop this batch's windows and predictions before the next predictor call allocates its own
-        del parts, win, out, seg, patch_scores, grid_scores, w
+        del win, out, seg, patch_scores, grid_scores, w
         kwargs.pop("condition", None)
 
     # ---- finalise --------------------------------------------------------------------------------------
+    score_checks.raise_if_bad()
     if state.get("grad"):
         result = _differentiable_blend(kept, batch, coords, image_size, normalize, imp, acc)
         kept = None
