@@ -8,6 +8,9 @@ MONAI + argmax.
 
 Predictors: ``identity`` (measures the inference machinery alone), ``unet`` (a small seeded 3D U-Net) and, for
 SLAB, ``conv1x1`` (1 -> C channels). ``sw_batch_size`` 4 (2 for SLAB).
+OVH4 / OVH1: S's lattice of 80 windows (4 x 5 x 4) on a volume 20 times smaller per axis (1x1x9x11x9, 4^3
+windows), at ``sw_batch_size`` 4 and 1 (MONAI's default): the data is negligible, so this times the machinery
+itself per call and per batch, the part that bounds a GPU run (where the data moves in microseconds). Timing only.
 
 Time: for the identity predictor, each case runs in its own subprocess; after one warm-up call of each
 implementation, calls alternate MONAI / patchblend ``--repeats`` times and the median wall time is reported
@@ -45,7 +48,10 @@ CASES = {
     "S": dict(shape=(1, 1, 192, 224, 192), roi=(80, 80, 80), overlap=0.5, bs=4),
     "CT": dict(shape=(1, 1, 512, 512, 256), roi=(96, 96, 96), overlap=0.5, bs=4),
     "SLAB": dict(shape=(1, 1, 384, 128, 128), roi=(64, 64, 64), overlap=0.5, bs=2),
+    "OVH4": dict(shape=(1, 1, 9, 11, 9), roi=(4, 4, 4), overlap=0.5, bs=4),
+    "OVH1": dict(shape=(1, 1, 9, 11, 9), roi=(4, 4, 4), overlap=0.5, bs=1),
 }
+OVERHEAD_CASES = ("OVH4", "OVH1")
 
 
 # ---- worker side -----------------------------------------------------------------------------------------
@@ -213,6 +219,7 @@ def main() -> None:
     print("# NOTE: on a shared CPU, wall times vary with other users' load; ratios come from alternated calls.")
 
     plan = [("S", "identity", "constant", args.repeats), ("S", "identity", "gaussian", args.repeats)]
+    plan += [(c, "identity", "constant", 20 * args.repeats) for c in OVERHEAD_CASES]
     if not args.no_unet:
         plan.append(("S", "unet", "constant", 0))
     if args.ct:
@@ -228,7 +235,10 @@ def main() -> None:
         if case == "SLAB":
             base = dict(slab, device=args.device)
             impls = ["monai", "patchblend", "patchblend-slab", "patchblend-slab-u8"]
-        mem = {i: _spawn(dict(base, what="memory", impl=i), timeout=3600) for i in impls}
+        if case in OVERHEAD_CASES:  # timing only
+            mem = {i: dict(pb_file="", peak_mib=float("nan")) for i in impls}
+        else:
+            mem = {i: _spawn(dict(base, what="memory", impl=i), timeout=3600) for i in impls}
         for i in impls:
             if mem[i]["pb_file"] and not mem[i]["pb_file"].startswith(str(ROOT)):
                 print(f"# WARNING: worker imported patchblend from {mem[i]['pb_file']}")
@@ -249,8 +259,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['case']:5} {r['predictor']:9} {r['mode']:8} {r['classes']:>3} {r['impl']:16} {r['time_ms']:10.1f} "
-              f"{r['min_ms']:9.1f} {r['speedup']:8.2f} {r['peak_mib']:9.1f} {r['mem_ratio']:9.2f}")
+        print(f"{r['case']:5} {r['predictor']:9} {r['mode']:8} {r['classes']:>3} {r['impl']:16} {r['time_ms']:10.2f} "
+              f"{r['min_ms']:9.2f} {r['speedup']:8.2f} {r['peak_mib']:9.1f} {r['mem_ratio']:9.2f}")
     out = Path(args.out) if args.out else HERE / "results" / f"sliding_window_{args.device}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:

@@ -136,6 +136,32 @@ def test_hand_worked_two_batches():
     assert out.flatten().tolist() == [1.0, 2.5, (5.0 + 7.0) / 2, 11.0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_index_reuse_never_goes_stale(device):
+    """The op keeps the index of the last coords it saw (by value): coords changed in place, another lattice
+    of the same shape in between, other sizes with the same coords all give the right result."""
+    a = raster_lattice([[0, 2], [0, 2], [0, 1, 3]])
+    b = raster_lattice([[0, 1], [1, 2], [0, 2, 3]])  # same shape, other starts
+    p = torch.rand(len(a), 1, 2, 2, 2, generator=torch.Generator().manual_seed(5)).to(device)
+
+    def stream(coords, out_shape, batch=3):
+        out = torch.empty(1, *out_shape, device=device).fill_(float("nan"))
+        for k in range(0, len(coords), batch):
+            ops.blend_stream_(out, p[k:k + batch], None, coords, k, None, "count")
+        blend = patchblend.calibrated_blend(p, None, coords, out_shape)
+        covered = ~torch.isnan(out)
+        assert torch.equal(out[covered], blend[covered]) and bool((blend[~covered] == 0).all())
+
+    coords = a.clone()
+    stream(coords, (4, 4, 5))
+    coords.copy_(b)  # the same tensor (same address), other values
+    stream(coords, (4, 4, 5))
+    stream(a, (4, 4, 5))
+    stream(b, (4, 4, 5), batch=2)
+    stream(a, (3, 4, 4))  # same coords, another output size
+    stream(a, (4, 4, 5))
+
+
 def test_opcheck_blend_stream():
     coords = raster_lattice([[0, 2], [-1, 1], [0, 1, 3]])
     p = torch.rand(len(coords), 2, 3, 3, 2, dtype=torch.float64)

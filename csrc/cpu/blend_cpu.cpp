@@ -227,8 +227,8 @@ void blend_stream_cpu(at::Tensor& out, const at::Tensor& patches, const c10::opt
   if (s.end == s.first) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "patchblend_blend_stream_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto pr = make_problem<scalar_t, acc_t>(s.in, s.index.data(), s.layout, p.data_ptr<scalar_t>(), p.size(1),
-                                            nullptr, nullptr, s.mode);
+    auto pr = make_problem<scalar_t, acc_t>(s.in, s.index->index.data(), s.index->layout, p.data_ptr<scalar_t>(),
+                                            p.size(1), nullptr, nullptr, s.mode);
     pr.sum_out = out.data_ptr<acc_t>();
     pr.stream_first = s.first;
     pr.stream_end = s.end;

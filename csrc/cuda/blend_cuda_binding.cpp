@@ -37,6 +37,29 @@ at::Tensor upload_index(const BlendInputs& in, IndexLayout& layout, const at::De
   return upload_async(index.data(), static_cast<int64_t>(index.size()), device);
 }
 
+// The stream index on the device: uploaded once per host index (see stream_index), device and stream, and
+// reused by the following batches. (Never destroyed: a CUDA tensor must not be freed by a static destructor
+// after the CUDA runtime has shut down.)
+at::Tensor stream_index_on(const std::shared_ptr<const StreamIndex>& host, const at::Device& device) {
+  struct Entry {
+    std::shared_ptr<const StreamIndex> host;
+    c10::DeviceIndex device = -1;
+    cudaStream_t stream = nullptr;
+    at::Tensor index;
+  };
+  static std::mutex mutex;
+  static Entry* last = new Entry();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (last->host != host || last->device != device.index() || last->stream != stream) {
+    last->index = upload_async(host->index.data(), static_cast<int64_t>(host->index.size()), device);
+    last->host = host;
+    last->device = device.index();
+    last->stream = stream;
+  }
+  return last->index;
+}
+
 void check_coords_device(const at::Tensor& coords, const at::Device& device) {
   TORCH_CHECK(coords.is_cpu() || coords.device() == device, "coords must be on the CPU or on ", device, ", got ",
               coords.device());
@@ -155,7 +178,7 @@ void blend_stream_cuda(at::Tensor& out, const at::Tensor& patches, const c10::op
   const at::Tensor p = patches.contiguous();
   StreamInputs s = check_stream_inputs(out, p, weights, coords, first, importance, std::string(normalize));
   if (s.end == s.first) return;
-  at::Tensor index = upload_async(s.index.data(), static_cast<int64_t>(s.index.size()), p.device());
+  const at::Tensor index = stream_index_on(s.index, p.device());
   CudaBlendArgs a{};
   a.dtype = dtype_code(p.scalar_type());
   a.patches = p.data_ptr();
@@ -175,7 +198,7 @@ void blend_stream_cuda(at::Tensor& out, const at::Tensor& patches, const c10::op
   covered_box(s.in, a.lo, a.hi, s.first, s.end);
   a.normalize = s.mode;
   a.index = index.data_ptr<int64_t>();
-  a.layout = s.layout;
+  a.layout = s.index->layout;
   a.stream_first = s.first;
   a.stream_end = s.end;
   const cudaError_t err = launch_blend(a, at::cuda::getCurrentCUDAStream());

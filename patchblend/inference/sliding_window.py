@@ -9,6 +9,7 @@ image, read zeros there, and the blend clips them, which gives exactly MONAI's p
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,8 @@ __all__ = ["sliding_window_inference", "WEIGHTINGS"]
 _ops = torch.ops.patchblend
 
 WEIGHTINGS = (None, "patch", "grid", "patch*grid")
+# windows cut per extraction call, at most (bytes; at least one predictor batch)
+_CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 32 << 20}
 _PAD_MODES = ("constant", "reflect", "replicate", "circular")
 
 
@@ -420,19 +423,39 @@ def sliding_window_inference(
 
     # ---- the loop: one extraction, one predictor call and one blend per batch -------------------------
     total = batch * num_win
-    starts = range(0, total, sw_batch_size)
-    for g0 in _progress(starts, progress, len(starts)):
-        g1 = min(g0 + sw_batch_size, total)
-        segments = []  # (image, first window, end window) within this batch
-        g = g0
+
+    def segments_of(g0: int, g1: int) -> list:
+        """Global windows [g0, g1) (image-major) as (image, first window, end window) per image."""
+        segments, g = [], g0
         while g < g1:
             b, w0 = divmod(g, num_win)
             w1 = min(num_win, w0 + (g1 - g))
             segments.append((b, w0, w1))
             g += w1 - w0
-        win = windows(src, segments).to(sw_device)
+        return segments
+
+    # Windows are cut for several batches at once when they are small (one op call instead of one per batch;
+    # the calls' fixed cost is what bounds a GPU run), up to a chunk of _CHUNK_BYTES; large windows one batch at
+    # a time (on the CPU, the blend then reads them while they are still in cache).
+    window_bytes = max(1, src.shape[1] * math.prod(roi) * src.element_size())
+    chunk_limit = _CHUNK_BYTES["cuda" if src.device.type == "cuda" else "cpu"]
+    per_chunk = max(1, chunk_limit // (window_bytes * sw_batch_size)) * sw_batch_size
+    chunk = cond_chunk = None
+    chunk_lo = chunk_hi = 0
+    starts = range(0, total, sw_batch_size)
+    for g0 in _progress(starts, progress, len(starts)):
+        g1 = min(g0 + sw_batch_size, total)
+        segments = segments_of(g0, g1)  # (image, first window, end window) within this batch
+        if g0 >= chunk_hi:
+            chunk_lo, chunk_hi = g0, min(g0 + per_chunk, total)
+            chunk = windows(src, segments_of(chunk_lo, chunk_hi)).to(sw_device)
+            if cond_src is not None:
+                cond_chunk = windows(cond_src, segments_of(chunk_lo, chunk_hi)).to(sw_device)
+        win = chunk[g0 - chunk_lo:g1 - chunk_lo]
         if cond_src is not None:
-            kwargs["condition"] = windows(cond_src, segments).to(sw_device)
+            kwargs["condition"] = cond_chunk[g0 - chunk_lo:g1 - chunk_lo]
+        if g1 == chunk_hi:  # the chunk's last batch: let its windows go with the batch
+            chunk = cond_chunk = None
         if with_coord:
             slices = [[slice(b, b + 1), slice(None)] + [slice(s, s + r) for s, r in zip(c, roi)]
                       for b, w0, w1 in segments for c in coords_pad[w0:w1].tolist()]
