@@ -503,3 +503,23 @@ def test_bad_inputs_shape_and_channel_change():
 
     with pytest.raises(ValueError, match="channel"):
         sliding_window_inference(X3, 4, 2, changing)
+
+
+@pytest.mark.parametrize("chunk_windows", [1, 5, 10 ** 6])
+def test_windows_cut_in_chunks(monkeypatch, chunk_windows):
+    """Windows are cut for several batches per extraction call: chunks that end inside a batch's image run,
+    span images, and hold one batch or all of them give MONAI's result (and the condition is windowed alike)."""
+    from patchblend.inference import sliding_window as sw_module
+
+    x = rand(3, 2, 11, 9, 8)
+    window_bytes = 2 * 5 * 4 * 6 * 4
+    monkeypatch.setitem(sw_module._CHUNK_BYTES, "cpu", chunk_windows * window_bytes)
+    cond = rand(3, 2, 11, 9, 8, seed=7)
+
+    def pred(win, condition):
+        return predictor_3ch(win) * condition.mean((1, 2, 3, 4), keepdim=True)
+
+    for bs in (1, 2, 7):
+        args = ((5, 4, 6), bs, pred, 0.6, "gaussian")
+        torch.testing.assert_close(sliding_window_inference(x, *args, condition=cond), monai_sw(x, *args, condition=cond),
+                                   rtol=1e-5, atol=1e-6)
