@@ -16,11 +16,12 @@ Time: for the identity predictor, each case runs in its own subprocess; after on
 implementation, calls alternate MONAI / patchblend ``--repeats`` times and the median wall time is reported
 (speedup = MONAI / patchblend). The heavy cases (U-Net, SLAB) are timed by the single (cold) call of the memory
 run, to keep the default run short.
-Memory: one fresh subprocess per (case, implementation) warms up on a one-window input, then makes ONE call; on
-the CPU we report the growth of the peak resident set size (VmHWM, reset just before the call via
+Memory: on the CPU, one fresh subprocess per (case, implementation) warms up on a one-window input, then makes ONE
+call; we report the growth of the peak resident set size (VmHWM, reset just before the call via
 /proc/self/clear_refs) over the RSS just before it, i.e. every byte the call touched at its peak, including the
-predictor's activations and allocator slack;
-on CUDA, ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
+predictor's activations and allocator slack. On CUDA, ``torch.cuda.max_memory_allocated`` minus the memory
+allocated before the call, which needs no fresh process: one subprocess per case measures every implementation
+(and then times them), to keep a GPU run short.
 
     python benchmarks/bench_sliding_window.py                 # S (identity, unet) + SLAB, CPU, ~2-3 min on 2 cores
     python benchmarks/bench_sliding_window.py --ct            # adds the CT-size case (identity; unet with --ct-unet)
@@ -127,6 +128,11 @@ def _rss_kib(field: str) -> int:
 def worker(cfg: dict) -> dict:
     import torch
 
+    if cfg["what"] == "all":  # CUDA: every implementation's memory, then the timing, in this one process
+        result = dict(cfg, memory={i: worker(dict(cfg, what="memory", impl=i)) for i in cfg["impls"]})
+        if cfg["repeats"]:
+            result["times"] = worker(dict(cfg, what="time"))["times"]
+        return result
     device = torch.device(cfg["device"])
     case = CASES[cfg["case"]]
     g = torch.Generator().manual_seed(0)
@@ -235,14 +241,19 @@ def main() -> None:
         if case == "SLAB":
             base = dict(slab, device=args.device)
             impls = ["monai", "patchblend", "patchblend-slab", "patchblend-slab-u8"]
-        if case in OVERHEAD_CASES:  # timing only
+        if args.device.startswith("cuda"):
+            both = _spawn(dict(base, what="all", impls=impls, repeats=repeats), timeout=3600)
+            mem = both["memory"]
+        elif case in OVERHEAD_CASES:  # timing only
             mem = {i: dict(pb_file="", peak_mib=float("nan")) for i in impls}
         else:
             mem = {i: _spawn(dict(base, what="memory", impl=i), timeout=3600) for i in impls}
         for i in impls:
             if mem[i]["pb_file"] and not mem[i]["pb_file"].startswith(str(ROOT)):
                 print(f"# WARNING: worker imported patchblend from {mem[i]['pb_file']}")
-        if repeats:
+        if repeats and args.device.startswith("cuda"):
+            t = both["times"]
+        elif repeats:
             t = _spawn(dict(base, what="time", impls=impls, repeats=repeats), timeout=3600)["times"]
         else:  # one cold call each, from the memory runs
             t = {i: [mem[i]["seconds"]] for i in impls}
