@@ -162,6 +162,27 @@ def test_index_reuse_never_goes_stale(device):
     stream(a, (4, 4, 5))
 
 
+def test_lattice_blender_takes_a_window_grid():
+    """A WindowGrid (a lattice by construction) gives the same as its coords; one with a repeated start (nnU-Net
+    placement when window * (1 - overlap) < 1) is refused, as its coords are."""
+    from patchblend.inference import WindowGrid, sliding_windows
+
+    grid = sliding_windows((11, 9, 10), (4, 5, 3), 0.4)
+    p = torch.rand(len(grid), 2, 4, 5, 3, generator=torch.Generator().manual_seed(3))
+    results = []
+    for coords in (grid, grid.coords()):
+        b = LatticeBlender((11, 9, 10), 2, coords, (4, 5, 3), normalize="count")
+        for k in range(0, len(grid), 5):
+            b.add(p[k:k + 5])
+        results.append(b.finalize())
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0], patchblend.calibrated_blend(p, None, grid.coords(), (11, 9, 10)))
+    repeated = WindowGrid((4, 4), (2, 2), ((0, 1, 1, 2), (0, 2)))
+    for coords in (repeated, repeated.coords()):
+        with pytest.raises(ValueError, match="lattice"):
+            LatticeBlender((4, 4), 1, coords, (2, 2))
+
+
 def test_opcheck_blend_stream():
     coords = raster_lattice([[0, 2], [-1, 1], [0, 1, 3]])
     p = torch.rand(len(coords), 2, 3, 3, 2, dtype=torch.float64)

@@ -21,6 +21,7 @@ import torch
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
 from .._validate import NORMALIZE_MODES, accumulation_dtype, prepare_blend_args, prepare_weights
 from .._reference import lattice_axes
+from .windows import WindowGrid, lattice_tables
 from ..ops import coverage_on, empty_output, zeros_output
 
 __all__ = ["Blender", "LatticeBlender", "SlabBlender", "window_coverage", "lattice_coverage", "REDUCTIONS"]
@@ -376,7 +377,7 @@ class LatticeBlender(_BlendCore):
         out_shape: spatial output size ``(D, H, W)`` or ``(H, W)``.
         channels: ``C``.
         coords: ``[N, nd]`` starts of all windows: every combination of per-axis starts, each once, in raster
-            order (last axis fastest).
+            order (last axis fastest); or the :class:`WindowGrid` itself (then nothing is checked per window).
         window_shape: ``P``.
         normalize: ``"count"``, ``"weight"`` or ``"none"``. Per-window ``weights`` may be passed to
             :meth:`add` with ``"count"`` and ``"none"``; ``"weight"`` takes only the fixed ``importance`` (its
@@ -407,14 +408,18 @@ class LatticeBlender(_BlendCore):
         out: Optional[torch.Tensor] = None,
     ):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
-        coords = _as_coords(coords, self.nd)
-        self.coords = coords
-        self._rows = coords.tolist()
-        axes = lattice_axes(self._rows)
-        if axes is None:
-            raise ValueError("coords must be the windows of a lattice (every combination of per-axis starts, each "
-                             "once) in raster order, as WindowGrid.coords() gives them")
-        self._coords3 = torch.nn.functional.pad(coords, (1, 0)) if self.nd == 2 else coords  # on the CPU
+        not_lattice = ("coords must be the windows of a lattice (every combination of per-axis starts, each once) "
+                       "in raster order, as WindowGrid.coords() gives them")
+        if isinstance(coords, WindowGrid):  # a lattice by construction: nothing to check per window
+            if len(coords.starts) != self.nd or not coords.is_strict:
+                raise ValueError(not_lattice + f"; got a WindowGrid with starts {coords.starts}")
+            axes = coords.starts
+        else:
+            axes = lattice_axes(_as_coords(coords, self.nd).tolist())
+            if axes is None:
+                raise ValueError(not_lattice)
+        tables = lattice_tables(tuple(tuple(a) for a in axes))  # (shared, read-only)
+        self.coords, self._rows, self._coords3 = tables.coords, tables.rows, tables.coords3  # all on the CPU
         self.out = self._output_buffer(out, empty_output)
         if not _covers(axes, self.window_shape, self.out_shape):
             self.out.zero_()  # voxels no window covers are never written by the op

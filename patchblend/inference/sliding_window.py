@@ -9,11 +9,12 @@ image, read zeros there, and the blend clips them, which gives exactly MONAI's p
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from .._validate import _check_finite_nonnegative, finite_nonnegative
 from ..ops import calibrated_blend, empty_output, zeros_output
 from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype
 from .importance import importance_map
-from .windows import WINDOW_STYLES, sliding_windows
+from .windows import WINDOW_STYLES, WindowGrid, lattice_tables, sliding_windows
 
 __all__ = ["sliding_window_inference", "WEIGHTINGS"]
 
@@ -175,6 +176,37 @@ def _weights(patch, grid, nd: int):
     return patch.reshape(-1, *([1] * nd)).to(dt) * grid.to(dt)
 
 
+class _WindowPlan(NamedTuple):
+    pad_lo: Tuple[int, ...]  # padding before the image per axis (ROI larger than the image)
+    padded: Tuple[int, ...]  # the padded image's size
+    image_grid: WindowGrid  # the lattice in image coordinates (starts may be negative)
+    coords_pad: torch.Tensor  # [N, nd] window starts in the padded image, in the order they are visited
+    coords: torch.Tensor  # [N, nd] the same in the image
+    coords_pad3: torch.Tensor  # [N, 3] the ops' form of coords_pad (contiguous)
+    coords3: torch.Tensor  # [N, 3] the ops' form of coords
+
+
+@functools.lru_cache(maxsize=32)
+def _window_plan(image_size, roi, overlaps, placement: str, slab_axis: int) -> _WindowPlan:
+    """Where the windows go, in the order they are visited: MONAI's raster order, or with ``slab_axis`` the
+    slowest (stable, so raster order within a slab). Cached, since inference over a data set meets the same
+    sizes again and again; the tensors are shared and never modified."""
+    pad_lo = tuple(max(r - s, 0) // 2 for r, s in zip(roi, image_size))
+    padded = tuple(max(r, s) for r, s in zip(roi, image_size))
+    grid = sliding_windows(padded, roi, overlaps, placement)
+    image_grid = WindowGrid(image_size, roi, tuple(tuple(s - p for s in a) for a, p in zip(grid.starts, pad_lo)))
+    coords_pad = lattice_tables(grid.starts).coords
+    coords = lattice_tables(image_grid.starts).coords
+    if slab_axis != 0:
+        order = torch.argsort(coords_pad[:, slab_axis], stable=True)
+        coords_pad, coords = coords_pad[order], coords[order]
+
+    def ops_form(c):
+        return (F.pad(c, (3 - c.shape[1], 0)) if c.shape[1] < 3 else c).contiguous()
+
+    return _WindowPlan(pad_lo, padded, image_grid, coords_pad, coords, ops_form(coords_pad), ops_form(coords))
+
+
 def _progress(iterable, enabled: bool, total: int):
     if not enabled:
         return iterable
@@ -324,22 +356,17 @@ def sliding_window_inference(
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
 
     # ---- windows ---------------------------------------------------------------------------------------
-    pad_lo = [max(r - s, 0) // 2 for r, s in zip(roi, image_size)]
-    padded = tuple(max(r, s) for r, s in zip(roi, image_size))
-    grid = sliding_windows(padded, roi, overlaps, placement)
-    coords_pad = grid.coords()  # in the padded image
     if slab_axis is not None:
         slab_axis %= nd
-        if slab_axis != 0:  # make the slab axis the slowest (stable: raster order within a slab)
-            coords_pad = coords_pad[torch.argsort(coords_pad[:, slab_axis], stable=True)]
-    coords = coords_pad - torch.tensor(pad_lo)  # in the image (may start outside it)
-    image_starts = [[s - p for s in axis] for axis, p in zip(grid.starts, pad_lo)]
+    plan = _window_plan(image_size, roi, overlaps, placement, slab_axis or 0)
+    pad_lo, padded, coords_pad, coords = plan.pad_lo, plan.padded, plan.coords_pad, plan.coords
+    image_starts = plan.image_grid.starts
     num_win = coords.shape[0]
 
     condition = kwargs.pop("condition", None)
     if any(pad_lo) or any(p > s for p, s in zip(padded, image_size)):
         if padding_mode == "constant" and float(cval) == 0.0:
-            src, src_coords, cond_src = x, coords, condition  # extract_patches reads zeros outside
+            src, src_coords3, cond_src = x, plan.coords3, condition  # the extract op reads zeros outside
         else:
             pads = []
             for r, s in zip(reversed(roi), reversed(image_size)):
@@ -348,11 +375,10 @@ def sliding_window_inference(
             pad_kw = {"value": float(cval)} if padding_mode == "constant" else {}
             src = F.pad(x, pads, mode=padding_mode, **pad_kw)
             cond_src = None if condition is None else F.pad(condition, pads, mode=padding_mode, **pad_kw)
-            src_coords = coords_pad
+            src_coords3 = plan.coords_pad3
     else:
-        src, src_coords, cond_src = x, coords, condition
+        src, src_coords3, cond_src = x, plan.coords3, condition
     # extraction in the ops' 3D form; the starts stay on the CPU (a GPU kernel uploads them without a sync)
-    src_coords3 = (F.pad(src_coords, (1, 0)) if nd == 2 else src_coords).contiguous()
     roi3 = [1, *roi] if nd == 2 else list(roi)
 
     def windows(source, segments):
@@ -375,7 +401,7 @@ def sliding_window_inference(
         imp = importance_map(roi, mode, sigma_scale, dtype=acc, device=device)
     weights_in_den = normalize == "weight" and weighting is not None
     # The streaming paths need a strict lattice; nnU-Net's placement repeats starts when roi * (1 - overlap) < 1.
-    strict_lattice = all(b > a for axis in image_starts for a, b in zip(axis, axis[1:]))
+    strict_lattice = plan.image_grid.is_strict
     general = weights_in_den or not strict_lattice  # Blender: numerator and denominator, divided at the end
     slab = slab_axis is not None
 
@@ -412,7 +438,7 @@ def sliding_window_inference(
             )
             blenders[b].check_values = False  # score_checks did it
         elif not general:
-            blenders[b] = LatticeBlender(image_size, channels, coords, roi, normalize=normalize, importance=imp,
+            blenders[b] = LatticeBlender(image_size, channels, plan.image_grid, roi, normalize=normalize, importance=imp,
                                          device=device, dtype=acc, out=state["out"][b])
             blenders[b].check_values = False
         else:

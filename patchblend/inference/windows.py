@@ -13,6 +13,8 @@ visits them in.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
@@ -91,9 +93,32 @@ class WindowGrid:
 
     def coords(self, device=None) -> torch.Tensor:
         """Window starts ``[N, nd]`` (int64) in raster order, axis 0 slowest."""
-        axes = [torch.tensor(s, dtype=torch.int64, device=device) for s in self.starts]
-        mesh = torch.meshgrid(*axes, indexing="ij")
-        return torch.stack([m.reshape(-1) for m in mesh], dim=1)
+        return lattice_tables(self.starts).coords.to(device=device, copy=True)
+
+    @property
+    def is_strict(self) -> bool:
+        """Whether the starts increase strictly along every axis (no window twice; nnU-Net's placement repeats
+        starts when ``window * (1 - overlap) < 1``)."""
+        return all(b > a for axis in self.starts for a, b in zip(axis, axis[1:]))
+
+
+@dataclass(frozen=True)
+class LatticeTables:
+    """A lattice's windows in raster order, shared and read-only (from :func:`lattice_tables`)."""
+
+    coords: torch.Tensor  # [N, nd] int64, CPU
+    coords3: torch.Tensor  # [N, 3]: with a leading 0 column for 2D (the ops' canonical form)
+    rows: list  # the same as a list of int tuples
+
+
+@functools.lru_cache(maxsize=64)
+def lattice_tables(starts: Tuple[Tuple[int, ...], ...]) -> LatticeTables:
+    """Every combination of the per-axis ``starts`` in raster order, as a tensor and as Python rows. Cached (a
+    sliding-window run asks for the same lattice for every image and call): the results must not be modified."""
+    rows = list(itertools.product(*starts))
+    coords = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(starts))
+    coords3 = torch.nn.functional.pad(coords, (3 - len(starts), 0)) if len(starts) < 3 else coords
+    return LatticeTables(coords, coords3, rows)
 
 
 def sliding_windows(
