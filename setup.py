@@ -40,6 +40,15 @@ def _cpu_flags():
     return ["-mavx2", "-mf16c"] if {"avx2", "f16c"} <= have else []
 
 
+def _nvcc_flags():
+    """csrc/cuda/nvcc.flags, one per line (also read by .ci/check_cuda.sh, which compiles the kernels with torch's
+    COMMON_NVCC_FLAGS in front, as the build does): torch's -D__CUDA_NO_HALF_CONVERSIONS__ (and bf16) undone,
+    since the shared arithmetic converts half to float with casts; --fmad=false so that the GPU rounds
+    multiply-adds as the CPU kernel does."""
+    with open(os.path.join(ROOT, "csrc", "cuda", "nvcc.flags")) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
 def extensions():
     if os.environ.get("PATCHBLEND_NO_EXTENSION", "0") == "1":
         return [], {}
@@ -57,7 +66,7 @@ def extensions():
         ext = CUDAExtension(
             "patchblend._C",
             sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
+            extra_compile_args={"cxx": cxx, "nvcc": _nvcc_flags()},
             extra_link_args=link,
         )
     else:

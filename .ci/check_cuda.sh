@@ -9,8 +9,11 @@ if ! command -v nvcc >/dev/null 2>&1; then
     echo "check_cuda: nvcc not found, skipped"
     exit 0
 fi
-echo "== nvcc -c csrc/cuda/blend_cuda.cu"
-nvcc -std=c++17 -O3 -c csrc/cuda/blend_cuda.cu -o /tmp/patchblend_blend_cuda.o \
+# the flags the real build uses: torch's COMMON_NVCC_FLAGS (they switch off half <-> float conversions), then ours
+read -r -a torch_flags < <(python3 -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as f; print(*f)")
+mapfile -t our_flags < <(grep -v '^#' csrc/cuda/nvcc.flags | sed '/^$/d')
+echo "== nvcc -c csrc/cuda/blend_cuda.cu ${torch_flags[*]} ${our_flags[*]}"
+nvcc "${torch_flags[@]}" "${our_flags[@]}" -c csrc/cuda/blend_cuda.cu -o /tmp/patchblend_blend_cuda.o \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
 stub=$(mktemp -d)

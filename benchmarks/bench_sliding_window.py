@@ -200,6 +200,39 @@ def _spawn(cfg: dict, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _measure_case(args, case: str, pred: str, mode: str, repeats: int, slab: dict) -> list:
+    """One case of the plan, every implementation: rows of the table."""
+    rows = []
+    base = dict(case=case, predictor=pred, mode=mode, device=args.device, classes=1)
+    impls = ["monai", "patchblend"]
+    if case == "SLAB":
+        base = dict(slab, device=args.device)
+        impls = ["monai", "patchblend", "patchblend-slab", "patchblend-slab-u8"]
+    if args.device.startswith("cuda"):
+        both = _spawn(dict(base, what="all", impls=impls, repeats=repeats), timeout=args.case_timeout)
+        mem = both["memory"]
+    elif case in OVERHEAD_CASES:  # timing only
+        mem = {i: dict(pb_file="", peak_mib=float("nan")) for i in impls}
+    else:
+        mem = {i: _spawn(dict(base, what="memory", impl=i), timeout=args.case_timeout) for i in impls}
+    for i in impls:
+        if mem[i]["pb_file"] and not mem[i]["pb_file"].startswith(str(ROOT)):
+            print(f"# WARNING: worker imported patchblend from {mem[i]['pb_file']}")
+    if repeats and args.device.startswith("cuda"):
+        t = both["times"]
+    elif repeats:
+        t = _spawn(dict(base, what="time", impls=impls, repeats=repeats), timeout=args.case_timeout)["times"]
+    else:  # one cold call each, from the memory runs
+        t = {i: [mem[i]["seconds"]] for i in impls}
+    med = {i: statistics.median(v) for i, v in t.items()}
+    for i in impls:
+        rows.append(dict(case=case, predictor=pred, mode=mode, classes=base["classes"], impl=i,
+                         time_ms=med[i] * 1e3, min_ms=min(t[i]) * 1e3, speedup=med["monai"] / med[i],
+                         peak_mib=mem[i]["peak_mib"], mem_ratio=mem[i]["peak_mib"] / mem["monai"]["peak_mib"],
+                         calls=len(t[i])))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -209,6 +242,8 @@ def main() -> None:
     ap.add_argument("--no-unet", action="store_true", help="skip the U-Net predictor")
     ap.add_argument("--classes", type=int, default=16, help="classes of the SLAB case")
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/sliding_window_<device>.csv)")
+    ap.add_argument("--case-timeout", type=float, default=3600, help="seconds per worker process; a case that "
+                    "overruns is reported as failed and the run goes on")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -235,36 +270,28 @@ def main() -> None:
     slab = dict(case="SLAB", predictor="conv1x1", mode="gaussian", classes=args.classes, argmax=True)
     plan.append(("SLAB", "conv1x1", "gaussian", 0))
     rows = []
-    for case, pred, mode, repeats in plan:
-        base = dict(case=case, predictor=pred, mode=mode, device=args.device, classes=1)
-        impls = ["monai", "patchblend"]
-        if case == "SLAB":
-            base = dict(slab, device=args.device)
-            impls = ["monai", "patchblend", "patchblend-slab", "patchblend-slab-u8"]
-        if args.device.startswith("cuda"):
-            both = _spawn(dict(base, what="all", impls=impls, repeats=repeats), timeout=3600)
-            mem = both["memory"]
-        elif case in OVERHEAD_CASES:  # timing only
-            mem = {i: dict(pb_file="", peak_mib=float("nan")) for i in impls}
-        else:
-            mem = {i: _spawn(dict(base, what="memory", impl=i), timeout=3600) for i in impls}
-        for i in impls:
-            if mem[i]["pb_file"] and not mem[i]["pb_file"].startswith(str(ROOT)):
-                print(f"# WARNING: worker imported patchblend from {mem[i]['pb_file']}")
-        if repeats and args.device.startswith("cuda"):
-            t = both["times"]
-        elif repeats:
-            t = _spawn(dict(base, what="time", impls=impls, repeats=repeats), timeout=3600)["times"]
-        else:  # one cold call each, from the memory runs
-            t = {i: [mem[i]["seconds"]] for i in impls}
-        med = {i: statistics.median(v) for i, v in t.items()}
-        for i in impls:
-            rows.append(dict(case=case, predictor=pred, mode=mode, classes=base["classes"], impl=i,
-                             time_ms=med[i] * 1e3, min_ms=min(t[i]) * 1e3, speedup=med["monai"] / med[i],
-                             peak_mib=mem[i]["peak_mib"], mem_ratio=mem[i]["peak_mib"] / mem["monai"]["peak_mib"],
-                             calls=len(t[i])))
-        print(f"  done {case}/{pred}/{mode}", flush=True)
+    out = Path(args.out) if args.out else HERE / "results" / f"sliding_window_{args.device}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
 
+    def write_csv():  # after every case, so that a run cut short keeps what it measured
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) + ["device", "backend", "threads"])
+            w.writeheader()
+            for r in rows:
+                w.writerow(dict(r, device=args.device, backend=info["backend"], threads=info["threads"]))
+
+    for case, pred, mode, repeats in plan:
+        try:
+            rows += _measure_case(args, case, pred, mode, repeats, slab)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:  # report, and go on with the next case
+            print(f"  FAILED {case}/{pred}/{mode}: {str(exc)[-1500:]}", flush=True)
+            continue
+        write_csv()
+        print(f"  done {case}/{pred}/{mode}", flush=True)
+    if not rows:
+        sys.exit("no case could be measured")
+
+    header
     header = f"{'case':5} {'predictor':9} {'mode':8} {'C':>3} {'impl':16} {'median ms':>10} {'min ms':>9} " \
              f"{'speedup':>8} {'peak MiB':>9} {'mem/MONAI':>9}"
     print(header)
@@ -272,13 +299,6 @@ def main() -> None:
     for r in rows:
         print(f"{r['case']:5} {r['predictor']:9} {r['mode']:8} {r['classes']:>3} {r['impl']:16} {r['time_ms']:10.2f} "
               f"{r['min_ms']:9.2f} {r['speedup']:8.2f} {r['peak_mib']:9.1f} {r['mem_ratio']:9.2f}")
-    out = Path(args.out) if args.out else HERE / "results" / f"sliding_window_{args.device}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) + ["device", "backend", "threads"])
-        w.writeheader()
-        for r in rows:
-            w.writerow(dict(r, device=args.device, backend=info["backend"], threads=info["threads"]))
     print(f"# wrote {out}")
 
 

@@ -38,6 +38,15 @@ class BlendArgs:
     spatial_dims: int  # 2 or 3: the caller's dimensionality, to shape the output back
 
 
+def resolve_device(device, default="cpu") -> torch.device:
+    """``device`` (default ``default``) as a ``torch.device`` with its index, as tensors report theirs
+    (``"cuda"`` → ``cuda:<current>``), so that comparing it with a tensor's device holds."""
+    d = torch.device(device if device is not None else default)
+    if d.type != "cpu" and d.index is None:
+        d = torch.empty(0, device=d).device
+    return d
+
+
 def _check_float_tensor(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

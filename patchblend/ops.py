@@ -41,7 +41,9 @@ def _blend_stream_fake(out, patches, weights, coords, first, importance, normali
 
 @torch.library.register_fake("patchblend::coverage")
 def _coverage_fake(weights, coords, importance, patch_shape, out_shape, normalize, dtype):
-    return coords.new_empty(tuple(out_shape), dtype=dtype)
+    # on the device of weights or importance when given (coords may be on the CPU then), else of coords
+    like = next((t for t in (weights, importance) if t is not None), coords)
+    return like.new_empty(tuple(out_shape), dtype=dtype)
 
 
 @torch.library.register_fake("patchblend::extract")

@@ -145,6 +145,25 @@ def test_driver_bad_scores_on_every_device(device):
             sliding_window_inference(x, 8, 2, predictor, 0.5, weighting="patch")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_without_index_matches_tensors(device):
+    """``device="cuda"`` names the current GPU, whose tensors say ``cuda:0``: the blenders and the driver must
+    accept them (a plain torch.device comparison says cuda != cuda:0)."""
+    from patchblend._validate import resolve_device
+    from patchblend.inference import LatticeBlender, sliding_windows
+
+    assert resolve_device(device) == torch.empty(0, device=device).device
+    assert resolve_device(None, device) == torch.empty(0, device=device).device
+    grid = sliding_windows((6, 6, 6), 4, 0.5)
+    b = LatticeBlender((6, 6, 6), 1, grid, (4, 4, 4), device=device)
+    p = torch.rand(len(grid), 1, 4, 4, 4, device=device)
+    b.add(p)
+    torch.testing.assert_close(b.finalize(), patchblend.calibrated_blend(p, None, grid.coords(), (6, 6, 6)))
+    x = torch.rand(1, 1, 6, 6, 6)
+    out = sliding_window_inference(x, 4, 2, lambda w: w, 0.5, sw_device=device, device=device)
+    torch.testing.assert_close(out.cpu(), sliding_window_inference(x, 4, 2, lambda w: w, 0.5))
+
+
 def test_finite_nonnegative_flag():
     assert bool(finite_nonnegative(torch.tensor([0.0, 2.0])))
     for bad in (-1e-3, float("nan"), float("inf")):

@@ -5,8 +5,8 @@
 // CPU coords cost nothing and device coords cost a copy back, i.e. a device synchronisation; extract reads
 // them on the device and uploads CPU coords asynchronously from pinned memory. Pass CPU coords in loops
 // (the sliding-window driver does): then no op here synchronises with the device.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../blend_binding.h"
 #include "blend_cuda.h"
@@ -49,7 +49,7 @@ at::Tensor stream_index_on(const std::shared_ptr<const StreamIndex>& host, const
   };
   static std::mutex mutex;
   static Entry* last = new Entry();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   std::lock_guard<std::mutex> lock(mutex);
   if (last->host != host || last->device != device.index() || last->stream != stream) {
     last->index = upload_async(host->index.data(), static_cast<int64_t>(host->index.size()), device);
@@ -90,7 +90,8 @@ at::Tensor run(const c10::optional<at::Tensor>& patches, const c10::optional<at:
     TORCH_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
     c = p.size(1);
   }
-  at::Tensor result = coverage ? at::empty({in.O[0], in.O[1], in.O[2]}, coords.options().dtype(acc))
+  const auto on_device = at::TensorOptions().dtype(acc).device(device);  // (coords may be on the CPU)
+  at::Tensor result = coverage ? at::empty({in.O[0], in.O[1], in.O[2]}, on_device)
                                : at::empty({c, in.O[0], in.O[1], in.O[2]}, p.options());
   if (result.numel() == 0) return result;
   CudaBlendArgs a{};
@@ -116,7 +117,7 @@ at::Tensor run(const c10::optional<at::Tensor>& patches, const c10::optional<at:
   a.normalize = mode;
   a.index = index.data_ptr<int64_t>();
   a.layout = layout;
-  const cudaError_t err = launch_blend(a, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = launch_blend(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "patchblend blend kernel failed: ", cudaGetErrorString(err));
   return result;
 }
@@ -165,7 +166,7 @@ void blend_add_cuda(at::Tensor& sum, const c10::optional<at::Tensor>& den, const
   a.normalize = mode;
   a.index = index.data_ptr<int64_t>();
   a.layout = layout;
-  const cudaError_t err = launch_blend(a, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = launch_blend(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "patchblend blend kernel failed: ", cudaGetErrorString(err));
 }
 
@@ -201,7 +202,7 @@ void blend_stream_cuda(at::Tensor& out, const at::Tensor& patches, const c10::op
   a.layout = s.index->layout;
   a.stream_first = s.first;
   a.stream_end = s.end;
-  const cudaError_t err = launch_blend(a, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = launch_blend(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "patchblend blend_stream_ kernel failed: ", cudaGetErrorString(err));
 }
 
@@ -229,7 +230,7 @@ at::Tensor extract_cuda(const at::Tensor& volume, const at::Tensor& coords, c10:
   at::Tensor out = at::empty({cc.size(0), vol.size(0), P[0], P[1], P[2]}, vol.options());
   const cudaError_t err = launch_extract(dtype_code(vol.scalar_type()), vol.data_ptr(), cc.data_ptr<int64_t>(),
                                          out.data_ptr(), cc.size(0), vol.size(0), P, O,
-                                         at::cuda::getCurrentCUDAStream());
+                                         c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "patchblend extract kernel failed: ", cudaGetErrorString(err));
   return out;
 }

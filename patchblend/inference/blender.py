@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import NORMALIZE_MODES, accumulation_dtype, prepare_blend_args, prepare_weights
+from .._validate import NORMALIZE_MODES, accumulation_dtype, prepare_blend_args, prepare_weights, resolve_device
 from .._reference import lattice_axes
 from .windows import WindowGrid, lattice_tables
 from ..ops import coverage_on, empty_output, zeros_output
@@ -85,7 +85,7 @@ def window_coverage(
     if nd == 2:
         coords = torch.nn.functional.pad(coords, (1, 0))
     imp = _canonical_importance(importance, window_shape, dtype, device) if normalize == "weight" else None
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device)
     den = coverage_on(None, coords, imp, _to3(window_shape), _to3(out_shape), normalize, dtype, device)
     return den.reshape(tuple(out_shape))
 
@@ -151,7 +151,7 @@ class _BlendCore:
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype (the accumulation dtype) must be float32 or float64, got {dtype}")
         self.dtype = dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = resolve_device(device)
         self._importance_raw = importance
         self.importance = None
         if importance is not None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import _check_finite_nonnegative, finite_nonnegative
+from .._validate import _check_finite_nonnegative, finite_nonnegative, resolve_device
 from ..ops import calibrated_blend, empty_output, zeros_output
 from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype
 from .importance import importance_map
@@ -348,8 +348,8 @@ def sliding_window_inference(
         raise NotImplementedError("process_fn is not supported; use weighting= with predictor scores instead")
     del buffer_steps, buffer_dim  # MONAI memory knobs; slab_axis is patchblend's
     batch = inputs.shape[0]
-    device = torch.device(device) if device is not None else inputs.device
-    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    device = resolve_device(device, inputs.device)
+    sw_device = resolve_device(sw_device, inputs.device)
 
     meta_source = inputs if hasattr(inputs, "copy_meta_from") else None  # a MONAI MetaTensor
     x = inputs.as_subclass(torch.Tensor) if type(inputs) is not torch.Tensor else inputs
