@@ -42,9 +42,9 @@ def resolve_device(device, default="cpu") -> torch.device:
     """``device`` (default ``default``) as a ``torch.device`` with its index, as tensors report theirs
     (``"cuda"`` → ``cuda:<current>``), so that comparing it with a tensor's device holds."""
     d = torch.device(device if device is not None else default)
-    if d.type != "cpu" and d.index is None:
-        d = torch.empty(0, device=d).device
-    return d
+    if d.type == "cpu" and d.index is None:
+        return d
+    return torch.empty(0, device=d).device  # ("cpu:0" is "cpu", "cuda" the current device)
 
 
 def _check_float_tensor(name: str, t: torch.Tensor) -> None:

@@ -234,3 +234,27 @@ def test_lattice_coverage_equals_window_coverage(nd, normalize):
     ref = window_coverage(coords, win, image, normalize, imp)
     got = lattice_coverage(starts, win, image, imp if normalize == "weight" else None)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+
+
+def test_patches_must_be_float():
+    from patchblend.inference import LatticeBlender, sliding_windows
+
+    grid = sliding_windows((4, 6), (2, 3), 0.0)
+    for blender, args in ((LatticeBlender((4, 6), 1, grid, (2, 3)), ()),
+                          (Blender((4, 6), 1), (grid.coords(),)),
+                          (SlabBlender((4, 6), 1), (grid.coords(),))):
+        with pytest.raises(TypeError, match="patches must be float"):
+            blender.add(torch.ones(len(grid), 1, 2, 3, dtype=torch.int64), *args)
+
+
+def test_float64_weights_are_not_rounded_through_float32_patches():
+    """A float64 accumulator keeps float64 weights exact with float32 patches (they are not converted to the
+    patches' accumulation dtype first)."""
+    coords = torch.tensor([[0, 0], [0, 2]])
+    p = torch.ones(2, 1, 2, 3)
+    w = torch.tensor([1 + 2 ** -40, 1.0], dtype=torch.float64)
+    for blender in (Blender((2, 5), 1, normalize="none", dtype=torch.float64),
+                    SlabBlender((2, 5), 1, normalize="none", dtype=torch.float64)):
+        blender.add(p, coords, w)
+        out = blender.finalize() if isinstance(blender, Blender) else blender.finish()
+        assert out[0, 0, 0].item() == 1 + 2 ** -40

@@ -523,3 +523,58 @@ def test_windows_cut_in_chunks(monkeypatch, chunk_windows):
         args = ((5, 4, 6), bs, pred, 0.6, "gaussian")
         torch.testing.assert_close(sliding_window_inference(x, *args, condition=cond), monai_sw(x, *args, condition=cond),
                                    rtol=1e-5, atol=1e-6)
+
+
+# ---- predictors with side effects (found by an adversarial review) --------------------------------------
+
+
+def test_in_place_predictor_with_autograd():
+    """A predictor that normalises its input in place and a conv that saves it for backward: the gradients
+    are MONAI's (windows cut for several batches at once would share one version counter and break backward)."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+
+    def pred(w):
+        w.sub_(0.5)
+        return net(w)
+
+    x = rand(1, 1, 12, 12)
+    grads = []
+    for fn in (monai_sw, sliding_window_inference):
+        net.zero_grad()
+        fn(x, (4, 4), 2, pred, 0.5).square().sum().backward()
+        grads.append(net.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_predictor_that_writes_back_into_the_input():
+    """Each batch sees the input as it is at its predictor call, as in MONAI, also when windows are cut ahead."""
+    def run(fn):
+        x = torch.arange(64.0).reshape(1, 1, 8, 8) / 64
+
+        def pred(win, slices):
+            for k, sl in enumerate(slices):
+                x[tuple(sl)] = win[k:k + 1] * 2
+            return win * 2
+
+        with torch.no_grad():
+            return fn(x, (4, 4), 2, pred, 0.5, with_coord=True)
+
+    torch.testing.assert_close(run(sliding_window_inference), run(monai_sw))
+
+
+def test_overflowing_score_product_is_an_error():
+    """patch and grid scores each finite, their product not: an error, not an output of NaN."""
+    x = rand(1, 1, 8, 8)
+    pred = lambda w: (w, torch.full((len(w),), 1e20), torch.full((len(w), 2, 2), 1e20))  # noqa: E731
+    for kw in (dict(normalize="weight"), dict(normalize="count"), dict(slab_axis=0)):
+        with torch.no_grad(), pytest.raises(ValueError, match="patch_scores \\* grid_scores"):
+            sliding_window_inference(x, (4, 4), 2, pred, 0.5, weighting="patch*grid", **kw)
+
+
+def test_device_spelled_with_an_index():
+    x = rand(1, 1, 8, 8)
+    expected = sliding_window_inference(x, (4, 4), 2, predictor_3ch, 0.5)
+    got = sliding_window_inference(x, (4, 4), 2, predictor_3ch, 0.5, sw_device="cpu:0", device="cpu:0")
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, monai_sw(x, (4, 4), 2, predictor_3ch, 0.5, device="cpu:0"))

@@ -19,7 +19,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import NORMALIZE_MODES, accumulation_dtype, prepare_blend_args, prepare_weights, resolve_device
+from .._validate import (NORMALIZE_MODES, _check_float_tensor, accumulation_dtype, prepare_blend_args,
+                         prepare_weights, resolve_device)
 from .._reference import lattice_axes
 from .windows import WindowGrid, lattice_tables
 from ..ops import coverage_on, empty_output, zeros_output
@@ -171,8 +172,7 @@ class _BlendCore:
         return out
 
     def _check_patches(self, patches: torch.Tensor) -> None:
-        if not isinstance(patches, torch.Tensor):
-            raise TypeError(f"patches must be a torch.Tensor, got {type(patches).__name__}")
+        _check_float_tensor("patches", patches)
         if patches.dim() != self.nd + 2:
             raise ValueError(f"patches must be [N, C, *P] with {self.nd} spatial dims, got {tuple(patches.shape)}")
         if patches.shape[1] != self.channels:
@@ -234,9 +234,11 @@ class _BlendCore:
         """One batch checked by ``prepare_blend_args`` and put in the ops' canonical 3D form: ``(patches,
         weights, coords [n, 3])``, weights in the accumulation dtype; patches keep their dtype when it
         accumulates in it (half is read as half by the kernels), else are converted."""
-        a = prepare_blend_args(patches, weights, coords, out_shape, "none", None, self.check_values)
+        a = prepare_blend_args(patches, None, coords, out_shape, "none", None)
         p = a.patches if accumulation_dtype(a.patches.dtype) == self.dtype else a.patches.to(self.dtype)
-        w = None if a.weights is None else a.weights.to(self.dtype)
+        # weights straight to the accumulation dtype (not through the patches' one: float64 weights stay exact)
+        w = prepare_weights(weights, patches.shape[0], patches.shape[2:], self.dtype, patches.device,
+                            self.check_values)
         return p, w, a.coords
 
     def _finalize_values(self, num: torch.Tensor, den: Optional[torch.Tensor]) -> torch.Tensor:
@@ -411,7 +413,7 @@ class LatticeBlender(_BlendCore):
         not_lattice = ("coords must be the windows of a lattice (every combination of per-axis starts, each once) "
                        "in raster order, as WindowGrid.coords() gives them")
         if isinstance(coords, WindowGrid):  # a lattice by construction: nothing to check per window
-            if len(coords.starts) != self.nd or not coords.is_strict:
+            if len(coords.starts) != self.nd or not coords.is_strict or len(coords) == 0:
                 raise ValueError(not_lattice + f"; got a WindowGrid with starts {coords.starts}")
             axes = coords.starts
         else:

@@ -278,7 +278,8 @@ def sliding_window_inference(
         slab_axis: bounded-memory mode: process windows slab by slab along this spatial axis and finalise each
             part of the output as soon as no later window touches it; the float accumulator then spans only
             about one window (times the batch's spread) along the axis. Same result as the full path
-            (bitwise for axis 0, where the window order is MONAI's).
+            (bitwise for axis 0 when the windows form a lattice, the usual case; to float rounding otherwise,
+            e.g. with weights in the denominator or nnU-Net placement with repeated starts).
         reduce: ``None``, ``"argmax"`` (labels ``[B, 1, *S]`` in ``label_dtype``) or ``"threshold"``
             (``[B, C, *S]`` bool, ``value >= threshold``); in slab mode applied slab by slab, so the full float
             output never exists.
@@ -462,17 +463,29 @@ def sliding_window_inference(
 
     # Windows are cut for several batches at once when they are small (one op call instead of one per batch;
     # the calls' fixed cost is what bounds a GPU run), up to a chunk of _CHUNK_BYTES; large windows one batch at
-    # a time (on the CPU, the blend then reads them while they are still in cache).
+    # a time (on the CPU, the blend then reads them while they are still in cache). Each batch still sees the
+    # input as it is when its predictor call comes (as in MONAI): a chunk is cut again if the input changed in
+    # between (its version counter moved, e.g. a predictor that writes back into it). With autograd recording,
+    # one batch per cut: the batches of a chunk would share one version counter, and a predictor that edits
+    # its input in place would invalidate what autograd saved for an earlier batch.
     window_bytes = max(1, src.shape[1] * math.prod(roi) * src.element_size())
     chunk_limit = _CHUNK_BYTES["cuda" if src.device.type == "cuda" else "cpu"]
     per_chunk = max(1, chunk_limit // (window_bytes * sw_batch_size)) * sw_batch_size
+    if torch.is_grad_enabled():
+        per_chunk = sw_batch_size
     chunk = cond_chunk = None
     chunk_lo = chunk_hi = 0
+    chunk_version = None
+
+    def source_version():
+        return src._version, None if cond_src is None else cond_src._version
+
     starts = range(0, total, sw_batch_size)
     for g0 in _progress(starts, progress, len(starts)):
         g1 = min(g0 + sw_batch_size, total)
         segments = segments_of(g0, g1)  # (image, first window, end window) within this batch
-        if g0 >= chunk_hi:
+        if g0 >= chunk_hi or source_version() != chunk_version:
+            chunk_version = source_version()
             chunk_lo, chunk_hi = g0, min(g0 + per_chunk, total)
             chunk = windows(src, segments_of(chunk_lo, chunk_hi)).to(sw_device)
             if cond_src is not None:
@@ -496,6 +509,8 @@ def sliding_window_inference(
         state.setdefault("seg_dtype", seg.dtype)
         seg = seg.to(device)
         w = _weights(patch_scores, grid_scores, nd)
+        if patch_scores is not None and grid_scores is not None:  # each finite, the product may overflow
+            score_checks("patch_scores * grid_scores", w)
         w = None if w is None else w.to(device)
         if "grad" not in state:  # decided once, at the first batch
             wants_grad = torch.is_grad_enabled() and (seg.requires_grad or (w is not None and w.requires_grad)
