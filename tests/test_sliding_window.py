@@ -572,6 +572,13 @@ def test_overflowing_score_product_is_an_error():
             sliding_window_inference(x, (4, 4), 2, pred, 0.5, weighting="patch*grid", **kw)
 
 
+def test_float64_scores_beyond_float32_are_an_error():
+    x = rand(1, 1, 8, 8)
+    pred = lambda w: (w, torch.full((len(w),), 1e300, dtype=torch.float64))  # noqa: E731
+    with torch.no_grad(), pytest.raises(ValueError, match="patch_scores"):
+        sliding_window_inference(x, (4, 4), 2, pred, 0.5, weighting="patch")
+
+
 def test_device_spelled_with_an_index():
     x = rand(1, 1, 8, 8)
     expected = sliding_window_inference(x, (4, 4), 2, predictor_3ch, 0.5)

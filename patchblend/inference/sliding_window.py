@@ -509,9 +509,14 @@ def sliding_window_inference(
         state.setdefault("seg_dtype", seg.dtype)
         seg = seg.to(device)
         w = _weights(patch_scores, grid_scores, nd)
-        if patch_scores is not None and grid_scores is not None:  # each finite, the product may overflow
-            score_checks("patch_scores * grid_scores", w)
-        w = None if w is None else w.to(device)
+        if w is not None:
+            # each score is finite; their product, or float64 scores in a float32 accumulator, may not be
+            both = patch_scores is not None and grid_scores is not None
+            if both or torch.finfo(w.dtype).max > torch.finfo(acc).max:
+                w = w.to(acc)
+                score_checks("patch_scores * grid_scores" if both else
+                             f"{'patch' if patch_scores is not None else 'grid'}_scores (as {acc})", w)
+            w = w.to(device)
         if "grad" not in state:  # decided once, at the first batch
             wants_grad = torch.is_grad_enabled() and (seg.requires_grad or (w is not None and w.requires_grad)
                                                       or (imp is not None and imp.requires_grad))
