@@ -291,7 +291,6 @@ def main() -> None:
     if not rows:
         sys.exit("no case could be measured")
 
-    header
     header = f"{'case':5} {'predictor':9} {'mode':8} {'C':>3} {'impl':16} {'median ms':>10} {'min ms':>9} " \
              f"{'speedup':>8} {'peak MiB':>9} {'mem/MONAI':>9}"
     print(header)
