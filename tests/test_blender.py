@@ -258,3 +258,16 @@ def test_float64_weights_are_not_rounded_through_float32_patches():
         blender.add(p, coords, w)
         out = blender.finalize() if isinstance(blender, Blender) else blender.finish()
         assert out[0, 0, 0].item() == 1 + 2 ** -40
+
+
+def test_importance_checked_again_after_an_in_place_change():
+    """The importance check is remembered per tensor and version: changing the map in place is noticed."""
+    imp = torch.rand(2, 3) + 0.1
+    Blender((4, 6), 1, importance=imp)
+    Blender((4, 6), 1, importance=imp)  # (remembered)
+    imp[0, 0] = -1.0
+    with pytest.raises(ValueError, match="importance"):
+        Blender((4, 6), 1, importance=imp)
+    imp[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="importance"):
+        Blender((4, 6), 1, importance=imp)

@@ -55,10 +55,13 @@ def _canonical_importance(importance, window_shape, acc, device) -> Optional[tor
         raise TypeError("importance must be a floating-point tensor [*window_shape]")
     if tuple(importance.shape) != tuple(window_shape):
         raise ValueError(f"importance must have shape {tuple(window_shape)}, got {tuple(importance.shape)}")
-    if importance.numel():
+    # checked once per tensor and version (the driver passes one cached map for every image and call; on a GPU
+    # each check waits for the device)
+    if importance.numel() and getattr(importance, "_patchblend_checked", None) != importance._version:
         lo, hi = torch.aminmax(importance)  # one pass; NaN fails both tests
         if not (bool(lo >= 0) and bool(hi < float("inf"))):
             raise ValueError("importance must be finite and >= 0")
+        importance._patchblend_checked = importance._version
     importance = importance.to(device=device, dtype=acc)
     while importance.dim() < 3:
         importance = importance.unsqueeze(0)

@@ -207,6 +207,22 @@ def _window_plan(image_size, roi, overlaps, placement: str, slab_axis: int) -> _
     return _WindowPlan(pad_lo, padded, image_grid, coords_pad, coords, ops_form(coords_pad), ops_form(coords))
 
 
+def _hashable(value):
+    """A sigma_scale (float, sequence, numpy array or tensor) as a float or a tuple of floats."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(float(v) for v in value)
+    return float(value)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_importance(roi, mode: str, sigma_scale, dtype, device) -> torch.Tensor:
+    """The importance map (a few ms for an 80^3 Gaussian, MONAI recomputes it every call), once per ROI, mode,
+    sigma, dtype and device. Shared: never modified (the blenders only read it)."""
+    return importance_map(roi, mode, sigma_scale, dtype=dtype, device=device)
+
+
 def _progress(iterable, enabled: bool, total: int):
     if not enabled:
         return iterable
@@ -399,7 +415,7 @@ def sliding_window_inference(
     elif mode == "constant":
         imp = None
     else:
-        imp = importance_map(roi, mode, sigma_scale, dtype=acc, device=device)
+        imp = _cached_importance(roi, mode, _hashable(sigma_scale), acc, device)
     weights_in_den = normalize == "weight" and weighting is not None
     # The streaming paths need a strict lattice; nnU-Net's placement repeats starts when roi * (1 - overlap) < 1.
     strict_lattice = plan.image_grid.is_strict
