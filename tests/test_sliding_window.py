@@ -521,8 +521,8 @@ def test_windows_cut_in_chunks(monkeypatch, chunk_windows):
 
     for bs in (1, 2, 7):
         args = ((5, 4, 6), bs, pred, 0.6, "gaussian")
-        torch.testing.assert_close(sliding_window_inference(x, *args, condition=cond), monai_sw(x, *args, condition=cond),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sliding_window_inference(x, *args, condition=cond),
+                                   monai_sw(x, *args, condition=cond), rtol=1e-5, atol=1e-6)
 
 
 # ---- predictors with side effects (found by an adversarial review) --------------------------------------

@@ -316,11 +316,11 @@ def sliding_window_inference(
         point); with ``reduce``, labels or masks as above. A MONAI ``MetaTensor`` input gives a ``MetaTensor``.
         Accumulation is float32 (float64 for float64 inputs) whatever the predictor's precision.
 
-    Gradients: when autograd is on and the predictions (or scores) require grad, the output is differentiable
-    in ``inputs``, the predictor's parameters, the scores and ``roi_weight_map``, as MONAI's is; every window's prediction is then
-    kept until one :func:`~patchblend.calibrated_blend` at the end (autograd keeps the predictor's activations
-    anyway). Under ``torch.no_grad()`` / ``torch.inference_mode()`` the streaming paths run. Slab mode and
-    ``reduce`` return detached results (slab mode warns).
+    Gradients: when autograd is on and the predictions (or scores) require grad, the output is differentiable in
+    ``inputs``, the predictor's parameters, the scores and ``roi_weight_map``, as MONAI's is; every window's
+    prediction is then kept until one :func:`~patchblend.calibrated_blend` at the end (autograd keeps the
+    predictor's activations anyway). Under ``torch.no_grad()`` / ``torch.inference_mode()`` the streaming paths run.
+    Slab mode and ``reduce`` return detached results (slab mode warns).
     """
     # ---- arguments ------------------------------------------------------------------------------------
     if not isinstance(inputs, torch.Tensor):
@@ -455,8 +455,8 @@ def sliding_window_inference(
             )
             blenders[b].check_values = False  # score_checks did it
         elif not general:
-            blenders[b] = LatticeBlender(image_size, channels, plan.image_grid, roi, normalize=normalize, importance=imp,
-                                         device=device, dtype=acc, out=state["out"][b])
+            blenders[b] = LatticeBlender(image_size, channels, plan.image_grid, roi, normalize=normalize,
+                                         importance=imp, device=device, dtype=acc, out=state["out"][b])
             blenders[b].check_values = False
         else:
             blenders[b] = Blender(image_size, channels, normalize=normalize, importance=imp, window_shape=roi,
