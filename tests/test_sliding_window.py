@@ -585,3 +585,31 @@ def test_device_spelled_with_an_index():
     got = sliding_window_inference(x, (4, 4), 2, predictor_3ch, 0.5, sw_device="cpu:0", device="cpu:0")
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got, monai_sw(x, (4, 4), 2, predictor_3ch, 0.5, device="cpu:0"))
+
+
+def test_inference_mode():
+    """Under torch.inference_mode (inputs made inside or outside it) every path runs and gives the no_grad
+    result; and what was cached then (window placement, the Gaussian map) still serves a later call with
+    autograd (inference tensors could not be saved for backward). The geometry is this test's own, so that the
+    first call to meet it is the one under inference mode."""
+    x = rand(2, 1, 13, 11, 12)
+    cond = rand(2, 1, 13, 11, 12, seed=4)
+
+    def scored(w, condition=None):
+        seg = predictor_3ch(w) + (0 if condition is None else condition.mean())
+        return seg, w.mean((1, 2, 3, 4)) + 0.5, torch.nn.functional.adaptive_avg_pool3d(w[:, 0], 2) + 0.1
+
+    configs = [dict(mode="gaussian", sigma_scale=0.17), dict(weighting="patch*grid"), dict(condition=cond),
+               dict(slab_axis=0, reduce="argmax"), dict(roi_weight_map=torch.rand(7, 5, 6) + 0.1)]
+    for kw in configs:
+        with torch.no_grad():
+            expected = sliding_window_inference(x, (7, 5, 6), 3, scored, 0.35, **kw)
+        for inside in (True, False):
+            with torch.inference_mode():
+                xi = x.clone() if inside else x
+                kwi = {k: (v.clone() if inside and isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+                got = sliding_window_inference(xi, (7, 5, 6), 3, scored, 0.35, **kwi)
+            assert torch.equal(got, expected)
+    net = torch.nn.Conv3d(1, 2, 1)
+    sliding_window_inference(x, (7, 5, 6), 3, net, 0.35, "gaussian", 0.17).sum().backward()
+    assert net.weight.grad is not None

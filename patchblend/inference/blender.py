@@ -57,11 +57,14 @@ def _canonical_importance(importance, window_shape, acc, device) -> Optional[tor
         raise ValueError(f"importance must have shape {tuple(window_shape)}, got {tuple(importance.shape)}")
     # checked once per tensor and version (the driver passes one cached map for every image and call; on a GPU
     # each check waits for the device)
-    if importance.numel() and getattr(importance, "_patchblend_checked", None) != importance._version:
+    # (inference tensors have no version counter: checked every time)
+    version = None if importance.is_inference() else importance._version
+    if importance.numel() and (version is None or getattr(importance, "_patchblend_checked", None) != version):
         lo, hi = torch.aminmax(importance)  # one pass; NaN fails both tests
         if not (bool(lo >= 0) and bool(hi < float("inf"))):
             raise ValueError("importance must be finite and >= 0")
-        importance._patchblend_checked = importance._version
+        if version is not None:
+            importance._patchblend_checked = version
     importance = importance.to(device=device, dtype=acc)
     while importance.dim() < 3:
         importance = importance.unsqueeze(0)

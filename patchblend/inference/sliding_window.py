@@ -190,7 +190,13 @@ class _WindowPlan(NamedTuple):
 def _window_plan(image_size, roi, overlaps, placement: str, slab_axis: int) -> _WindowPlan:
     """Where the windows go, in the order they are visited: MONAI's raster order, or with ``slab_axis`` the
     slowest (stable, so raster order within a slab). Cached, since inference over a data set meets the same
-    sizes again and again; the tensors are shared and never modified."""
+    sizes again and again; the tensors are shared and never modified (and ordinary tensors, also when made
+    under inference mode: a later call with autograd saves them for backward)."""
+    with torch.inference_mode(False):
+        return _make_window_plan(image_size, roi, overlaps, placement, slab_axis)
+
+
+def _make_window_plan(image_size, roi, overlaps, placement: str, slab_axis: int) -> _WindowPlan:
     pad_lo = tuple(max(r - s, 0) // 2 for r, s in zip(roi, image_size))
     padded = tuple(max(r, s) for r, s in zip(roi, image_size))
     grid = sliding_windows(padded, roi, overlaps, placement)
@@ -219,8 +225,10 @@ def _hashable(value):
 @functools.lru_cache(maxsize=8)
 def _cached_importance(roi, mode: str, sigma_scale, dtype, device) -> torch.Tensor:
     """The importance map (a few ms for an 80^3 Gaussian, MONAI recomputes it every call), once per ROI, mode,
-    sigma, dtype and device. Shared: never modified (the blenders only read it)."""
-    return importance_map(roi, mode, sigma_scale, dtype=dtype, device=device)
+    sigma, dtype and device. Shared: never modified (the blenders only read it); an ordinary tensor, also when
+    made under inference mode."""
+    with torch.inference_mode(False):
+        return importance_map(roi, mode, sigma_scale, dtype=dtype, device=device)
 
 
 def _progress(iterable, enabled: bool, total: int):
@@ -487,13 +495,17 @@ def sliding_window_inference(
     window_bytes = max(1, src.shape[1] * math.prod(roi) * src.element_size())
     chunk_limit = _CHUNK_BYTES["cuda" if src.device.type == "cuda" else "cpu"]
     per_chunk = max(1, chunk_limit // (window_bytes * sw_batch_size)) * sw_batch_size
-    if torch.is_grad_enabled():
+    # (Inference tensors have no version counter: a change could not be seen, so they are cut batch by batch.)
+    trackable = not (src.is_inference() or (cond_src is not None and cond_src.is_inference()))
+    if torch.is_grad_enabled() or not trackable:
         per_chunk = sw_batch_size
     chunk = cond_chunk = None
     chunk_lo = chunk_hi = 0
     chunk_version = None
 
     def source_version():
+        if not trackable:
+            return None
         return src._version, None if cond_src is None else cond_src._version
 
     starts = range(0, total, sw_batch_size)

@@ -116,8 +116,9 @@ def lattice_tables(starts: Tuple[Tuple[int, ...], ...]) -> LatticeTables:
     """Every combination of the per-axis ``starts`` in raster order, as a tensor and as Python rows. Cached (a
     sliding-window run asks for the same lattice for every image and call): the results must not be modified."""
     rows = list(itertools.product(*starts))
-    coords = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(starts))
-    coords3 = torch.nn.functional.pad(coords, (3 - len(starts), 0)) if len(starts) < 3 else coords
+    with torch.inference_mode(False):  # ordinary tensors even when first asked for under inference mode
+        coords = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(starts))
+        coords3 = torch.nn.functional.pad(coords, (3 - len(starts), 0)) if len(starts) < 3 else coords
     return LatticeTables(coords, coords3, rows)
 
 
