@@ -1,4 +1,6 @@
 """Streaming accumulators: Blender == one-shot calibrated_blend; SlabBlender == Blender."""
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -271,3 +273,11 @@ def test_importance_checked_again_after_an_in_place_change():
     imp[0, 0] = float("nan")
     with pytest.raises(ValueError, match="importance"):
         Blender((4, 6), 1, importance=imp)
+    # a copy carries the memo along, and its version may match it: deepcopy restarts the count
+    imp = torch.rand(2, 3) + 0.1
+    imp.add_(0)  # version 1
+    Blender((4, 6), 1, importance=imp)
+    imp.mul_(-1)  # version 2
+    negative_copy = copy.deepcopy(imp)  # version 1 again, with the memo of version 1
+    with pytest.raises(ValueError, match="importance"):
+        Blender((4, 6), 1, importance=negative_copy)

@@ -172,7 +172,9 @@ def test_finite_nonnegative_flag():
 
 
 def _syncs(fn) -> int:
-    """Number of synchronising CUDA calls ``fn`` makes (torch's sync debug mode, as warnings)."""
+    """Number of synchronising CUDA calls ``fn`` makes (torch's sync debug mode, as warnings), after one call
+    to warm what a first call caches (the Gaussian map and its check)."""
+    fn()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -57,8 +57,9 @@ def _canonical_importance(importance, window_shape, acc, device) -> Optional[tor
         raise ValueError(f"importance must have shape {tuple(window_shape)}, got {tuple(importance.shape)}")
     # checked once per tensor and version (the driver passes one cached map for every image and call; on a GPU
     # each check waits for the device)
-    # (inference tensors have no version counter: checked every time)
-    version = None if importance.is_inference() else importance._version
+    # (inference tensors have no version counter: checked every time; the storage address is part of the key,
+    # so that a copy, which carries the attribute along, is checked again)
+    version = None if importance.is_inference() else (importance._version, importance.data_ptr())
     if importance.numel() and (version is None or getattr(importance, "_patchblend_checked", None) != version):
         lo, hi = torch.aminmax(importance)  # one pass; NaN fails both tests
         if not (bool(lo >= 0) and bool(hi < float("inf"))):
@@ -91,8 +92,8 @@ def window_coverage(
     coords = _as_coords(coords, nd)
     if nd == 2:
         coords = torch.nn.functional.pad(coords, (1, 0))
-    imp = _canonical_importance(importance, window_shape, dtype, device) if normalize == "weight" else None
     device = resolve_device(device)
+    imp = _canonical_importance(importance, window_shape, dtype, device) if normalize == "weight" else None
     den = coverage_on(None, coords, imp, _to3(window_shape), _to3(out_shape), normalize, dtype, device)
     return den.reshape(tuple(out_shape))
 
