@@ -55,10 +55,9 @@ def _canonical_importance(importance, window_shape, acc, device) -> Optional[tor
         raise TypeError("importance must be a floating-point tensor [*window_shape]")
     if tuple(importance.shape) != tuple(window_shape):
         raise ValueError(f"importance must have shape {tuple(window_shape)}, got {tuple(importance.shape)}")
-    # checked once per tensor and version (the driver passes one cached map for every image and call; on a GPU
-    # each check waits for the device)
-    # (inference tensors have no version counter: checked every time; the storage address is part of the key,
-    # so that a copy, which carries the attribute along, is checked again)
+    # Checked once per tensor, version and storage (the driver passes one cached map for every image and call;
+    # on a GPU each check waits for the device). The storage is part of the key because a copy carries the
+    # attribute along; inference tensors have no version counter and are checked every time.
     version = None if importance.is_inference() else (importance._version, importance.data_ptr())
     if importance.numel() and (version is None or getattr(importance, "_patchblend_checked", None) != version):
         lo, hi = torch.aminmax(importance)  # one pass; NaN fails both tests
@@ -242,11 +241,16 @@ class _BlendCore:
         weights, coords [n, 3])``, weights in the accumulation dtype; patches keep their dtype when it
         accumulates in it (half is read as half by the kernels), else are converted."""
         a = prepare_blend_args(patches, None, coords, out_shape, "none", None)
-        p = a.patches if accumulation_dtype(a.patches.dtype) == self.dtype else a.patches.to(self.dtype)
-        # weights straight to the accumulation dtype (not through the patches' one: float64 weights stay exact)
+        return (*self._patches_and_weights(patches, weights), a.coords)
+
+    def _patches_and_weights(self, patches, weights):
+        """``patches`` in the ops' 3D form, kept in their dtype when it accumulates in :attr:`dtype` (half is read
+        as half by the kernels), else converted; ``weights`` checked and made ``[n, Gd, Gh, Gw]`` straight in
+        :attr:`dtype` (not through the patches' accumulation dtype: float64 weights stay exact)."""
+        p = patches if accumulation_dtype(patches.dtype) == self.dtype else patches.to(self.dtype)
         w = prepare_weights(weights, patches.shape[0], patches.shape[2:], self.dtype, patches.device,
                             self.check_values)
-        return p, w, a.coords
+        return (p.unsqueeze(2) if self.nd == 2 else p), w
 
     def _finalize_values(self, num: torch.Tensor, den: Optional[torch.Tensor]) -> torch.Tensor:
         """``num / den`` in place by DESIGN §2's rules (``"count"``: ``den`` clamped at 1; ``"weight"``: 0 where
@@ -458,10 +462,7 @@ class LatticeBlender(_BlendCore):
         n = patches.shape[0]
         if n == 0:
             return
-        p = patches if accumulation_dtype(patches.dtype) == self.dtype else patches.to(self.dtype)
-        if self.nd == 2:
-            p = p.unsqueeze(2)
-        w = prepare_weights(weights, n, self.window_shape, self.dtype, self.device, self.check_values)
+        p, w = self._patches_and_weights(patches, weights)
         out = self.out.unsqueeze(1) if self.nd == 2 else self.out
         # a batch that spans two rows of windows is blended row by row (tighter boxes, see _groups)
         for i, j, _ in self._groups(self._rows[self.next:self.next + n], boxes=False):
@@ -603,8 +604,7 @@ class SlabBlender(_BlendCore):
         # stream mode: windows in raster order of the lattice, slabs along the slowest axis
         self._stream = self._lattice is not None and self.axis == 0
         if self._stream:
-            self._stream_coords = torch.cartesian_prod(*[torch.tensor(a, dtype=torch.int64) for a in self._lattice])
-            self._stream_coords = self._stream_coords.reshape(-1, self.nd)
+            self._stream_coords = lattice_tables(tuple(map(tuple, self._lattice))).coords  # (shared, read-only)
             self._stream_zero = not _covers([sorted(set(a)) for a in self._lattice], self.window_shape, self.out_shape)
             self._next = 0
         self.lo = 0  # first index along axis not yet finalised
