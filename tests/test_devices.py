@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import patchblend
-from patchblend import sliding_window_inference
+from patchblend import CalibratedOutput, sliding_window_inference
 from patchblend._validate import finite_nonnegative
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -98,7 +98,7 @@ def _scored(win):
     seg = torch.cat([win.sin(), win.cos()], 1)
     patch = win.mean((1, 2, 3, 4)) + 0.5
     grid = torch.nn.functional.adaptive_avg_pool3d(win[:, 0], 2) + 0.1
-    return seg, patch, grid
+    return CalibratedOutput(seg, patch, grid)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,7 +127,7 @@ def test_driver_2d_same_result_on_every_device(device):
     for kw in (dict(mode="gaussian"), dict(weighting="patch*grid"), dict(slab_axis=0)):
         def predictor(win):
             seg = torch.cat([win.sin(), win.cos()], 1)
-            return seg, win.mean((1, 2, 3)) + 0.5, torch.nn.functional.adaptive_avg_pool2d(win[:, 0], 2) + 0.1
+            return CalibratedOutput(seg, win.mean((1, 2, 3)) + 0.5, torch.nn.functional.adaptive_avg_pool2d(win[:, 0], 2) + 0.1)
         expected = sliding_window_inference(x, (10, 8), 3, predictor, 0.5, **kw)
         got = sliding_window_inference(x.to(device), (10, 8), 3, predictor, 0.5, **kw)
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-6)
@@ -140,7 +140,7 @@ def test_driver_bad_scores_on_every_device(device):
     for bad in (-1.0, float("nan")):
         def predictor(win, bad=bad):
             seg, patch, grid = _scored(win)
-            return seg, torch.full_like(patch, bad), grid
+            return CalibratedOutput(seg, torch.full_like(patch, bad), grid)
         with pytest.raises(ValueError, match="patch_scores"):
             sliding_window_inference(x, 8, 2, predictor, 0.5, weighting="patch")
 

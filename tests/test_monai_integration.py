@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from patchblend import CalibratedOutput
+
 monai_inferers = pytest.importorskip("monai.inferers")
 from patchblend.integrations.monai import CalibratedSlidingWindowInferer  # noqa: E402
 
@@ -26,7 +28,7 @@ def test_calibrated_options_and_cpu_thresh():
     x = torch.rand(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(1))
 
     def scored(w):
-        return {"seg": net(w), "patch": w.mean((1, 2, 3, 4))}
+        return CalibratedOutput(net(w), w.mean((1, 2, 3, 4)), None)
 
     from patchblend.inference import sliding_window_inference
 

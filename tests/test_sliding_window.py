@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patchblend
+from patchblend import CalibratedOutput
 from patchblend.inference import importance_map, sliding_window_inference, sliding_windows
 
 monai_inferers = pytest.importorskip("monai.inferers")
@@ -185,7 +186,7 @@ def test_gradient_to_roi_weight_map(shape, roi, scored):
 
     def run(infer, **kw):
         wm = base.clone().requires_grad_()
-        infer(x, roi, 3, net if not scored else lambda w: (net(w), net(w).mean((1, 2, 3, 4)).sigmoid()), 0.5,
+        infer(x, roi, 3, net if not scored else lambda w: CalibratedOutput(net(w), net(w).mean((1, 2, 3, 4)).sigmoid(), None), 0.5,
               roi_weight_map=wm, **kw).square().sum().backward()
         return wm.grad
 
@@ -198,7 +199,7 @@ def test_gradient_to_roi_weight_map(shape, roi, scored):
         net.double()
 
         def f(wm):
-            pred = lambda w: (net(w), net(w).mean((1, 2, 3, 4)).sigmoid())
+            pred = lambda w: CalibratedOutput(net(w), net(w).mean((1, 2, 3, 4)).sigmoid(), None)
             return sliding_window_inference(x64, roi, 3, pred, 0.5, roi_weight_map=wm, weighting="patch",
                                             normalize="weight").square().sum()
 
@@ -211,7 +212,7 @@ def test_gradients_of_calibrated_weighting():
 
     def pred(w):
         s = net(w)
-        return s, torch.sigmoid(s.mean((1, 2, 3, 4))), torch.sigmoid(s.mean(1)[:, ::4, ::4, ::4])
+        return CalibratedOutput(s, torch.sigmoid(s.mean((1, 2, 3, 4))), torch.sigmoid(s.mean(1)[:, ::4, ::4, ::4]))
 
     x = rand(1, 1, 20, 18, 16)
     grads = []
@@ -254,7 +255,7 @@ def scored_predictor(win):
     nd = win.dim() - 2
     pool = torch.nn.functional.adaptive_avg_pool3d if nd == 3 else torch.nn.functional.adaptive_avg_pool2d
     grid = pool(win.mean(1, keepdim=True), (2,) * nd)[:, 0]
-    return seg, patch, grid
+    return CalibratedOutput(seg, patch, grid)
 
 
 def calibrated_reference(x, roi, overlap, weighting, normalize, mode):
@@ -288,7 +289,7 @@ def test_patch_times_grid_in_float32():
     x = rand(1, 1, 12, 10, 8)
     for p, g in ((1e-4, 1e-4), (1e3, 1e2)):
         def pred(w, p=p, g=g):
-            return w, torch.full((len(w),), p), torch.full((len(w), 2, 2, 2), g, dtype=torch.float16)
+            return CalibratedOutput(w, torch.full((len(w),), p), torch.full((len(w), 2, 2, 2), g, dtype=torch.float16))
 
         got = sliding_window_inference(x, 6, 4, pred, 0.5, weighting="patch*grid", normalize="weight")
         torch.testing.assert_close(got, x)  # equal weights everywhere: the weighted mean of identical windows
@@ -299,7 +300,7 @@ def test_calibrated_2d_and_dict_output():
 
     def as_dict(win):
         seg, patch, grid = scored_predictor(win)
-        return {"seg": seg, "patch": patch[:, None], "grid": grid, "extra": None}  # [n, 1] scores are accepted
+        return CalibratedOutput(seg, patch[:, None], grid)  # [n, 1] scores are accepted
 
     got = sliding_window_inference(x, (8, 6), 4, as_dict, 0.25, weighting="patch*grid")
     ref = calibrated_reference(x, (8, 6), 0.25, "patch*grid", "count", "constant")
@@ -464,19 +465,21 @@ X3 = rand(1, 1, 10, 10, 10)
         (dict(weighting="patch"), ValueError, "patch scores"),
         (dict(predictor=lambda w: w[:1]), ValueError, "seg"),
         (dict(predictor=lambda w: w[:, :, :2]), ValueError, "spatial shape"),
-        (dict(predictor=lambda w: (w, w.mean((1, 2, 3, 4)), None), weighting="grid"), ValueError, "grid scores"),
-        (dict(predictor=lambda w: (w, torch.ones(w.shape[0] + 1)), weighting="patch"), ValueError, "patch_scores"),
-        (dict(predictor=lambda w: (w, -torch.ones(w.shape[0])), weighting="patch"), ValueError, "patch_scores"),
-        (dict(predictor=lambda w: (w, torch.full((w.shape[0],), float("nan"))), weighting="patch"), ValueError,
+        (dict(predictor=lambda w: CalibratedOutput(w, w.mean((1, 2, 3, 4)), None), weighting="grid"), ValueError, "grid scores"),
+        (dict(predictor=lambda w: CalibratedOutput(w, torch.ones(w.shape[0] + 1), None), weighting="patch"), ValueError, "patch_scores"),
+        (dict(predictor=lambda w: CalibratedOutput(w, -torch.ones(w.shape[0]), None), weighting="patch"), ValueError, "patch_scores"),
+        (dict(predictor=lambda w: CalibratedOutput(w, torch.full((w.shape[0],), float("nan")), None), weighting="patch"), ValueError,
          "patch_scores"),
-        (dict(predictor=lambda w: (w, None, torch.ones(w.shape[0], 2, 2)), weighting="grid"), ValueError,
+        (dict(predictor=lambda w: CalibratedOutput(w, None, torch.ones(w.shape[0], 2, 2)), weighting="grid"), ValueError,
          "grid_scores"),
-        (dict(predictor=lambda w: (w, None, -torch.ones(w.shape[0], 2, 2, 2)), weighting="grid"), ValueError,
+        (dict(predictor=lambda w: CalibratedOutput(w, None, -torch.ones(w.shape[0], 2, 2, 2)), weighting="grid"), ValueError,
          "grid_scores"),
-        (dict(predictor=lambda w: (w, None, torch.ones(w.shape[0], 2, 2, 9)), weighting="grid"), ValueError,
+        (dict(predictor=lambda w: CalibratedOutput(w, None, torch.ones(w.shape[0], 2, 2, 9)), weighting="grid"), ValueError,
          "grid_scores"),
-        (dict(predictor=lambda w: (w, w, w, w)), ValueError, "length 4"),
-        (dict(predictor=lambda w: {"logits": w}), ValueError, "seg"),
+        (dict(predictor=lambda w: (w, w, w, w)), ValueError, "multi-output"),
+        (dict(predictor=lambda w: (w * 2, w + 1)), ValueError, "never read as CIB scores"),
+        (dict(predictor=lambda w: (w, w.mean((1, 2, 3, 4))), weighting="patch"), ValueError, "CalibratedOutput"),
+        (dict(predictor=lambda w: {"logits": w}), ValueError, "multi-output"),
         (dict(predictor=lambda w: 3.0), TypeError, "predictor"),
         (dict(predictor=lambda w: w.long()), TypeError, "seg"),
     ],
@@ -566,7 +569,7 @@ def test_predictor_that_writes_back_into_the_input():
 def test_overflowing_score_product_is_an_error():
     """patch and grid scores each finite, their product not: an error, not an output of NaN."""
     x = rand(1, 1, 8, 8)
-    pred = lambda w: (w, torch.full((len(w),), 1e20), torch.full((len(w), 2, 2), 1e20))  # noqa: E731
+    pred = lambda w: CalibratedOutput(w, torch.full((len(w),), 1e20), torch.full((len(w), 2, 2), 1e20))  # noqa: E731
     for kw in (dict(normalize="weight"), dict(normalize="count"), dict(slab_axis=0)):
         with torch.no_grad(), pytest.raises(ValueError, match="patch_scores \\* grid_scores"):
             sliding_window_inference(x, (4, 4), 2, pred, 0.5, weighting="patch*grid", **kw)
@@ -574,7 +577,7 @@ def test_overflowing_score_product_is_an_error():
 
 def test_float64_scores_beyond_float32_are_an_error():
     x = rand(1, 1, 8, 8)
-    pred = lambda w: (w, torch.full((len(w),), 1e300, dtype=torch.float64))  # noqa: E731
+    pred = lambda w: CalibratedOutput(w, torch.full((len(w),), 1e300, dtype=torch.float64), None)  # noqa: E731
     with torch.no_grad(), pytest.raises(ValueError, match="patch_scores"):
         sliding_window_inference(x, (4, 4), 2, pred, 0.5, weighting="patch")
 
@@ -597,7 +600,7 @@ def test_inference_mode():
 
     def scored(w, condition=None):
         seg = predictor_3ch(w) + (0 if condition is None else condition.mean())
-        return seg, w.mean((1, 2, 3, 4)) + 0.5, torch.nn.functional.adaptive_avg_pool3d(w[:, 0], 2) + 0.1
+        return CalibratedOutput(seg, w.mean((1, 2, 3, 4)) + 0.5, torch.nn.functional.adaptive_avg_pool3d(w[:, 0], 2) + 0.1)
 
     configs = [dict(mode="gaussian", sigma_scale=0.17), dict(weighting="patch*grid"), dict(condition=cond),
                dict(slab_axis=0, reduce="argmax"), dict(roi_weight_map=torch.rand(7, 5, 6) + 0.1)]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
 from .._validate import _check_finite_nonnegative, finite_nonnegative, resolve_device
 from ..ops import calibrated_blend, empty_output, zeros_output
+from ..wrapper import CalibratedOutput
 from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype
 from .importance import importance_map
 from .windows import WINDOW_STYLES, WindowGrid, lattice_tables, sliding_windows
@@ -87,27 +88,23 @@ def _resolve_overlap(overlap, nd: int):
 
 def _parse_output(out, n: int, roi, nd: int, weighting, check_values=_check_finite_nonnegative):
     """Predictor output → (seg [n, C, *roi], patch_scores [n] or None, grid_scores [n, *G] or None).
+
+    A tensor is the prediction; CIB scores come only as :class:`~patchblend.CalibratedOutput`
+    ``(seg, patch, grid)``. A plain tuple, list or dict is MONAI's multi-output form, never read as scores.
     ``check_values(name, scores)`` checks the values of the scores in use (finite, >= 0)."""
     patch = grid = None
-    if isinstance(out, torch.Tensor):
+    if isinstance(out, CalibratedOutput):
+        seg, patch, grid = out.seg, out.patch, out.grid
+    elif isinstance(out, torch.Tensor):
         seg = out
-    elif isinstance(out, Mapping):
-        if "seg" not in out:
-            raise ValueError(
-                f"predictor returned a dict with keys {sorted(map(str, out.keys()))}; patchblend expects a tensor, "
-                "or a dict with 'seg' (and 'patch' / 'grid' scores)"
-            )
-        seg, patch, grid = out["seg"], out.get("patch"), out.get("grid")
-    elif isinstance(out, (tuple, list)):
-        if len(out) not in (2, 3):
-            raise ValueError(
-                f"predictor returned a {type(out).__name__} of length {len(out)}; patchblend expects a tensor, "
-                "(seg, patch_scores) or (seg, patch_scores, grid_scores)"
-            )
-        seg, patch = out[0], out[1]
-        grid = out[2] if len(out) == 3 else None
+    elif isinstance(out, (tuple, list, Mapping)):
+        raise ValueError(
+            f"predictor returned a {type(out).__name__}: multi-output predictors (MONAI's tuple/list/dict outputs) "
+            "are not supported yet, and a plain tuple is never read as CIB scores; return a tensor, or "
+            "patchblend.CalibratedOutput(seg, patch, grid) for calibrated weighting"
+        )
     else:
-        raise TypeError(f"predictor must return a tensor, a tuple or a dict, got {type(out).__name__}")
+        raise TypeError(f"predictor must return a tensor or a patchblend.CalibratedOutput, got {type(out).__name__}")
 
     if not isinstance(seg, torch.Tensor) or not seg.dtype.is_floating_point:
         raise TypeError(f"predictor output seg must be a floating-point tensor, got {type(seg).__name__}"
@@ -123,8 +120,8 @@ def _parse_output(out, n: int, roi, nd: int, weighting, check_values=_check_fini
     uses_grid = weighting in ("grid", "patch*grid")
     if uses_patch:
         if patch is None:
-            raise ValueError(f"weighting={weighting!r} needs patch scores: return (seg, patch_scores, grid_scores) "
-                             "or a dict with 'seg' and 'patch'")
+            raise ValueError(f"weighting={weighting!r} needs patch scores: return "
+                             "patchblend.CalibratedOutput(seg, patch, grid) with patch [B]")
         if not isinstance(patch, torch.Tensor) or not patch.dtype.is_floating_point:
             raise TypeError("patch_scores must be a floating-point tensor [B]")
         if patch.dim() == 2 and patch.shape[1] == 1:
@@ -134,8 +131,8 @@ def _parse_output(out, n: int, roi, nd: int, weighting, check_values=_check_fini
         check_values("patch_scores", patch)
     if uses_grid:
         if grid is None:
-            raise ValueError(f"weighting={weighting!r} needs grid scores: return (seg, patch_scores, grid_scores) "
-                             "or a dict with 'seg' and 'grid'")
+            raise ValueError(f"weighting={weighting!r} needs grid scores: return "
+                             "patchblend.CalibratedOutput(seg, patch, grid) with grid [B, *G]")
         if not isinstance(grid, torch.Tensor) or not grid.dtype.is_floating_point:
             raise TypeError(f"grid_scores must be a floating-point tensor [B, *G] with {nd} grid dims")
         if grid.dim() != nd + 1 or grid.shape[0] != n or any(g < 1 or g > p for g, p in zip(grid.shape[1:], roi)):
@@ -281,8 +278,9 @@ def sliding_window_inference(
             output is cropped back.
         sw_batch_size: windows per predictor call (windows of consecutive images may share a call, as in MONAI).
         predictor: ``f(windows [n, C_in, *roi], **kwargs)`` returning ``seg [n, C, *roi]``; or, for calibrated
-            weighting, ``(seg, patch_scores [n], grid_scores [n, *G])`` or a dict with ``"seg"``, ``"patch"``,
-            ``"grid"`` (scores must be finite and ``>= 0``; the ones ``weighting`` doesn't use may be None).
+            weighting, :class:`~patchblend.CalibratedOutput` ``(seg, patch_scores [n], grid_scores [n, *G])``
+            (scores must be finite and ``>= 0``; the ones ``weighting`` doesn't use may be None). A plain tuple,
+            list or dict (MONAI's multi-output form) is refused, never read as scores.
         overlap: fraction of a window shared with its neighbour, in ``[0, 1)``, scalar or per axis.
         mode: importance of each window voxel: ``"constant"``, ``"gaussian"`` (MONAI's, ``sigma_scale``) or
             ``"nnunet"`` (nnU-Net's Gaussian, peak 10).

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from patchblend import CalibratedOutput
 from patchblend.inference import sliding_window_inference
 from patchblend.targets import dice_targets
 
@@ -103,7 +104,7 @@ class CalibratedPredictor:
             if not self._recorded:
                 self.pairs.append((patch.cpu(), true_patch.cpu(), grid.cpu(), true_grid.cpu()))
             patch, grid = true_patch, true_grid
-        return seg, patch.to(windows.device), grid.to(windows.device)
+        return CalibratedOutput(seg, patch.to(windows.device), grid.to(windows.device))
 
 
 def predict_case(model, case: Case, blendings: Sequence[str] = BLENDINGS, roi: Sequence[int] = (80, 80, 80),
