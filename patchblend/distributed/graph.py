@@ -1,0 +1,350 @@
+"""``sliding_window_inference`` on a Dask array or a Zarr array: one Dask task per output block.
+
+Graph: for each output block, one task ``run_block`` that reads its input region (straight from the Zarr array,
+or from ``getitem`` pieces of the Dask array's chunks), runs the block's windows and returns the blended block. The
+predictor (a model, or a :class:`~patchblend.distributed.PredictorFactory`) is one key of the graph: Dask ships it
+once to each worker that needs it, not with every task, and the worker keeps it built/moved to its device.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import numbers
+import operator
+import uuid
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+
+import dask.array as da
+from dask.array.core import normalize_chunks
+from dask.highlevelgraph import HighLevelGraph
+
+from .. import CalibratedOutput
+from .plan import BlockPlan, block_plan
+from .worker import BlockSpec, CallSpec, PredictorFactory, assemble_region, read_region, run_block
+
+__all__ = ["sliding_window_inference"]
+
+logger = logging.getLogger("patchblend.distributed")
+
+_MODES = ("constant", "gaussian", "nnunet")
+_PAD_MODES = ("constant", "reflect", "replicate", "circular")
+_WEIGHTINGS = (None, "patch", "grid", "patch*grid")
+_REDUCTIONS = (None, "argmax", "threshold")
+_PLACEMENTS = ("monai", "nnunet")
+
+
+def _is_zarr_array(x) -> bool:
+    return type(x).__module__.split(".")[0] == "zarr" and hasattr(x, "chunks") and hasattr(x, "shape")
+
+
+def _torch_dtype(np_dtype) -> torch.dtype:
+    try:
+        return torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
+    except TypeError as exc:
+        raise TypeError(f"image dtype {np_dtype} has no torch equivalent") from exc
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    if dtype == torch.bfloat16:
+        raise TypeError("a bfloat16 output has no numpy dtype: make the predictor return float32 or float16")
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _resolve_roi(roi_size, image_size):
+    nd = len(image_size)
+    if hasattr(roi_size, "tolist"):
+        roi_size = roi_size.tolist()
+    if isinstance(roi_size, Sequence) and not isinstance(roi_size, str):
+        if len(roi_size) != nd:
+            raise ValueError(f"roi_size has {len(roi_size)} entries but image has {nd} spatial dims")
+        roi = list(roi_size)
+    elif roi_size is None or isinstance(roi_size, numbers.Integral):
+        roi = [roi_size] * nd
+    else:
+        raise TypeError(f"roi_size must be an int or a sequence of {nd} ints, got {roi_size!r}")
+    out = []
+    for r, s in zip(roi, image_size):
+        if r is not None and (isinstance(r, bool) or not isinstance(r, numbers.Integral)):
+            raise TypeError(f"roi_size entries must be ints or None, got {roi_size!r}")
+        out.append(int(s) if r is None or r <= 0 else int(r))  # None / non-positive: the full axis (MONAI)
+    return tuple(out)
+
+
+def _hashable(value):
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(float(v) for v in value)
+    return float(value)
+
+
+def _output_chunks(chunks, image, spatial):
+    nd = len(spatial)
+    if chunks is None:
+        if isinstance(image, da.Array):
+            return image.chunks[1:]
+        return tuple(tuple(min(c, s - i) for i in range(0, s, c)) for c, s in zip(image.chunks[1:], spatial))
+    if isinstance(chunks, Sequence) and not isinstance(chunks, str) and len(chunks) != nd:
+        raise ValueError(f"chunks must give the {nd} spatial axes (an int, {nd} ints or {nd} tuples of block "
+                         f"sizes), got {chunks!r}")
+    try:
+        out = normalize_chunks(chunks, shape=spatial, dtype=np.float32)
+    except ValueError as exc:
+        raise ValueError(f"chunks {chunks!r} do not fit the spatial shape {spatial}: {exc}") from None
+    if any(min(c, default=0) < 1 for c in out):
+        raise ValueError(f"chunks must be positive block sizes, got {chunks!r}")
+    return out
+
+
+def _probe(predictor, image_dtype, in_channels: int, roi, with_coord: bool, kwargs):
+    """Call the predictor once on a zero window (on this machine) to learn its channels and dtype."""
+    model = predictor.factory() if isinstance(predictor, PredictorFactory) else predictor
+    x = torch.zeros((1, in_channels, *roi), dtype=image_dtype)
+    with torch.no_grad():
+        if with_coord:
+            out = model(x, [[slice(0, 1), slice(None)] + [slice(0, r) for r in roi]], **kwargs)
+        else:
+            out = model(x, **kwargs)
+    seg = out.seg if isinstance(out, CalibratedOutput) else out
+    if not isinstance(seg, torch.Tensor) or seg.dim() != len(roi) + 2:
+        raise ValueError(f"the predictor must return a tensor [n, C, *roi] (or a CalibratedOutput): probing it with "
+                         f"one zero window {tuple(x.shape)} gave {type(out).__name__}"
+                         + (f" {tuple(seg.shape)}" if isinstance(seg, torch.Tensor) else ""))
+    return int(seg.shape[1]), seg.dtype
+
+
+def sliding_window_inference(
+    image,
+    roi_size,
+    sw_batch_size: int,
+    predictor: Union[Callable[..., Any], PredictorFactory],
+    overlap: Union[Sequence[float], float] = 0.25,
+    mode: str = "constant",
+    sigma_scale: Union[Sequence[float], float] = 0.125,
+    padding_mode: str = "constant",
+    cval: float = 0.0,
+    sw_device: Union[torch.device, str, None] = None,
+    device: Union[torch.device, str, None] = None,
+    progress: bool = False,
+    *,
+    weighting: Optional[str] = None,
+    normalize: Optional[str] = None,
+    placement: str = "monai",
+    slab_axis: Optional[int] = None,
+    reduce: Optional[str] = None,
+    threshold: float = 0.5,
+    label_dtype: torch.dtype = torch.int64,
+    roi_weight_map: Optional[torch.Tensor] = None,
+    with_coord: bool = False,
+    process_fn: Optional[Callable] = None,
+    chunks=None,
+    out_channels: Optional[int] = None,
+    return_plan: bool = False,
+    **kwargs: Any,
+):
+    """Sliding-window inference of one large image, block by block on Dask; lazy.
+
+    Same arguments and result as :func:`patchblend.sliding_window_inference` on ``image[None]`` (without the batch
+    dimension), computed per output block: each block runs the windows of the global lattice that meet it (reading
+    only the input region they cover) and blends its own voxels in the global window order. ``.compute()`` equals
+    ``patchblend.sliding_window_inference(torch.from_numpy(image[None]), ...)[0]`` bitwise (float32, CPU) whenever
+    the predictor's output for a window does not depend on the other windows of its batch (``sw_batch_size=1``,
+    or a model without batch statistics); to float tolerance otherwise.
+
+    Args:
+        image: ``[C_in, *S]`` (2 or 3 spatial axes), a ``dask.array.Array`` or a ``zarr`` array (read directly by
+            each task: the cheapest input).
+        roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval, weighting, normalize, placement,
+            reduce, threshold, label_dtype, roi_weight_map, with_coord, kwargs: as in the in-memory driver
+            (``with_coord`` slices refer to the padded whole image, batch index 0; ``kwargs`` are pickled with
+            every task, so keep them small).
+        predictor: a model / callable ``f(windows [n, C_in, *roi]) -> seg [n, C, *roi]`` or a
+            :class:`~patchblend.CalibratedOutput`; shipped once to each worker. Or a
+            :class:`~patchblend.distributed.PredictorFactory` to build it on each worker.
+        device: where each worker cuts windows, runs the predictor and blends (default ``"cpu"``; ``"cuda"`` is the
+            worker's GPU, e.g. one per worker with ``dask_cuda.LocalCUDACluster``). A ``torch.nn.Module`` is moved
+            there once per worker.
+        sw_device: where the predictor runs, if not ``device``.
+        chunks: output blocks, an int, one int per spatial axis or per-axis tuples (Dask's forms); default: the
+            input's spatial chunks. Blocks of several ROIs along each axis keep the recompute factor low (see
+            :func:`~patchblend.distributed.advise_block_size`).
+        out_channels: the predictor's channel count ``C``; if None (and ``reduce != "argmax"``) the predictor is
+            called once here on a zero window to find it.
+        return_plan: also return the :class:`~patchblend.distributed.BlockPlan` (windows, blocks, recompute factor).
+        slab_axis, progress, process_fn: not supported here (blocks already bound the memory; use Dask's progress
+            bar or dashboard); a value other than the default raises.
+
+    Returns:
+        A lazy ``dask.array.Array`` ``[C, *S]`` chunked ``((C,), *chunks)`` in the input's dtype (the predictor's for
+        non-float input); with ``reduce="argmax"`` labels ``[1, *S]`` of ``label_dtype``, with ``"threshold"`` a bool
+        mask ``[C, *S]``. With ``return_plan``: ``(array, plan)``. The plan is also logged (logger
+        ``patchblend.distributed``, level INFO).
+    """
+    # ---- arguments ---------------------------------------------------------------------------------------------
+    if not (isinstance(image, da.Array) or _is_zarr_array(image)):
+        raise TypeError(f"image must be a dask.array.Array or a zarr array [C, *spatial], got {type(image).__name__} "
+                        "(wrap in-memory data with dask.array.from_array, or use patchblend.sliding_window_inference)")
+    if len(image.shape) not in (3, 4):
+        raise ValueError(f"image must be [C, H, W] or [C, D, H, W] (no batch dimension), got shape {image.shape}")
+    if any(s < 1 for s in image.shape):
+        raise ValueError(f"image must not be empty, got shape {image.shape}")
+    if isinstance(image, da.Array) and any(math.isnan(c) for axis in image.chunks for c in axis):
+        raise ValueError("image has unknown chunk sizes (NaN); call image.compute_chunk_sizes() first")
+    in_channels, spatial = int(image.shape[0]), tuple(int(s) for s in image.shape[1:])
+    nd = len(spatial)
+    if not (callable(predictor) or isinstance(predictor, PredictorFactory)):
+        raise TypeError("predictor must be callable (a model) or a patchblend.distributed.PredictorFactory")
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+    roi = _resolve_roi(roi_size, spatial)
+    mode = getattr(mode, "value", mode)
+    padding_mode = getattr(padding_mode, "value", padding_mode)
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if padding_mode not in _PAD_MODES:
+        raise ValueError(f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}")
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+    if normalize is None:
+        normalize = "weight" if weighting is None else "count"
+    if normalize not in ("count", "weight", "none"):
+        raise ValueError(f"normalize must be 'count', 'weight' or 'none', got {normalize!r}")
+    if placement not in _PLACEMENTS:
+        raise ValueError(f"placement must be one of {_PLACEMENTS}, got {placement!r}")
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+    if reduce == "argmax" and (not isinstance(label_dtype, torch.dtype) or label_dtype.is_floating_point
+                               or label_dtype.is_complex or label_dtype == torch.bool):
+        raise TypeError(f"label_dtype must be a torch integer dtype, got {label_dtype!r}")
+    if slab_axis is not None:
+        raise ValueError("slab_axis is not supported by patchblend.distributed: the output blocks (chunks=) already "
+                         "bound the memory")
+    if progress:
+        raise ValueError("progress=True is not supported here: use Dask's progress bar (dask.diagnostics."
+                         "ProgressBar, or distributed.progress) or the dashboard")
+    if process_fn is not None:
+        raise NotImplementedError("process_fn is not supported; use weighting= with predictor scores instead")
+    if "condition" in kwargs:
+        raise ValueError("a condition tensor is not supported by patchblend.distributed")
+    kwargs.pop("buffer_steps", None)
+    kwargs.pop("buffer_dim", None)
+    if out_channels is not None and (isinstance(out_channels, bool) or not isinstance(out_channels, numbers.Integral)
+                                     or out_channels < 1):
+        raise ValueError(f"out_channels must be a positive int or None, got {out_channels!r}")
+    device = str(torch.device(device if device is not None else "cpu"))
+    sw_device = str(torch.device(sw_device)) if sw_device is not None else device
+    out_chunks = _output_chunks(chunks, image, spatial)
+    plan = block_plan(spatial, roi, overlap, out_chunks, placement)  # checks overlap too
+
+    in_dtype = _torch_dtype(np.dtype(image.dtype))
+    acc = torch.float64 if in_dtype == torch.float64 else torch.float32
+    rwm = None
+    if roi_weight_map is not None:
+        rwm = torch.as_tensor(roi_weight_map).detach().to(device="cpu", dtype=acc)
+        if tuple(rwm.shape[-nd:]) != roi or rwm.numel() != math.prod(roi):
+            raise ValueError(f"roi_weight_map must have shape {roi}, got {tuple(rwm.shape)}")
+        rwm = rwm.reshape(roi)
+        if not bool(torch.isfinite(rwm).all()) or bool((rwm < 0).any()):
+            raise ValueError("roi_weight_map must be finite and >= 0")
+
+    seg_dtype = None
+    if (out_channels is None and reduce != "argmax") or (reduce is None and not in_dtype.is_floating_point):
+        out_channels, seg_dtype = _probe(predictor, in_dtype, in_channels, roi, with_coord, kwargs)
+    if reduce == "argmax":
+        channels_out, np_dtype = 1, _numpy_dtype(label_dtype)
+    elif reduce == "threshold":
+        channels_out, np_dtype = out_channels, np.dtype(bool)
+    else:
+        channels_out = out_channels
+        np_dtype = _numpy_dtype(in_dtype if in_dtype.is_floating_point else seg_dtype)
+
+    strict = all(b > a for axis in plan.starts for a, b in zip(axis, axis[1:]))
+    token = uuid.uuid4().hex
+    call = CallSpec(
+        token=token, in_channels=in_channels, roi=roi, pad_lo=plan.pad_lo, image_shape=spatial,
+        sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=_hashable(sigma_scale), padding_mode=padding_mode,
+        cval=float(cval), weighting=weighting, normalize=normalize,
+        lattice=strict and not (normalize == "weight" and weighting is not None),
+        reduce=reduce, threshold=float(threshold), label_dtype=label_dtype,
+        out_dtype=in_dtype if in_dtype.is_floating_point else None, out_channels=out_channels, device=device,
+        sw_device=sw_device, with_coord=bool(with_coord), kwargs=tuple(kwargs.items()),
+    )
+
+    # ---- the graph ---------------------------------------------------------------------------------------------
+    name = f"patchblend-swi-{token}"
+    pred_key = f"patchblend-predictor-{token}"
+    dsk = {pred_key: predictor}
+    rwm_key = None
+    if rwm is not None:
+        rwm_key = f"patchblend-importance-{token}"
+        dsk[rwm_key] = rwm
+    if isinstance(image, da.Array):
+        _add_dask_blocks(dsk, name, token, call, plan, image, pred_key, rwm_key)
+        deps = [image]
+    else:
+        src_key = f"patchblend-source-{token}"
+        dsk[src_key] = image
+        for index in plan.block_indices():
+            dsk[(name, 0, *index)] = (_zarr_block, call, _block_spec(plan, index), src_key, pred_key, rwm_key)
+        deps = []
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    result = da.Array(graph, name, chunks=((channels_out,), *out_chunks), dtype=np_dtype,
+                      meta=np.empty((0,) * (nd + 1), dtype=np_dtype))
+    logger.info("patchblend.distributed.sliding_window_inference: %s", plan.summary())
+    return (result, plan) if return_plan else result
+
+
+def _block_spec(plan: BlockPlan, index, piece_offsets=()) -> BlockSpec:
+    bounds = plan.block_bounds(index)
+    region = plan.input_region(index)
+    return BlockSpec(index=tuple(index), lo=tuple(lo for lo, _ in bounds), shape=tuple(hi - lo for lo, hi in bounds),
+                     starts=plan.block_starts(index), region_lo=tuple(lo for lo, _ in region),
+                     region_shape=tuple(hi - lo for lo, hi in region), piece_offsets=tuple(piece_offsets))
+
+
+def _zarr_block(call, block, source, predictor, rwm):
+    return run_block(call, block, read_region(source, block), predictor, rwm)
+
+
+def _dask_block(call, block, pieces, dtype, predictor, rwm):
+    region = assemble_region(pieces, block.piece_offsets, (call.in_channels, *block.region_shape), dtype)
+    return run_block(call, block, region, predictor, rwm)
+
+
+def _add_dask_blocks(dsk, name, token, call, plan, image, pred_key, rwm_key):
+    """One task per block, fed by ``getitem`` pieces of the input chunks its region overlaps (a piece that is a
+    whole chunk is the chunk's own key)."""
+    piece_name = f"patchblend-region-{token}"
+    bounds = [np.cumsum((0,) + tuple(c)) for c in image.chunks]  # chunk edges per axis (channel first)
+    for index in plan.block_indices():
+        region = plan.input_region(index)
+        per_axis = []  # per spatial axis: [(chunk index, slice in chunk, offset in region)]
+        for a, (lo, hi) in enumerate(region):
+            edges = bounds[a + 1]
+            first = int(np.searchsorted(edges, lo, side="right")) - 1
+            parts = []
+            for c in range(first, len(edges) - 1):
+                c0, c1 = int(edges[c]), int(edges[c + 1])
+                if c0 >= hi:
+                    break
+                a0, a1 = max(lo, c0), min(hi, c1)
+                parts.append((c, slice(a0 - c0, a1 - c0), a0 - lo, a1 - a0 == c1 - c0))
+            per_axis.append(parts)
+        keys, offsets = [], []
+        for ci in range(len(image.chunks[0])):
+            for combo in itertools.product(*per_axis):
+                chunk_key = (image.name, ci, *(p[0] for p in combo))
+                offsets.append((int(bounds[0][ci]), *(p[2] for p in combo)))
+                if all(p[3] for p in combo):
+                    keys.append(chunk_key)
+                else:
+                    key = (piece_name, *index, len(keys))
+                    dsk[key] = (operator.getitem, chunk_key, (slice(None), *(p[1] for p in combo)))
+                    keys.append(key)
+        spec = _block_spec(plan, index, offsets)
+        dsk[(name, 0, *index)] = (_dask_block, call, spec, keys, np.dtype(image.dtype), pred_key, rwm_key)
