@@ -115,8 +115,11 @@ def to_zarr(array: da.Array, store, *, name: Optional[str] = None, resume: bool 
     for n, index in enumerate(todo):
         region = _Region(tuple(slice(int(o[i]), int(o[i + 1])) for o, i in zip(offsets, index)))
         dsk[(wname, n)] = (_write_block, z, (array.name, *index), region)
-    graph = HighLevelGraph.from_collections(wname, dsk, dependencies=[array])
-    lazy = da.Array(graph, wname, chunks=((1,) * len(todo),), dtype=np.int64, meta=np.empty((0,), np.int64))
+    if todo:
+        graph = HighLevelGraph.from_collections(wname, dsk, dependencies=[array])
+        lazy = da.Array(graph, wname, chunks=((1,) * len(todo),), dtype=np.int64, meta=np.empty((0,), np.int64))
+    else:  # everything is stored already
+        lazy = da.zeros((0,), dtype=np.int64, chunks=1)
     if not compute:
         return lazy, z
     written = int(lazy.sum().compute()) if todo else 0
