@@ -4,10 +4,10 @@ A Zarr volume ``[1, N, N, N]`` (float32, chunks 128³), a small conv predictor o
 Conv3d 8→2 1³, softmax), 64³ windows at overlap 0.25, Gaussian importance:
 
 1. the in-memory driver (``patchblend.sliding_window_inference`` on the whole volume), in a child process: wall
-   time and peak RSS (the volume read from Zarr included);
+   time and peak RSS (VmHWM; the volume read from Zarr included);
 2. ``patchblend.distributed.sliding_window_inference(...)`` written with ``patchblend.distributed.to_zarr`` on a
    fresh LocalCluster of 1 and of 2 worker processes (1 thread each), per output block size: wall time, peak RSS
-   per worker (``ru_maxrss`` of the worker process, which starts with the run) and the recompute factor; the
+   per worker during the run (VmHWM, reset when the run starts) and the recompute factor; the
    result is compared with the in-memory one (bitwise);
 3. Dask's per-task overhead on the same cluster (many empty tasks) and the bytes one block task carries.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import resource
 import shutil
 import subprocess
 import sys
@@ -60,6 +59,27 @@ def make_volume(path: str, n: int) -> None:
         z[0, d0:d0 + len(d)] = slab.astype(np.float32)
 
 
+def _status_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since exec or the last :func:`reset_peak`) of this process, in MiB.
+    (``ru_maxrss`` would not do: Linux keeps it across fork and exec, so a worker inherits its parent's peak.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> float:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0); returns the current RSS in MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
+def peak_rss() -> float:
+    return _status_mib("VmHWM")
+
+
 def in_memory(src: str, out_npy: str) -> None:
     """Child process: the in-memory driver on the whole volume; prints time and peak RSS."""
     import zarr
@@ -73,7 +93,7 @@ def in_memory(src: str, out_npy: str) -> None:
         probs = patchblend.sliding_window_inference(image[None], ROI, BATCH, SmallConv(), OVERLAP, MODE)[0]
     wall = time.perf_counter() - t0
     np.save(out_npy, probs.numpy())
-    print(f"RESULT {wall:.3f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
+    print(f"RESULT {wall:.3f} {peak_rss():.1f}")
 
 
 def _inc(i: int) -> int:
@@ -138,7 +158,7 @@ def main() -> None:
                     continue
                 with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                                   silence_logs=40) as cluster, Client(cluster) as client:
-                    base = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                    base = client.run(reset_peak)
                     image = zarr.open_array(src, mode="r")
                     t_graph = time.perf_counter()
                     probs, plan = sliding_window_inference(image, ROI, BATCH, SmallConv(), OVERLAP, MODE,
@@ -150,7 +170,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     report = to_zarr(probs, os.path.join(tmp, f"probs_{workers}_{b}.zarr"), overwrite=True)
                     wall = time.perf_counter() - t0
-                    peak = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                    peak = client.run(peak_rss)
                     if overhead is None and workers == max(args.workers):
                         overhead = task_overhead(client)
                     got = zarr.open_array(os.path.join(tmp, f"probs_{workers}_{b}.zarr"), mode="r")

@@ -85,3 +85,16 @@ def exploding(x):
 
 def returns_tuple(x):
     return two_class(x), two_class(x)
+
+
+def float_two_class(x, scale=1.0):
+    """For integer inputs: the windows cast to float first; ``scale`` is a predictor keyword."""
+    return two_class(x.float() * scale)
+
+
+class CoordAware:
+    """with_coord=True: adds each window's start (from MONAI-style slices) to its prediction."""
+
+    def __call__(self, x, slices):
+        starts = torch.tensor([[s.start for s in sl[2:]] for sl in slices], dtype=x.dtype)
+        return two_class(x) + starts.sum(1).reshape(-1, 1, *([1] * (x.dim() - 2))) * 0.01

@@ -140,6 +140,34 @@ def test_blocks_equal_the_driver_bitwise(data):
         assert_bitwise(got, ref)
 
 
+def test_integer_input_predictor_keywords_coords_and_a_weight_map_equal_the_driver():
+    image = (volume((1, 19, 23, 17), 4) * 40 + 100).astype(np.uint8)
+    x = da.from_array(image, chunks=(1, 8, 8, 8))
+    kw = dict(overlap=0.5, scale=0.02)
+    got = sliding_window_inference(x, 7, 2, helpers.float_two_class, chunks=(6, 9, 17), **kw)
+    assert got.dtype == np.float32  # the predictor's dtype, as the driver for a non-float input
+    assert_bitwise(got.compute(scheduler="sync"), driver(image, 7, 2, helpers.float_two_class, **kw), "uint8")
+    image = volume((1, 19, 23, 17), 6)
+    x = da.from_array(image, chunks=(1, 8, 8, 8))
+    weight_map = torch.rand(7, 6, 5, generator=torch.Generator().manual_seed(0)) + 0.1
+    kw = dict(overlap=0.4, with_coord=True, roi_weight_map=weight_map, cval=0.25)
+    got = sliding_window_inference(x, (7, 6, 5), 3, helpers.CoordAware(), chunks=(5, 11, 9), **kw)
+    assert_bitwise(got.compute(scheduler="sync"), driver(image, (7, 6, 5), 3, helpers.CoordAware(), **kw), "coords")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_blocks_on_the_gpu_equal_the_driver_on_the_gpu():
+    image = volume((1, 21, 18, 16), 2)
+    kw = dict(overlap=0.5, mode="gaussian", weighting="patch*grid")
+    x = da.from_array(image, chunks=(1, 8, 8, 8))
+    got = sliding_window_inference(x, 8, 2, helpers.Calibrated(), chunks=(9, 10, 16), device="cuda", **kw)
+    with torch.no_grad():
+        ref = patchblend.sliding_window_inference(torch.from_numpy(image)[None].cuda(), 8, 2, helpers.Calibrated(),
+                                                  **kw)[0].cpu().numpy()
+    np.testing.assert_allclose(got.compute(scheduler="sync"), ref, rtol=1e-6, atol=1e-6)
+
+
 # ---- on a LocalCluster of 2 worker processes ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def client():
