@@ -26,7 +26,10 @@ inline int parse_normalize(const std::string& normalize) {
 
 inline void copy3(int64_t dst[3], c10::IntArrayRef src, const char* name) {
   TORCH_CHECK(src.size() == 3, name, " must have 3 entries, got ", src.size());
-  for (int a = 0; a < 3; ++a) dst[a] = src[a];
+  for (int a = 0; a < 3; ++a) {
+    TORCH_CHECK(src[a] >= 0, name, " must be non-negative, got ", src);
+    dst[a] = src[a];
+  }
 }
 
 // Checks the canonical 3D arguments (the Python wrapper has already produced them) and returns
@@ -43,7 +46,7 @@ inline BlendInputs check_inputs(const c10::optional<at::Tensor>& weights, const 
                                 c10::IntArrayRef out_shape, at::ScalarType acc, const at::Device& device,
                                 int64_t weight_rows = -1) {
   BlendInputs in;
-  copy3(in.P, patch_shape, "patch shape");
+  copy3(in.P, patch_shape, "patch_shape");
   copy3(in.O, out_shape, "out_shape");
   TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3, "coords must be [N, 3], got ", coords.sizes());
   TORCH_CHECK(coords.scalar_type() == at::kLong, "coords must be int64, got ", coords.scalar_type());
@@ -171,8 +174,9 @@ inline StreamInputs check_stream_inputs(const at::Tensor& out, const at::Tensor&
               "weight sum of a voxel depends on windows of later batches); use blend_add_ with a denominator");
   s.in = check_inputs(weights, coords, importance, patches.sizes().slice(2), out.sizes().slice(1), acc,
                       patches.device(), /*weight_rows=*/n);
-  TORCH_CHECK(first >= 0 && first + n <= s.in.n, "blend_stream_: windows [", first, ", ", first + n,
-              ") are not within the ", s.in.n, " windows of coords");
+  // (first <= N - n, not first + n <= N: first may be as large as int64 allows)
+  TORCH_CHECK(first >= 0 && first <= s.in.n - n, "blend_stream_: first = ", first, " with ", n,
+              " patches: windows [first, first + n) are not within the ", s.in.n, " windows of coords");
   s.first = first;
   s.end = first + n;
   // "weight" without weights or importance divides by the window count, exactly as "count" does (the
