@@ -76,16 +76,18 @@ def extensions():
 
     sources = [f"csrc/{s}" for s in _build.CPU_SOURCES]
     cxx = list(_build.CXX_FLAGS)
+    # a Python module of the limited API (patchblend/_C.abi3.so, a cp39-abi3 wheel): one file for every Python
+    # >= 3.9, and (stable ABI, see _build.py) for every torch >= 2.11
+    common = dict(py_limited_api=True, define_macros=[("PATCHBLEND_PYTHON_MODULE", None)],
+                  extra_link_args=list(_build.LINK_FLAGS))
     if _cuda_wanted(torch.version.cuda is not None, CUDA_HOME):
         sources += [f"csrc/{s}" for s in _build.CUDA_SOURCES]
         nvcc = _build.nvcc_flags(_build.Path(ROOT) / "csrc")
-        ext = CUDAExtension("patchblend._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                            extra_link_args=list(_build.LINK_FLAGS))
+        ext = CUDAExtension("patchblend._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
     else:
-        ext = CppExtension("patchblend._C", sources, extra_compile_args={"cxx": cxx},
-                           extra_link_args=list(_build.LINK_FLAGS))
+        ext = CppExtension("patchblend._C", sources, extra_compile_args={"cxx": cxx}, **common)
     cmdclass["build_ext"] = BuildExtension.with_options(no_python_abi_suffix=False)
-    return [ext], cmdclass, {}
+    return [ext], cmdclass, {"bdist_wheel": {"py_limited_api": "cp39"}}
 
 
 ext_modules, cmdclass, options = extensions()

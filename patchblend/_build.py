@@ -41,10 +41,18 @@ VERSION = "0.1.0"
 CPU_SOURCES = ["blend_ops.cpp", "cpu/blend_cpu.cpp", "cpu/large_alloc.cpp", "cpu/kernels_baseline.cpp",
                "cpu/kernels_avx2.cpp"]
 CUDA_SOURCES = ["cuda/blend_cuda.cu", "cuda/blend_cuda_binding.cpp"]
+# The sources use only torch's stable ABI (torch/csrc/stable, torch/headeronly; other torch headers refuse to
+# compile under TORCH_TARGET_VERSION), so a library built against one torch loads under every later one.
+# 2.11: the lowest version whose stable ABI has everything used here (from_blob with a deleter, for the
+# huge-page outputs of cpu/large_alloc.cpp, came in 2.11; the rest in 2.10).
+TORCH_TARGET_VERSION = "0x020b000000000000"
 # -fno-trapping-math: lets the compiler vectorise the branch-free normalisation loops (it may then compute a
 # quotient that a select discards); results are unchanged, FP exceptions are never enabled here.
-CXX_FLAGS = ["-O3", "-std=c++20", "-fno-trapping-math", "-fopenmp"]
-LINK_FLAGS = ["-fopenmp"]
+# -fvisibility=hidden: the library exports nothing but its module init (torch's stable types are hidden).
+CXX_FLAGS = ["-O3", "-std=c++20", "-fno-trapping-math", "-fvisibility=hidden",
+             f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
+LINK_FLAGS: List[str] = []
+MIN_TORCH = (2, 11)
 
 CPU_LIBRARY = "patchblend_cpu"
 CUDA_LIBRARY = "patchblend_cuda"
@@ -130,6 +138,11 @@ def library_path(kind: str, csrc: Optional[Path] = None) -> Optional[Path]:
 
 def missing_tools(kind: str) -> Optional[str]:
     """Why ``kind`` cannot be built here (the cause and the fix), or None when it can."""
+    import torch
+
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < MIN_TORCH:
+        return (f"the kernels need torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (its stable ABI), this is torch "
+                f"{torch.__version__}; upgrade torch")
     if source_dir() is None:
         return "the C++ sources are not in this installation (reinstall patchblend from its sdist or wheel)"
     if compiler() is None:

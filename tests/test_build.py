@@ -127,3 +127,11 @@ def test_without_kernels_and_no_way_to_build_the_reference_serves_with_one_warni
     res = subprocess.run([sys.executable, "-m", "patchblend", "build"], cwd=package_without_binary, env=env,
                          capture_output=True, text=True)
     assert res.returncode == 1 and "not built: CPU" in res.stderr
+
+
+def test_torch_older_than_the_stable_abi_target_is_not_built(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.10.1")
+    reason = _build.missing_tools("cpu")
+    assert reason is not None and "torch >= 2.11" in reason and "2.10.1" in reason
+    with pytest.raises(RuntimeError, match="torch >= 2.11"):
+        _build.build("cpu")

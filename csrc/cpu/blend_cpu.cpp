@@ -5,9 +5,6 @@
 #include <type_traits>
 #include <vector>
 
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-
 #include "../blend_binding.h"
 #include "blend_cpu_kernels.h"
 #include "large_alloc.h"
@@ -19,9 +16,9 @@ namespace {
 // Torch's thread pool for the kernels (cpu_parallel.h).
 CpuParallel torch_parallel() {
   CpuParallel parallel;
-  parallel.threads = at::get_num_threads();
+  parallel.threads = static_cast<int64_t>(torch::stable::get_num_threads());
   parallel.run = [](int64_t workers, void* ctx, void (*worker)(void*)) {
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(ctx); });
+    torch::stable::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(ctx); });
   };
   return parallel;
 }
@@ -49,7 +46,7 @@ template <typename scalar_t>
 constexpr CpuDtype cpu_dtype() {
   if constexpr (std::is_same_v<scalar_t, float>) return CpuDtype::kFloat;
   else if constexpr (std::is_same_v<scalar_t, double>) return CpuDtype::kDouble;
-  else if constexpr (std::is_same_v<scalar_t, c10::Half>) return CpuDtype::kHalf;
+  else if constexpr (std::is_same_v<scalar_t, torch::headeronly::Half>) return CpuDtype::kHalf;
   else return CpuDtype::kBFloat16;
 }
 
@@ -58,66 +55,68 @@ void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
   cpu_kernels().run[static_cast<int>(cpu_dtype<scalar_t>())](&pr, torch_parallel());
 }
 
-at::Tensor blend_cpu(const at::Tensor& patches, const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
-                     const c10::optional<at::Tensor>& importance, c10::IntArrayRef out_shape,
-                     c10::string_view normalize) {
-  TORCH_CHECK(patches.dim() == 5, "patches must be [N, C, P0, P1, P2], got ", patches.sizes());
-  TORCH_CHECK(patches.device().is_cpu(), "blend_cpu: patches must be on the CPU");
-  const int mode = parse_normalize(std::string(normalize));
-  const at::Tensor p = patches.contiguous();
-  const auto acc = at::toOpMathType(p.scalar_type());
+Tensor blend_cpu(const Tensor& patches, const OptionalTensor& weights, const Tensor& coords,
+                 const OptionalTensor& importance, IntArrayRef out_shape, std::string_view normalize) {
+  PB_CHECK(patches.dim() == 5, "patches must be [N, C, P0, P1, P2], got ", Shape{patches.sizes()});
+  PB_CHECK(patches.is_cpu(), "blend_cpu: patches must be on the CPU");
+  const int mode = parse_normalize(normalize);
+  const Tensor p = as_contiguous(patches);
+  const auto acc = accumulation_dtype(p.scalar_type());
   BlendInputs in = check_inputs(weights, coords, importance, p.sizes().slice(2), out_shape, acc, p.device());
-  TORCH_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
+  PB_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
   const int64_t c = p.size(1);
-  at::Tensor out = empty_large({c, in.O[0], in.O[1], in.O[2]}, p.options());
+  Tensor out = empty_large({c, in.O[0], in.O[1], in.O[2]}, p.scalar_type());
   if (out.numel() == 0) return out;
   IndexLayout layout;
   const std::vector<int64_t> index = build_index(in, layout);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "patchblend_blend_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto pr = make_problem<scalar_t, acc_t>(in, index.data(), layout, p.data_ptr<scalar_t>(), c,
-                                            out.data_ptr<scalar_t>(), nullptr, mode);
+  dispatch_floating(p.scalar_type(), "blend", [&](auto type) {
+    using scalar_t = decltype(type);
+    using acc_t = acc_type<scalar_t>;
+    auto pr = make_problem<scalar_t, acc_t>(in, index.data(), layout, p.const_data_ptr<scalar_t>(), c,
+                                            out.mutable_data_ptr<scalar_t>(), nullptr, mode);
     run_blend_cpu(pr);
   });
   return out;
 }
 
-void blend_add_cpu(at::Tensor& sum, const c10::optional<at::Tensor>& den, const at::Tensor& patches,
-                   const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
-                   const c10::optional<at::Tensor>& importance, c10::string_view normalize) {
-  TORCH_CHECK(patches.dim() == 5, "patches must be [N, C, P0, P1, P2], got ", patches.sizes());
+void blend_add_cpu(Tensor sum, OptionalTensor den, const Tensor& patches, const OptionalTensor& weights,
+                   const Tensor& coords, const OptionalTensor& importance, std::string_view normalize) {
+  PB_CHECK(patches.dim() == 5, "patches must be [N, C, P0, P1, P2], got ", Shape{patches.sizes()});
   check_accumulators(sum, den, patches);
-  const int mode = parse_normalize(std::string(normalize));
-  const at::Tensor p = patches.contiguous();
-  const auto acc = at::toOpMathType(p.scalar_type());
+  const int mode = parse_normalize(normalize);
+  const Tensor p = as_contiguous(patches);
+  const auto acc = accumulation_dtype(p.scalar_type());
   BlendInputs in = check_inputs(weights, coords, importance, p.sizes().slice(2), sum.sizes().slice(1), acc, p.device());
-  TORCH_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
+  PB_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
   if (in.n == 0) return;
   IndexLayout layout;
   const std::vector<int64_t> index = build_index(in, layout);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "patchblend_blend_add_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto pr = make_problem<scalar_t, acc_t>(in, index.data(), layout, p.data_ptr<scalar_t>(), p.size(1), nullptr,
-                                            den.has_value() && mode != kNone ? den->data_ptr<acc_t>() : nullptr, mode);
-    pr.sum_out = sum.data_ptr<acc_t>();
+  dispatch_floating(p.scalar_type(), "blend_add_", [&](auto type) {
+    using scalar_t = decltype(type);
+    using acc_t = acc_type<scalar_t>;
+    auto pr = make_problem<scalar_t, acc_t>(in, index.data(), layout, p.const_data_ptr<scalar_t>(), p.size(1),
+                                            nullptr,
+                                            den.has_value() && mode != kNone ? den->mutable_data_ptr<acc_t>() : nullptr,
+                                            mode);
+    pr.sum_out = sum.mutable_data_ptr<acc_t>();
     pr.accumulate = true;
     covered_box(in, pr.lo, pr.hi);
     run_blend_cpu(pr);
   });
 }
 
-void blend_stream_cpu(at::Tensor& out, const at::Tensor& patches, const c10::optional<at::Tensor>& weights,
-                      const at::Tensor& coords, int64_t first, const c10::optional<at::Tensor>& importance,
-                      c10::string_view normalize) {
-  TORCH_CHECK(patches.device().is_cpu(), "blend_stream_ (CPU): patches must be on the CPU");
-  const at::Tensor p = patches.contiguous();
-  StreamInputs s = check_stream_inputs(out, p, weights, coords, first, importance, std::string(normalize));
+void blend_stream_cpu(Tensor out, const Tensor& patches, const OptionalTensor& weights, const Tensor& coords,
+                      int64_t first, const OptionalTensor& importance, std::string_view normalize) {
+  PB_CHECK(patches.is_cpu(), "blend_stream_ (CPU): patches must be on the CPU");
+  const Tensor p = as_contiguous(patches);
+  StreamInputs s = check_stream_inputs(out, p, weights, coords, first, importance, normalize);
   if (s.end == s.first) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "patchblend_blend_stream_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto pr = make_problem<scalar_t, acc_t>(s.in, s.index->index.data(), s.index->layout, p.data_ptr<scalar_t>(),
-                                            p.size(1), nullptr, nullptr, s.mode);
-    pr.sum_out = out.data_ptr<acc_t>();
+  dispatch_floating(p.scalar_type(), "blend_stream_", [&](auto type) {
+    using scalar_t = decltype(type);
+    using acc_t = acc_type<scalar_t>;
+    auto pr = make_problem<scalar_t, acc_t>(s.in, s.index->index.data(), s.index->layout,
+                                            p.const_data_ptr<scalar_t>(), p.size(1), nullptr, nullptr, s.mode);
+    pr.sum_out = out.mutable_data_ptr<acc_t>();
     pr.stream_first = s.first;
     pr.stream_end = s.end;
     covered_box(s.in, pr.lo, pr.hi, s.first, s.end);
@@ -125,41 +124,43 @@ void blend_stream_cpu(at::Tensor& out, const at::Tensor& patches, const c10::opt
   });
 }
 
-at::Tensor coverage_cpu(const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
-                        const c10::optional<at::Tensor>& importance, c10::IntArrayRef patch_shape,
-                        c10::IntArrayRef out_shape, c10::string_view normalize, at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "coverage dtype must be float32 or float64");
-  const int mode = parse_normalize(std::string(normalize));
+Tensor coverage_cpu(const OptionalTensor& weights, const Tensor& coords, const OptionalTensor& importance,
+                    IntArrayRef patch_shape, IntArrayRef out_shape, std::string_view normalize, ScalarType dtype) {
+  PB_CHECK(dtype == ScalarType::Float || dtype == ScalarType::Double, "coverage dtype must be float32 or float64");
+  const int mode = parse_normalize(normalize);
   BlendInputs in = check_inputs(weights, coords, importance, patch_shape, out_shape, dtype, coords.device());
-  at::Tensor den = empty_large({in.O[0], in.O[1], in.O[2]}, coords.options().dtype(dtype));
+  Tensor den = empty_large({in.O[0], in.O[1], in.O[2]}, dtype);
   if (den.numel() == 0) return den;
   IndexLayout layout;
   const std::vector<int64_t> index = build_index(in, layout);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "patchblend_coverage_cpu", [&] {
-    auto pr = make_problem<scalar_t, scalar_t>(in, index.data(), layout, nullptr, 0, nullptr,
-                                               den.data_ptr<scalar_t>(), mode);
-    run_blend_cpu(pr);
+  dispatch_floating(dtype, "coverage", [&](auto type) {
+    using scalar_t = decltype(type);
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+      auto pr = make_problem<scalar_t, scalar_t>(in, index.data(), layout, nullptr, 0, nullptr,
+                                                 den.mutable_data_ptr<scalar_t>(), mode);
+      run_blend_cpu(pr);
+    }
   });
   return den;
 }
 
 // Row-wise copy (each row is a contiguous run along the last axis, clipped to the volume).
-at::Tensor extract_cpu(const at::Tensor& volume, const at::Tensor& coords, c10::IntArrayRef patch_shape) {
-  TORCH_CHECK(volume.dim() == 4, "volume must be [C, O0, O1, O2], got ", volume.sizes());
-  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3 && coords.scalar_type() == at::kLong,
-              "coords must be int64 [N, 3]");
+Tensor extract_cpu(const Tensor& volume, const Tensor& coords, IntArrayRef patch_shape) {
+  PB_CHECK(volume.dim() == 4, "volume must be [C, O0, O1, O2], got ", Shape{volume.sizes()});
+  PB_CHECK(coords.dim() == 2 && coords.size(1) == 3 && coords.scalar_type() == ScalarType::Long,
+           "coords must be int64 [N, 3]");
   int64_t P[3], O[3];
   copy3(P, patch_shape, "patch_shape");
   for (int a = 0; a < 3; ++a) O[a] = volume.size(a + 1);
-  const at::Tensor vol = volume.contiguous();
-  const at::Tensor cc = coords.to(at::kCPU).contiguous();
+  const Tensor vol = as_contiguous(volume);
+  const Tensor cc = as_contiguous(on_cpu(coords));
   const int64_t n = cc.size(0), c = vol.size(0);
-  at::Tensor out = at::empty({n, c, P[0], P[1], P[2]}, vol.options());
+  Tensor out = empty({n, c, P[0], P[1], P[2]}, vol.scalar_type(), vol.device());
   if (out.numel() == 0) return out;
-  const int64_t* co = cc.data_ptr<int64_t>();
-  const int64_t item = vol.element_size();
-  const char* src = static_cast<const char*>(vol.data_ptr());
-  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t* co = cc.const_data_ptr<int64_t>();
+  const int64_t item = static_cast<int64_t>(vol.element_size());
+  const char* src = static_cast<const char*>(vol.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
   // Block r = (channel ch, local l0, window i), window fastest: the P1 x P2 rows of one window plane. Windows
   // next to each other (a batch is usually a row of windows along the last axis) read the same source rows,
   // so taking their planes one after another reads those rows from cache rather than memory.
@@ -193,23 +194,21 @@ at::Tensor extract_cpu(const at::Tensor& volume, const at::Tensor& coords, c10::
   return out;
 }
 
-at::Tensor empty_large_op(c10::IntArrayRef size, at::ScalarType dtype) {
-  return empty_large(size, at::TensorOptions().dtype(dtype));
-}
+Tensor empty_large_op(IntArrayRef size, ScalarType dtype) { return empty_large(size, dtype); }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(patchblend, CompositeExplicitAutograd, m) {
-  m.impl("empty_large", &empty_large_op);
-  m.impl("release_cached_output", &release_cached_output);
+STABLE_TORCH_LIBRARY_IMPL(patchblend, CompositeExplicitAutograd, m) {
+  m.impl("empty_large", TORCH_BOX(&empty_large_op));
+  m.impl("release_cached_output", TORCH_BOX(&release_cached_output));
 }
 
-TORCH_LIBRARY_IMPL(patchblend, CPU, m) {
-  m.impl("blend", &blend_cpu);
-  m.impl("blend_add_", &blend_add_cpu);
-  m.impl("blend_stream_", &blend_stream_cpu);
-  m.impl("coverage", &coverage_cpu);
-  m.impl("extract", &extract_cpu);
+STABLE_TORCH_LIBRARY_IMPL(patchblend, CPU, m) {
+  m.impl("blend", TORCH_BOX(&blend_cpu));
+  m.impl("blend_add_", TORCH_BOX(&blend_add_cpu));
+  m.impl("blend_stream_", TORCH_BOX(&blend_stream_cpu));
+  m.impl("coverage", TORCH_BOX(&coverage_cpu));
+  m.impl("extract", TORCH_BOX(&extract_cpu));
 }
 
 }  // namespace patchblend
