@@ -54,7 +54,7 @@ fresh_venv() {  # a venv holding torch 2.13.0 (CPU)
 install_and_smoke() {  # name, artifact, expected backend, [PATH for install and import]
     local venv="$work/venv-$1" path="${4:-$PATH}"
     fresh_venv "$venv"
-    echo "== plain pip install $(basename "$2") (torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"
+    echo "== plain pip install $(basename "$2") (torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null))"
     PATH="$path" "$venv/bin/pip" install "$2" > "$work/pip-$1.log" 2>&1 || { cat "$work/pip-$1.log"; exit 1; }
     if grep -Ei "(Collecting|Downloading|Using cached) torch" "$work/pip-$1.log"; then
         echo "FAIL: pip fetched a second torch"; exit 1

@@ -64,6 +64,39 @@ def test_avx2_kernels_equal_baseline_bitwise(dtype, n, channels, patch, grid, no
     torch.testing.assert_close(results[0][0], expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.skipif(not (COMPILED and INFO["cpu_isa"] == "avx2"), reason="needs the compiled kernels on an AVX2 CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_avx2_stream_and_accumulate_equal_baseline_bitwise(dtype):
+    """Stream mode (batches of a lattice) and accumulate mode: both variants bitwise equal, and the stream
+    result bitwise that of one blend."""
+    g = torch.Generator().manual_seed(3)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    patch, out_shape = (6, 7, 9), [9, 11, 19]
+    starts = [(0, 3), (0, 4), (0, 5, 10)]
+    coords = torch.cartesian_prod(*[torch.tensor(s) for s in starts])  # raster order
+    n = coords.shape[0]
+    patches = torch.randn(n, 2, *patch, generator=g).to(dtype)
+    importance = torch.rand(*patch, generator=g, dtype=acc) + 0.1
+    weights = torch.rand(n, 1, 1, 1, generator=g, dtype=acc) + 0.1
+    results = {}
+    for isa in ("auto", "baseline"):
+        os.environ["PATCHBLEND_CPU_ISA"] = isa
+        try:
+            out = torch.full((2, *out_shape), float("nan"), dtype=acc)
+            for first in range(0, n, 5):
+                torch.ops.patchblend.blend_stream_(out, patches[first:first + 5], weights[first:first + 5], coords,
+                                                   first, importance, "count")
+            total, den = torch.zeros(2, *out_shape, dtype=acc), torch.zeros(out_shape, dtype=acc)
+            torch.ops.patchblend.blend_add_(total, den, patches, weights, coords, importance, "weight")
+            results[isa] = (out, total, den)
+        finally:
+            os.environ.pop("PATCHBLEND_CPU_ISA", None)
+    for a, b in zip(results["auto"], results["baseline"]):
+        assert torch.equal(a, b)
+    blended = torch.ops.patchblend.blend(patches, weights, coords, importance, out_shape, "count")
+    assert torch.equal(results["auto"][0].to(dtype), blended)
+
+
 @pytest.mark.skipif(not COMPILED, reason="checks the compiled op")
 def test_blend_stream_first_near_int64_max_is_refused():
     """first + n overflowed int64 and passed the range check (then read out of bounds); now a clear error."""
