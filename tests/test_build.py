@@ -102,8 +102,8 @@ _SMOKE = (
     "import torch, patchblend, json\n"
     "p = torch.arange(16.).reshape(2, 1, 2, 2, 2)\n"
     "o = patchblend.calibrated_blend(p, torch.tensor([1., 2.]), [[0, 0, 0], [1, 1, 1]])\n"
-    "e = patchblend._reference.blend_reference(p, torch.tensor([1., 2.]).view(2, 1, 1, 1), torch.tensor([[0, 0, 0], [1, 1, 1]]),"
-    " None, (3, 3, 3), 'count')\n"
+    "e = patchblend._reference.blend_reference(p, torch.tensor([1., 2.]).view(2, 1, 1, 1),"
+    " torch.tensor([[0, 0, 0], [1, 1, 1]]), None, (3, 3, 3), 'count')\n"
     "print(json.dumps([patchblend.backend_info(), bool(torch.equal(o, e))]))\n"
 )
 
