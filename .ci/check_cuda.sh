@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Compile-checks the CUDA sources on a machine without a GPU (CI): the kernel file with nvcc, and the
-# torch binding with the host compiler against the installed torch's headers. A CPU-only torch lacks a
-# few CUDA-library headers the binding never uses (cuda_cmake_macros.h, cusparse.h, ...): empty stand-ins
-# for those go in a temporary folder. Skipped when nvcc is absent.
+# torch binding with the host compiler against the installed torch's stable-ABI headers (a CPU-only torch
+# has them all). Skipped when nvcc is absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v nvcc >/dev/null 2>&1; then
@@ -16,19 +15,12 @@ echo "== nvcc -c csrc/cuda/blend_cuda.cu ${torch_flags[*]} ${our_flags[*]}"
 nvcc "${torch_flags[@]}" "${our_flags[@]}" -c csrc/cuda/blend_cuda.cu -o /tmp/patchblend_blend_cuda.o \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-stub=$(mktemp -d)
-trap 'rm -rf "$stub"' EXIT
-mkdir -p "$stub/c10/cuda/impl"
-echo '#pragma once' > "$stub/c10/cuda/impl/cuda_cmake_macros.h"
-echo 'typedef void* cusparseHandle_t;' > "$stub/cusparse.h"
-echo 'typedef void* cublasHandle_t;' > "$stub/cublas_v2.h"
-echo 'typedef void* cublasLtHandle_t;' > "$stub/cublasLt.h"
-echo 'typedef void* cusolverDnHandle_t;' > "$stub/cusolverDn.h"
-echo 'typedef int cusolverStatus_t; typedef int cublasStatus_t;' > "$stub/cusolver_common.h"
 cuda_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
 [ -f "$cuda_home/include/cuda_runtime_api.h" ] || cuda_home=/usr/local/cuda
-read -r torch_inc py_inc < <(python3 -c "import sysconfig, torch.utils.cpp_extension as e; print(e.include_paths()[0], sysconfig.get_paths()['include'])")
-echo "== g++ -fsyntax-only csrc/cuda/blend_cuda_binding.cpp"
-g++ -std=c++20 -fsyntax-only -I"$stub" -I"$torch_inc" -I"$torch_inc/torch/csrc/api/include" -I"$cuda_home/include" \
-    -I"$py_inc" csrc/cuda/blend_cuda_binding.cpp
+torch_inc=$(python3 -c "import torch.utils.cpp_extension as e; print(e.include_paths()[0])")
+target=$(python3 -c "import importlib.util as u; s = u.spec_from_file_location('b', 'patchblend/_build.py'); m = u.module_from_spec(s); s.loader.exec_module(m); print(m.TORCH_TARGET_VERSION)")
+# the binding uses only torch's stable ABI headers: with TORCH_TARGET_VERSION set, any other torch header fails
+echo "== g++ -fsyntax-only csrc/cuda/blend_cuda_binding.cpp (stable ABI, TORCH_TARGET_VERSION=$target)"
+g++ -std=c++20 -fsyntax-only -fvisibility=hidden -DTORCH_TARGET_VERSION="$target" -I"$torch_inc" -I"$cuda_home/include" \
+    csrc/cuda/blend_cuda_binding.cpp
 echo "check_cuda: ok"

@@ -1,74 +1,148 @@
-// Torch-side helpers shared by the CPU and CUDA bindings: argument checks and problem set-up.
-// (Not seen by nvcc: the .cu file only gets raw pointers.)
+// Torch-side helpers shared by the CPU and CUDA bindings: argument checks and problem set-up, written against
+// the LibTorch stable ABI (torch/csrc/stable, torch/headeronly) so that one built library serves every torch
+// from TORCH_TARGET_VERSION on (set by the build: patchblend/_build.py). (Not seen by nvcc: the .cu file only
+// gets raw pointers.)
 #pragma once
 
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
-#include <torch/types.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include "blend_index_build.h"
 #include "blend_voxel.h"
 
 namespace patchblend {
 
-inline int parse_normalize(const std::string& normalize) {
+using Tensor = torch::stable::Tensor;
+using OptionalTensor = std::optional<torch::stable::Tensor>;
+using IntArrayRef = torch::headeronly::IntHeaderOnlyArrayRef;
+using ScalarType = torch::headeronly::ScalarType;
+using DeviceType = torch::headeronly::DeviceType;
+using torch::stable::Device;
+
+// Error messages: a shape as [a, b, c], a device as cpu / cuda:0.
+struct Shape {
+  IntArrayRef values;
+};
+inline std::ostream& operator<<(std::ostream& out, const Shape& shape) {
+  out << "[";
+  for (size_t i = 0; i < shape.values.size(); ++i) out << (i ? ", " : "") << shape.values[i];
+  return out << "]";
+}
+inline std::string device_name(const Device& device) {
+  std::string name = device.is_cpu() ? "cpu" : device.is_cuda() ? "cuda" : "device";
+  return device.has_index() ? name + ":" + std::to_string(device.index()) : name;
+}
+
+// Throws std::runtime_error (a RuntimeError in Python) with the arguments written one after the other.
+template <typename... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::ostringstream message;
+  (message << ... << args);
+  throw std::runtime_error(message.str());
+}
+#define PB_CHECK(cond, ...)                          \
+  do {                                               \
+    if (!(cond)) ::patchblend::fail(__VA_ARGS__);    \
+  } while (0)
+
+// The accumulation dtype of a patch dtype (at::opmath_type): float for half and bfloat16.
+inline ScalarType accumulation_dtype(ScalarType t) {
+  return t == ScalarType::Half || t == ScalarType::BFloat16 ? ScalarType::Float : t;
+}
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Calls fn(scalar_t{}) with the C++ type of a floating dtype (float, double, half, bfloat16).
+template <typename Fn>
+void dispatch_floating(ScalarType t, const char* what, const Fn& fn) {
+  switch (t) {
+    case ScalarType::Float: return fn(float{});
+    case ScalarType::Double: return fn(double{});
+    case ScalarType::Half: return fn(torch::headeronly::Half{});
+    case ScalarType::BFloat16: return fn(torch::headeronly::BFloat16{});
+    default: fail(what, ": unsupported dtype ", t);
+  }
+}
+
+inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+inline Tensor on_cpu(const Tensor& t) {
+  return t.is_cpu() ? t : torch::stable::to(t, Device(DeviceType::CPU));
+}
+
+// An uninitialised contiguous tensor like torch.empty.
+inline Tensor empty(std::vector<int64_t> sizes, ScalarType dtype, const Device& device) {
+  return torch::stable::empty(sizes, dtype, std::nullopt, device);
+}
+
+inline int parse_normalize(std::string_view normalize) {
   if (normalize == "count") return kCount;
   if (normalize == "weight") return kWeight;
   if (normalize == "none") return kNone;
-  TORCH_CHECK(false, "normalize must be 'count', 'weight' or 'none', got '", normalize, "'");
+  fail("normalize must be 'count', 'weight' or 'none', got '", normalize, "'");
 }
 
-inline void copy3(int64_t dst[3], c10::IntArrayRef src, const char* name) {
-  TORCH_CHECK(src.size() == 3, name, " must have 3 entries, got ", src.size());
-  for (int a = 0; a < 3; ++a) dst[a] = src[a];
+inline void copy3(int64_t dst[3], IntArrayRef src, const char* name) {
+  PB_CHECK(src.size() == 3, name, " must have 3 entries, got ", src.size());
+  for (int a = 0; a < 3; ++a) {
+    PB_CHECK(src[a] >= 0, name, " must be non-negative, got ", Shape{src});
+    dst[a] = src[a];
+  }
 }
 
 // Checks the canonical 3D arguments (the Python wrapper has already produced them) and returns
 // contiguous copies: weights/importance in the accumulation dtype `acc`.
 struct BlendInputs {
-  at::Tensor weights, coords_cpu, importance;
+  Tensor weights, coords_cpu, importance;
   int64_t n = 0, c = 0;
   int64_t P[3] = {1, 1, 1}, G[3] = {1, 1, 1}, O[3] = {0, 0, 0};
 };
 
 // Weights have one row per patch: N rows, or `weight_rows` (stream mode: the batch's patches).
-inline BlendInputs check_inputs(const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
-                                const c10::optional<at::Tensor>& importance, c10::IntArrayRef patch_shape,
-                                c10::IntArrayRef out_shape, at::ScalarType acc, const at::Device& device,
+inline BlendInputs check_inputs(const OptionalTensor& weights, const Tensor& coords, const OptionalTensor& importance,
+                                IntArrayRef patch_shape, IntArrayRef out_shape, ScalarType acc, const Device& device,
                                 int64_t weight_rows = -1) {
   BlendInputs in;
-  copy3(in.P, patch_shape, "patch shape");
+  copy3(in.P, patch_shape, "patch_shape");
   copy3(in.O, out_shape, "out_shape");
-  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3, "coords must be [N, 3], got ", coords.sizes());
-  TORCH_CHECK(coords.scalar_type() == at::kLong, "coords must be int64, got ", coords.scalar_type());
+  PB_CHECK(coords.dim() == 2 && coords.size(1) == 3, "coords must be [N, 3], got ", Shape{coords.sizes()});
+  PB_CHECK(coords.scalar_type() == ScalarType::Long, "coords must be int64, got ", coords.scalar_type());
   in.n = coords.size(0);
-  in.coords_cpu = coords.to(at::kCPU).contiguous();
+  in.coords_cpu = as_contiguous(on_cpu(coords));
   if (weights.has_value()) {
     const auto& w = *weights;
     const int64_t rows = weight_rows < 0 ? in.n : weight_rows;
-    TORCH_CHECK(w.dim() == 4 && w.size(0) == rows, "weights must be [", rows, ", G0, G1, G2] (one row per patch), got ",
-                w.sizes());
-    TORCH_CHECK(w.scalar_type() == acc, "weights must have the accumulation dtype ", acc, ", got ", w.scalar_type());
-    TORCH_CHECK(w.device() == device, "weights must be on ", device);
+    PB_CHECK(w.dim() == 4 && w.size(0) == rows, "weights must be [", rows, ", G0, G1, G2] (one row per patch), got ",
+             Shape{w.sizes()});
+    PB_CHECK(w.scalar_type() == acc, "weights must have the accumulation dtype ", acc, ", got ", w.scalar_type());
+    PB_CHECK(w.device() == device, "weights must be on ", device_name(device));
     for (int a = 0; a < 3; ++a) {
       in.G[a] = w.size(a + 1);
-      TORCH_CHECK(in.G[a] >= 1 && in.G[a] <= in.P[a], "weights grid must satisfy 1 <= g <= P");
+      PB_CHECK(in.G[a] >= 1 && in.G[a] <= in.P[a], "weights grid must satisfy 1 <= g <= P");
     }
-    in.weights = w.contiguous();
+    in.weights = as_contiguous(w);
   }
   if (importance.has_value()) {
     const auto& imp = *importance;
-    TORCH_CHECK(imp.dim() == 3 && imp.size(0) == in.P[0] && imp.size(1) == in.P[1] && imp.size(2) == in.P[2],
-                "importance must be [P0, P1, P2], got ", imp.sizes());
-    TORCH_CHECK(imp.scalar_type() == acc, "importance must have the accumulation dtype ", acc);
-    TORCH_CHECK(imp.device() == device, "importance must be on ", device);
-    in.importance = imp.contiguous();
+    PB_CHECK(imp.dim() == 3 && imp.size(0) == in.P[0] && imp.size(1) == in.P[1] && imp.size(2) == in.P[2],
+             "importance must be [P0, P1, P2], got ", Shape{imp.sizes()});
+    PB_CHECK(imp.scalar_type() == acc, "importance must have the accumulation dtype ", acc);
+    PB_CHECK(imp.device() == device, "importance must be on ", device_name(device));
+    in.importance = as_contiguous(imp);
   }
   return in;
 }
@@ -76,7 +150,7 @@ inline BlendInputs check_inputs(const c10::optional<at::Tensor>& weights, const 
 // The box of output voxels that patches [first, end) touch (default: all), clipped to the output: lo/hi
 // per axis (empty if lo >= hi).
 inline void covered_box(const BlendInputs& in, int64_t lo[3], int64_t hi[3], int64_t first = 0, int64_t end = -1) {
-  const int64_t* c = in.coords_cpu.data_ptr<int64_t>();
+  const int64_t* c = in.coords_cpu.const_data_ptr<int64_t>();
   for (int a = 0; a < 3; ++a) {
     lo[a] = in.O[a];
     hi[a] = 0;
@@ -90,24 +164,24 @@ inline void covered_box(const BlendInputs& in, int64_t lo[3], int64_t hi[3], int
 }
 
 // Checks for blend_add_: float sum [C, *O] and optional den [*O] in the accumulation dtype.
-inline void check_accumulators(const at::Tensor& sum, const c10::optional<at::Tensor>& den, const at::Tensor& patches) {
-  const auto acc = at::toOpMathType(patches.scalar_type());
-  TORCH_CHECK(sum.dim() == 4 && sum.size(0) == patches.size(1), "sum must be [C, O0, O1, O2] with C = ",
-              patches.size(1), ", got ", sum.sizes());
-  TORCH_CHECK(sum.scalar_type() == acc, "sum must have the accumulation dtype ", acc, ", got ", sum.scalar_type());
-  TORCH_CHECK(sum.is_contiguous(), "sum must be contiguous");
-  TORCH_CHECK(sum.device() == patches.device(), "sum and patches must be on the same device");
+inline void check_accumulators(const Tensor& sum, const OptionalTensor& den, const Tensor& patches) {
+  const auto acc = accumulation_dtype(patches.scalar_type());
+  PB_CHECK(sum.dim() == 4 && sum.size(0) == patches.size(1), "sum must be [C, O0, O1, O2] with C = ",
+           patches.size(1), ", got ", Shape{sum.sizes()});
+  PB_CHECK(sum.scalar_type() == acc, "sum must have the accumulation dtype ", acc, ", got ", sum.scalar_type());
+  PB_CHECK(sum.is_contiguous(), "sum must be contiguous");
+  PB_CHECK(sum.device() == patches.device(), "sum and patches must be on the same device");
   if (den.has_value()) {
-    TORCH_CHECK(den->dim() == 3 && den->sizes() == sum.sizes().slice(1), "den must be [O0, O1, O2] = ",
-                sum.sizes().slice(1), ", got ", den->sizes());
-    TORCH_CHECK(den->scalar_type() == acc, "den must have the accumulation dtype ", acc);
-    TORCH_CHECK(den->is_contiguous(), "den must be contiguous");
-    TORCH_CHECK(den->device() == patches.device(), "den and patches must be on the same device");
+    PB_CHECK(den->dim() == 3 && den->sizes().equals(sum.sizes().slice(1)), "den must be [O0, O1, O2] = ",
+             Shape{sum.sizes().slice(1)}, ", got ", Shape{den->sizes()});
+    PB_CHECK(den->scalar_type() == acc, "den must have the accumulation dtype ", acc);
+    PB_CHECK(den->is_contiguous(), "den must be contiguous");
+    PB_CHECK(den->device() == patches.device(), "den and patches must be on the same device");
   }
 }
 
 inline std::vector<int64_t> build_index(const BlendInputs& in, IndexLayout& layout) {
-  return build_blend_index(in.coords_cpu.data_ptr<int64_t>(), in.n, in.P, in.G, in.O, layout);
+  return build_blend_index(in.coords_cpu.const_data_ptr<int64_t>(), in.n, in.P, in.G, in.O, layout);
 }
 
 // The index of all N windows in stream mode, with whether they form a lattice in raster order.
@@ -131,7 +205,7 @@ inline std::shared_ptr<const StreamIndex> stream_index(const BlendInputs& in) {
   std::vector<int64_t> key(in.P, in.P + 3);
   key.insert(key.end(), in.G, in.G + 3);
   key.insert(key.end(), in.O, in.O + 3);
-  const int64_t* c = in.coords_cpu.data_ptr<int64_t>();
+  const int64_t* c = in.coords_cpu.const_data_ptr<int64_t>();
   key.insert(key.end(), c, c + 3 * in.n);
   {
     std::lock_guard<std::mutex> lock(mutex);
@@ -157,29 +231,29 @@ struct StreamInputs {
   int mode = kCount;
 };
 
-inline StreamInputs check_stream_inputs(const at::Tensor& out, const at::Tensor& patches,
-                                        const c10::optional<at::Tensor>& weights, const at::Tensor& coords,
-                                        int64_t first, const c10::optional<at::Tensor>& importance,
-                                        const std::string& normalize) {
-  TORCH_CHECK(patches.dim() == 5, "patches must be [n, C, P0, P1, P2], got ", patches.sizes());
-  check_accumulators(out, c10::nullopt, patches);
+inline StreamInputs check_stream_inputs(const Tensor& out, const Tensor& patches, const OptionalTensor& weights,
+                                        const Tensor& coords, int64_t first, const OptionalTensor& importance,
+                                        std::string_view normalize) {
+  PB_CHECK(patches.dim() == 5, "patches must be [n, C, P0, P1, P2], got ", Shape{patches.sizes()});
+  check_accumulators(out, std::nullopt, patches);
   StreamInputs s;
   s.mode = parse_normalize(normalize);
-  const auto acc = at::toOpMathType(patches.scalar_type());
+  const auto acc = accumulation_dtype(patches.scalar_type());
   const int64_t n = patches.size(0);
-  TORCH_CHECK(!weights.has_value() || s.mode != kWeight, "blend_stream_: normalize='weight' cannot take weights (the "
+  PB_CHECK(!weights.has_value() || s.mode != kWeight, "blend_stream_: normalize='weight' cannot take weights (the "
               "weight sum of a voxel depends on windows of later batches); use blend_add_ with a denominator");
   s.in = check_inputs(weights, coords, importance, patches.sizes().slice(2), out.sizes().slice(1), acc,
                       patches.device(), /*weight_rows=*/n);
-  TORCH_CHECK(first >= 0 && first + n <= s.in.n, "blend_stream_: windows [", first, ", ", first + n,
-              ") are not within the ", s.in.n, " windows of coords");
+  // (first <= N - n, not first + n <= N: first may be as large as int64 allows)
+  PB_CHECK(first >= 0 && first <= s.in.n - n, "blend_stream_: first = ", first, " with ", n,
+              " patches: windows [first, first + n) are not within the ", s.in.n, " windows of coords");
   s.first = first;
   s.end = first + n;
   // "weight" without weights or importance divides by the window count, exactly as "count" does (the
   // count of a covered voxel is >= 1, and an uncovered voxel is 0 either way), and "count" needs no sums.
   if (s.mode == kWeight && !s.in.importance.defined()) s.mode = kCount;
   s.index = stream_index(s.in);
-  TORCH_CHECK(s.index->raster, "blend_stream_: coords must be the windows of a lattice (every combination of per-axis "
+  PB_CHECK(s.index->raster, "blend_stream_: coords must be the windows of a lattice (every combination of per-axis "
               "starts, each once) in raster order");
   return s;
 }
@@ -190,8 +264,8 @@ BlendProblem<scalar_t, acc_t> make_problem(const BlendInputs& in, const int64_t*
                                            int normalize) {
   BlendProblem<scalar_t, acc_t> pr;
   pr.patches = patches;
-  pr.weights = in.weights.defined() ? in.weights.data_ptr<acc_t>() : nullptr;
-  pr.importance = in.importance.defined() ? in.importance.data_ptr<acc_t>() : nullptr;
+  pr.weights = in.weights.defined() ? in.weights.const_data_ptr<acc_t>() : nullptr;
+  pr.importance = in.importance.defined() ? in.importance.const_data_ptr<acc_t>() : nullptr;
   pr.out = out;
   pr.sum_out = nullptr;
   pr.den_out = den_out;

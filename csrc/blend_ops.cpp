@@ -1,18 +1,26 @@
 // Operator schemas of patchblend (one place). Backends register implementations in
 // cpu/blend_cpu.cpp and cuda/blend_cuda_binding.cpp; Python adds fake kernels and autograd
-// (patchblend/ops.py).
+// (patchblend/ops.py). (patchblend/_backend.py repeats these schemas for when no library is loaded.)
+//
+// Built as a Python module (`import patchblend._C`) with the limited C API, so one file serves every Python
+// from 3.9 (abi3), and against torch's stable ABI, so it serves every torch from the target version on.
+// The first-use build loads the same code as a plain library (torch.ops.load_library); the module init is
+// then never called.
+#ifdef PATCHBLEND_PYTHON_MODULE
 #include <Python.h>
-#include <torch/library.h>
 
 extern "C" {
 // Lets `import patchblend._C` load this library (which registers the ops) as a Python module.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
-TORCH_LIBRARY(patchblend, m) {
+#include <torch/csrc/stable/library.h>
+
+STABLE_TORCH_LIBRARY(patchblend, m) {
   // Canonical 3D form: patches [N, C, P0, P1, P2]; weights [N, G0, G1, G2] in the accumulation dtype;
   // coords [N, 3] int64; importance [P0, P1, P2] in the accumulation dtype. Returns [C, *out_shape].
   m.def("blend(Tensor patches, Tensor? weights, Tensor coords, Tensor? importance, SymInt[] out_shape, "

@@ -1,49 +1,62 @@
-"""Loads the compiled kernels, or registers the pure-PyTorch reference under the same operator names.
+"""Loads the compiled kernels (building them on first use where the installation lacks them), and lets the
+pure-PyTorch reference serve every device type that has no compiled kernel.
 
-The ops ``torch.ops.patchblend.{blend, blend_add_, coverage, extract}`` always exist after import, so
-``torch.compile`` and ``torch.library.opcheck`` see one custom op whichever backend runs it:
+The ops ``torch.ops.patchblend.{blend, blend_add_, blend_stream_, coverage, extract, ...}`` always exist after
+import, so ``torch.compile`` and ``torch.library.opcheck`` see one custom op whichever backend runs it:
 
-- compiled (default): ``patchblend._C`` defines the schemas (``TORCH_LIBRARY``) and the CPU/CUDA kernels;
-- reference: when ``PATCHBLEND_BACKEND=reference`` is set, or the compiled library cannot be loaded
-  (then with one warning), the schemas are defined here and implemented by :mod:`patchblend._reference`.
+1. ``PATCHBLEND_BACKEND=reference``: the schemas are defined here and implemented by
+   :mod:`patchblend._reference` on every device.
+2. Otherwise the CPU library: the installed ``patchblend._C`` (an ahead-of-time build), else, when the
+   installation has none, a build of the sources in the per-user cache (:mod:`patchblend._build`, compiled on
+   first use). It defines the schemas and the CPU kernels (and the CUDA kernels when built with nvcc).
+3. CUDA: when torch has CUDA and a device is visible but the CPU library has no CUDA kernels, the CUDA library
+   from the cache (built on first use when nvcc is found).
+4. Every device type (CPU, CUDA) still without a kernel gets the reference, with one warning naming the cause
+   and the fix (no warning for CUDA when no CUDA device is visible: nothing runs there).
+
+``PATCHBLEND_BACKEND=compiled`` turns a failure of step 2 into an error. ``PATCHBLEND_BUILD=0`` forbids the
+first-use build (the reference serves what is missing, with the warning).
 """
 from __future__ import annotations
 
+import importlib.machinery
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
-from . import _reference
+from . import _build, _reference
 
-_STATE = {"compiled": False, "cuda": False, "reason": ""}
+_STATE = {"compiled": False, "cuda": False, "reason": "", "kernels": {}, "libraries": []}
+
+_SCHEMAS = [
+    "blend(Tensor patches, Tensor? weights, Tensor coords, Tensor? importance, SymInt[] out_shape, "
+    "str normalize) -> Tensor",
+    "coverage(Tensor? weights, Tensor coords, Tensor? importance, SymInt[] patch_shape, SymInt[] out_shape, "
+    "str normalize, ScalarType dtype) -> Tensor",
+    "extract(Tensor volume, Tensor coords, SymInt[] patch_shape) -> Tensor",
+    "blend_add_(Tensor(a!) sum, Tensor(b!)? den, Tensor patches, Tensor? weights, Tensor coords, "
+    "Tensor? importance, str normalize) -> ()",
+    "blend_stream_(Tensor(a!) out, Tensor patches, Tensor? weights, Tensor coords, int first, "
+    "Tensor? importance, str normalize) -> ()",
+    "empty_large(SymInt[] size, ScalarType dtype) -> Tensor",
+    "release_cached_output() -> int",
+]
 
 
-def _register_reference_ops() -> None:
+def _define_schemas() -> None:
     lib = torch.library.Library("patchblend", "DEF")
-    lib.define(
-        "blend(Tensor patches, Tensor? weights, Tensor coords, Tensor? importance, SymInt[] out_shape, "
-        "str normalize) -> Tensor"
-    )
-    lib.define(
-        "coverage(Tensor? weights, Tensor coords, Tensor? importance, SymInt[] patch_shape, SymInt[] out_shape, "
-        "str normalize, ScalarType dtype) -> Tensor"
-    )
-    lib.define("extract(Tensor volume, Tensor coords, SymInt[] patch_shape) -> Tensor")
-    lib.define(
-        "blend_add_(Tensor(a!) sum, Tensor(b!)? den, Tensor patches, Tensor? weights, Tensor coords, "
-        "Tensor? importance, str normalize) -> ()"
-    )
-
-    lib.define(
-        "blend_stream_(Tensor(a!) out, Tensor patches, Tensor? weights, Tensor coords, int first, "
-        "Tensor? importance, str normalize) -> ()"
-    )
-
-    lib.define("empty_large(SymInt[] size, ScalarType dtype) -> Tensor")
+    for schema in _SCHEMAS:
+        lib.define(schema)
     lib.impl("empty_large", lambda size, dtype: torch.empty(size, dtype=dtype), "CompositeExplicitAutograd")
-    lib.define("release_cached_output() -> int")
     lib.impl("release_cached_output", lambda: 0, "CompositeExplicitAutograd")
+    _STATE["libraries"].append(lib)  # keep the registration alive
+
+
+def _register_reference(device_type: str) -> None:
+    """The reference as the ``device_type`` ("CPU" or "CUDA") kernels of the five blend ops."""
 
     def blend(patches, weights, coords, importance, out_shape, normalize):
         with torch.no_grad():
@@ -65,57 +78,137 @@ def _register_reference_ops() -> None:
         with torch.no_grad():
             _reference.blend_stream_reference(out, patches, weights, coords, first, importance, normalize)
 
-    for key in ("CPU", "CUDA"):
-        lib.impl("blend_add_", blend_add_, key)
-        lib.impl("blend_stream_", blend_stream_, key)
-        lib.impl("blend", blend, key)
-        lib.impl("coverage", coverage, key)
-        lib.impl("extract", extract, key)
-    _STATE["library"] = lib  # keep the registration alive
+    lib = torch.library.Library("patchblend", "IMPL")
+    for name, fn in (("blend", blend), ("coverage", coverage), ("extract", extract), ("blend_add_", blend_add_),
+                     ("blend_stream_", blend_stream_)):
+        lib.impl(name, fn, device_type)
+    _STATE["libraries"].append(lib)
+
+
+def _has_kernel(device_type: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("patchblend::blend", device_type)
+
+
+def _installed_library() -> "Path | None":
+    """The ahead-of-time built ``patchblend/_C`` in the package folder, if there is one."""
+    folder = Path(__file__).resolve().parent
+    for suffix in [".abi3.so"] + importlib.machinery.EXTENSION_SUFFIXES:
+        if (folder / f"_C{suffix}").is_file():
+            return folder / f"_C{suffix}"
+    return None
+
+
+def _build_allowed() -> bool:
+    return os.environ.get("PATCHBLEND_BUILD", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _load_cached(kind: str) -> str:
+    """Loads the cached ``kind`` library, building it first when needed and allowed. Returns where it came
+    from; raises RuntimeError with the cause (and the fix) otherwise."""
+    lib = _build.library_path(kind)
+    if lib is None:
+        if not _build_allowed():
+            raise RuntimeError("it is not built and PATCHBLEND_BUILD=0 forbids building it; unset it and run "
+                               "`python -m patchblend build`")
+        lib = _build.build(kind)
+    torch.ops.load_library(str(lib))
+    return f"compiled ({lib})"
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"patchblend: {message}", RuntimeWarning, stacklevel=4)
 
 
 def _load() -> None:
     wanted = os.environ.get("PATCHBLEND_BACKEND", "auto").lower()
     if wanted not in ("auto", "compiled", "reference"):
         raise ValueError(f"PATCHBLEND_BACKEND must be 'auto', 'compiled' or 'reference', got {wanted!r}")
-    if wanted != "reference":
+    kernels = _STATE["kernels"]
+    if wanted == "reference":
+        _STATE["reason"] = "PATCHBLEND_BACKEND=reference"
+        _define_schemas()
+        for device_type in ("CPU", "CUDA"):
+            _register_reference(device_type)
+            kernels[device_type] = "reference (PATCHBLEND_BACKEND=reference)"
+        return
+
+    # the CPU library (schemas + CPU kernels): installed, else cached / built on first use
+    installed = _installed_library()
+    blocked = "patchblend._C" in sys.modules and sys.modules["patchblend._C"] is None
+    cpu_error = None
+    if installed is not None or blocked:
         try:
             from . import _C  # noqa: F401  (loading the library registers the ops)
 
-            _STATE["compiled"] = True
-            _STATE["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key("patchblend::blend", "CUDA")
-            return
+            kernels["CPU"] = f"compiled ({installed})"
         except ImportError as exc:
-            if wanted == "compiled":
-                raise
-            _STATE["reason"] = f"compiled kernels could not be loaded ({exc})"
-            warnings.warn(
-                f"patchblend: {_STATE['reason']}; using the pure-PyTorch reference, which is much slower. "
-                "Build them with `pip install --no-build-isolation .`",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            cpu_error = (f"the compiled kernels could not be loaded ({exc}); reinstall patchblend for this torch "
+                         "(they need torch >= 2.11)")
     else:
-        _STATE["reason"] = "PATCHBLEND_BACKEND=reference"
-    _register_reference_ops()
+        try:
+            kernels["CPU"] = _load_cached("cpu")
+        except RuntimeError as exc:
+            cpu_error = f"no compiled CPU kernels: {exc}"
+    if cpu_error is not None:
+        if wanted == "compiled":
+            raise ImportError(f"patchblend: PATCHBLEND_BACKEND=compiled but {cpu_error}")
+        _STATE["reason"] = cpu_error
+        _define_schemas()
+        _register_reference("CPU")
+        kernels["CPU"] = "reference"
+        _warn(f"{cpu_error}. Using the pure-PyTorch reference, which is much slower.")
+    _STATE["compiled"] = cpu_error is None
+
+    # CUDA kernels: in the CPU library, else the cached CUDA library (when there is a CUDA device to run them)
+    cuda_device = torch.version.cuda is not None and torch.cuda.is_available()
+    if _has_kernel("CUDA"):
+        kernels["CUDA"] = kernels["CPU"]
+    elif cuda_device and cpu_error is None:
+        try:
+            kernels["CUDA"] = _load_cached("cuda")
+        except RuntimeError as exc:
+            _STATE["reason"] = f"no compiled CUDA kernels: {exc}"
+            _warn(f"{_STATE['reason']}. CUDA tensors use the pure-PyTorch reference, which is much slower.")
+    if not _has_kernel("CUDA"):
+        _register_reference("CUDA")
+        if "CUDA" not in kernels:
+            kernels["CUDA"] = "reference" + ("" if cuda_device else " (no CUDA device)")
+    _STATE["cuda"] = _STATE["compiled"] and not kernels["CUDA"].startswith("reference")
 
 
 _load()
 
 
+def cpu_isa() -> str:
+    """The CPU instruction set the compiled CPU kernels run with: ``"avx2"`` (AVX2 + F16C, chosen at run time
+    when this CPU has both) or ``"baseline"``; ``PATCHBLEND_CPU_ISA=baseline`` forces the latter."""
+    if os.environ.get("PATCHBLEND_CPU_ISA", "auto").lower() == "baseline":
+        return "baseline"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return "baseline"
+    return "avx2" if {"avx2", "f16c"} <= flags else "baseline"
+
+
 def backend_info() -> dict:
     """Which backend runs the blend.
 
-    Returns a dict with ``compiled`` (the C++ kernels are loaded), ``cuda`` (CUDA kernels are compiled in),
+    Returns a dict with ``compiled`` (the C++ CPU kernels are loaded), ``cuda`` (CUDA kernels are loaded),
     ``cuda_available`` (a CUDA device is usable now), ``backend`` (``"compiled"`` or ``"reference"``),
-    ``reason`` (why the reference is used, else empty), ``torch`` (version) and ``threads``.
+    ``kernels`` (per device type, ``"CPU"`` and ``"CUDA"``: where its kernels come from, the installed or the
+    cached library, or ``"reference"``), ``reason`` (why the reference serves some device type, else empty),
+    ``cpu_isa`` (``"avx2"`` or ``"baseline"``), ``torch`` (version) and ``threads``.
     """
     return {
         "compiled": _STATE["compiled"],
         "cuda": _STATE["cuda"],
         "cuda_available": torch.cuda.is_available(),
         "backend": "compiled" if _STATE["compiled"] else "reference",
+        "kernels": dict(_STATE["kernels"]),
         "reason": _STATE["reason"],
+        "cpu_isa": cpu_isa() if _STATE["compiled"] else "none",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

@@ -1,7 +1,6 @@
 #include "large_alloc.h"
 
-#include <ATen/EmptyTensor.h>
-#include <c10/core/CPUAllocator.h>
+#include <torch/csrc/stable/ops.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -10,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <vector>
 
 namespace patchblend {
 
@@ -35,16 +35,15 @@ void unmap_now(Mapping m) {
 // output is gone would surprise more than the zeroing it saves.
 constexpr size_t kMaxKeptBytes = size_t(1) << 30;
 
-void release(void* ctx) {
-  auto* m = static_cast<Mapping*>(ctx);
-  Mapping drop = *m;
-  if (m->length <= kMaxKeptBytes) {
+// The tensor's deleter: keeps the block for the next large output, or unmaps it.
+void release(Mapping m) {
+  Mapping drop = m;
+  if (m.length <= kMaxKeptBytes) {
     std::lock_guard<std::mutex> lock(cache_mutex);
     drop = cached;
-    cached = *m;
+    cached = m;
   }
   unmap_now(drop);
-  delete m;
 }
 
 // A fresh 2 MiB-aligned mapping of `length` bytes advised MADV_HUGEPAGE, or nullptr.
@@ -62,43 +61,66 @@ void* map_huge(size_t length) {
   return data;
 }
 
-// Whole huge pages, 2 MiB-aligned: the cached block when it fits (at most twice the size asked for), else a
-// fresh mapping; small requests and failures go to the default CPU allocator.
-struct HugePageAllocator final : c10::Allocator {
-  c10::DataPtr allocate(size_t n) override {
-    if (n < static_cast<size_t>(kLargeAllocBytes)) return c10::GetDefaultCPUAllocator()->allocate(n);
-    const size_t length = (n + kHugePage - 1) / kHugePage * kHugePage;
-    Mapping reuse{nullptr, 0}, drop{nullptr, 0};
-    {
-      std::lock_guard<std::mutex> lock(cache_mutex);
-      if (cached.base != nullptr && cached.length >= length && cached.length <= 2 * length) reuse = cached;
-      else drop = cached;  // a new block is coming: do not hold on to one that does not fit
-      cached = Mapping{nullptr, 0};
-    }
-    unmap_now(drop);
-    if (reuse.base == nullptr) {
-      void* data = map_huge(length);
-      if (data == nullptr) return c10::GetDefaultCPUAllocator()->allocate(n);
-      reuse = Mapping{data, length};
-    }
-    return {reuse.base, new Mapping(reuse), &release, c10::Device(c10::DeviceType::CPU)};
+// Whole huge pages, 2 MiB-aligned, for n bytes: the cached block when it fits (at most twice the size asked
+// for), else a fresh mapping; {nullptr, 0} if mapping fails.
+Mapping take_block(size_t n) {
+  const size_t length = (n + kHugePage - 1) / kHugePage * kHugePage;
+  Mapping reuse{nullptr, 0}, drop{nullptr, 0};
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    if (cached.base != nullptr && cached.length >= length && cached.length <= 2 * length) reuse = cached;
+    else drop = cached;  // a new block is coming: do not hold on to one that does not fit
+    cached = Mapping{nullptr, 0};
   }
-  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
-};
-
-HugePageAllocator huge_page_allocator;
+  unmap_now(drop);
+  if (reuse.base == nullptr) {
+    void* data = map_huge(length);
+    if (data != nullptr) reuse = Mapping{data, length};
+  }
+  return reuse;
+}
 #endif
+
+size_t element_size(torch::headeronly::ScalarType dtype) {
+  using torch::headeronly::ScalarType;
+  switch (dtype) {
+    case ScalarType::Double:
+    case ScalarType::Long: return 8;
+    case ScalarType::Float:
+    case ScalarType::Int: return 4;
+    case ScalarType::Half:
+    case ScalarType::BFloat16:
+    case ScalarType::Short: return 2;
+    default: return 1;  // (only the sizes above reach kLargeAllocBytes in patchblend; others go to torch)
+  }
+}
 
 }  // namespace
 
-at::Tensor empty_large(c10::IntArrayRef sizes, const at::TensorOptions& options) {
+torch::stable::Tensor empty_large(torch::headeronly::IntHeaderOnlyArrayRef sizes, torch::headeronly::ScalarType dtype) {
+  const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
 #if defined(__linux__)
-  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
-  if (options.device().is_cpu() && bytes >= kLargeAllocBytes)
-    return at::detail::empty_generic(sizes, &huge_page_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                     options.dtype().toScalarType(), c10::nullopt);
+  int64_t numel = 1;
+  bool valid = true;
+  for (const int64_t s : sizes) {
+    valid = valid && s >= 0;
+    numel *= s;
+  }
+  const int64_t bytes = numel * static_cast<int64_t>(element_size(dtype));
+  if (valid && bytes >= kLargeAllocBytes) {
+    const Mapping block = take_block(static_cast<size_t>(bytes));
+    if (block.base != nullptr) {
+      std::vector<int64_t> strides(sizes.size());
+      int64_t stride = 1;
+      for (size_t a = sizes.size(); a-- > 0;) {
+        strides[a] = stride;
+        stride *= sizes[a];
+      }
+      return torch::stable::from_blob(block.base, sizes, strides, cpu, dtype, [block](void*) { release(block); });
+    }
+  }
 #endif
-  return at::empty(sizes, options);
+  return torch::stable::empty(sizes, dtype, std::nullopt, cpu);
 }
 
 int64_t release_cached_output() {

@@ -10,23 +10,27 @@
 // (huge pages); 33 MiB 9.0 vs 3.5 ms; 64 MiB 17.1 vs 7.1 ms.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <cstdint>
+
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/HeaderOnlyArrayRef.h>
 
 namespace patchblend {
 
-// Bytes from which empty_large maps its own huge-page-aligned memory (below it: at::empty).
+// Bytes from which empty_large maps its own huge-page-aligned memory (below it: torch's empty).
 constexpr int64_t kLargeAllocBytes = int64_t(32) << 20;
 
-// An uninitialised contiguous CPU tensor like at::empty(sizes, options); large ones (see above) live in
-// their own 2 MiB-aligned mapping advised MADV_HUGEPAGE (Linux; elsewhere, or if mapping fails,
-// at::empty). The storage is an ordinary resizable one.
+// An uninitialised contiguous CPU tensor like torch.empty(sizes, dtype=dtype); large ones (see above) live in
+// their own 2 MiB-aligned mapping advised MADV_HUGEPAGE (Linux; elsewhere, or if mapping fails, torch's
+// empty), handed to torch with a deleter (torch::stable::from_blob, stable ABI from torch 2.11).
 //
 // Freed large blocks: even in huge pages, faulting in a fresh block still makes the kernel zero it (a
 // 453 MiB output: about 50 ms of a 150 ms blend). So the most recently freed block is kept, ONE block at
 // most, and handed to the next large request it fits (at least its size, at most twice it); any other
 // request unmaps it; blocks over 1 GiB are never kept. Like torch's CUDA caching allocator, but holding one
 // block; release_cached_output() (patchblend.empty_cache()) unmaps it now.
-at::Tensor empty_large(c10::IntArrayRef sizes, const at::TensorOptions& options);
+torch::stable::Tensor empty_large(torch::headeronly::IntHeaderOnlyArrayRef sizes, torch::headeronly::ScalarType dtype);
 
 // Unmaps the kept block, if any; returns its size in bytes (0 if none).
 int64_t release_cached_output();

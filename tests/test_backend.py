@@ -1,0 +1,131 @@
+"""The loaded backend: kernels per device type, the CPU instruction-set variants, raw-op argument checks."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patchblend
+from patchblend import _reference as ref
+
+INFO = patchblend.backend_info()
+COMPILED = INFO["compiled"]
+
+
+def test_every_device_type_has_a_kernel():
+    """CPU and CUDA always have a kernel for every blend op: compiled, or the reference where none is compiled
+    (before, a CPU-only library left CUDA tensors with no kernel at all)."""
+    for op in ("blend", "blend_add_", "blend_stream_", "coverage", "extract"):
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"patchblend::{op}", key), (op, key)
+    assert set(INFO["kernels"]) == {"CPU", "CUDA"}
+    if not torch.cuda.is_available():
+        assert INFO["kernels"]["CUDA"].startswith("reference") and INFO["cuda"] is False
+
+
+@pytest.mark.skipif(not (COMPILED and INFO["cpu_isa"] == "avx2"), reason="needs the compiled kernels on an AVX2 CPU")
+@settings(max_examples=25)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+    n=st.integers(1, 6),
+    channels=st.integers(1, 3),
+    patch=st.tuples(st.integers(1, 7), st.integers(1, 7), st.integers(1, 21)),
+    grid=st.booleans(),
+    normalize=st.sampled_from(["count", "weight", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_avx2_kernels_equal_baseline_bitwise(dtype, n, channels, patch, grid, normalize, seed):
+    """The AVX2 + F16C variant (chosen at run time on this CPU) and the baseline variant (PATCHBLEND_CPU_ISA)
+    give bitwise equal blends and denominators, equal to the reference."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    patches = torch.randn(n, channels, *patch, generator=g).to(dtype)
+    coords = torch.stack([torch.randint(-2, 6, (n,), generator=g) for _ in range(3)], 1)
+    out_shape = [8, 8, 24]
+    cells = [min(2, p) for p in patch] if grid else [1, 1, 1]
+    weights = torch.rand(n, *cells, generator=g, dtype=acc) + 0.1
+    importance = torch.rand(*patch, generator=g, dtype=acc) + 0.1
+    args = (patches, weights, coords, importance, out_shape, normalize)
+    results = []
+    for isa in ("auto", "baseline"):
+        os.environ["PATCHBLEND_CPU_ISA"] = isa
+        try:
+            results.append((torch.ops.patchblend.blend(*args),
+                            torch.ops.patchblend.coverage(weights, coords, importance, list(patch), out_shape,
+                                                          normalize, acc)))
+        finally:
+            os.environ.pop("PATCHBLEND_CPU_ISA", None)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    expected = ref.blend_reference(patches, weights, coords, importance, tuple(out_shape), normalize)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype)
+    torch.testing.assert_close(results[0][0], expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not (COMPILED and INFO["cpu_isa"] == "avx2"), reason="needs the compiled kernels on an AVX2 CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_avx2_stream_and_accumulate_equal_baseline_bitwise(dtype):
+    """Stream mode (batches of a lattice) and accumulate mode: both variants bitwise equal, and the stream
+    result bitwise that of one blend."""
+    g = torch.Generator().manual_seed(3)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    patch, out_shape = (6, 7, 9), [9, 11, 19]
+    starts = [(0, 3), (0, 4), (0, 5, 10)]
+    coords = torch.cartesian_prod(*[torch.tensor(s) for s in starts])  # raster order
+    n = coords.shape[0]
+    patches = torch.randn(n, 2, *patch, generator=g).to(dtype)
+    importance = torch.rand(*patch, generator=g, dtype=acc) + 0.1
+    weights = torch.rand(n, 1, 1, 1, generator=g, dtype=acc) + 0.1
+    results = {}
+    for isa in ("auto", "baseline"):
+        os.environ["PATCHBLEND_CPU_ISA"] = isa
+        try:
+            out = torch.full((2, *out_shape), float("nan"), dtype=acc)
+            for first in range(0, n, 5):
+                torch.ops.patchblend.blend_stream_(out, patches[first:first + 5], weights[first:first + 5], coords,
+                                                   first, importance, "count")
+            total, den = torch.zeros(2, *out_shape, dtype=acc), torch.zeros(out_shape, dtype=acc)
+            torch.ops.patchblend.blend_add_(total, den, patches, weights, coords, importance, "weight")
+            results[isa] = (out, total, den)
+        finally:
+            os.environ.pop("PATCHBLEND_CPU_ISA", None)
+    for a, b in zip(results["auto"], results["baseline"]):
+        assert torch.equal(a, b)
+    blended = torch.ops.patchblend.blend(patches, weights, coords, importance, out_shape, "count")
+    assert torch.equal(results["auto"][0].to(dtype), blended)
+
+
+@pytest.mark.skipif(not COMPILED, reason="checks the compiled op")
+def test_blend_stream_first_near_int64_max_is_refused():
+    """first + n overflowed int64 and passed the range check (then read out of bounds); now a clear error."""
+    coords = torch.tensor([[0, 0, 0], [0, 0, 2]])
+    out = torch.zeros(1, 2, 2, 4)
+    patches = torch.ones(1, 1, 2, 2, 2)
+    for first in (2**63 - 1, 2**63 - 2, 2):
+        with pytest.raises(RuntimeError, match=rf"first = {first} .*not within the 2 windows"):
+            torch.ops.patchblend.blend_stream_(out, patches, None, coords, first, None, "count")
+    torch.ops.patchblend.blend_stream_(out, patches, None, coords, 1, None, "count")  # the last window: fine
+
+
+@pytest.mark.skipif(not COMPILED, reason="checks the compiled op")
+@pytest.mark.parametrize("bad", ["patch_shape", "out_shape"])
+def test_coverage_negative_shape_names_the_argument(bad):
+    """A negative patch shape reached std::vector (a length error naming nothing); now the argument is named."""
+    shapes = {"patch_shape": [2, 2, 2], "out_shape": [4, 4, 4]}
+    shapes[bad] = [2, -3, 2]
+    with pytest.raises(RuntimeError, match=rf"{bad} must be non-negative, got \[2, -3, 2\]"):
+        torch.ops.patchblend.coverage(None, torch.zeros(1, 3, dtype=torch.long), None, shapes["patch_shape"],
+                                      shapes["out_shape"], "count", torch.float32)
+
+
+def test_info_command_reports_backend_and_kernels():
+    res = subprocess.run([sys.executable, "-m", "patchblend", "info"], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(patchblend.__file__)))
+    out = res.stdout
+    assert f"backend: {INFO['backend']}" in out
+    assert f"torch: {torch.__version__}" in out
+    for line in ("compiler: ", "nvcc: ", "cache: ", "CPU kernels: ", "CUDA kernels: "):
+        assert line in out
+    assert ("CPU kernels: compiled" in out) == COMPILED
