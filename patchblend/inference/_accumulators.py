@@ -119,18 +119,24 @@ class LatticeAccumulator(_Accumulator):
         self.out = empty_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)  # every voxel is written
 
     def add(self, seg, weights, segments) -> None:
+        if len(segments) == 1:  # the common case: the batch lies in one image
+            bl = self.blenders.get(segments[0][0]) or self._blender(segments[0][0])
+            bl._add(seg, weights)
+            return
         k = 0
         for b, w0, w1 in segments:
             m = w1 - w0
-            bl = self.blenders.get(b)
-            if bl is None:
-                s, g = self.settings, self.geometry
-                bl = self.blenders[b] = LatticeBlender(g.out_shape, self.channels, g.lattice, g.roi,
-                                                       normalize=s.normalize, importance=self.importance,
-                                                       device=s.device, dtype=s.acc, out=self.out[b])
-                bl.check_values = False  # the driver checked the scores
+            bl = self.blenders.get(b) or self._blender(b)
             bl._add(seg[k:k + m], None if weights is None else weights[k:k + m])
             k += m
+
+    def _blender(self, b: int) -> LatticeBlender:
+        s, g = self.settings, self.geometry
+        bl = self.blenders[b] = LatticeBlender(g.out_shape, self.channels, g.lattice, g.roi,
+                                               normalize=s.normalize, importance=self.importance,
+                                               device=s.device, dtype=s.acc, out=self.out[b])
+        bl.check_values = False  # the driver checked the scores
+        return bl
 
     def _values(self):
         for bl in self.blenders.values():

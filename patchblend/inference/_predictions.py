@@ -63,15 +63,17 @@ def pack_outputs(results: Sequence[Any], keys: Optional[list], single: bool):
 
 
 def check_segs(segs: Sequence[Any], n: int, nd: int, what: str = "predictor output") -> None:
-    """Every output a floating-point ``[n, C_k, *roi_k]`` tensor with ``nd`` spatial axes."""
+    """Every output a floating-point ``[n, C_k, *roi_k]`` tensor with ``nd`` spatial axes (non-empty)."""
     for k, seg in enumerate(segs):
+        if isinstance(seg, torch.Tensor) and seg.dtype.is_floating_point and seg.dim() == nd + 2 \
+                and seg.shape[0] == n and 0 not in seg.shape:
+            continue  # (the per-batch path: a few attribute reads)
         name = what if len(segs) == 1 else f"{what} {k}"
         if not isinstance(seg, torch.Tensor) or not seg.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {type(seg).__name__}"
                             + (f" {seg.dtype}" if isinstance(seg, torch.Tensor) else ""))
-        if seg.dim() != nd + 2 or seg.shape[0] != n or seg.shape[1] < 1 or min(seg.shape[2:], default=1) < 1:
-            raise ValueError(f"{name} must be [{n}, C, {', '.join(['spatial'] * nd)}] for a batch of {n} windows, "
-                             f"got {tuple(seg.shape)}")
+        raise ValueError(f"{name} must be [{n}, C, {', '.join(['spatial'] * nd)}] for a batch of {n} windows, "
+                         f"got {tuple(seg.shape)}")
 
 
 class ScoreChecks:
@@ -95,7 +97,7 @@ class ScoreChecks:
                                  "negative value)")
 
 
-def _scores(patch, grid, n: int, nd: int, roi, weighting, check) -> Optional[torch.Tensor]:
+def _scores(patch, grid, n: int, nd: int, segs, weighting, check) -> Optional[torch.Tensor]:
     """The calibrated weights ``weighting`` asks for: patch ``[n]``, grid ``[n, *G]`` or their product."""
     uses_patch = weighting in ("patch", "patch*grid")
     uses_grid = weighting in ("grid", "patch*grid")
@@ -111,6 +113,7 @@ def _scores(patch, grid, n: int, nd: int, roi, weighting, check) -> Optional[tor
             raise ValueError(f"patch_scores must have shape [{n}] (one per window), got {tuple(patch.shape)}")
         check("patch_scores", patch)
     if uses_grid:
+        roi = [min(s.shape[2 + a] for s in segs) for a in range(nd)]  # the smallest output's window
         if grid is None:
             raise ValueError(f"weighting={weighting!r} needs grid scores: return "
                              "patchblend.CalibratedOutput(seg, patch, grid) with grid [B, *G]")
@@ -135,6 +138,9 @@ def _scores(patch, grid, n: int, nd: int, roi, weighting, check) -> Optional[tor
 def parse_output(out: Any, n: int, nd: int, weighting, check: Callable = _check_finite_nonnegative) -> Prediction:
     """Predictor output → :class:`Prediction`. ``check(name, scores)`` checks the values of the scores in use
     (finite, >= 0). With ``weighting`` set the output must be a :class:`~patchblend.CalibratedOutput`."""
+    if type(out) is torch.Tensor and weighting is None:  # the common case, a few attribute reads per batch
+        check_segs((out,), n, nd)
+        return Prediction((out,), None, True, None)
     patch = grid = None
     if isinstance(out, CalibratedOutput):
         seg_out, patch, grid = out.seg, out.patch, out.grid
@@ -145,11 +151,10 @@ def parse_output(out: Any, n: int, nd: int, weighting, check: Callable = _check_
                 f"grid) (what CalibratedModel returns); it returned a {type(out).__name__}, which is never read as "
                 "scores (a plain tuple, list or dict is MONAI's multi-output form)")
         seg_out = out
-    keys, segs, single = flatten_outputs(seg_out, "predictor output seg" if patch is not None or grid is not None
-                                         or isinstance(out, CalibratedOutput) else "predictor output")
-    check_segs(segs, n, nd)
-    smallest = [min(s.shape[2 + a] for s in segs) for a in range(nd)]
-    weights = _scores(patch, grid, n, nd, smallest, weighting, check)
+    what = "predictor output seg" if isinstance(out, CalibratedOutput) else "predictor output"
+    keys, segs, single = flatten_outputs(seg_out, what)
+    check_segs(segs, n, nd, what)
+    weights = _scores(patch, grid, n, nd, segs, weighting, check) if weighting is not None else None
     return Prediction(segs, keys, single, weights)
 
 

@@ -455,31 +455,33 @@ class _Outputs:
             self.accumulators.append(make_accumulator(
                 geometry, seg.shape[1], imp, settings, seg.dtype, grad=self.grad,
                 weights_in_den=weights_in_den or self.process_fn is not None, nd=c.nd))
-        self.shapes = [tuple(s.shape[1:]) for s in pred.segs]
+        self.shapes = [s.shape[1:] for s in pred.segs]
 
     def add(self, segments, pred: Prediction) -> None:
         """Blend one batch's outputs (windows ``segments``) into their accumulators."""
         c = self.call
         w = pred.weights
-        if w is not None and torch.finfo(w.dtype).max > torch.finfo(c.acc).max:
+        if w is not None and w.dtype == torch.float64 and c.acc != torch.float64:
             # each score is finite; float64 scores in a float32 accumulator may not be
             w = w.to(c.acc)
             self.checks(f"{'patch' if w.dim() == 1 else 'grid'}_scores (as {c.acc})", w)
         if self.accumulators is None:
             self._start(pred, w)
         elif (len(pred.segs), pred.keys, pred.single) != self.structure or \
-                [tuple(s.shape[1:]) for s in pred.segs] != self.shapes:
+                any(s.shape[1:] != shape for s, shape in zip(pred.segs, self.shapes)):
             raise ValueError(
                 f"the predictor's outputs changed between batches: first {self.structure[0]} output(s) "
-                f"{self.shapes}{'' if self.structure[1] is None else ' keys ' + str(self.structure[1])}, now "
-                f"{len(pred.segs)} {[tuple(s.shape[1:]) for s in pred.segs]}"
+                f"{[tuple(s) for s in self.shapes]}{'' if self.structure[1] is None else ' keys ' + str(self.structure[1])}, "
+                f"now {len(pred.segs)} {[tuple(s.shape[1:]) for s in pred.segs]}"
                 f"{'' if pred.keys is None else ' keys ' + str(pred.keys)}")
+        device, grad = c.device, self.grad
         for k, (seg, acc) in enumerate(zip(pred.segs, self.accumulators)):
             wk = w if pred.voxel_weights is None else pred.voxel_weights[k]
-            if wk is not None and wk.device != c.device:
-                wk = wk.to(c.device)
-            seg = seg.to(c.device)
-            if not self.grad:
+            if wk is not None and wk.device != device:
+                wk = wk.to(device)
+            if seg.device != device:
+                seg = seg.to(device)
+            if not grad:
                 seg, wk = seg.detach(), None if wk is None else wk.detach()
             acc.add(seg, wk, segments)
 
