@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .._reference import expand_grid_weights
-from .._validate import _check_finite_nonnegative, finite_nonnegative
+from .._validate import _check_finite_nonnegative, check_sum_fits, finite_nonnegative
 from ..wrapper import CalibratedOutput
 
 __all__ = ["Prediction", "parse_output", "pack_outputs", "ScoreChecks", "apply_process_fn", "WEIGHTINGS"]
@@ -80,8 +80,10 @@ class ScoreChecks:
     """Checks that scores are finite and >= 0: at once on the CPU; on a GPU, one flag per name stays on the
     device and :meth:`raise_if_bad` reads it once at the end (no synchronisation per batch)."""
 
-    def __init__(self):
+    def __init__(self, acc: torch.dtype = torch.float32, importance_max: float = 1.0):
         self.flags = {}
+        self.acc, self.importance_max = acc, importance_max
+        self.sum_bound = 0.0  # terms x largest weight x largest importance so far (a tensor on a GPU)
 
     def __call__(self, name: str, scores: torch.Tensor) -> None:
         if scores.device.type == "cpu":
@@ -90,11 +92,24 @@ class ScoreChecks:
         ok = finite_nonnegative(scores)
         self.flags[name] = ok if name not in self.flags else self.flags[name] & ok
 
+    def add_to_sum(self, weights: Optional[torch.Tensor], n: int) -> None:
+        """Count ``n`` windows with ``weights`` (already checked; None: weight 1) into the bound on any voxel's
+        weight sum, which must stay finite in the accumulation dtype (else inf, or NaN as inf / inf)."""
+        if weights is None:
+            self.sum_bound = self.sum_bound + n * self.importance_max
+        elif weights.device.type == "cpu":
+            self.sum_bound = self.sum_bound + n * float(weights.amax()) * self.importance_max
+        else:  # stays on the device; read once at the end
+            self.sum_bound = self.sum_bound + weights.detach().amax().double() * (n * self.importance_max)
+        if isinstance(self.sum_bound, float):
+            check_sum_fits("window weights (scores x importance map)", self.sum_bound, self.acc)
+
     def raise_if_bad(self) -> None:
         for name, ok in self.flags.items():
             if not bool(ok):
                 raise ValueError(f"{name} must be finite and >= 0 (a predictor call returned NaN, inf or a "
                                  "negative value)")
+        check_sum_fits("window weights (scores x importance map)", float(self.sum_bound), self.acc)
 
 
 def _scores(patch, grid, n: int, nd: int, segs, weighting, check) -> Optional[torch.Tensor]:

@@ -14,13 +14,15 @@ of the slab that no later patch can touch, writing it into the output.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import (NORMALIZE_MODES, _check_float_tensor, accumulation_dtype, prepare_blend_args,
-                         prepare_weights, resolve_device)
+from .._validate import (NORMALIZE_MODES, _check_finite_nonnegative, _check_float_tensor, accumulation_dtype,
+                         check_not_meta, check_sum_fits, prepare_blend_args, prepare_weights_and_max,
+                         resolve_device)
 from .._reference import lattice_axes
 from .windows import WindowGrid, lattice_tables
 from ..ops import coverage_on, empty_output, zeros_output
@@ -40,6 +42,7 @@ def _as_coords(coords, nd: int) -> torch.Tensor:
             raise TypeError(f"coords must be an integer tensor [N, {nd}]: {exc}") from exc
     if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
         raise TypeError(f"coords must hold integers, got dtype {coords.dtype}")
+    check_not_meta("coords", coords)
     if coords.numel() == 0:
         coords = coords.reshape(0, nd)
     if coords.dim() != 2 or coords.shape[1] != nd:
@@ -49,26 +52,34 @@ def _as_coords(coords, nd: int) -> torch.Tensor:
 
 def _canonical_importance(importance, window_shape, acc, device) -> Optional[torch.Tensor]:
     """Check ``importance [*window_shape]`` once and return it as ``[D, H, W]`` in ``acc`` on ``device``."""
+    return _importance_and_max(importance, window_shape, acc, device)[0]
+
+
+def _importance_and_max(importance, window_shape, acc, device):
+    """:func:`_canonical_importance` and the map's largest value (after the conversion to ``acc``)."""
     if importance is None:
-        return None
+        return None, 1.0
     if not isinstance(importance, torch.Tensor) or not importance.dtype.is_floating_point:
         raise TypeError("importance must be a floating-point tensor [*window_shape]")
+    check_not_meta("importance", importance)
     if tuple(importance.shape) != tuple(window_shape):
         raise ValueError(f"importance must have shape {tuple(window_shape)}, got {tuple(importance.shape)}")
-    # Checked once per tensor, version and storage (the driver passes one cached map for every image and call;
-    # on a GPU each check waits for the device). The storage is part of the key because a copy carries the
-    # attribute along; inference tensors have no version counter and are checked every time.
-    version = None if importance.is_inference() else (importance._version, importance.data_ptr())
-    if importance.numel() and (version is None or getattr(importance, "_patchblend_checked", None) != version):
-        lo, hi = torch.aminmax(importance)  # one pass; NaN fails both tests
-        if not (bool(lo >= 0) and bool(hi < float("inf"))):
-            raise ValueError("importance must be finite and >= 0")
+    # Checked once per tensor, version, storage and accumulation dtype (the driver passes one cached map for
+    # every image and call; on a GPU each check waits for the device). The storage is part of the key because a
+    # copy carries the attribute along; inference tensors have no version counter and are checked every time.
+    version = None if importance.is_inference() else (importance._version, importance.data_ptr(), acc)
+    checked = getattr(importance, "_patchblend_checked", None)
+    converted = importance.to(device=device, dtype=acc)
+    if version is not None and checked is not None and checked[0] == version:
+        largest = checked[1]
+    else:
+        # after the conversion: a float64 map beyond the float32 range becomes inf in it
+        largest = _check_finite_nonnegative("importance", converted)
         if version is not None:
-            importance._patchblend_checked = version
-    importance = importance.to(device=device, dtype=acc)
-    while importance.dim() < 3:
-        importance = importance.unsqueeze(0)
-    return importance.contiguous()
+            importance._patchblend_checked = (version, largest)
+    while converted.dim() < 3:
+        converted = converted.unsqueeze(0)
+    return converted.contiguous(), largest
 
 
 def _to3(shape: Sequence[int]) -> Tuple[int, int, int]:
@@ -161,10 +172,13 @@ class _BlendCore:
         self.device = resolve_device(device)
         self._importance_raw = importance
         self.importance = None
+        self._importance_max = 1.0
+        self._weight_sum_bound = 0.0  # terms x largest weight x largest importance added so far (see _patches...)
         if importance is not None:
             if self.window_shape is None:
                 self.window_shape = tuple(importance.shape)
-            self.importance = _canonical_importance(importance, self.window_shape, dtype, self.device)
+            self.importance, self._importance_max = _importance_and_max(importance, self.window_shape, dtype,
+                                                                        self.device)
 
     def _output_buffer(self, out: Optional[torch.Tensor], make) -> torch.Tensor:
         """The caller's ``out`` (checked: contiguous ``[C, *out_shape]`` of the accumulation dtype on the device)
@@ -179,6 +193,7 @@ class _BlendCore:
 
     def _check_patches(self, patches: torch.Tensor) -> None:
         _check_float_tensor("patches", patches)
+        check_not_meta("patches", patches)
         if patches.dim() != self.nd + 2:
             raise ValueError(f"patches must be [N, C, *P] with {self.nd} spatial dims, got {tuple(patches.shape)}")
         if patches.shape[1] != self.channels:
@@ -248,8 +263,12 @@ class _BlendCore:
         as half by the kernels), else converted; ``weights`` checked and made ``[n, Gd, Gh, Gw]`` straight in
         :attr:`dtype` (not through the patches' accumulation dtype: float64 weights stay exact)."""
         p = patches if accumulation_dtype(patches.dtype) == self.dtype else patches.to(self.dtype)
-        w = prepare_weights(weights, patches.shape[0], patches.shape[2:], self.dtype, patches.device,
-                            self.check_values)
+        w, largest = prepare_weights_and_max(weights, patches.shape[0], patches.shape[2:], self.dtype,
+                                             patches.device, self.check_values)
+        if self.check_values and (w is not None or self.importance is not None):
+            # a running bound on any voxel's weight sum: it must not overflow (inf, or NaN as inf / inf)
+            self._weight_sum_bound += patches.shape[0] * (largest if w is not None else 1.0) * self._importance_max
+            check_sum_fits("weights" if w is not None else "importance values", self._weight_sum_bound, self.dtype)
         return (p.unsqueeze(2) if self.nd == 2 else p), w
 
     def _finalize_values(self, num: torch.Tensor, den: Optional[torch.Tensor]) -> torch.Tensor:
@@ -595,6 +614,9 @@ class SlabBlender(_BlendCore):
         self._coords_all = None
         if window_coords is not None:
             self._coords_all = _as_coords(window_coords, self.nd)
+            # the windows listed and not added yet (each add must be among them; finalising needs them all)
+            self._pending = Counter(map(tuple, self._coords_all.tolist()))
+            self._pending_starts = Counter(self._coords_all[:, self.axis].tolist())
         self._lattice = None
         self._lattice_partial = None  # the lattice sum over every axis but the slab axis, computed once
         if window_lattice is not None:
@@ -657,12 +679,15 @@ class SlabBlender(_BlendCore):
         self._check_weights_rows(weights, patches.shape[0])
         if patches.shape[0] == 0:
             return
-        groups = self._groups(coords.tolist())
+        rows = coords.tolist()
+        groups = self._groups(rows)
         for _, _, bbox in groups:
             if bbox is not None and bbox[0][self.axis] < self.lo:
                 raise ValueError(f"a patch reaches index {bbox[0][self.axis]} along axis {self.axis}, which is "
                                  f"already finalised (up to {self.lo}); add patches in order of their start "
                                  "along the axis")
+        if self._coords_all is not None:
+            self._take_listed(rows)
         if self._stream:
             self._add_stream(patches, coords, weights, groups)
             return
@@ -676,6 +701,18 @@ class SlabBlender(_BlendCore):
             origin = torch.zeros(self.nd, dtype=torch.int64)
             origin[self.axis] = self.lo
             self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j] - origin, w)
+
+    def _take_listed(self, rows: list) -> None:
+        """With ``window_coords``: every patch added must be one of them (each as often as listed), since the
+        denominator is computed from the list."""
+        batch = Counter(map(tuple, rows))
+        for row, k in batch.items():
+            if self._pending[row] < k:
+                raise ValueError(f"a patch at {list(row)} is not in window_coords (or is added more often than it is "
+                                 "listed there): the denominator is computed from window_coords")
+        for row, k in batch.items():
+            self._pending[row] -= k
+            self._pending_starts[row[self.axis]] -= k
 
     def _add_stream(self, patches, coords, weights, groups) -> None:
         n = patches.shape[0]
@@ -701,6 +738,12 @@ class SlabBlender(_BlendCore):
     def finalize_until(self, stop: int) -> None:
         """Finalise ``[lo, stop)`` along the axis: the caller promises that no later patch touches it."""
         stop = min(int(stop), self.out_shape[self.axis])
+        if self._coords_all is not None and stop > self.lo:
+            missing = sorted(a for a, k in self._pending_starts.items() if k > 0 and a < stop)
+            if missing:
+                raise ValueError(f"window_coords lists windows starting at {missing[:4]} along axis {self.axis} that "
+                                 f"were not added before finalising up to {stop}: their part of the output would be "
+                                 "divided by a denominator that counts them")
         while self.lo < stop:
             k = min(stop - self.lo, self._cap)
             if k == 0:  # nothing buffered: the region was never touched by a patch, its value is 0

@@ -145,6 +145,14 @@ def _cached_importance(roi, mode: str, sigma_scale, dtype, device) -> torch.Tens
         return importance_map(roi, mode, sigma_scale, dtype=dtype, device=device)
 
 
+def _importance_peak(imp: torch.Tensor) -> float:
+    """The largest value of a cached importance map (computed once per map)."""
+    peak = getattr(imp, "_patchblend_peak", None)
+    if peak is None:
+        peak = imp._patchblend_peak = float(imp.amax())
+    return peak
+
+
 def _progress(iterable, enabled: bool, total: int):
     if not enabled:
         return iterable
@@ -388,9 +396,9 @@ class _Outputs:
     def __init__(self, call: _Call, plan: _WindowPlan, roi_weight_map, process_fn):
         self.call, self.plan = call, plan
         self.num_win = plan.coords.shape[0]
-        self.checks = ScoreChecks()
         self.process_fn = process_fn
         c = call
+        peak = 1.0
         if roi_weight_map is not None:
             imp = torch.as_tensor(roi_weight_map)
             if not imp.dtype.is_floating_point:
@@ -398,11 +406,14 @@ class _Outputs:
             if tuple(imp.shape[-c.nd:]) != c.roi or imp.numel() != math.prod(c.roi):
                 raise ValueError(f"roi_weight_map must have shape {c.roi}, got {tuple(imp.shape)}")
             imp = imp.reshape(c.roi)
-            _check_finite_nonnegative("roi_weight_map", imp)
+            peak = _check_finite_nonnegative("roi_weight_map", imp.to(c.acc))  # (as accumulated)
         elif c.mode == "constant":
             imp = None
         else:
             imp = _cached_importance(c.roi, c.mode, _hashable(c.sigma_scale), c.acc, c.device)
+            peak = _importance_peak(imp)
+        self.checks = ScoreChecks(c.acc, 1.0 if process_fn is not None else peak)
+        self.weighted = imp is not None or c.weighting is not None or process_fn is not None
         self.base_importance = imp  # [*roi] or None (constant)
         self.fn_importance = None  # the map process_fn gets, made once
         self.accumulators = None
@@ -475,6 +486,12 @@ class _Outputs:
                 f"now {len(pred.segs)} {[tuple(s.shape[1:]) for s in pred.segs]}"
                 f"{'' if pred.keys is None else ' keys ' + str(pred.keys)}")
         device, grad = c.device, self.grad
+        if self.weighted:  # a bound on any voxel's weight sum, which must not overflow
+            n = pred.segs[0].shape[0]
+            if pred.voxel_weights is None:
+                self.checks.add_to_sum(w, n)
+            else:  # (one bound for every output: their maps are resized from one)
+                self.checks.add_to_sum(torch.stack([wk.detach().amax() for wk in pred.voxel_weights]), n)
         for k, (seg, acc) in enumerate(zip(pred.segs, self.accumulators)):
             wk = w if pred.voxel_weights is None else pred.voxel_weights[k]
             if wk is not None and wk.device != device:
