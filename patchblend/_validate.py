@@ -75,8 +75,7 @@ def _check_finite_nonnegative(name: str, t: torch.Tensor) -> float:
     check_not_meta(name, t)
     if t.numel() == 0:
         return 0.0
-    lo, hi = torch.aminmax(t.detach())
-    lo, hi = float(lo), float(hi)  # (NaN fails both tests below)
+    lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()  # one read (one synchronisation on a GPU)
     if not (hi < float("inf") and lo > float("-inf")) or lo != lo or hi != hi:
         raise ValueError(f"{name} must be finite (found NaN or inf)")
     if not lo >= 0:
