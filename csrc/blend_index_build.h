@@ -84,10 +84,8 @@ inline std::vector<int64_t> build_blend_index(const int64_t* coords, int64_t n, 
       layout.tile[a] = std::max<int64_t>(P[a], 1);
       layout.tiles[a] = std::max<int64_t>((O[a] + layout.tile[a] - 1) / layout.tile[a], 1);
     }
-    auto tile_count = [&layout]() {
-      // (saturating: three axes of up to 2^21 tiles each would overflow the product)
-      const double c = double(layout.tiles[0]) * double(layout.tiles[1]) * double(layout.tiles[2]);
-      return c;
+    auto tile_count = [&layout]() {  // (in double: the int64 product of three large counts could overflow)
+      return double(layout.tiles[0]) * double(layout.tiles[1]) * double(layout.tiles[2]);
     };
     while (tile_count() > double(budget)) {
       int a = 0;
