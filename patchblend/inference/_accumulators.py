@@ -16,8 +16,7 @@ Every accumulator takes ``add(seg [n, C, *roi], weights, segments)`` per batch (
 """
 from __future__ import annotations
 
-import warnings
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -94,7 +93,10 @@ class _Accumulator:
         self.out_dtype = settings.out_dtype or seg_dtype
         self.blenders = {}
 
-    device = property(lambda self: self.settings.device)
+    @property
+    def input_device(self) -> torch.device:
+        """Where :meth:`add` wants the predictions (the slab's device for :class:`SlabAccumulator`)."""
+        return self.settings.device
 
     def finish(self) -> torch.Tensor:
         return _finish_values(self._values(), self.settings, self.out_dtype)
@@ -190,11 +192,13 @@ class SlabAccumulator(_Accumulator):
         self.out = empty_output(shape, dt, s.device)
         self.lattice = geometry.lattice.starts if fixed_denominator and geometry.lattice is not None else None
 
+    @property
+    def input_device(self) -> torch.device:
+        return self.settings.slab_device
+
     def add(self, seg, weights, segments) -> None:
         s, g = self.settings, self.geometry
         axis, coords = s.slab_axis, g.coords
-        seg = seg.to(s.slab_device)
-        weights = None if weights is None else weights.to(s.slab_device)
         k = 0
         for b, w0, w1 in segments:
             m = w1 - w0
@@ -321,8 +325,3 @@ def make_accumulator(geometry: OutputGeometry, channels: int, importance, settin
     if fixed:
         return LatticeAccumulator(geometry, channels, importance, settings, seg_dtype)
     return BlenderAccumulator(geometry, channels, importance, settings, seg_dtype)
-
-
-def warn_slab_detached() -> None:
-    warnings.warn("slab_axis: gradients do not flow through slab mode; the output is detached "
-                  "(run under torch.no_grad() to silence this)", stacklevel=4)

@@ -8,7 +8,7 @@ every output alike. A plain tuple, list or dict is always MONAI's multi-output f
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -478,14 +478,15 @@ class _Outputs:
             self.checks(f"{'patch' if w.dim() == 1 else 'grid'}_scores (as {c.acc})", w)
         if self.accumulators is None:
             self._start(pred, w)
-        elif (len(pred.segs), pred.keys, pred.single) != self.structure or \
-                any(s.shape[1:] != shape for s, shape in zip(pred.segs, self.shapes)):
+        elif (len(pred.segs), pred.keys, pred.single) != self.structure or (
+                pred.segs[0].shape[1:] != self.shapes[0] if len(self.shapes) == 1 else
+                any(s.shape[1:] != shape for s, shape in zip(pred.segs, self.shapes))):
+            first_keys = "" if self.structure[1] is None else f" keys {self.structure[1]}"
             raise ValueError(
                 f"the predictor's outputs changed between batches: first {self.structure[0]} output(s) "
-                f"{[tuple(s) for s in self.shapes]}{'' if self.structure[1] is None else ' keys ' + str(self.structure[1])}, "
-                f"now {len(pred.segs)} {[tuple(s.shape[1:]) for s in pred.segs]}"
-                f"{'' if pred.keys is None else ' keys ' + str(pred.keys)}")
-        device, grad = c.device, self.grad
+                f"{[tuple(s) for s in self.shapes]}{first_keys}, now {len(pred.segs)} "
+                f"{[tuple(s.shape[1:]) for s in pred.segs]}{'' if pred.keys is None else f' keys {pred.keys}'}")
+        grad = self.grad
         if self.weighted:  # a bound on any voxel's weight sum, which must not overflow
             n = pred.segs[0].shape[0]
             if pred.voxel_weights is None:
@@ -493,6 +494,7 @@ class _Outputs:
             else:  # (one bound for every output: their maps are resized from one)
                 self.checks.add_to_sum(torch.stack([wk.detach().amax() for wk in pred.voxel_weights]), n)
         for k, (seg, acc) in enumerate(zip(pred.segs, self.accumulators)):
+            device = acc.input_device
             wk = w if pred.voxel_weights is None else pred.voxel_weights[k]
             if wk is not None and wk.device != device:
                 wk = wk.to(device)
