@@ -203,7 +203,7 @@ from patchblend.inference import sliding_window_inference as sw
 assert patchblend.__file__.startswith(sys.argv[1]), (patchblend.__file__, sys.argv[1])
 cases, repeats = json.loads(sys.argv[2]), int(sys.argv[3])
 out = {}
-threads = torch.get_num_threads()
+threads = int(sys.argv[4]) or torch.get_num_threads()
 with torch.no_grad():
     for name, (shape, roi, bs, mode, scale) in cases.items():
         # the OVH cases time host work only: one thread, so that OpenMP workers spinning while the shared machine
@@ -243,7 +243,8 @@ def compare_trees(args) -> None:
         order = list(trees.items()) if r % 2 == 0 else list(reversed(list(trees.items())))
         for tree, path in order:
             env = dict(os.environ, PYTHONPATH=path)
-            proc = subprocess.run([sys.executable, "-c", _TREE_WORKER, path, json.dumps(cases), str(args.repeats)],
+            proc = subprocess.run([sys.executable, "-c", _TREE_WORKER, path, json.dumps(cases), str(args.repeats),
+                                   str(args.threads)],
                                   capture_output=True, text=True, env=env, cwd="/", timeout=args.case_timeout)
             if proc.returncode:
                 sys.exit(f"{tree} ({path}) failed:\n{proc.stderr[-2000:]}")
@@ -320,6 +321,8 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="another patchblend tree (a directory holding patchblend/) to "
                     "time against this one, side by side (see compare_trees); only the identity-predictor timings")
     ap.add_argument("--rounds", type=int, default=4, help="with --baseline: alternated rounds")
+    ap.add_argument("--threads", type=int, default=0, help="with --baseline: torch threads for the S/CT cases "
+                    "(0: torch's default; 1 keeps spinning OpenMP workers out of the CPU time on a loaded machine)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
