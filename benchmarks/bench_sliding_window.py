@@ -26,6 +26,12 @@ allocated before the call, which needs no fresh process: one subprocess per case
     python benchmarks/bench_sliding_window.py                 # S (identity, unet) + SLAB, CPU, ~2-3 min on 2 cores
     python benchmarks/bench_sliding_window.py --ct            # adds the CT-size case (identity; unet with --ct-unet)
     python benchmarks/bench_sliding_window.py --device cuda   # on a GPU
+    python benchmarks/bench_sliding_window.py --cases S OVH4  # only these cases (an unknown name is an error)
+    python benchmarks/bench_sliding_window.py --baseline DIR  # this tree's driver against DIR's, side by side
+
+``--baseline DIR`` (DIR holds another version's ``patchblend/``, e.g. ``git archive <commit> patchblend | tar -x -C
+DIR`` plus the compiled library) alternates fresh processes of the two trees for ``--rounds`` rounds and prints, per
+case, the median and range over rounds of the per-call wall time and host CPU time, and their ratio.
 
 Writes a CSV under benchmarks/results/ and prints a table.
 """
@@ -188,6 +194,72 @@ def worker(cfg: dict) -> dict:
     return result
 
 
+# ---- another tree of patchblend, side by side (--baseline) -----------------------------------------------
+
+_TREE_WORKER = r"""
+import json, statistics, sys, time, torch
+import patchblend
+from patchblend.inference import sliding_window_inference as sw
+assert patchblend.__file__.startswith(sys.argv[1]), (patchblend.__file__, sys.argv[1])
+cases, repeats = json.loads(sys.argv[2]), int(sys.argv[3])
+out = {}
+threads = int(sys.argv[4]) or torch.get_num_threads()
+with torch.no_grad():
+    for name, (shape, roi, bs, mode, scale) in cases.items():
+        # the OVH cases time host work only: one thread, so that OpenMP workers spinning while the shared machine
+        # deschedules them do not count as the driver's CPU time
+        torch.set_num_threads(1 if name.startswith("OVH") else threads)
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        sw(x, roi, bs, lambda w: w, 0.5, mode)  # warm-up (window plan, importance map, allocator)
+        wall, cpu = [], []
+        for _ in range(repeats):  # blocks of `scale` calls (the CPU clock may tick coarsely): time per call
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for _ in range(scale):
+                sw(x, roi, bs, lambda w: w, 0.5, mode)
+            cpu.append((time.thread_time() - c0) / scale)
+            wall.append((time.perf_counter() - t0) / scale)
+        out[name] = dict(wall_ms=statistics.median(wall) * 1e3, cpu_ms=statistics.median(cpu) * 1e3)
+print(json.dumps(out))
+"""
+
+
+def compare_trees(args) -> None:
+    """Time this tree's driver against another tree's (e.g. ``git archive <commit> patchblend | tar -x -C DIR``
+    with the compiled ``_C`` library copied in), identity predictor: rounds alternate one fresh process per tree
+    (the order flips every round), each timing S (constant, gaussian) and the OVH cases; medians per round, then
+    the median and range over rounds, and new/old ratios. ``cpu ms`` is the calling thread's CPU time (the
+    driver's host cost; less sensitive to other processes' load than the wall time); the OVH cases run on one thread."""
+    names = args.cases or ["S", "S-gaussian", "OVH4", "OVH1"]
+    table = {"S": ("S", "constant", 1), "S-gaussian": ("S", "gaussian", 1), "CT": ("CT", "constant", 1),
+             "OVH4": ("OVH4", "constant", 50), "OVH1": ("OVH1", "constant", 50)}
+    unknown = sorted(set(names) - set(table))
+    if unknown:
+        sys.exit(f"unknown --cases {unknown} for --baseline; choose from {sorted(table)}")
+    cases = {n: (CASES[table[n][0]]["shape"], CASES[table[n][0]]["roi"], CASES[table[n][0]]["bs"], table[n][1],
+                 table[n][2]) for n in names}
+    trees = {"baseline": str(Path(args.baseline).resolve()), "this": str(ROOT)}
+    results = {t: [] for t in trees}
+    for r in range(args.rounds):
+        order = list(trees.items()) if r % 2 == 0 else list(reversed(list(trees.items())))
+        for tree, path in order:
+            env = dict(os.environ, PYTHONPATH=path)
+            proc = subprocess.run([sys.executable, "-c", _TREE_WORKER, path, json.dumps(cases), str(args.repeats),
+                                   str(args.threads)],
+                                  capture_output=True, text=True, env=env, cwd="/", timeout=args.case_timeout)
+            if proc.returncode:
+                sys.exit(f"{tree} ({path}) failed:\n{proc.stderr[-2000:]}")
+            results[tree].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"  round {r + 1}/{args.rounds} done", flush=True)
+    print(f"{'case':11} {'what':7} {'baseline median (range)':>26} {'this median (range)':>26} {'this/baseline':>13}")
+    for name in names:
+        for what in ("cpu_ms", "wall_ms"):
+            b = [d[name][what] for d in results["baseline"]]
+            t = [d[name][what] for d in results["this"]]
+            mb, mt = statistics.median(b), statistics.median(t)
+            print(f"{name:11} {what:7} {mb:10.3f} ({min(b):.3f}-{max(b):.3f}) {mt:10.3f} ({min(t):.3f}-{max(t):.3f})"
+                  f" {mt / mb:13.3f}")
+
+
 # ---- driver side -----------------------------------------------------------------------------------------
 
 def _spawn(cfg: dict, timeout: float) -> dict:
@@ -244,11 +316,25 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/sliding_window_<device>.csv)")
     ap.add_argument("--case-timeout", type=float, default=3600, help="seconds per worker process; a case that "
                     "overruns is reported as failed and the run goes on")
+    ap.add_argument("--cases", nargs="*", default=None,
+                    help=f"run only these cases (of {sorted(CASES)}; with --baseline: S, S-gaussian, CT, OVH4, OVH1)")
+    ap.add_argument("--baseline", default=None, help="another patchblend tree (a directory holding patchblend/) to "
+                    "time against this one, side by side (see compare_trees); only the identity-predictor timings")
+    ap.add_argument("--rounds", type=int, default=4, help="with --baseline: alternated rounds")
+    ap.add_argument("--threads", type=int, default=0, help="with --baseline: torch threads for the S/CT cases "
+                    "(0: torch's default; 1 keeps spinning OpenMP workers out of the CPU time on a loaded machine)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.baseline is not None:
+        compare_trees(args)
+        return
+    if args.cases is not None:
+        unknown = sorted(set(args.cases) - set(CASES))
+        if unknown:  # an unknown name is an error, not a silently empty run
+            ap.error(f"unknown --cases {unknown}; choose from {sorted(CASES)}")
 
     sys.path.insert(0, str(ROOT))  # the patchblend next to this script, as the workers use
     import patchblend
@@ -269,6 +355,10 @@ def main() -> None:
             plan.append(("CT", "unet", "constant", 0))
     slab = dict(case="SLAB", predictor="conv1x1", mode="gaussian", classes=args.classes, argmax=True)
     plan.append(("SLAB", "conv1x1", "gaussian", 0))
+    if args.cases is not None:
+        plan = [p for p in plan if p[0] in args.cases]
+        if args.ct is False and "CT" in args.cases:
+            plan.append(("CT", "identity", "constant", max(1, args.repeats // 2)))
     rows = []
     out = Path(args.out) if args.out else HERE / "results" / f"sliding_window_{args.device}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)

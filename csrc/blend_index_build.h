@@ -75,12 +75,26 @@ inline std::vector<int64_t> build_blend_index(const int64_t* coords, int64_t n, 
     }
     layout.off_patch_of = append(patch_of);
   } else {
-    int64_t total_tiles = 1;
+    // Tiles of the patch size, enlarged (doubling the axis with the most tiles) until there are at most
+    // max(4096, 8 N) of them: the index then costs O(patches), not O(output) (a few small patches in a large
+    // output would otherwise need one offset per output voxel). Enlarged tiles only arise when the patches
+    // cover little of the output, so each tile still lists few patches (every voxel tests containment).
+    const int64_t budget = std::max<int64_t>(4096, 8 * n);
     for (int a = 0; a < 3; ++a) {
       layout.tile[a] = std::max<int64_t>(P[a], 1);
       layout.tiles[a] = std::max<int64_t>((O[a] + layout.tile[a] - 1) / layout.tile[a], 1);
-      total_tiles *= layout.tiles[a];
     }
+    auto tile_count = [&layout]() {  // (in double: the int64 product of three large counts could overflow)
+      return double(layout.tiles[0]) * double(layout.tiles[1]) * double(layout.tiles[2]);
+    };
+    while (tile_count() > double(budget)) {
+      int a = 0;
+      for (int b = 1; b < 3; ++b)
+        if (layout.tiles[b] > layout.tiles[a]) a = b;
+      layout.tile[a] *= 2;
+      layout.tiles[a] = std::max<int64_t>((O[a] + layout.tile[a] - 1) / layout.tile[a], 1);
+    }
+    const int64_t total_tiles = layout.tiles[0] * layout.tiles[1] * layout.tiles[2];
     // Two passes (count, fill) over patches in ascending order keep each tile's list sorted.
     std::vector<int64_t> offsets(static_cast<size_t>(total_tiles + 1), 0);
     std::vector<int64_t> ids;

@@ -29,13 +29,10 @@ def cell_index(patch_size: int, grid_size: int, device=None) -> torch.Tensor:
 
 
 def expand_grid_weights(weights: torch.Tensor, patch_shape: Sequence[int]) -> torch.Tensor:
-    """Per-cell weights ``[N, Gd, Gh, Gw]`` → per-voxel weights ``[N, D, H, W]`` (differentiable)."""
-    n, gd, gh, gw = weights.shape
-    d, h, w = patch_shape
-    cd = cell_index(d, gd, weights.device)
-    ch = cell_index(h, gh, weights.device)
-    cw = cell_index(w, gw, weights.device)
-    return weights[:, cd][:, :, ch][:, :, :, cw]
+    """Per-cell weights ``[N, *G]`` → per-voxel weights ``[N, *P]`` (any number of spatial axes; differentiable)."""
+    for axis, p in enumerate(patch_shape):
+        weights = weights.index_select(axis + 1, cell_index(p, weights.shape[axis + 1], weights.device))
+    return weights
 
 
 def voxel_weights(

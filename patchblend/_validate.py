@@ -54,16 +54,42 @@ def _check_float_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def _check_finite_nonnegative(name: str, t: torch.Tensor) -> None:
-    # One reduction each; skipped under tracing (torch.compile), where data-dependent checks can't run.
+def check_not_meta(name: str, t) -> None:
+    """A meta tensor has shapes but no values, and the checks and the index need values: refuse it by name."""
+    if isinstance(t, torch.Tensor) and t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shape only, no data); patchblend needs real tensors here "
+                         "(under torch.compile the ops' fake kernels handle shapes)")
+
+
+def _check_finite_nonnegative(name: str, t: torch.Tensor) -> float:
+    """Raise a ValueError naming ``name`` unless every value of ``t`` is finite and >= 0 (one pass); return the
+    largest value (0.0 when empty).
+
+    Under torch.compile (tracing) the values are unknown: on the CPU the check is compiled into the graph
+    (``torch._assert_async``: a RuntimeError when the compiled code runs); on a GPU it is skipped (a device-side
+    assert would poison the CUDA context), and 0.0 is returned."""
     if torch.compiler.is_compiling():
-        return
+        if t.device.type == "cpu" and t.numel():
+            torch._assert_async(finite_nonnegative(t), f"{name} must be finite and >= 0")
+        return 0.0
+    check_not_meta(name, t)
     if t.numel() == 0:
-        return
-    if not bool(torch.isfinite(t).all()):
+        return 0.0
+    lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()  # one read (one synchronisation on a GPU)
+    if not (hi < float("inf") and lo > float("-inf")) or lo != lo or hi != hi:
         raise ValueError(f"{name} must be finite (found NaN or inf)")
-    if bool((t < 0).any()):
-        raise ValueError(f"{name} must be >= 0 (found a negative value)")
+    if not lo >= 0:
+        raise ValueError(f"{name} must be >= 0 (found a negative value, {lo:g})")
+    return hi
+
+
+def check_sum_fits(name: str, largest_sum: float, acc: torch.dtype) -> None:
+    """Raise unless sums of weights bounded by ``largest_sum`` (terms x largest weight x largest importance) stay
+    finite in the accumulation dtype ``acc``: an overflowing weight sum would give inf or NaN (inf / inf)."""
+    if largest_sum > torch.finfo(acc).max:
+        raise ValueError(f"{name} are too large for {acc} accumulation: a voxel's weight sum can reach "
+                         f"{largest_sum:.3g} (terms x largest weight x largest importance), beyond "
+                         f"{torch.finfo(acc).max:.3g}; scale the weights down")
 
 
 def finite_nonnegative(t: torch.Tensor) -> torch.Tensor:
@@ -83,10 +109,16 @@ def prepare_weights(
     """Check ``weights`` (None, ``[N]`` or ``[N, *G]`` with ``1 <= G <= P``) for ``n`` patches of spatial shape
     ``patch_shape`` and return them as ``[N, Gd, Gh, Gw]`` in ``acc``. ``check_values=False`` skips the finite and
     non-negative check (one device synchronisation each) when the caller has done it."""
+    return prepare_weights_and_max(weights, n, patch_shape, acc, device, check_values)[0]
+
+
+def prepare_weights_and_max(weights, n: int, patch_shape, acc, device, check_values: bool = True):
+    """:func:`prepare_weights` and the largest weight (after the conversion to ``acc``; 0.0 when not checked)."""
     if weights is None:
-        return None
+        return None, 0.0
     spatial_dims = len(patch_shape)
     _check_float_tensor("weights", weights)
+    check_not_meta("weights", weights)
     if weights.device != device:
         raise ValueError(f"weights is on {weights.device} but patches is on {device}")
     if weights.dim() == 1:
@@ -106,12 +138,12 @@ def prepare_weights(
             f"weights must be [N] (one per patch) or [N, *G] with {spatial_dims} grid dims, "
             f"got shape {tuple(weights.shape)}"
         )
-    if check_values:
-        _check_finite_nonnegative("weights", weights)
     weights = weights.to(acc)
+    # checked after the conversion: float64 weights beyond the float32 range become inf in it
+    largest = _check_finite_nonnegative("weights", weights) if check_values else 0.0
     if weights.dim() == 1:
-        return weights.reshape(n, 1, 1, 1)
-    return weights.unsqueeze(1) if spatial_dims == 2 else weights
+        return weights.reshape(n, 1, 1, 1), largest
+    return (weights.unsqueeze(1) if spatial_dims == 2 else weights), largest
 
 
 def prepare_blend_args(
@@ -126,6 +158,7 @@ def prepare_blend_args(
     """Check every argument of ``calibrated_blend`` and return them in canonical 3D form (``check_values``:
     see :func:`prepare_weights`)."""
     _check_float_tensor("patches", patches)
+    check_not_meta("patches", patches)
     if patches.dim() not in (4, 5):
         raise ValueError(
             f"patches must be [N, C, D, H, W] (3D) or [N, C, H, W] (2D), got shape {tuple(patches.shape)}"
@@ -145,6 +178,7 @@ def prepare_blend_args(
             coords = torch.as_tensor(coords)
         except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
             raise TypeError(f"coords must be an integer tensor [N, {spatial_dims}]: {exc}") from exc
+    check_not_meta("coords", coords)
     if coords.numel() == 0:
         coords = coords.to(torch.int64)  # an empty list has no integer dtype of its own
     if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
@@ -160,20 +194,26 @@ def prepare_blend_args(
 
     acc = accumulation_dtype(patches.dtype)
 
-    weights = prepare_weights(weights, n, patch_shape, acc, patches.device, check_values)
+    weights, largest_weight = prepare_weights_and_max(weights, n, patch_shape, acc, patches.device, check_values)
 
     if importance is not None:
         _check_float_tensor("importance", importance)
+        check_not_meta("importance", importance)
         if importance.device != patches.device:
             raise ValueError(f"importance is on {importance.device} but patches is on {patches.device}")
         if tuple(importance.shape) != patch_shape:
             raise ValueError(
                 f"importance must have the patch's spatial shape {patch_shape}, got {tuple(importance.shape)}"
             )
-        _check_finite_nonnegative("importance", importance)
         importance = importance.to(acc)
+        largest_importance = _check_finite_nonnegative("importance", importance)
+        if check_values:
+            check_sum_fits("weights" if weights is not None else "importance values",
+                           n * (largest_weight if weights is not None else 1.0) * largest_importance, acc)
         if spatial_dims == 2:
             importance = importance.unsqueeze(0)
+    elif weights is not None and check_values:
+        check_sum_fits("weights", n * largest_weight, acc)
 
     if out_shape is None:
         if n == 0:

@@ -515,3 +515,44 @@ def test_blocks_over_one_gib_are_not_kept():
     t = empty_output((257 << 20,), torch.float32, "cpu")  # 1028 MiB, never touched: no memory used
     del t
     assert patchblend.empty_cache() == 0
+
+
+# ---------------------------------------------------------------- index memory: O(patches), not O(output)
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 6), p=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+       out=st.lists(st.integers(20, 90), min_size=3, max_size=3), seed=st.integers(0, 10 ** 6),
+       grid=st.booleans(), normalize=st.sampled_from(["count", "weight", "none"]))
+def test_sparse_patches_in_a_large_output_match_the_reference(n, p, out, seed, grid, normalize):
+    """A few small patches in a large output: the tile index then uses tiles larger than the patches (at most
+    max(4096, 8 N) tiles); every voxel still sees exactly its covering patches, in patch order."""
+    g = torch.Generator().manual_seed(seed)
+    patches = torch.rand(n, 2, *p, generator=g)
+    coords = torch.stack([torch.randint(-q + 1, o, (n,), generator=g) for q, o in zip(p, out)], 1)
+    weights = torch.rand(n, *[min(2, q) for q in p], generator=g) + 0.1 if grid else torch.rand(n, generator=g)
+    got = patchblend.calibrated_blend(patches, weights, coords, out, normalize=normalize)
+    assert_close(got, reference_blend(patches, weights, coords, out, normalize), torch.float32)
+
+
+@pytest.mark.skipif(not COMPILED or not sys.platform.startswith("linux"), reason="compiled kernel; Linux /proc")
+def test_index_memory_does_not_grow_with_the_output():
+    """Two 1x1x1 patches into a 256^3 output (64 MiB): the peak memory is the output, not an index of 24 bytes per
+    output voxel (384 MiB before)."""
+    code = (
+        "import torch, patchblend\n"
+        "patchblend.calibrated_blend(torch.rand(1, 1, 1, 1, 1), None, torch.zeros(1, 3, dtype=torch.long), (2, 2, 2))\n"
+        "def field(k):\n"
+        "    return [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(k + ':')][0]\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "base = field('VmRSS')\n"
+        "out = patchblend.calibrated_blend(torch.ones(2, 1, 1, 1, 1), None, torch.tensor([[5, 100, 7], [250, 2, 255]]),"
+        " (256, 256, 256))\n"
+        "assert out.sum().item() == 2.0\n"
+        "print((field('VmHWM') - base) / 1024)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if res.returncode != 0 and "clear_refs" in res.stderr:
+        pytest.skip("cannot reset the peak RSS here")
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout.strip().splitlines()[-1]) < 1.5 * 64  # MiB: the output and a little slack

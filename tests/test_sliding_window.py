@@ -461,10 +461,17 @@ X3 = rand(1, 1, 10, 10, 10)
          ValueError, "label_dtype"),
         (dict(predictor=lambda w: w.repeat(1, 300, 1, 1, 1), reduce="argmax", label_dtype=torch.uint8, slab_axis=0),
          ValueError, "label_dtype"),
-        (dict(process_fn=lambda *a: a), NotImplementedError, "process_fn"),
-        (dict(weighting="patch"), ValueError, "patch scores"),
-        (dict(predictor=lambda w: w[:1]), ValueError, "seg"),
-        (dict(predictor=lambda w: w[:, :, :2]), ValueError, "spatial shape"),
+        (dict(process_fn=lambda *a: a), TypeError, "process_fn"),
+        (dict(process_fn=3), TypeError, "process_fn"),
+        (dict(process_fn=lambda segs, w, imp: (segs, imp[:2])), ValueError, "weight map"),
+        (dict(process_fn=lambda segs, w, imp: (segs, -imp)), ValueError, "weight map"),
+        (dict(weighting="patch"), ValueError, "CalibratedOutput"),
+        (dict(predictor=lambda w: CalibratedOutput(w, None, None), weighting="patch"), ValueError, "patch scores"),
+        (dict(buffer_steps=1, buffer_dim=4), ValueError, "buffer_dim"),
+        (dict(buffer_steps=1, buffer_dim=0, slab_axis=1), ValueError, "buffer_dim"),
+        (dict(buffer_steps=1.5), TypeError, "buffer_steps"),
+        (dict(predictor=lambda w: w[:1]), ValueError, "predictor output"),
+        (dict(predictor=lambda w: w[:, :, :0]), ValueError, "seg|output"),
         (dict(predictor=lambda w: CalibratedOutput(w, w.mean((1, 2, 3, 4)), None), weighting="grid"), ValueError, "grid scores"),
         (dict(predictor=lambda w: CalibratedOutput(w, torch.ones(w.shape[0] + 1), None), weighting="patch"), ValueError, "patch_scores"),
         (dict(predictor=lambda w: CalibratedOutput(w, -torch.ones(w.shape[0]), None), weighting="patch"), ValueError, "patch_scores"),
@@ -476,12 +483,14 @@ X3 = rand(1, 1, 10, 10, 10)
          "grid_scores"),
         (dict(predictor=lambda w: CalibratedOutput(w, None, torch.ones(w.shape[0], 2, 2, 9)), weighting="grid"), ValueError,
          "grid_scores"),
-        (dict(predictor=lambda w: (w, w, w, w)), ValueError, "multi-output"),
-        (dict(predictor=lambda w: (w * 2, w + 1)), ValueError, "never read as CIB scores"),
+        # a plain tuple is MONAI's multi-output form, never scores: its second item is checked as an output
+        (dict(predictor=lambda w: (w, w.mean((1, 2, 3, 4)))), ValueError, "output 1"),
         (dict(predictor=lambda w: (w, w.mean((1, 2, 3, 4))), weighting="patch"), ValueError, "CalibratedOutput"),
-        (dict(predictor=lambda w: {"logits": w}), ValueError, "multi-output"),
+        (dict(predictor=lambda w: {"logits": w}, weighting="grid"), ValueError, "CalibratedOutput"),
+        (dict(predictor=lambda w: ()), ValueError, "empty"),
+        (dict(predictor=lambda w: {}), ValueError, "empty"),
         (dict(predictor=lambda w: 3.0), TypeError, "predictor"),
-        (dict(predictor=lambda w: w.long()), TypeError, "seg"),
+        (dict(predictor=lambda w: w.long()), TypeError, "predictor output"),
     ],
 )
 def test_bad_inputs(kwargs, exc, match):
@@ -493,7 +502,7 @@ def test_bad_inputs(kwargs, exc, match):
 
 def test_bad_inputs_shape_and_channel_change():
     with pytest.raises(ValueError, match="inputs"):
-        sliding_window_inference(rand(1, 1, 8), 4, 1, lambda w: w)
+        sliding_window_inference(rand(8), 4, 1, lambda w: w)
     with pytest.raises(TypeError, match="inputs"):
         sliding_window_inference([[1.0]], 4, 1, lambda w: w)
     with pytest.raises(ValueError, match="inputs"):
@@ -504,7 +513,7 @@ def test_bad_inputs_shape_and_channel_change():
         calls.append(1)
         return w if len(calls) == 1 else torch.cat([w, w], 1)
 
-    with pytest.raises(ValueError, match="channel"):
+    with pytest.raises(ValueError, match="changed between batches"):
         sliding_window_inference(X3, 4, 2, changing)
 
 

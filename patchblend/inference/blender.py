@@ -14,13 +14,15 @@ of the slab that no later patch can touch, writing it into the output.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import (NORMALIZE_MODES, _check_float_tensor, accumulation_dtype, prepare_blend_args,
-                         prepare_weights, resolve_device)
+from .._validate import (NORMALIZE_MODES, _check_finite_nonnegative, _check_float_tensor, accumulation_dtype,
+                         check_not_meta, check_sum_fits, prepare_blend_args, prepare_weights_and_max,
+                         resolve_device)
 from .._reference import lattice_axes
 from .windows import WindowGrid, lattice_tables
 from ..ops import coverage_on, empty_output, zeros_output
@@ -40,6 +42,7 @@ def _as_coords(coords, nd: int) -> torch.Tensor:
             raise TypeError(f"coords must be an integer tensor [N, {nd}]: {exc}") from exc
     if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
         raise TypeError(f"coords must hold integers, got dtype {coords.dtype}")
+    check_not_meta("coords", coords)
     if coords.numel() == 0:
         coords = coords.reshape(0, nd)
     if coords.dim() != 2 or coords.shape[1] != nd:
@@ -49,26 +52,34 @@ def _as_coords(coords, nd: int) -> torch.Tensor:
 
 def _canonical_importance(importance, window_shape, acc, device) -> Optional[torch.Tensor]:
     """Check ``importance [*window_shape]`` once and return it as ``[D, H, W]`` in ``acc`` on ``device``."""
+    return _importance_and_max(importance, window_shape, acc, device)[0]
+
+
+def _importance_and_max(importance, window_shape, acc, device):
+    """:func:`_canonical_importance` and the map's largest value (after the conversion to ``acc``)."""
     if importance is None:
-        return None
+        return None, 1.0
     if not isinstance(importance, torch.Tensor) or not importance.dtype.is_floating_point:
         raise TypeError("importance must be a floating-point tensor [*window_shape]")
+    check_not_meta("importance", importance)
     if tuple(importance.shape) != tuple(window_shape):
         raise ValueError(f"importance must have shape {tuple(window_shape)}, got {tuple(importance.shape)}")
-    # Checked once per tensor, version and storage (the driver passes one cached map for every image and call;
-    # on a GPU each check waits for the device). The storage is part of the key because a copy carries the
-    # attribute along; inference tensors have no version counter and are checked every time.
-    version = None if importance.is_inference() else (importance._version, importance.data_ptr())
-    if importance.numel() and (version is None or getattr(importance, "_patchblend_checked", None) != version):
-        lo, hi = torch.aminmax(importance)  # one pass; NaN fails both tests
-        if not (bool(lo >= 0) and bool(hi < float("inf"))):
-            raise ValueError("importance must be finite and >= 0")
+    # Checked once per tensor, version, storage and accumulation dtype (the driver passes one cached map for
+    # every image and call; on a GPU each check waits for the device). The storage is part of the key because a
+    # copy carries the attribute along; inference tensors have no version counter and are checked every time.
+    version = None if importance.is_inference() else (importance._version, importance.data_ptr(), acc)
+    checked = getattr(importance, "_patchblend_checked", None)
+    converted = importance.to(device=device, dtype=acc)
+    if version is not None and checked is not None and checked[0] == version:
+        largest = checked[1]
+    else:
+        # after the conversion: a float64 map beyond the float32 range becomes inf in it
+        largest = _check_finite_nonnegative("importance", converted)
         if version is not None:
-            importance._patchblend_checked = version
-    importance = importance.to(device=device, dtype=acc)
-    while importance.dim() < 3:
-        importance = importance.unsqueeze(0)
-    return importance.contiguous()
+            importance._patchblend_checked = (version, largest)
+    while converted.dim() < 3:
+        converted = converted.unsqueeze(0)
+    return converted.contiguous(), largest
 
 
 def _to3(shape: Sequence[int]) -> Tuple[int, int, int]:
@@ -161,10 +172,13 @@ class _BlendCore:
         self.device = resolve_device(device)
         self._importance_raw = importance
         self.importance = None
+        self._importance_max = 1.0
+        self._weight_sum_bound = 0.0  # terms x largest weight x largest importance added so far (see _patches...)
         if importance is not None:
             if self.window_shape is None:
                 self.window_shape = tuple(importance.shape)
-            self.importance = _canonical_importance(importance, self.window_shape, dtype, self.device)
+            self.importance, self._importance_max = _importance_and_max(importance, self.window_shape, dtype,
+                                                                        self.device)
 
     def _output_buffer(self, out: Optional[torch.Tensor], make) -> torch.Tensor:
         """The caller's ``out`` (checked: contiguous ``[C, *out_shape]`` of the accumulation dtype on the device)
@@ -179,6 +193,7 @@ class _BlendCore:
 
     def _check_patches(self, patches: torch.Tensor) -> None:
         _check_float_tensor("patches", patches)
+        check_not_meta("patches", patches)
         if patches.dim() != self.nd + 2:
             raise ValueError(f"patches must be [N, C, *P] with {self.nd} spatial dims, got {tuple(patches.shape)}")
         if patches.shape[1] != self.channels:
@@ -248,8 +263,12 @@ class _BlendCore:
         as half by the kernels), else converted; ``weights`` checked and made ``[n, Gd, Gh, Gw]`` straight in
         :attr:`dtype` (not through the patches' accumulation dtype: float64 weights stay exact)."""
         p = patches if accumulation_dtype(patches.dtype) == self.dtype else patches.to(self.dtype)
-        w = prepare_weights(weights, patches.shape[0], patches.shape[2:], self.dtype, patches.device,
-                            self.check_values)
+        w, largest = prepare_weights_and_max(weights, patches.shape[0], patches.shape[2:], self.dtype,
+                                             patches.device, self.check_values)
+        if self.check_values and (w is not None or self.importance is not None):
+            # a running bound on any voxel's weight sum: it must not overflow (inf, or NaN as inf / inf)
+            self._weight_sum_bound += patches.shape[0] * (largest if w is not None else 1.0) * self._importance_max
+            check_sum_fits("weights" if w is not None else "importance values", self._weight_sum_bound, self.dtype)
         return (p.unsqueeze(2) if self.nd == 2 else p), w
 
     def _finalize_values(self, num: torch.Tensor, den: Optional[torch.Tensor]) -> torch.Tensor:
@@ -592,21 +611,17 @@ class SlabBlender(_BlendCore):
             self.out = out
         else:
             self.out = empty_output(shape, odt, out_device)
-        self._coords_all = None
-        if window_coords is not None:
-            self._coords_all = _as_coords(window_coords, self.nd)
-        self._lattice = None
-        self._lattice_partial = None  # the lattice sum over every axis but the slab axis, computed once
+        # the denominator mode: one strategy object (see _SlabDenominator)
         if window_lattice is not None:
             if self.window_shape is None or len(window_lattice) != self.nd:
                 raise ValueError(f"window_lattice needs {self.nd} start lists and a window_shape")
-            self._lattice = [list(map(int, a)) for a in window_lattice]
-        # stream mode: windows in raster order of the lattice, slabs along the slowest axis
-        self._stream = self._lattice is not None and self.axis == 0
-        if self._stream:
-            self._stream_coords = lattice_tables(tuple(map(tuple, self._lattice))).coords  # (shared, read-only)
-            self._stream_zero = not _covers([sorted(set(a)) for a in self._lattice], self.window_shape, self.out_shape)
-            self._next = 0
+            lattice = [list(map(int, a)) for a in window_lattice]
+            # stream mode: windows in raster order of the lattice, slabs along the slowest axis
+            self._den = _StreamDenominator(self, lattice) if self.axis == 0 else _LatticeDenominator(self, lattice)
+        elif window_coords is not None:
+            self._den = _CoordsDenominator(self, _as_coords(window_coords, self.nd))
+        else:
+            self._den = _AccumulatedDenominator()
         self.lo = 0  # first index along axis not yet finalised
         self._cap = 0
         self.num = None  # [C, cap, ...] slab buffer covering [lo, lo + cap) along axis
@@ -624,10 +639,10 @@ class SlabBlender(_BlendCore):
         if need <= self._cap:
             return
         shape = self._slab_shape(need)
-        stream = self._stream and not self._stream_zero  # the stream op writes before it reads
-        num = (torch.empty if stream else torch.zeros)((self.channels, *shape), dtype=self.dtype, device=self.device)
+        fill = torch.empty if self._den.writes_before_reading else torch.zeros
+        num = fill((self.channels, *shape), dtype=self.dtype, device=self.device)
         den = None
-        if self.normalize != "none" and self._coords_all is None and self._lattice is None:
+        if self.normalize != "none" and self._den.accumulated:
             den = torch.zeros(shape, dtype=self.dtype, device=self.device)  # else computed when finalised
         if self._cap:
             keep = [slice(None)] * self.nd
@@ -650,23 +665,24 @@ class SlabBlender(_BlendCore):
         coords = _as_coords(coords, self.nd)
         if coords.shape[0] != patches.shape[0]:
             raise ValueError(f"coords must have {patches.shape[0]} rows (one per patch), got {coords.shape[0]}")
-        if weights is not None and (self._coords_all is not None or self._lattice is not None) \
-                and self.normalize == "weight":
-            raise ValueError("weights cannot be used with window_coords under normalize='weight' "
+        if weights is not None and not self._den.accumulated and self.normalize == "weight":
+            raise ValueError("weights cannot be used with window_coords or window_lattice under normalize='weight' "
                              "(the weight sum depends on them)")
         self._check_weights_rows(weights, patches.shape[0])
         if patches.shape[0] == 0:
             return
-        groups = self._groups(coords.tolist())
+        rows = coords.tolist()
+        groups = self._groups(rows)
         for _, _, bbox in groups:
             if bbox is not None and bbox[0][self.axis] < self.lo:
                 raise ValueError(f"a patch reaches index {bbox[0][self.axis]} along axis {self.axis}, which is "
                                  f"already finalised (up to {self.lo}); add patches in order of their start "
                                  "along the axis")
-        if self._stream:
-            self._add_stream(patches, coords, weights, groups)
+        self._den.take(rows)
+        if isinstance(self._den, _StreamDenominator):
+            self._den.add(patches, coords, weights, groups)
             return
-        with_den = self.normalize != "none" and self._coords_all is None and self._lattice is None
+        with_den = self.normalize != "none" and self._den.accumulated
         for i, j, bbox in groups:
             w = None if weights is None else weights[i:j]
             if bbox is None:
@@ -677,30 +693,11 @@ class SlabBlender(_BlendCore):
             origin[self.axis] = self.lo
             self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j] - origin, w)
 
-    def _add_stream(self, patches, coords, weights, groups) -> None:
-        n = patches.shape[0]
-        expected = self._stream_coords[self._next:self._next + n]
-        if not torch.equal(coords, expected):
-            raise ValueError("with window_lattice and axis=0, patches must arrive in the lattice's raster order: "
-                             f"expected coords {expected.tolist()[:4]}..., got {coords.tolist()[:4]}...")
-        hi = max(b[1][0] for _, _, b in groups if b is not None) if any(b is not None for _, _, b in groups) \
-            else self.lo
-        self._ensure_capacity(hi)
-        if self._cap:
-            p, w, _ = self._batch_args(patches, weights, coords, self.out_shape)
-            origin = torch.zeros(self.nd, dtype=torch.int64)
-            origin[0] = self.lo
-            all_coords = self._stream_coords - origin
-            num = self.num
-            if self.nd == 2:
-                all_coords = torch.nn.functional.pad(all_coords, (1, 0))
-                num = num.unsqueeze(1)
-            _ops.blend_stream_(num, p, w, all_coords, self._next, self.importance, self.normalize)
-        self._next += n
-
     def finalize_until(self, stop: int) -> None:
         """Finalise ``[lo, stop)`` along the axis: the caller promises that no later patch touches it."""
         stop = min(int(stop), self.out_shape[self.axis])
+        if stop > self.lo:
+            self._den.check_complete(stop)
         while self.lo < stop:
             k = min(stop - self.lo, self._cap)
             if k == 0:  # nothing buffered: the region was never touched by a patch, its value is 0
@@ -709,34 +706,10 @@ class SlabBlender(_BlendCore):
                 self._write(values, stop)
                 continue
             values = self.num[self._along(0, k, True)]  # finalised in place: this part is dropped next
-            if self.normalize != "none" and not self._stream:  # (the stream op has divided already)
-                if self._lattice is not None:
-                    den = self._lattice_den(self.lo, self.lo + k)
-                elif self._coords_all is not None:
-                    origin = [0] * self.nd
-                    origin[self.axis] = self.lo
-                    den = window_coverage(self._coords_all - torch.tensor(origin), self.window_shape,
-                                          self._slab_shape(k), self.normalize, self._importance_raw,
-                                          dtype=self.dtype, device=self.device)
-                else:
-                    den = self.den[self._along(0, k, False)]
-                values.div_(_make_safe_(den, self.normalize))
+            if self.normalize != "none" and self._den.divides:  # (the stream op has divided already)
+                values.div_(_make_safe_(self._den.of_slab(self, self.lo, self.lo + k), self.normalize))
             self._write(values, self.lo + k)
             self._shift(k)
-
-    def _lattice_den(self, lo: int, hi: int) -> torch.Tensor:
-        """Lattice denominator of ``[lo, hi)`` along the slab axis: the other axes' sums once, then this axis
-        (for axis 0 the same order of additions as :func:`lattice_coverage`, hence bitwise the same values)."""
-        if self._lattice_partial is None:
-            imp = self._importance_raw if self.normalize == "weight" else None
-            f = (torch.ones(self.window_shape, dtype=self.dtype, device=self.device) if imp is None
-                 else imp.to(device=self.device, dtype=self.dtype))
-            for axis in reversed(range(self.nd)):
-                if axis != self.axis:
-                    f = _overlap_add_axis(f, axis, self._lattice[axis], self.out_shape[axis])
-            self._lattice_partial = f
-        return _overlap_add_axis(self._lattice_partial, self.axis, self._lattice[self.axis],
-                                 self.out_shape[self.axis], lo, hi)
 
     def _write(self, values: torch.Tensor, stop: int) -> None:
         values = _reduce(values, self.reduce, self.threshold, self.label_dtype)
@@ -754,14 +727,142 @@ class SlabBlender(_BlendCore):
             for j in range(0, rest, k):
                 m = min(k, rest - j)
                 buf[self._along(j, j + m, ch)] = buf[self._along(j + k, j + k + m, ch)]
-            if not (self._stream and not self._stream_zero):  # (the stream op never reads unwritten voxels)
+            if not self._den.writes_before_reading:
                 buf[self._along(max(rest, 0), cap, ch)] = 0
 
     def finish(self) -> torch.Tensor:
         """Finalise everything left and return :attr:`out`."""
         self.finalize_until(self.out_shape[self.axis])
-        self.num = self.den = self._lattice_partial = None
+        self.num = self.den = None
+        self._den.release()
         if self._widen_to is not None:  # the slab is gone: now the labels may take their requested width
             self.out, self._widen_to = self.out.to(self._widen_to), None
             self.label_dtype = self.out.dtype
         return self.out
+
+
+# ---- SlabBlender's denominator modes: one strategy object each ----------------------------------------------
+
+class _SlabDenominator:
+    """How a :class:`SlabBlender` gets the denominator of a finalised part ``[lo, hi)`` of its slab."""
+
+    accumulated = False  # a denominator buffer is accumulated in the slab, batch by batch
+    divides = True  # finalising divides (the stream op divides by itself)
+    writes_before_reading = False  # the slab need not be zero-filled (the stream op writes before it reads)
+
+    def take(self, rows: list) -> None:
+        """Note the starts of the patches of one ``add`` (before they are blended)."""
+
+    def check_complete(self, stop: int) -> None:
+        """Raise if finalising up to ``stop`` along the axis would use a denominator with missing windows."""
+
+    def of_slab(self, blender: "SlabBlender", lo: int, hi: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop what was cached for the finalising (at :meth:`SlabBlender.finish`)."""
+
+
+class _AccumulatedDenominator(_SlabDenominator):
+    """The default: each batch adds its (weighted) coverage into a denominator slab beside the numerator."""
+
+    accumulated = True
+
+    def of_slab(self, blender, lo, hi):
+        return blender.den[blender._along(0, hi - lo, False)]
+
+
+class _CoordsDenominator(_SlabDenominator):
+    """``window_coords``: every patch that will be added is listed up front; the denominator of a finalised part
+    is computed from the list (:func:`window_coverage`), so every patch added must be in it, as often as listed,
+    and every listed window that reaches a part must have been added before that part is finalised."""
+
+    def __init__(self, blender: "SlabBlender", coords: torch.Tensor):
+        self.coords, self.axis, self.nd = coords, blender.axis, blender.nd
+        self.pending = Counter(map(tuple, coords.tolist()))  # listed, not added yet
+        self.pending_starts = Counter(coords[:, self.axis].tolist())
+
+    def take(self, rows):
+        batch = Counter(map(tuple, rows))
+        for row, k in batch.items():
+            if self.pending[row] < k:
+                raise ValueError(f"a patch at {list(row)} is not in window_coords (or is added more often than it is "
+                                 "listed there): the denominator is computed from window_coords")
+        for row, k in batch.items():
+            self.pending[row] -= k
+            self.pending_starts[row[self.axis]] -= k
+
+    def check_complete(self, stop):
+        missing = sorted(a for a, k in self.pending_starts.items() if k > 0 and a < stop)
+        if missing:
+            raise ValueError(f"window_coords lists windows starting at {missing[:4]} along axis {self.axis} that "
+                             f"were not added before finalising up to {stop}: their part of the output would be "
+                             "divided by a denominator that counts them")
+
+    def of_slab(self, blender, lo, hi):
+        origin = [0] * self.nd
+        origin[self.axis] = lo
+        return window_coverage(self.coords - torch.tensor(origin), blender.window_shape, blender._slab_shape(hi - lo),
+                               blender.normalize, blender._importance_raw, dtype=blender.dtype, device=blender.device)
+
+
+class _LatticeDenominator(_SlabDenominator):
+    """``window_lattice`` (slab axis other than 0): the lattice's denominator, the other axes' sums once, then
+    this axis per finalised part (for axis 0 the same order of additions as :func:`lattice_coverage`, hence
+    bitwise the same values)."""
+
+    def __init__(self, blender: "SlabBlender", lattice: list):
+        self.lattice = lattice
+        self.partial = None  # the lattice sum over every axis but the slab axis, computed once
+
+    def of_slab(self, blender, lo, hi):
+        if self.partial is None:
+            imp = blender._importance_raw if blender.normalize == "weight" else None
+            f = (torch.ones(blender.window_shape, dtype=blender.dtype, device=blender.device) if imp is None
+                 else imp.to(device=blender.device, dtype=blender.dtype))
+            for axis in reversed(range(blender.nd)):
+                if axis != blender.axis:
+                    f = _overlap_add_axis(f, axis, self.lattice[axis], blender.out_shape[axis])
+            self.partial = f
+        return _overlap_add_axis(self.partial, blender.axis, self.lattice[blender.axis],
+                                 blender.out_shape[blender.axis], lo, hi)
+
+    def release(self):
+        self.partial = None
+
+
+class _StreamDenominator(_LatticeDenominator):
+    """``window_lattice`` with slab axis 0: the patches arrive in the lattice's raster order and each batch goes
+    through the compiled ``blend_stream_`` op, which divides each voxel once its last window is in (as in
+    :class:`LatticeBlender`): the slab holds only the running output, no denominator, no zero fill."""
+
+    divides = False
+
+    def __init__(self, blender: "SlabBlender", lattice: list):
+        super().__init__(blender, lattice)
+        self.blender = blender
+        self.coords = lattice_tables(tuple(map(tuple, lattice))).coords  # (shared, read-only)
+        self.writes_before_reading = _covers([sorted(set(a)) for a in lattice], blender.window_shape,
+                                             blender.out_shape)
+        self.next = 0
+
+    def add(self, patches, coords, weights, groups) -> None:
+        b = self.blender
+        n = patches.shape[0]
+        expected = self.coords[self.next:self.next + n]
+        if not torch.equal(coords, expected):
+            raise ValueError("with window_lattice and axis=0, patches must arrive in the lattice's raster order: "
+                             f"expected coords {expected.tolist()[:4]}..., got {coords.tolist()[:4]}...")
+        boxes = [bb for _, _, bb in groups if bb is not None]
+        b._ensure_capacity(max(bb[1][0] for bb in boxes) if boxes else b.lo)
+        if b._cap:
+            p, w, _ = b._batch_args(patches, weights, coords, b.out_shape)
+            origin = torch.zeros(b.nd, dtype=torch.int64)
+            origin[0] = b.lo
+            all_coords = self.coords - origin
+            num = b.num
+            if b.nd == 2:
+                all_coords = torch.nn.functional.pad(all_coords, (1, 0))
+                num = num.unsqueeze(1)
+            _ops.blend_stream_(num, p, w, all_coords, self.next, b.importance, b.normalize)
+        self.next += n

@@ -1,11 +1,16 @@
 """``sliding_window_inference``: a drop-in for MONAI's, on patchblend's compiled blend.
 
-Per batch of ``sw_batch_size`` windows: one :func:`patchblend.extract_patches` call cuts the windows out of
-the input, the predictor runs, and one blend call adds the batch into a float32 accumulator
-(:class:`~patchblend.inference.blender.Blender`, or :class:`~.SlabBlender` in slab mode). The denominator is
-computed once for all windows when it does not depend on predicted weights. Padding (ROI larger than the
-image) is never materialised for ``padding_mode="constant", cval=0``: windows simply start outside the
-image, read zeros there, and the blend clips them, which gives exactly MONAI's pad-then-crop result.
+The driver is a short pipeline of named steps:
+
+0. :func:`_resolve_call`: the arguments checked and resolved (MONAI's 17 positional parameters, then ours);
+1. :func:`_window_plan`: where the windows go, in the order they are visited (cached per geometry);
+2. :class:`_WindowSource`: each batch's windows cut out of the input (one ``extract`` op call per chunk; padding
+   for ``constant`` / ``cval=0`` never materialised: windows start outside the image and read zeros there);
+3. the predictor, and :func:`~._predictions.parse_output`: MONAI's output forms (tensor, tuple, list, dict) or
+   :class:`~patchblend.CalibratedOutput` with scores; then MONAI's ``process_fn`` if given;
+4. :class:`_Outputs`: one accumulator per output (:mod:`._accumulators`: lattice stream, numerator/denominator,
+   slab, autograd-keeping or N-D PyTorch), chosen once at the first batch;
+5. :meth:`_Outputs.finish`: divide / reduce, packed in the predictor's form.
 """
 from __future__ import annotations
 
@@ -13,17 +18,17 @@ import functools
 import math
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import _check_finite_nonnegative, finite_nonnegative, resolve_device
-from ..ops import calibrated_blend, empty_output, zeros_output
-from ..wrapper import CalibratedOutput
-from .blender import REDUCTIONS, Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype
+from .._validate import _check_finite_nonnegative, resolve_device
+from ._accumulators import BlendSettings, make_accumulator, output_geometry
+from ._predictions import WEIGHTINGS, Prediction, ScoreChecks, apply_process_fn, pack_outputs, parse_output
+from .blender import REDUCTIONS, check_label_dtype
 from .importance import importance_map
 from .windows import WINDOW_STYLES, WindowGrid, lattice_tables, sliding_windows
 
@@ -31,7 +36,6 @@ __all__ = ["sliding_window_inference", "WEIGHTINGS"]
 
 _ops = torch.ops.patchblend
 
-WEIGHTINGS = (None, "patch", "grid", "patch*grid")
 # windows cut per extraction call, at most (bytes; at least one predictor batch)
 _CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 32 << 20}
 _PAD_MODES = ("constant", "reflect", "replicate", "circular")
@@ -84,93 +88,6 @@ def _resolve_overlap(overlap, nd: int):
         if not ok:
             raise ValueError(f"overlap must be >= 0 and < 1, got {overlap!r}")
     return tuple(float(o) for o in ov)
-
-
-def _parse_output(out, n: int, roi, nd: int, weighting, check_values=_check_finite_nonnegative):
-    """Predictor output → (seg [n, C, *roi], patch_scores [n] or None, grid_scores [n, *G] or None).
-
-    A tensor is the prediction; CIB scores come only as :class:`~patchblend.CalibratedOutput`
-    ``(seg, patch, grid)``. A plain tuple, list or dict is MONAI's multi-output form, never read as scores.
-    ``check_values(name, scores)`` checks the values of the scores in use (finite, >= 0)."""
-    patch = grid = None
-    if isinstance(out, CalibratedOutput):
-        seg, patch, grid = out.seg, out.patch, out.grid
-    elif isinstance(out, torch.Tensor):
-        seg = out
-    elif isinstance(out, (tuple, list, Mapping)):
-        raise ValueError(
-            f"predictor returned a {type(out).__name__}: multi-output predictors (MONAI's tuple/list/dict outputs) "
-            "are not supported yet, and a plain tuple is never read as CIB scores; return a tensor, or "
-            "patchblend.CalibratedOutput(seg, patch, grid) for calibrated weighting"
-        )
-    else:
-        raise TypeError(f"predictor must return a tensor or a patchblend.CalibratedOutput, got {type(out).__name__}")
-
-    if not isinstance(seg, torch.Tensor) or not seg.dtype.is_floating_point:
-        raise TypeError(f"predictor output seg must be a floating-point tensor, got {type(seg).__name__}"
-                        + (f" {seg.dtype}" if isinstance(seg, torch.Tensor) else ""))
-    if seg.dim() != nd + 2 or seg.shape[0] != n:
-        raise ValueError(f"predictor output seg must be [{n}, C, {', '.join(map(str, roi))}] for a batch of {n} "
-                         f"windows, got {tuple(seg.shape)}")
-    if tuple(seg.shape[2:]) != tuple(roi):
-        raise ValueError(f"predictor output seg must have the window's spatial shape {tuple(roi)}, got "
-                         f"{tuple(seg.shape[2:])} (outputs at another resolution are not supported)")
-
-    uses_patch = weighting in ("patch", "patch*grid")
-    uses_grid = weighting in ("grid", "patch*grid")
-    if uses_patch:
-        if patch is None:
-            raise ValueError(f"weighting={weighting!r} needs patch scores: return "
-                             "patchblend.CalibratedOutput(seg, patch, grid) with patch [B]")
-        if not isinstance(patch, torch.Tensor) or not patch.dtype.is_floating_point:
-            raise TypeError("patch_scores must be a floating-point tensor [B]")
-        if patch.dim() == 2 and patch.shape[1] == 1:
-            patch = patch[:, 0]
-        if tuple(patch.shape) != (n,):
-            raise ValueError(f"patch_scores must have shape [{n}] (one per window), got {tuple(patch.shape)}")
-        check_values("patch_scores", patch)
-    if uses_grid:
-        if grid is None:
-            raise ValueError(f"weighting={weighting!r} needs grid scores: return "
-                             "patchblend.CalibratedOutput(seg, patch, grid) with grid [B, *G]")
-        if not isinstance(grid, torch.Tensor) or not grid.dtype.is_floating_point:
-            raise TypeError(f"grid_scores must be a floating-point tensor [B, *G] with {nd} grid dims")
-        if grid.dim() != nd + 1 or grid.shape[0] != n or any(g < 1 or g > p for g, p in zip(grid.shape[1:], roi)):
-            raise ValueError(f"grid_scores must have shape [{n}, *G] with {nd} grid dims, 1 <= G <= roi {tuple(roi)}, "
-                             f"got {tuple(grid.shape)}")
-        check_values("grid_scores", grid)
-    return seg, (patch if uses_patch else None), (grid if uses_grid else None)
-
-
-class _ScoreChecks:
-    """Checks that predictor scores are finite and >= 0: at once on the CPU; on a GPU, one flag per name
-    stays on the device and :meth:`raise_if_bad` reads it once at the end (no synchronisation per batch)."""
-
-    def __init__(self):
-        self.flags = {}
-
-    def __call__(self, name: str, scores: torch.Tensor) -> None:
-        if scores.device.type == "cpu":
-            _check_finite_nonnegative(name, scores)
-            return
-        ok = finite_nonnegative(scores)
-        self.flags[name] = ok if name not in self.flags else self.flags[name] & ok
-
-    def raise_if_bad(self) -> None:
-        for name, ok in self.flags.items():
-            if not bool(ok):
-                raise ValueError(f"{name} must be finite and >= 0 (a predictor call returned NaN, inf or a "
-                                 "negative value)")
-
-
-def _weights(patch, grid, nd: int):
-    if patch is None:
-        return grid
-    if grid is None:
-        return patch
-    # the product in at least float32 (half scores would underflow or overflow in it)
-    dt = torch.promote_types(torch.promote_types(patch.dtype, grid.dtype), torch.float32)
-    return patch.reshape(-1, *([1] * nd)).to(dt) * grid.to(dt)
 
 
 class _WindowPlan(NamedTuple):
@@ -228,6 +145,14 @@ def _cached_importance(roi, mode: str, sigma_scale, dtype, device) -> torch.Tens
         return importance_map(roi, mode, sigma_scale, dtype=dtype, device=device)
 
 
+def _importance_peak(imp: torch.Tensor) -> float:
+    """The largest value of a cached importance map (computed once per map)."""
+    peak = getattr(imp, "_patchblend_peak", None)
+    if peak is None:
+        peak = imp._patchblend_peak = float(imp.amax())
+    return peak
+
+
 def _progress(iterable, enabled: bool, total: int):
     if not enabled:
         return iterable
@@ -238,109 +163,52 @@ def _progress(iterable, enabled: bool, total: int):
     return tqdm(iterable, total=total)
 
 
-def sliding_window_inference(
-    inputs: torch.Tensor,
-    roi_size: Union[Sequence[int], int],
-    sw_batch_size: int,
-    predictor: Callable[..., Any],
-    overlap: Union[Sequence[float], float] = 0.25,
-    mode: str = "constant",
-    sigma_scale: Union[Sequence[float], float] = 0.125,
-    padding_mode: str = "constant",
-    cval: float = 0.0,
-    sw_device: Union[torch.device, str, None] = None,
-    device: Union[torch.device, str, None] = None,
-    progress: bool = False,
-    *,
-    weighting: Optional[str] = None,
-    normalize: Optional[str] = None,
-    placement: str = "monai",
-    slab_axis: Optional[int] = None,
-    reduce: Optional[str] = None,
-    threshold: float = 0.5,
-    label_dtype: torch.dtype = torch.int64,
-    roi_weight_map: Optional[torch.Tensor] = None,
-    with_coord: bool = False,
-    process_fn: Optional[Callable] = None,
-    buffer_steps: Optional[int] = None,
-    buffer_dim: int = -1,
-    **kwargs: Any,
-):
-    """Sliding-window inference with optional calibrated (per-patch / per-cell) blending weights.
+class _Call(NamedTuple):
+    """The arguments of one call, checked and resolved (step 0 of the pipeline)."""
 
-    Positional arguments, names and defaults follow ``monai.inferers.sliding_window_inference``; for a
-    predictor that returns a tensor the result is MONAI's (to float tolerance).
+    x: torch.Tensor  # the input as a plain tensor
+    meta_source: Any  # the MONAI MetaTensor input, or None
+    nd: int
+    image_size: Tuple[int, ...]
+    roi: Tuple[int, ...]
+    overlaps: Tuple[float, ...]
+    sw_batch_size: int
+    mode: str
+    sigma_scale: Any
+    padding_mode: str
+    weighting: Optional[str]
+    normalize: str
+    placement: str
+    slab_axis: Optional[int]  # the user's slab axis (patchblend's memory mode)
+    buffer_steps: Optional[int]  # MONAI's buffering: windows visited along buffer_dim, buffer by buffer
+    order_axis: int  # windows are visited sorted (stably) by their start along this axis
+    reduce: Optional[str]
+    threshold: float
+    label_dtype: torch.dtype
+    device: torch.device
+    sw_device: torch.device
+    acc: torch.dtype  # accumulation dtype
 
-    Args:
-        inputs: ``[B, C_in, H, W]`` or ``[B, C_in, D, H, W]``.
-        roi_size: window size, an int or one per spatial axis; entries ``None`` or ``<= 0`` mean the full axis.
-            A window larger than the image pads the image (``padding_mode``, ``cval``), as MONAI does, and the
-            output is cropped back.
-        sw_batch_size: windows per predictor call (windows of consecutive images may share a call, as in MONAI).
-        predictor: ``f(windows [n, C_in, *roi], **kwargs)`` returning ``seg [n, C, *roi]``; or, for calibrated
-            weighting, :class:`~patchblend.CalibratedOutput` ``(seg, patch_scores [n], grid_scores [n, *G])``
-            (scores must be finite and ``>= 0``; the ones ``weighting`` doesn't use may be None). A plain tuple,
-            list or dict (MONAI's multi-output form) is refused, never read as scores.
-        overlap: fraction of a window shared with its neighbour, in ``[0, 1)``, scalar or per axis.
-        mode: importance of each window voxel: ``"constant"``, ``"gaussian"`` (MONAI's, ``sigma_scale``) or
-            ``"nnunet"`` (nnU-Net's Gaussian, peak 10).
-        sigma_scale: Gaussian ``sigma = sigma_scale * roi`` (scalar or per axis).
-        padding_mode: ``"constant"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (when roi > image).
-        cval: fill value for constant padding.
-        sw_device: where the windows and the predictor run (default: ``inputs.device``).
-        device: where the output is accumulated and returned (default: ``inputs.device``).
-        progress: show a tqdm progress bar (tqdm is imported only then).
-        weighting: ``None`` (MONAI's averaging), ``"patch"`` (weight each window by its patch score, Eq. 1),
-            ``"grid"`` (each grid cell by its cell score, Eq. 2) or ``"patch*grid"``. The importance of
-            ``mode`` multiplies in.
-        normalize: ``"weight"`` (divide by the weight sum; the default when ``weighting`` is None, MONAI's
-            behaviour), ``"count"`` (divide by the number of covering windows; the default when ``weighting``
-            is set: the paper's Eq. 1/2) or ``"none"``.
-        placement: window placement, ``"monai"`` (default) or ``"nnunet"`` (``tile_step_size = 1 - overlap``).
-        slab_axis: bounded-memory mode: process windows slab by slab along this spatial axis and finalise each
-            part of the output as soon as no later window touches it; the float accumulator then spans only
-            about one window (times the batch's spread) along the axis. Same result as the full path
-            (bitwise for axis 0 when the windows form a lattice, the usual case; to float rounding otherwise,
-            e.g. with weights in the denominator or nnU-Net placement with repeated starts).
-        reduce: ``None``, ``"argmax"`` (labels ``[B, 1, *S]`` in ``label_dtype``) or ``"threshold"``
-            (``[B, C, *S]`` bool, ``value >= threshold``); in slab mode applied slab by slab, so the full float
-            output never exists.
-        threshold: for ``reduce="threshold"``.
-        label_dtype: dtype of argmax labels. In slab mode they are held in the smallest integer dtype that fits
-            (uint8 up to 256 classes) until the last slab is freed, then widened: int64 labels do not raise the
-            peak.
-        roi_weight_map: optional precomputed importance ``[*roi]`` (non-negative), replacing ``mode``'s.
-        with_coord: pass the windows' MONAI-style slices to the predictor: ``predictor(windows, slices, **kwargs)``.
-        process_fn: MONAI's per-window hook is not supported (it is normalised wrongly there); raises.
-        buffer_steps, buffer_dim: accepted for MONAI compatibility and ignored (see ``slab_axis``).
-        kwargs: passed to ``predictor``; a ``condition`` tensor shaped like ``inputs`` is windowed like it. The
-            keyword-only names above are patchblend's and do not reach the predictor (a predictor argument
-            called ``threshold``, say, must be bound first, e.g. with ``functools.partial``).
 
-    Returns:
-        ``[B, C, *S]`` on ``device`` in ``inputs.dtype`` (the predictor's dtype if ``inputs`` is not floating
-        point); with ``reduce``, labels or masks as above. A MONAI ``MetaTensor`` input gives a ``MetaTensor``.
-        Accumulation is float32 (float64 for float64 inputs) whatever the predictor's precision.
-
-    Gradients: when autograd is on and the predictions (or scores) require grad, the output is differentiable in
-    ``inputs``, the predictor's parameters, the scores and ``roi_weight_map``, as MONAI's is; every window's
-    prediction is then kept until one :func:`~patchblend.calibrated_blend` at the end (autograd keeps the
-    predictor's activations anyway). Under ``torch.no_grad()`` / ``torch.inference_mode()`` the streaming paths run.
-    Slab mode and ``reduce`` return detached results (slab mode warns).
-    """
-    # ---- arguments ------------------------------------------------------------------------------------
+def _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sigma_scale, padding_mode, sw_device,
+                  device, roi_weight_map, process_fn, buffer_steps, buffer_dim, weighting, normalize, placement,
+                  slab_axis, reduce, threshold, label_dtype) -> _Call:
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor [B, C, *spatial], got {type(inputs).__name__}")
     nd = inputs.dim() - 2
-    if nd not in (2, 3):
-        raise ValueError(f"inputs must be [B, C, H, W] or [B, C, D, H, W], got shape {tuple(inputs.shape)}")
+    if nd < 1:
+        raise ValueError(f"inputs must be [B, C, *spatial] with at least one spatial axis, got shape "
+                         f"{tuple(inputs.shape)}")
+    if inputs.device.type == "meta":
+        raise ValueError("inputs is a meta tensor (no data): sliding-window inference needs real data")
     if not callable(predictor):
         raise TypeError("predictor must be callable")
+    if process_fn is not None and not callable(process_fn):
+        raise TypeError(f"process_fn must be callable or None, got {type(process_fn).__name__}")
     if isinstance(sw_batch_size, torch.Tensor) and sw_batch_size.dim() == 0:
         sw_batch_size = sw_batch_size.item()  # MONAI accepts a 0-d tensor
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-    sw_batch_size = int(sw_batch_size)  # (a numpy integer too)
     image_size = tuple(int(s) for s in inputs.shape[2:])
     if inputs.shape[0] < 1 or inputs.shape[1] < 1:
         raise ValueError(f"inputs must have a batch and a channel dimension of at least 1, got {tuple(inputs.shape)}")
@@ -364,261 +232,425 @@ def sliding_window_inference(
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     if reduce == "argmax":
         check_label_dtype(1, label_dtype)  # the type now; whether it holds every class once C is known
-    if slab_axis is not None and (isinstance(slab_axis, bool) or not isinstance(slab_axis, int)
-                                  or not -nd <= slab_axis < nd):
-        raise ValueError(f"slab_axis must be None or an int in [{-nd}, {nd}), got {slab_axis!r}")
-    if process_fn is not None:
-        raise NotImplementedError("process_fn is not supported; use weighting= with predictor scores instead")
-    del buffer_steps, buffer_dim  # MONAI memory knobs; slab_axis is patchblend's
-    batch = inputs.shape[0]
-    device = resolve_device(device, inputs.device)
-    sw_device = resolve_device(sw_device, inputs.device)
-
-    meta_source = inputs if hasattr(inputs, "copy_meta_from") else None  # a MONAI MetaTensor
-    x = inputs.as_subclass(torch.Tensor) if type(inputs) is not torch.Tensor else inputs
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-
-    # ---- windows ---------------------------------------------------------------------------------------
     if slab_axis is not None:
-        slab_axis %= nd
-    plan = _window_plan(image_size, roi, overlaps, placement, slab_axis or 0)
-    pad_lo, padded, coords_pad, coords = plan.pad_lo, plan.padded, plan.coords_pad, plan.coords
-    image_starts = plan.image_grid.starts
-    num_win = coords.shape[0]
+        if isinstance(slab_axis, bool) or not isinstance(slab_axis, numbers.Integral) or not -nd <= slab_axis < nd:
+            raise ValueError(f"slab_axis must be None or an int in [{-nd}, {nd}), got {slab_axis!r}")
+        if nd not in (2, 3):
+            raise ValueError(f"slab_axis needs 2D or 3D inputs, got {nd} spatial axes")
+        slab_axis = int(slab_axis) % nd
+    # MONAI's buffering: None or <= 0 is off; buffer_dim in [-nd, nd] (MONAI's own bound) when on
+    if buffer_steps is not None and (isinstance(buffer_steps, bool) or not isinstance(buffer_steps, numbers.Integral)):
+        raise TypeError(f"buffer_steps must be None or an int, got {buffer_steps!r}")
+    buffered = buffer_steps is not None and buffer_steps > 0
+    order_axis = slab_axis or 0
+    if buffered:
+        if isinstance(buffer_dim, bool) or not isinstance(buffer_dim, numbers.Integral) or not -nd <= buffer_dim <= nd:
+            raise ValueError(f"buffer_dim must be in [{-nd}, {nd}], got {buffer_dim!r}")
+        buffer_dim = int(buffer_dim) + nd if buffer_dim < 0 else int(buffer_dim)
+        if buffer_dim >= nd:
+            raise ValueError(f"buffer_dim must index a spatial axis (< {nd}), got {buffer_dim}")
+        if slab_axis is not None and slab_axis != buffer_dim:
+            raise ValueError(f"slab_axis ({slab_axis}) and buffer_dim ({buffer_dim}) both order the windows; "
+                             "give one, or the same axis")
+        order_axis = buffer_dim
+    _check_meta("roi_weight_map", roi_weight_map)
+    x = inputs.as_subclass(torch.Tensor) if type(inputs) is not torch.Tensor else inputs
+    return _Call(
+        x=x, meta_source=inputs if hasattr(inputs, "copy_meta_from") else None, nd=nd, image_size=image_size,
+        roi=roi, overlaps=overlaps, sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=sigma_scale,
+        padding_mode=padding_mode, weighting=weighting, normalize=normalize, placement=placement,
+        slab_axis=slab_axis, buffer_steps=int(buffer_steps) if buffered else None, order_axis=order_axis,
+        reduce=reduce, threshold=float(threshold), label_dtype=label_dtype,
+        device=resolve_device(device, inputs.device), sw_device=resolve_device(sw_device, inputs.device),
+        acc=torch.float64 if x.dtype == torch.float64 else torch.float32,
+    )
 
-    condition = kwargs.pop("condition", None)
-    if any(pad_lo) or any(p > s for p, s in zip(padded, image_size)):
-        if padding_mode == "constant" and float(cval) == 0.0:
-            src, src_coords3, cond_src = x, plan.coords3, condition  # the extract op reads zeros outside
-        else:
+
+def _check_meta(name: str, value) -> None:
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (no data); pass a tensor with values")
+
+
+def _batches(call: _Call, num_win: int, order_coords: torch.Tensor) -> List[Tuple[int, int]]:
+    """The predictor calls as ranges ``[g0, g1)`` of global window indices (image-major, in visit order): runs of
+    ``sw_batch_size`` windows (a run may span images, as in MONAI); with MONAI's buffering, runs that restart at
+    every buffer of ``buffer_steps`` rows of windows along ``buffer_dim`` and at every image, as MONAI's do."""
+    batch, bs = call.x.shape[0], call.sw_batch_size
+    total = batch * num_win
+    if call.buffer_steps is None:
+        return [(g, min(g + bs, total)) for g in range(0, total, bs)]
+    rows = order_coords[:, call.order_axis].tolist()
+    row_ends = [k for k in range(1, num_win) if rows[k] != rows[k - 1]] + [num_win]  # ends of rows of windows
+    bounds = [0, *row_ends][::min(len(row_ends), call.buffer_steps)]
+    if bounds[-1] < num_win:
+        bounds.append(num_win)
+    out = []
+    for b in range(batch):
+        for lo, hi in zip(bounds, bounds[1:]):
+            out += [(b * num_win + g, b * num_win + min(g + bs, hi)) for g in range(lo, hi, bs)]
+    return out
+
+
+def _segments(g0: int, g1: int, num_win: int) -> list:
+    """Global windows ``[g0, g1)`` (image-major) as ``(image, first window, end window)`` per image."""
+    segments, g = [], g0
+    while g < g1:
+        b, w0 = divmod(g, num_win)
+        w1 = min(num_win, w0 + (g1 - g))
+        segments.append((b, w0, w1))
+        g += w1 - w0
+    return segments
+
+
+class _WindowSource:
+    """Step 2: cuts each batch's windows out of the input (and out of a ``condition`` tensor), onto ``sw_device``.
+
+    Padding (ROI larger than the image) is never materialised for 2D/3D ``padding_mode="constant", cval=0``: the
+    windows start outside the image, and the extract op reads zeros there. Small windows are cut for several
+    batches at once (one op call; the calls' fixed cost is what bounds a GPU run), up to a chunk of
+    ``_CHUNK_BYTES``; large ones one batch at a time (on the CPU the blend then reads them while in cache). Each
+    batch still sees the input as it is when its predictor call comes (as in MONAI): a chunk is cut again if the
+    input changed in between (its version counter moved). With autograd recording, or for inference tensors (no
+    version counter), one batch per cut."""
+
+    def __init__(self, call: _Call, condition, plan: _WindowPlan, padding_mode: str, cval: float):
+        x, nd, roi = call.x, call.nd, call.roi
+        self.nd, self.roi, self.sw_device, self.num_win = nd, roi, call.sw_device, plan.coords.shape[0]
+        if condition is not None and (not isinstance(condition, torch.Tensor) or condition.shape != x.shape):
+            raise ValueError(f"condition must be a tensor shaped like inputs {tuple(x.shape)}, got "
+                             f"{tuple(condition.shape) if isinstance(condition, torch.Tensor) else type(condition)}")
+        padded = any(plan.pad_lo) or any(p > s for p, s in zip(plan.padded, call.image_size))
+        kernels = nd in (2, 3)
+        if padded and not (kernels and padding_mode == "constant" and float(cval) == 0.0):
             pads = []
-            for r, s in zip(reversed(roi), reversed(image_size)):
+            for r, s in zip(reversed(roi), reversed(call.image_size)):
                 d = max(r - s, 0)
                 pads += [d // 2, d - d // 2]
             pad_kw = {"value": float(cval)} if padding_mode == "constant" else {}
-            src = F.pad(x, pads, mode=padding_mode, **pad_kw)
-            cond_src = None if condition is None else F.pad(condition, pads, mode=padding_mode, **pad_kw)
-            src_coords3 = plan.coords_pad3
-    else:
-        src, src_coords3, cond_src = x, plan.coords3, condition
-    # extraction in the ops' 3D form; the starts stay on the CPU (a GPU kernel uploads them without a sync)
-    roi3 = [1, *roi] if nd == 2 else list(roi)
+            x = F.pad(x, pads, mode=padding_mode, **pad_kw)
+            condition = None if condition is None else F.pad(condition, pads, mode=padding_mode, **pad_kw)
+            self.coords = plan.coords_pad3 if kernels else plan.coords_pad
+        else:
+            self.coords = (plan.coords3 if kernels else plan.coords)
+        self.src, self.cond = x, condition
+        self.roi3 = [1, *roi] if nd == 2 else list(roi)
+        window_bytes = max(1, x.shape[1] * math.prod(roi) * x.element_size())
+        chunk_limit = _CHUNK_BYTES["cuda" if x.device.type == "cuda" else "cpu"]
+        bs = call.sw_batch_size
+        self.per_chunk = max(1, chunk_limit // (window_bytes * bs)) * bs
+        self.trackable = not (x.is_inference() or (condition is not None and condition.is_inference()))
+        if torch.is_grad_enabled() or not self.trackable or not kernels:
+            self.per_chunk = bs
+        self.chunk = self.cond_chunk = None
+        self.lo = self.hi = 0
+        self.version = None
 
-    def windows(source, segments):
+    def _cut(self, source, segments) -> torch.Tensor:
         """The windows of ``segments`` [(image, first, end)] of ``source [B, C, *S]`` → ``[n, C, *roi]``."""
-        parts = [_ops.extract(source[b] if nd == 3 else source[b].unsqueeze(1), src_coords3[w0:w1], roi3)
+        if self.nd not in (2, 3):
+            parts = [source[b][(slice(None), *(slice(s, s + r) for s, r in zip(c, self.roi)))]
+                     for b, w0, w1 in segments for c in self.coords[w0:w1].tolist()]
+            return torch.stack(parts)
+        parts = [_ops.extract(source[b] if self.nd == 3 else source[b].unsqueeze(1), self.coords[w0:w1], self.roi3)
                  for b, w0, w1 in segments]
         win = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return win if nd == 3 else win.squeeze(2)
+        return win if self.nd == 3 else win.squeeze(2)
 
-    # ---- importance and denominator ---------------------------------------------------------------------
-    if roi_weight_map is not None:
-        imp = torch.as_tensor(roi_weight_map).to(device=device, dtype=acc)
-        if tuple(imp.shape[-nd:]) != roi or imp.numel() != torch.Size(roi).numel():
-            raise ValueError(f"roi_weight_map must have shape {roi}, got {tuple(imp.shape)}")
-        imp = imp.reshape(roi)
-        _check_finite_nonnegative("roi_weight_map", imp)
-    elif mode == "constant":
-        imp = None
-    else:
-        imp = _cached_importance(roi, mode, _hashable(sigma_scale), acc, device)
-    weights_in_den = normalize == "weight" and weighting is not None
-    # The streaming paths need a strict lattice; nnU-Net's placement repeats starts when roi * (1 - overlap) < 1.
-    strict_lattice = plan.image_grid.is_strict
-    general = weights_in_den or not strict_lattice  # Blender: numerator and denominator, divided at the end
-    slab = slab_axis is not None
-
-    out_dtype = x.dtype if x.dtype.is_floating_point else None
-    state = {"channels": None, "out": None}
-    score_checks = _ScoreChecks()
-    blenders = {}
-    kept = {}  # with autograd: image -> [(seg, weights)] of every batch
-
-    def blender_for(b: int, channels: int):
-        if b in blenders:
-            return blenders[b]
-        if state["out"] is None:  # first predictor output: now C is known
-            state["channels"] = channels
-            if reduce == "argmax":
-                check_label_dtype(channels, label_dtype)
-            if slab:
-                odt = out_dtype or state["seg_dtype"]
-                shape = (batch, 1 if reduce == "argmax" else channels, *image_size)
-                # argmax labels stay compact while slabs exist and are widened at the end (lower peak)
-                labels = compact_label_dtype(channels, label_dtype)
-                dt = labels if reduce == "argmax" else torch.bool if reduce == "threshold" else odt
-                state["out"] = empty_output(shape, dt, device)
-            elif not general:  # LatticeBlender: every voxel is written, no zero fill needed
-                state["out"] = empty_output((batch, channels, *image_size), acc, device)
-            else:  # Blender with a numerator and the weight sum, divided at the end
-                state["out"] = zeros_output((batch, channels, *image_size), acc, device)
-        if slab:
-            blenders[b] = SlabBlender(
-                image_size, channels, axis=slab_axis, normalize=normalize, importance=imp, window_shape=roi,
-                reduce=reduce, threshold=threshold, device=device, dtype=acc,
-                out_dtype=out_dtype or state["seg_dtype"], label_dtype=state["out"].dtype,
-                window_lattice=None if general else image_starts, out=state["out"][b],
-            )
-            blenders[b].check_values = False  # score_checks did it
-        elif not general:
-            blenders[b] = LatticeBlender(image_size, channels, plan.image_grid, roi, normalize=normalize,
-                                         importance=imp, device=device, dtype=acc, out=state["out"][b])
-            blenders[b].check_values = False
-        else:
-            blenders[b] = Blender(image_size, channels, normalize=normalize, importance=imp, window_shape=roi,
-                                  device=device, dtype=acc, out=state["out"][b])
-            blenders[b].check_values = False
-        return blenders[b]
-
-    # ---- the loop: one extraction, one predictor call and one blend per batch -------------------------
-    total = batch * num_win
-
-    def segments_of(g0: int, g1: int) -> list:
-        """Global windows [g0, g1) (image-major) as (image, first window, end window) per image."""
-        segments, g = [], g0
-        while g < g1:
-            b, w0 = divmod(g, num_win)
-            w1 = min(num_win, w0 + (g1 - g))
-            segments.append((b, w0, w1))
-            g += w1 - w0
-        return segments
-
-    # Windows are cut for several batches at once when they are small (one op call instead of one per batch;
-    # the calls' fixed cost is what bounds a GPU run), up to a chunk of _CHUNK_BYTES; large windows one batch at
-    # a time (on the CPU, the blend then reads them while they are still in cache). Each batch still sees the
-    # input as it is when its predictor call comes (as in MONAI): a chunk is cut again if the input changed in
-    # between (its version counter moved, e.g. a predictor that writes back into it). With autograd recording,
-    # one batch per cut: the batches of a chunk would share one version counter, and a predictor that edits
-    # its input in place would invalidate what autograd saved for an earlier batch.
-    window_bytes = max(1, src.shape[1] * math.prod(roi) * src.element_size())
-    chunk_limit = _CHUNK_BYTES["cuda" if src.device.type == "cuda" else "cpu"]
-    per_chunk = max(1, chunk_limit // (window_bytes * sw_batch_size)) * sw_batch_size
-    # (Inference tensors have no version counter: a change could not be seen, so they are cut batch by batch.)
-    trackable = not (src.is_inference() or (cond_src is not None and cond_src.is_inference()))
-    if torch.is_grad_enabled() or not trackable:
-        per_chunk = sw_batch_size
-    chunk = cond_chunk = None
-    chunk_lo = chunk_hi = 0
-    chunk_version = None
-
-    def source_version():
-        if not trackable:
+    def _source_version(self):
+        if not self.trackable:
             return None
-        return src._version, None if cond_src is None else cond_src._version
+        return self.src._version, None if self.cond is None else self.cond._version
 
-    starts = range(0, total, sw_batch_size)
-    for g0 in _progress(starts, progress, len(starts)):
-        g1 = min(g0 + sw_batch_size, total)
-        segments = segments_of(g0, g1)  # (image, first window, end window) within this batch
-        if g0 >= chunk_hi or source_version() != chunk_version:
-            chunk_version = source_version()
-            chunk_lo, chunk_hi = g0, min(g0 + per_chunk, total)
-            chunk = windows(src, segments_of(chunk_lo, chunk_hi)).to(sw_device)
-            if cond_src is not None:
-                cond_chunk = windows(cond_src, segments_of(chunk_lo, chunk_hi)).to(sw_device)
-        win = chunk[g0 - chunk_lo:g1 - chunk_lo]
-        if cond_src is not None:
-            kwargs["condition"] = cond_chunk[g0 - chunk_lo:g1 - chunk_lo]
-        if g1 == chunk_hi:  # the chunk's last batch: let its windows go with the batch
-            chunk = cond_chunk = None
+    def cut(self, g0: int, g1: int, total: int):
+        """``(windows [n, C, *roi], condition windows or None)`` of global windows ``[g0, g1)``."""
+        if g0 < self.lo or g1 > self.hi or self._source_version() != self.version:
+            self.version = self._source_version()
+            self.lo, self.hi = g0, min(max(g0 + self.per_chunk, g1), total)
+            segments = _segments(self.lo, self.hi, self.num_win)
+            self.chunk = self._cut(self.src, segments).to(self.sw_device)
+            if self.cond is not None:
+                self.cond_chunk = self._cut(self.cond, segments).to(self.sw_device)
+        win = self.chunk[g0 - self.lo:g1 - self.lo]
+        cond = None if self.cond is None else self.cond_chunk[g0 - self.lo:g1 - self.lo]
+        if g1 == self.hi:  # the chunk's last batch: let its windows go with the batch
+            self.chunk = self.cond_chunk = None
+            self.lo = self.hi = 0
+        return win, cond
+
+
+def _window_slices(plan: _WindowPlan, segments) -> list:
+    """MONAI's ``with_coord`` argument: per window ``[slice(b, b + 1), slice(None), *spatial slices]`` in the padded
+    image, the spatial bounds numpy integers as MONAI's are."""
+    import numpy as np  # (torch's own dependency; imported only for with_coord)
+
+    roi = plan.image_grid.window_shape
+    return [[slice(b, b + 1), slice(None)] + [slice(np.int64(s), np.int64(s + r)) for s, r in zip(c, roi)]
+            for b, w0, w1 in segments for c in plan.coords_pad[w0:w1].tolist()]
+
+
+class _Outputs:
+    """Step 4: one accumulator per output of the predictor, made at the first batch (when the outputs' number,
+    channels and resolutions are known), each fed every batch; step 5, :meth:`finish`, packs the results in the
+    predictor's form (tensor, tuple or dict), as MONAI does."""
+
+    def __init__(self, call: _Call, plan: _WindowPlan, roi_weight_map, process_fn):
+        self.call, self.plan = call, plan
+        self.num_win = plan.coords.shape[0]
+        self.process_fn = process_fn
+        c = call
+        peak = 1.0
+        if roi_weight_map is not None:
+            imp = torch.as_tensor(roi_weight_map)
+            if not imp.dtype.is_floating_point:
+                imp = imp.to(c.acc)
+            if tuple(imp.shape[-c.nd:]) != c.roi or imp.numel() != math.prod(c.roi):
+                raise ValueError(f"roi_weight_map must have shape {c.roi}, got {tuple(imp.shape)}")
+            imp = imp.reshape(c.roi)
+            peak = _check_finite_nonnegative("roi_weight_map", imp.to(c.acc))  # (as accumulated)
+        elif c.mode == "constant":
+            imp = None
+        else:
+            imp = _cached_importance(c.roi, c.mode, _hashable(c.sigma_scale), c.acc, c.device)
+            peak = _importance_peak(imp)
+        self.checks = ScoreChecks(c.acc, 1.0 if process_fn is not None else peak)
+        self.weighted = imp is not None or c.weighting is not None or process_fn is not None
+        self.base_importance = imp  # [*roi] or None (constant)
+        self.fn_importance = None  # the map process_fn gets, made once
+        self.accumulators = None
+        self.structure = None  # (number of outputs, keys, single) of the first batch
+        self.grad = False
+
+    def importance_for(self, roi_out, device) -> Optional[torch.Tensor]:
+        """The importance map of an output at its resolution (nearest-exact resized, as MONAI does)."""
+        imp = self.base_importance
+        if imp is None or self.process_fn is not None:  # (process_fn's map replaces it, per batch)
+            return None
+        if tuple(roi_out) != tuple(imp.shape):
+            imp = F.interpolate(imp[None, None].to(self.call.acc), roi_out, mode="nearest-exact")[0, 0]
+        return imp.to(device=device, dtype=self.call.acc) if imp.requires_grad or imp.device != device else imp
+
+    def process_fn_importance(self) -> torch.Tensor:
+        """MONAI passes ``process_fn`` the importance map ``[*roi]`` on ``sw_device`` in the input's dtype."""
+        if self.fn_importance is None:
+            c = self.call
+            dt = c.x.dtype if c.x.dtype.is_floating_point else c.acc
+            imp = self.base_importance
+            self.fn_importance = (torch.ones(c.roi, dtype=dt, device=c.sw_device) if imp is None
+                                  else imp.to(device=c.sw_device, dtype=dt))
+        return self.fn_importance
+
+    def _start(self, pred: Prediction, weights) -> None:
+        c = self.call
+        self.structure = (len(pred.segs), pred.keys, pred.single)
+        wants_grad = torch.is_grad_enabled() and (
+            any(s.requires_grad for s in pred.segs) or (weights is not None and weights.requires_grad)
+            or (pred.voxel_weights is not None and any(w.requires_grad for w in pred.voxel_weights))
+            or (self.base_importance is not None and self.base_importance.requires_grad))
+        self.grad = wants_grad and c.slab_axis is None and c.reduce is None
+        if wants_grad and c.slab_axis is not None and c.reduce is None:
+            warnings.warn("slab_axis: gradients do not flow through slab mode; the output is detached "
+                          "(run under torch.no_grad() to silence this)", stacklevel=3)
+        # slab mode: the user's slab_axis, or MONAI's buffering (then the slab accumulates on sw_device)
+        slab = c.slab_axis is not None or (c.buffer_steps is not None and not self.grad and c.nd in (2, 3))
+        slab_device = c.sw_device if c.slab_axis is None and slab else c.device
+        settings = BlendSettings(
+            batch=c.x.shape[0], normalize=c.normalize, device=c.device, acc=c.acc,
+            out_dtype=c.x.dtype if c.x.dtype.is_floating_point else None, reduce=c.reduce, threshold=c.threshold,
+            label_dtype=c.label_dtype, slab_axis=c.order_axis if slab else None, slab_device=slab_device,
+            num_win=self.num_win)
+        weights_in_den = c.normalize == "weight" and (c.weighting is not None or self.process_fn is not None)
+        self.accumulators = []
+        for k, seg in enumerate(pred.segs):
+            geometry = output_geometry(self.plan, c.roi, c.image_size, tuple(seg.shape[2:]))
+            imp = self.importance_for(geometry.roi, slab_device if slab else c.device)
+            self.accumulators.append(make_accumulator(
+                geometry, seg.shape[1], imp, settings, seg.dtype, grad=self.grad,
+                weights_in_den=weights_in_den or self.process_fn is not None, nd=c.nd))
+        self.shapes = [s.shape[1:] for s in pred.segs]
+
+    def add(self, segments, pred: Prediction) -> None:
+        """Blend one batch's outputs (windows ``segments``) into their accumulators."""
+        c = self.call
+        w = pred.weights
+        if w is not None and w.dtype == torch.float64 and c.acc != torch.float64:
+            # each score is finite; float64 scores in a float32 accumulator may not be
+            w = w.to(c.acc)
+            self.checks(f"{'patch' if w.dim() == 1 else 'grid'}_scores (as {c.acc})", w)
+        if self.accumulators is None:
+            self._start(pred, w)
+        elif (len(pred.segs), pred.keys, pred.single) != self.structure or (
+                pred.segs[0].shape[1:] != self.shapes[0] if len(self.shapes) == 1 else
+                any(s.shape[1:] != shape for s, shape in zip(pred.segs, self.shapes))):
+            first_keys = "" if self.structure[1] is None else f" keys {self.structure[1]}"
+            raise ValueError(
+                f"the predictor's outputs changed between batches: first {self.structure[0]} output(s) "
+                f"{[tuple(s) for s in self.shapes]}{first_keys}, now {len(pred.segs)} "
+                f"{[tuple(s.shape[1:]) for s in pred.segs]}{'' if pred.keys is None else f' keys {pred.keys}'}")
+        grad = self.grad
+        if self.weighted:  # a bound on any voxel's weight sum, which must not overflow
+            n = pred.segs[0].shape[0]
+            if pred.voxel_weights is None:
+                self.checks.add_to_sum(w, n)
+            else:  # (one bound for every output: their maps are resized from one)
+                self.checks.add_to_sum(torch.stack([wk.detach().amax() for wk in pred.voxel_weights]), n)
+        for k, (seg, acc) in enumerate(zip(pred.segs, self.accumulators)):
+            device = acc.input_device
+            wk = w if pred.voxel_weights is None else pred.voxel_weights[k]
+            if wk is not None and wk.device != device:
+                wk = wk.to(device)
+            if seg.device != device:
+                seg = seg.to(device)
+            if not grad:
+                seg, wk = seg.detach(), None if wk is None else wk.detach()
+            acc.add(seg, wk, segments)
+
+    def finish(self):
+        self.checks.raise_if_bad()
+        results = []
+        while self.accumulators:
+            results.append(self.accumulators.pop(0).finish())  # (each frees its buffers before the next)
+        if self.call.meta_source is not None:
+            results = [_as_meta_tensor(r, self.call.meta_source) for r in results]
+        return pack_outputs(results, self.structure[1], self.structure[2])
+
+
+def sliding_window_inference(
+    inputs: torch.Tensor,
+    roi_size: Union[Sequence[int], int],
+    sw_batch_size: int,
+    predictor: Callable[..., Any],
+    overlap: Union[Sequence[float], float] = 0.25,
+    mode: str = "constant",
+    sigma_scale: Union[Sequence[float], float] = 0.125,
+    padding_mode: str = "constant",
+    cval: float = 0.0,
+    sw_device: Union[torch.device, str, None] = None,
+    device: Union[torch.device, str, None] = None,
+    progress: bool = False,
+    roi_weight_map: Optional[torch.Tensor] = None,
+    process_fn: Optional[Callable] = None,
+    buffer_steps: Optional[int] = None,
+    buffer_dim: int = -1,
+    with_coord: bool = False,
+    *args: Any,
+    weighting: Optional[str] = None,
+    normalize: Optional[str] = None,
+    placement: str = "monai",
+    slab_axis: Optional[int] = None,
+    reduce: Optional[str] = None,
+    threshold: float = 0.5,
+    label_dtype: torch.dtype = torch.int64,
+    **kwargs: Any,
+):
+    """Sliding-window inference with optional calibrated (per-patch / per-cell) blending weights.
+
+    The 17 positional parameters, their names and defaults and ``*args`` / ``**kwargs`` are those of
+    ``monai.inferers.sliding_window_inference``; for what MONAI accepts the result is MONAI's (to float rounding).
+    patchblend's own options are keyword-only.
+
+    Args:
+        inputs: ``[B, C_in, *S]`` with one or more spatial axes (2D and 3D run on the compiled kernels; 1D and 4D+
+            on a plain PyTorch path). A MONAI ``MetaTensor`` gives ``MetaTensor`` outputs with its metadata.
+        roi_size: window size, an int or one per spatial axis; entries ``None`` or ``<= 0`` mean the full axis.
+            A window larger than the image pads the image (``padding_mode``, ``cval``), as MONAI does, and the
+            output is cropped back.
+        sw_batch_size: windows per predictor call (windows of consecutive images may share a call, as in MONAI).
+        predictor: ``f(windows [n, C_in, *roi], *args, **kwargs)`` (``f(windows, slices, *args, **kwargs)`` with
+            ``with_coord``) returning MONAI's forms: a tensor ``[n, C, *roi']``, a tuple or list of them, or a dict
+            of them; each output is blended on its own, with its own channels and resolution (``roi'`` may differ
+            from ``roi``: zoom ``roi' / roi`` per axis, windows and importance scaled as in MONAI). For calibrated
+            weighting it returns :class:`~patchblend.CalibratedOutput` ``(seg, patch_scores [n], grid_scores
+            [n, *G])``, where ``seg`` is any of those forms and the scores weight every output alike (scores must
+            be finite and ``>= 0``; those ``weighting`` doesn't use may be None). A plain tuple, list or dict is
+            never read as scores.
+        overlap: fraction of a window shared with its neighbour, in ``[0, 1)``, scalar or per axis.
+        mode: importance of each window voxel: ``"constant"``, ``"gaussian"`` (MONAI's, ``sigma_scale``) or
+            ``"nnunet"`` (nnU-Net's Gaussian, peak 10).
+        sigma_scale: Gaussian ``sigma = sigma_scale * roi`` (scalar or per axis).
+        padding_mode: ``"constant"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (when roi > image).
+        cval: fill value for constant padding.
+        sw_device: where the windows and the predictor run (default: ``inputs.device``).
+        device: where the output is accumulated and returned (default: ``inputs.device``).
+        progress: show a tqdm progress bar (tqdm is imported only then).
+        roi_weight_map: optional precomputed importance ``[*roi]`` (non-negative), replacing ``mode``'s.
+        process_fn: MONAI's ``process_fn(outputs tuple, windows, importance [*roi]) -> (outputs, weight_map)``: the
+            outputs it returns are blended with its weight map (``[*roi]``, ``[1, 1, *roi]`` or per window
+            ``[n, 1, *roi]``) instead of the importance. The denominator is the sum of the maps actually used
+            (MONAI divides by the first batch's map for every window, which differs when the map varies).
+        buffer_steps, buffer_dim: MONAI's buffering: windows are visited row by row along ``buffer_dim`` and the
+            predictor calls restart at every buffer of ``buffer_steps`` rows and at every image, as MONAI's do;
+            the blend runs in slab mode along ``buffer_dim`` on ``sw_device`` (memory: about one window deep), each
+            finished slab written to ``device``. Every output is returned (MONAI returns only the first).
+        with_coord: pass the windows' MONAI-style slices to the predictor: ``predictor(windows, slices, ...)``.
+        args: passed to ``predictor`` after the windows (and the slices).
+        weighting: ``None`` (MONAI's averaging), ``"patch"`` (weight each window by its patch score, Eq. 1),
+            ``"grid"`` (each grid cell by its cell score, Eq. 2) or ``"patch*grid"``; the predictor must then
+            return a :class:`~patchblend.CalibratedOutput`. The importance of ``mode`` multiplies in.
+        normalize: ``"weight"`` (divide by the weight sum; the default when ``weighting`` is None, MONAI's
+            behaviour), ``"count"`` (divide by the number of covering windows; the default when ``weighting``
+            is set: the paper's Eq. 1/2) or ``"none"``.
+        placement: window placement, ``"monai"`` (default) or ``"nnunet"`` (``tile_step_size = 1 - overlap``).
+        slab_axis: bounded-memory mode (2D/3D): process windows slab by slab along this spatial axis and finalise
+            each part of the output as soon as no later window touches it; the float accumulator then spans only
+            about one window (times the batch's spread) along the axis. Same result as the full path
+            (bitwise for axis 0 when the windows form a lattice, the usual case; to float rounding otherwise,
+            e.g. with weights in the denominator or nnU-Net placement with repeated starts).
+        reduce: ``None``, ``"argmax"`` (labels ``[B, 1, *S]`` in ``label_dtype``) or ``"threshold"``
+            (``[B, C, *S]`` bool, ``value >= threshold``); in slab mode applied slab by slab, so the full float
+            output never exists. Applied to every output.
+        threshold: for ``reduce="threshold"``.
+        label_dtype: dtype of argmax labels. In slab mode they are held in the smallest integer dtype that fits
+            (uint8 up to 256 classes) until the last slab is freed, then widened: int64 labels do not raise the
+            peak.
+        kwargs: passed to ``predictor``; a ``condition`` tensor shaped like ``inputs`` is windowed like it. The
+            keyword-only names above are patchblend's and do not reach the predictor (a predictor argument
+            called ``threshold``, say, must be bound first, e.g. with ``functools.partial``).
+
+    Returns:
+        In the predictor's form (a tensor; a tuple for a tuple or list of two or more outputs; a dict with the same
+        keys), each ``[B, C_k, *S_k]`` on ``device`` in ``inputs.dtype`` (the predictor's dtype if ``inputs`` is
+        not floating point), ``S_k`` the image size times output ``k``'s zoom; with ``reduce``, labels or masks as
+        above. Accumulation is float32 (float64 for float64 inputs) whatever the predictor's precision.
+
+    Gradients: when autograd is on and the predictions (or scores) require grad, the output is differentiable in
+    ``inputs``, the predictor's parameters, the scores and ``roi_weight_map``, as MONAI's is; every window's
+    prediction is then kept until one :func:`~patchblend.calibrated_blend` at the end (autograd keeps the
+    predictor's activations anyway). Under ``torch.no_grad()`` / ``torch.inference_mode()`` the streaming paths run.
+    Slab mode and ``reduce`` return detached results (slab mode warns).
+    """
+    # 0. the arguments, checked and resolved
+    call = _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sigma_scale, padding_mode,
+                         sw_device, device, roi_weight_map, process_fn, buffer_steps, buffer_dim, weighting, normalize,
+                         placement, slab_axis, reduce, threshold, label_dtype)
+    # 1. where the windows go, in the order they are visited
+    plan = _window_plan(call.image_size, call.roi, call.overlaps, placement, call.order_axis)
+    num_win = plan.coords.shape[0]
+    total = call.x.shape[0] * num_win
+    # 2. cutting batches of windows
+    source = _WindowSource(call, kwargs.pop("condition", None), plan, call.padding_mode, cval)
+    outputs = _Outputs(call, plan, roi_weight_map, process_fn)
+    batches = _batches(call, num_win, plan.coords_pad)
+    for g0, g1 in _progress(batches, progress, len(batches)):
+        segments = _segments(g0, g1, num_win)
+        windows, condition = source.cut(g0, g1, total)
+        if condition is not None:
+            kwargs["condition"] = condition
+        # 3. the predictor, and its output read (MONAI's forms, or CalibratedOutput with scores)
         if with_coord:
-            slices = [[slice(b, b + 1), slice(None)] + [slice(s, s + r) for s, r in zip(c, roi)]
-                      for b, w0, w1 in segments for c in coords_pad[w0:w1].tolist()]
-            out = predictor(win, slices, **kwargs)
+            out = predictor(windows, _window_slices(plan, segments), *args, **kwargs)
         else:
-            out = predictor(win, **kwargs)
-        n = g1 - g0
-        seg, patch_scores, grid_scores = _parse_output(out, n, roi, nd, weighting, score_checks)
-        if state["channels"] is not None and seg.shape[1] != state["channels"]:
-            raise ValueError(f"predictor output seg changed its channel count from {state['channels']} to "
-                             f"{seg.shape[1]} between batches")
-        state.setdefault("seg_dtype", seg.dtype)
-        seg = seg.to(device)
-        w = _weights(patch_scores, grid_scores, nd)
-        if w is not None:
-            # each score is finite; their product, or float64 scores in a float32 accumulator, may not be
-            both = patch_scores is not None and grid_scores is not None
-            if both or torch.finfo(w.dtype).max > torch.finfo(acc).max:
-                w = w.to(acc)
-                score_checks("patch_scores * grid_scores" if both else
-                             f"{'patch' if patch_scores is not None else 'grid'}_scores (as {acc})", w)
-            w = w.to(device)
-        if "grad" not in state:  # decided once, at the first batch
-            wants_grad = torch.is_grad_enabled() and (seg.requires_grad or (w is not None and w.requires_grad)
-                                                      or (imp is not None and imp.requires_grad))
-            state["grad"] = wants_grad and not slab and reduce is None
-            if wants_grad and slab and reduce is None:
-                warnings.warn("slab_axis: gradients do not flow through slab mode; the output is detached "
-                              "(run under torch.no_grad() to silence this)", stacklevel=2)
-        if not state["grad"]:
-            seg, w = seg.detach(), None if w is None else w.detach()
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            bl = None if state["grad"] else blender_for(b, seg.shape[1])
-            if bl is None:  # keep the (differentiable) predictions; one differentiable blend at the end
-                kept.setdefault(b, []).append((seg[k:k + m], None if w is None else w[k:k + m]))
-            elif isinstance(bl, LatticeBlender):
-                bl._add(seg[k:k + m], None if w is None else w[k:k + m])  # (checked by _parse_output)
-            elif not slab:
-                bl.add(seg[k:k + m], coords[w0:w1], None if w is None else w[k:k + m])
-            else:
-                # one add per run of equal starts along the slab axis, finalising in between, so that the slab
-                # buffer stays one window deep even when a predictor batch spans two rows of windows
-                axis_starts = coords[w0:w1, slab_axis].tolist()
-                r0 = 0
-                for r in range(1, m + 1):
-                    if r < m and axis_starts[r] == axis_starts[r0]:
-                        continue
-                    bl.add(seg[k + r0:k + r], coords[w0 + r0:w0 + r], None if w is None else w[k + r0:k + r])
-                    if w0 + r < num_win:
-                        bl.finalize_until(int(coords[w0 + r, slab_axis]))
-                    r0 = r
-                if w1 == num_win:
-                    bl.finish()
-                    del blenders[b]
-            k += m
+            out = predictor(windows, *args, **kwargs)
+        pred = parse_output(out, g1 - g0, call.nd, call.weighting, outputs.checks)
+        if process_fn is not None:
+            pred = apply_process_fn(process_fn, pred, windows, outputs.process_fn_importance(), call.roi,
+                                    outputs.checks)
+        # 4. each output into its accumulator
+        outputs.add(segments, pred)
         # drop this batch's windows and predictions before the next predictor call allocates its own
-        del win, out, seg, patch_scores, grid_scores, w
+        del windows, condition, out, pred
         kwargs.pop("condition", None)
-
-    # ---- finalise --------------------------------------------------------------------------------------
-    score_checks.raise_if_bad()
-    if state.get("grad"):
-        result = _differentiable_blend(kept, batch, coords, image_size, normalize, imp, acc)
-        kept = None
-    else:
-        result = state["out"]
-        if slab and reduce == "argmax" and result.dtype != label_dtype:
-            state["out"] = None
-            result = result.to(label_dtype)  # every slab is freed by now
-        if not slab:
-            for b in range(batch):
-                blender_for(b, state["channels"]).finalize()
-    if not slab:
-        if reduce == "argmax":
-            result = result.argmax(1, keepdim=True).to(label_dtype)
-        elif reduce == "threshold":
-            result = result >= threshold
-        else:
-            odt = out_dtype or state["seg_dtype"]
-            if result.dtype != odt:
-                result = result.to(odt)
-    if meta_source is not None:
-        result = _as_meta_tensor(result, meta_source)
-    return result
-
-
-def _differentiable_blend(kept, batch: int, coords, image_size, normalize, importance, acc) -> torch.Tensor:
-    """With autograd: every window's prediction in one :func:`~patchblend.calibrated_blend` per image (the
-    spec the streaming paths match), which is differentiable in the predictions, the scores and the importance."""
-    outs = []
-    for b in range(batch):
-        segs, ws = zip(*kept[b])
-        weights = None if ws[0] is None else torch.cat(ws)
-        outs.append(calibrated_blend(torch.cat(segs).to(acc), weights, coords, image_size, normalize=normalize,
-                                     importance=importance))
-    return torch.stack(outs)
+    # 5. finish: divide / reduce, in the predictor's form
+    return outputs.finish()
 
 
 def _as_meta_tensor(result: torch.Tensor, like):

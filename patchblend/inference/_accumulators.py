@@ -1,0 +1,327 @@
+"""One accumulator per output of the sliding-window driver, one class per way of blending.
+
+Each output of the predictor (MONAI's tuple/list/dict outputs, each with its own channels and resolution) gets an
+:class:`OutputGeometry` (its windows and its size) and one accumulator, chosen once by :func:`make_accumulator`:
+
+- :class:`LatticeAccumulator`: the windows form a strict lattice at the image's resolution and the denominator
+  does not depend on predicted weights: the compiled ``blend_stream_`` op, nothing held but the output;
+- :class:`BlenderAccumulator`: anything else in 2D/3D (weights in the denominator, rescaled outputs, repeated
+  starts, ``process_fn`` weight maps): a numerator and a denominator, divided at the end;
+- :class:`SlabAccumulator`: slab mode (``slab_axis``, or MONAI's ``buffer_steps``): only a slab of float buffer;
+- :class:`KeepAccumulator`: with autograd, every prediction kept and blended once, differentiably;
+- :class:`TorchAccumulator`: 1D and 4D+ inputs, which the 2D/3D kernels do not take: plain PyTorch slice-adds.
+
+Every accumulator takes ``add(seg [n, C, *roi], weights, segments)`` per batch (``segments`` lists
+``(image, first window, end window)``) and ``finish() -> [B, C, *S]``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from .._reference import expand_grid_weights
+from ..ops import calibrated_blend, empty_output, zeros_output
+from .blender import Blender, LatticeBlender, SlabBlender, compact_label_dtype, check_label_dtype
+from .windows import WindowGrid
+
+__all__ = ["OutputGeometry", "output_geometry", "BlendSettings", "make_accumulator"]
+
+
+class OutputGeometry(NamedTuple):
+    """Where one output's windows go: its window shape ``roi``, spatial size ``out_shape``, the windows' starts
+    ``coords [N, nd]`` in it (visit order; negative where the image was padded), the ``lattice`` when the output
+    has the image's resolution (the fast paths' tables), and the zoom ``scale`` per axis."""
+
+    roi: Tuple[int, ...]
+    out_shape: Tuple[int, ...]
+    coords: torch.Tensor
+    lattice: Optional[WindowGrid]
+    scale: Tuple[float, ...]
+
+
+def output_geometry(plan, roi: Tuple[int, ...], image_size: Tuple[int, ...], roi_out: Tuple[int, ...]
+                    ) -> OutputGeometry:
+    """The geometry of an output whose windows are ``roi_out`` for input windows ``roi``, as MONAI places it:
+    zoom ``z = roi_out / roi`` per axis, a window starting at ``s`` (in the padded image) covers
+    ``[int(s z), int((s + roi) z))``, the output is ``int(padded z)`` long and, when the image was padded, cropped
+    to ``[round(pad z), round((pad + image) z))``."""
+    nd = len(roi)
+    if tuple(roi_out) == tuple(roi):
+        return OutputGeometry(tuple(roi), tuple(image_size), plan.coords, plan.image_grid, (1.0,) * nd)
+    scale = tuple(o / float(r) for o, r in zip(roi_out, roi))
+    padded_any = any(p > s for p, s in zip(plan.padded, image_size))
+    coords = plan.coords_pad.clone()
+    out_shape = []
+    for a, z in enumerate(scale):
+        # (int((s + r) z) - int(s z) is always roi_out: r z = roi_out is an integer)
+        table = {s: int(s * z) for s in set(coords[:, a].tolist())}
+        full = int(plan.padded[a] * z)
+        if padded_any:
+            lo = int(round(plan.pad_lo[a] * z))
+            hi = min(int(round((plan.pad_lo[a] + image_size[a]) * z)), full)
+        else:
+            lo, hi = 0, full
+        coords[:, a] = torch.tensor([table[s] - lo for s in coords[:, a].tolist()], dtype=coords.dtype)
+        out_shape.append(max(hi - lo, 0))
+    return OutputGeometry(tuple(roi_out), tuple(out_shape), coords, None, scale)
+
+
+class BlendSettings(NamedTuple):
+    """What every accumulator of one call shares."""
+
+    batch: int  # images
+    normalize: str
+    device: torch.device  # where the output is accumulated and returned
+    acc: torch.dtype  # accumulation dtype
+    out_dtype: Optional[torch.dtype]  # the result's dtype (None: the predictions')
+    reduce: Optional[str]
+    threshold: float
+    label_dtype: torch.dtype
+    slab_axis: Optional[int]  # slab mode along this axis, or None
+    slab_device: torch.device  # where a slab accumulates (``sw_device`` with MONAI's buffering)
+    num_win: int  # windows per image
+
+
+class _Accumulator:
+    def __init__(self, geometry: OutputGeometry, channels: int, importance, settings: BlendSettings,
+                 seg_dtype: torch.dtype):
+        self.geometry = geometry
+        self.channels = channels
+        self.importance = importance
+        self.settings = settings
+        self.out_dtype = settings.out_dtype or seg_dtype
+        self.blenders = {}
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where :meth:`add` wants the predictions (the slab's device for :class:`SlabAccumulator`)."""
+        return self.settings.device
+
+    def finish(self) -> torch.Tensor:
+        return _finish_values(self._values(), self.settings, self.out_dtype)
+
+
+def _finish_values(result: torch.Tensor, s: BlendSettings, out_dtype) -> torch.Tensor:
+    """The unreduced float result → labels (``argmax``), masks (``threshold``) or ``out_dtype``."""
+    if s.reduce == "argmax":
+        check_label_dtype(result.shape[1], s.label_dtype)
+        return result.argmax(1, keepdim=True).to(s.label_dtype)
+    if s.reduce == "threshold":
+        return result >= s.threshold
+    return result if result.dtype == out_dtype else result.to(out_dtype)
+
+
+class LatticeAccumulator(_Accumulator):
+    """Windows of a strict lattice, denominator fixed: :class:`LatticeBlender` per image (``blend_stream_``)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        s, g = self.settings, self.geometry
+        self.out = empty_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)  # every voxel is written
+
+    def add(self, seg, weights, segments) -> None:
+        if len(segments) == 1:  # the common case: the batch lies in one image
+            bl = self.blenders.get(segments[0][0]) or self._blender(segments[0][0])
+            bl._add(seg, weights)
+            return
+        k = 0
+        for b, w0, w1 in segments:
+            m = w1 - w0
+            bl = self.blenders.get(b) or self._blender(b)
+            bl._add(seg[k:k + m], None if weights is None else weights[k:k + m])
+            k += m
+
+    def _blender(self, b: int) -> LatticeBlender:
+        s, g = self.settings, self.geometry
+        bl = self.blenders[b] = LatticeBlender(g.out_shape, self.channels, g.lattice, g.roi,
+                                               normalize=s.normalize, importance=self.importance,
+                                               device=s.device, dtype=s.acc, out=self.out[b])
+        bl.check_values = False  # the driver checked the scores
+        return bl
+
+    def _values(self):
+        for bl in self.blenders.values():
+            bl.finalize()
+        return self.out
+
+
+class BlenderAccumulator(_Accumulator):
+    """Any windows and weights in 2D/3D: :class:`Blender` per image (numerator and denominator)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        s, g = self.settings, self.geometry
+        self.out = zeros_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)
+
+    def add(self, seg, weights, segments) -> None:
+        k = 0
+        for b, w0, w1 in segments:
+            m = w1 - w0
+            bl = self.blenders.get(b)
+            if bl is None:
+                s, g = self.settings, self.geometry
+                bl = self.blenders[b] = Blender(g.out_shape, self.channels, normalize=s.normalize,
+                                                importance=self.importance, window_shape=g.roi, device=s.device,
+                                                dtype=s.acc, out=self.out[b])
+                bl.check_values = False
+            bl.add(seg[k:k + m], self.geometry.coords[w0:w1], None if weights is None else weights[k:k + m])
+            k += m
+
+    def _values(self):
+        for b in range(self.settings.batch):  # an image with no window (none here) would still be divided
+            bl = self.blenders.get(b)
+            if bl is not None:
+                bl.finalize()
+        return self.out
+
+
+class SlabAccumulator(_Accumulator):
+    """Slab mode: :class:`SlabBlender` per image, finalised (and reduced) slab by slab along the axis as the
+    windows, visited in order of their start along it, move on."""
+
+    def __init__(self, geometry, channels, importance, settings, seg_dtype, fixed_denominator: bool):
+        super().__init__(geometry, channels, importance, settings, seg_dtype)
+        s = settings
+        if s.reduce == "argmax":
+            check_label_dtype(channels, s.label_dtype)
+        shape = (s.batch, 1 if s.reduce == "argmax" else channels, *geometry.out_shape)
+        # argmax labels stay compact while slabs exist and are widened at the end (lower peak)
+        labels = compact_label_dtype(channels, s.label_dtype)
+        dt = labels if s.reduce == "argmax" else torch.bool if s.reduce == "threshold" else self.out_dtype
+        self.out = empty_output(shape, dt, s.device)
+        self.lattice = geometry.lattice.starts if fixed_denominator and geometry.lattice is not None else None
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.settings.slab_device
+
+    def add(self, seg, weights, segments) -> None:
+        s, g = self.settings, self.geometry
+        axis, coords = s.slab_axis, g.coords
+        k = 0
+        for b, w0, w1 in segments:
+            m = w1 - w0
+            bl = self.blenders.get(b)
+            if bl is None:
+                bl = self.blenders[b] = SlabBlender(
+                    g.out_shape, self.channels, axis=axis, normalize=s.normalize, importance=self.importance,
+                    window_shape=g.roi, reduce=s.reduce, threshold=s.threshold, device=s.slab_device, dtype=s.acc,
+                    out_dtype=self.out_dtype, label_dtype=self.out.dtype, window_lattice=self.lattice, out=self.out[b])
+                bl.check_values = False
+            # one add per run of equal starts along the slab axis, finalising in between, so that the slab buffer
+            # stays one window deep even when a predictor batch spans two rows of windows
+            axis_starts = coords[w0:w1, axis].tolist()
+            r0 = 0
+            for r in range(1, m + 1):
+                if r < m and axis_starts[r] == axis_starts[r0]:
+                    continue
+                bl.add(seg[k + r0:k + r], coords[w0 + r0:w0 + r], None if weights is None else weights[k + r0:k + r])
+                if w0 + r < s.num_win:
+                    bl.finalize_until(int(coords[w0 + r, axis]))
+                r0 = r
+            if w1 == s.num_win:
+                bl.finish()
+                del self.blenders[b]
+            k += m
+
+    def finish(self) -> torch.Tensor:  # (reduced slab by slab already)
+        if self.settings.reduce == "argmax" and self.out.dtype != self.settings.label_dtype:
+            out, self.out = self.out, None
+            return out.to(self.settings.label_dtype)  # every slab is freed by now
+        return self.out
+
+
+class KeepAccumulator(_Accumulator):
+    """With autograd: every window's prediction kept, one differentiable :func:`~patchblend.calibrated_blend` per
+    image at the end (the spec the streaming paths match)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.kept = {}
+
+    def add(self, seg, weights, segments) -> None:
+        k = 0
+        for b, w0, w1 in segments:
+            m = w1 - w0
+            self.kept.setdefault(b, []).append((seg[k:k + m], None if weights is None else weights[k:k + m]))
+            k += m
+
+    def _values(self):
+        s, g = self.settings, self.geometry
+        outs = []
+        for b in range(s.batch):
+            segs, ws = zip(*self.kept.pop(b))
+            weights = None if ws[0] is None else torch.cat(ws)
+            outs.append(calibrated_blend(torch.cat(segs).to(s.acc), weights, g.coords, g.out_shape,
+                                         normalize=s.normalize, importance=self.importance))
+        return torch.stack(outs)
+
+
+class TorchAccumulator(_Accumulator):
+    """1D and 4D+ inputs (the compiled kernels take 2D/3D): the same blend (DESIGN §2) as PyTorch slice-adds,
+    window by window, with a numerator and a denominator; differentiable."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        s, g = self.settings, self.geometry
+        self.num = torch.zeros((s.batch, self.channels, *g.out_shape), dtype=s.acc, device=s.device)
+        self.den = None if s.normalize == "none" else torch.zeros((s.batch, *g.out_shape), dtype=s.acc,
+                                                                   device=s.device)
+
+    def add(self, seg, weights, segments) -> None:
+        s, g = self.settings, self.geometry
+        seg = seg.to(s.acc)
+        nd = len(g.roi)
+        if weights is not None:
+            weights = weights.to(s.acc)
+            if weights.dim() > 1:
+                weights = expand_grid_weights(weights, g.roi)
+        imp = self.importance
+        k = 0
+        for b, w0, w1 in segments:
+            for w, start in zip(range(w0, w1), g.coords[w0:w1].tolist()):
+                out_sl, win_sl = [], []
+                for c, p, o in zip(start, g.roi, g.out_shape):
+                    lo, hi = max(c, 0), min(c + p, o)
+                    out_sl.append(slice(lo, hi))
+                    win_sl.append(slice(lo - c, hi - c))
+                if any(sl.stop <= sl.start for sl in out_sl):
+                    k += 1
+                    continue
+                wv = torch.ones(g.roi, dtype=s.acc, device=seg.device)
+                if weights is not None:
+                    wv = wv * (weights[k].reshape([1] * nd) if weights.dim() == 1 else weights[k])
+                if imp is not None:
+                    wv = wv * imp
+                wv = wv[tuple(win_sl)]
+                self.num[b][(slice(None), *out_sl)] += seg[k][(slice(None), *win_sl)] * wv
+                if self.den is not None:
+                    self.den[b][tuple(out_sl)] += 1.0 if s.normalize == "count" else wv
+                k += 1
+
+    def _values(self):
+        s = self.settings
+        if self.den is None:
+            return self.num
+        den = self.den.unsqueeze(1)
+        if s.normalize == "count":
+            return self.num / den.clamp(min=1.0)
+        return torch.where(den > 0, self.num / den.clamp(min=torch.finfo(den.dtype).tiny),
+                           torch.zeros((), dtype=self.num.dtype, device=self.num.device))
+
+
+def make_accumulator(geometry: OutputGeometry, channels: int, importance, settings: BlendSettings, seg_dtype,
+                     *, grad: bool, weights_in_den: bool, nd: int):
+    """The accumulator for one output: N-D → torch; autograd → keep; slab → slab; a lattice with a fixed
+    denominator → lattice; anything else → blender."""
+    if nd not in (2, 3):
+        return TorchAccumulator(geometry, channels, importance, settings, seg_dtype)
+    if grad:
+        return KeepAccumulator(geometry, channels, importance, settings, seg_dtype)
+    fixed = not weights_in_den and geometry.lattice is not None and geometry.lattice.is_strict
+    if settings.slab_axis is not None:
+        return SlabAccumulator(geometry, channels, importance, settings, seg_dtype, fixed)
+    if fixed:
+        return LatticeAccumulator(geometry, channels, importance, settings, seg_dtype)
+    return BlenderAccumulator(geometry, channels, importance, settings, seg_dtype)

@@ -1,0 +1,178 @@
+"""No inf/NaN the inputs did not contain, meta tensors refused by name, SlabBlender's window_coords held to the list,
+and the boundaries of the checks (a weight of -1e-30, a value exactly at the threshold)."""
+import pytest
+import torch
+
+from patchblend import Blender, CalibratedOutput, SlabBlender, calibrated_blend, extract_patches
+from patchblend.inference import LatticeBlender, sliding_window_inference, sliding_windows
+
+P = torch.rand(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+C = torch.tensor([[0, 0, 0], [2, 0, 0]])
+OUT = (6, 4, 4)
+GRID = sliding_windows(OUT, (4, 4, 4), 0.5)  # the same two windows as C
+
+# weights finite in their own dtype whose float32 conversion (float64) or float32 weight sum overflows
+OVERFLOWING = [torch.tensor([1e300, 1.0], dtype=torch.float64), torch.tensor([3e38, 3e38])]
+
+
+def _blend(w, normalize):
+    return calibrated_blend(P, w, C, OUT, normalize=normalize)
+
+
+def _blender(w, normalize):
+    b = Blender(OUT, 1, normalize=normalize)
+    b.add(P, C, w)
+    return b.finalize()
+
+
+def _lattice(w, normalize):
+    b = LatticeBlender(OUT, 1, GRID, (4, 4, 4), normalize=normalize)
+    b.add(P, w)
+    return b.finalize()
+
+
+def _slab(w, normalize):
+    b = SlabBlender(OUT, 1, normalize=normalize)
+    b.add(P, C, w)
+    return b.finish()
+
+
+@pytest.mark.parametrize("entry", [_blend, _blender, _lattice, _slab])
+@pytest.mark.parametrize("normalize", ["count", "weight", "none"])
+@pytest.mark.parametrize("weights", OVERFLOWING, ids=["float64-1e300", "float32-3e38"])
+def test_overflowing_weights_are_an_error(entry, normalize, weights):
+    if entry is _lattice and normalize == "weight":
+        pytest.skip("LatticeBlender takes no weights with normalize='weight'")
+    with pytest.raises(ValueError, match="weights"):
+        out = entry(weights, normalize)
+        assert torch.isfinite(out).all()  # (never reached: the error comes first; shows what would be wrong)
+
+
+def test_large_weights_that_fit_are_accepted():
+    w = torch.tensor([1e37, 1e37])  # their sum, 2e37, fits float32
+    out = _blend(w, "weight")
+    torch.testing.assert_close(out, _blend(torch.ones(2), "weight"))
+    # float64 patches accumulate in float64: 1e300 is fine there
+    out64 = calibrated_blend(P.double(), torch.tensor([1e300, 1e300], dtype=torch.float64), C, OUT, normalize="weight")
+    torch.testing.assert_close(out64, calibrated_blend(P.double(), None, C, OUT, normalize="weight"))
+
+
+def test_importance_that_overflows_is_an_error():
+    imp = torch.full((4, 4, 4), 3e38)
+    with pytest.raises(ValueError, match="importance"):
+        calibrated_blend(P, None, C, OUT, normalize="weight", importance=imp)
+    with pytest.raises(ValueError, match="importance"):
+        calibrated_blend(P, None, C, OUT, importance=imp.double() * 1e10)  # inf in float32
+
+
+def test_driver_refuses_overflowing_scores_and_maps():
+    x = torch.rand(1, 1, 8, 8, 8)
+    for scores, dtype in ((3e38, torch.float32), (1e300, torch.float64)):
+        def pred(w, s=scores, dt=dtype):
+            return CalibratedOutput(w, torch.full((w.shape[0],), s, dtype=dt), None)
+
+        for normalize in ("count", "weight"):
+            with pytest.raises(ValueError, match="scores"):
+                sliding_window_inference(x, 4, 2, pred, weighting="patch", normalize=normalize)
+    with pytest.raises(ValueError, match="weights"):
+        sliding_window_inference(x, 4, 2, lambda w: w, roi_weight_map=torch.full((4, 4, 4), 3e38))
+
+
+# ---- meta tensors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: calibrated_blend(P.to("meta"), None, C, OUT), "patches"),
+    (lambda: calibrated_blend(P, torch.ones(2, device="meta"), C, OUT), "weights"),
+    (lambda: calibrated_blend(P, None, C.to("meta"), OUT), "coords"),
+    (lambda: calibrated_blend(P, None, C, OUT, importance=torch.ones(4, 4, 4, device="meta")), "importance"),
+    (lambda: Blender(OUT, 1).add(P.to("meta"), C), "patches"),
+    (lambda: Blender(OUT, 1).add(P, C.to("meta")), "coords"),
+    (lambda: Blender(OUT, 1, importance=torch.ones(4, 4, 4, device="meta")), "importance"),
+    (lambda: SlabBlender(OUT, 1).add(P, C, torch.ones(2, device="meta")), "weights"),
+    (lambda: LatticeBlender(OUT, 1, GRID, (4, 4, 4)).add(P.to("meta")), "patches"),
+    (lambda: sliding_window_inference(torch.rand(1, 1, 8, 8, 8, device="meta"), 4, 2, lambda w: w), "inputs"),
+    (lambda: sliding_window_inference(torch.rand(1, 1, 8, 8, 8), 4, 2, lambda w: w,
+                                      roi_weight_map=torch.ones(4, 4, 4, device="meta")), "roi_weight_map"),
+])
+def test_meta_tensors_are_refused_by_name(call, name):
+    with pytest.raises(ValueError, match=f"{name} is a meta tensor"):
+        call()
+
+
+# ---- SlabBlender(window_coords=...) ---------------------------------------------------------------------
+
+def _slab_coords():
+    coords = sliding_windows((12, 8, 8), (4, 4, 4), 0.5).coords()
+    patches = torch.rand(len(coords), 2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    return coords, patches
+
+
+def test_slab_window_coords_as_listed_equals_blender():
+    coords, patches = _slab_coords()
+    slab = SlabBlender((12, 8, 8), 2, window_coords=coords)
+    for k in range(0, len(coords), 3):
+        slab.add(patches[k:k + 3], coords[k:k + 3])
+        if k + 3 < len(coords):
+            slab.finalize_until(int(coords[k + 3, 0]))
+    torch.testing.assert_close(slab.finish(), calibrated_blend(patches, None, coords, (12, 8, 8)))
+
+
+def test_slab_window_coords_left_out_or_foreign_is_an_error():
+    coords, patches = _slab_coords()
+    # one window of the list left out: finalising past it would divide by a count that includes it
+    slab = SlabBlender((12, 8, 8), 2, window_coords=coords)
+    slab.add(patches[1:], coords[1:])
+    with pytest.raises(ValueError, match="window_coords"):
+        slab.finish()
+    # a patch not in the list (or added twice)
+    slab = SlabBlender((12, 8, 8), 2, window_coords=coords)
+    with pytest.raises(ValueError, match="not in window_coords"):
+        slab.add(patches[:1], coords[:1] + 1)
+    slab.add(patches[:1], coords[:1])
+    with pytest.raises(ValueError, match="not in window_coords"):
+        slab.add(patches[:1], coords[:1])
+
+
+# ---- boundaries -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tiny", [-1e-30, -1e-4, -float(torch.finfo(torch.float32).tiny)])
+def test_any_negative_weight_is_refused(tiny):
+    w = torch.tensor([tiny, 1.0])
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        calibrated_blend(P, w, C, OUT)
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        _blender(w, "count")
+    with pytest.raises(ValueError, match="scores must be finite and >= 0|must be >= 0"):
+        sliding_window_inference(torch.rand(1, 1, 8, 8, 8), 4, 2,
+                                 lambda x: CalibratedOutput(x, torch.full((x.shape[0],), tiny), None),
+                                 weighting="patch")
+    # zero is allowed
+    calibrated_blend(P, torch.tensor([0.0, 1.0]), C, OUT)
+
+
+@pytest.mark.parametrize("slab_axis", [None, 0, 1])
+def test_threshold_keeps_values_exactly_at_the_threshold(slab_axis):
+    """reduce="threshold" is value >= threshold: a blended value exactly at it is True (0.375 is exact in binary)."""
+    x = torch.full((1, 1, 8, 8, 8), 0.375)
+    x[..., 4:] = 0.25
+    out = sliding_window_inference(x, 4, 2, lambda w: w, 0.5, reduce="threshold", threshold=0.375,
+                                   slab_axis=slab_axis)
+    assert out.dtype == torch.bool
+    assert out[..., :4].all() and not out[..., 4:].any()
+
+
+def test_negative_weight_under_torch_compile_on_the_cpu():
+    """Under torch.compile the weights' values are checked inside the compiled graph on the CPU (a RuntimeError
+    when it runs); see the README for what is checked where."""
+    def f(patches, weights):
+        return calibrated_blend(patches, weights, C, OUT)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(P, torch.ones(2)), f(P, torch.ones(2)))
+    with pytest.raises(RuntimeError, match="weights must be finite and >= 0"):
+        compiled(P, torch.tensor([-1.0, 1.0]))
+
+
+def test_extract_patches_meta_volume():
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError)):
+        extract_patches(torch.rand(1, 4, 4, 4, device="meta"), C, (2, 2, 2)).sum().item()
