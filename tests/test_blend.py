@@ -470,17 +470,25 @@ def test_opcheck_blend_add():
                                           ((2, 64, 64, 1024), torch.int64), ((40 << 20,), torch.bool)])
 def test_empty_output_is_an_ordinary_tensor(shape, dtype):
     """Large outputs live in their own huge-page mapping (compiled backend): still a normal, writable,
-    resizable, contiguous CPU tensor whose memory is released with it."""
+    contiguous CPU tensor whose memory is released with it. Such storage cannot grow (the stable ABI hands it
+    to torch with from_blob): resize_ past its size is a clear error, and a clone resizes as usual."""
     from patchblend.ops import empty_output, zeros_output
 
     t = empty_output(shape, dtype, "cpu")
     assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
     nbytes = t.numel() * t.element_size()
-    if COMPILED and nbytes >= 32 << 20 and sys.platform.startswith("linux"):
+    own_mapping = COMPILED and nbytes >= 32 << 20 and sys.platform.startswith("linux")
+    if own_mapping:
         assert t.data_ptr() % (2 << 20) == 0  # its own 2 MiB-aligned mapping
     t.fill_(1)
     assert int(t.sum()) == t.numel()
-    t.resize_(t.numel() + 1000)  # storage grows through the same allocator
+    if own_mapping:
+        u = t.clone()
+        with pytest.raises(RuntimeError, match="not resizable"):
+            t.resize_(t.numel() + 1000)  # torch has already set the new sizes: t is unusable, as with numpy memory
+        del t
+        t = u
+    t.resize_(t.numel() + 1000)  # an ordinary storage grows
     t[-1] = 0
     assert int(t[: t.numel() - 1000].sum()) == t.numel() - 1000
     z = zeros_output(shape, dtype, "cpu")
