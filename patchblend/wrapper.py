@@ -256,7 +256,7 @@ class CalibratedModel(nn.Module):
         prob = self.probability(seg)
         if not isinstance(prob, torch.Tensor) or prob.dim() != 5:
             raise ValueError(
-                f"probability(seg) must return probabilities [B, K, D, H, W], got "
+                "probability(seg) must return probabilities [B, K, D, H, W], got "
                 + (f"shape {tuple(prob.shape)}" if isinstance(prob, torch.Tensor) else type(prob).__name__)
             )
         fg = foreground_probability(prob)

@@ -21,7 +21,7 @@ class Thresholder(nn.Module):
 
     def forward(self, x):
         self.bn(x)
-        f = self.feat(torch.cat([x, x * x], 1))
+        self.feat(torch.cat([x, x * x], 1))
         return torch.cat([torch.zeros_like(x), 8 * (x - 0.5)], 1)
 
 
