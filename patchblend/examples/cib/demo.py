@@ -81,6 +81,8 @@ class DemoConfig:
     seed: int = 0  #: seed of the network's initialisation, the training crops and the post-hoc heads
     progress: bool = True
     sweep: bool = True  #: also evaluate the intermediate checkpoints (``DIR/training_length.csv``)
+    #: continue from ``DIR/model/last.pt`` if it exists (a finished training is then not repeated)
+    resume: bool = False
 
 
 PRESETS = {
@@ -196,7 +198,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                        patch=cfg.patch, batch_two=cfg.batch_two, batch_single=cfg.batch_single,
                        stage1_iters=cfg.stage1_iters, stage2_iters=cfg.stage2_iters, lr=cfg.lr, device=cfg.device,
                        threads=cfg.threads, seed=cfg.seed, progress=cfg.progress,
-                       ckpt_every=max((cfg.stage1_iters + cfg.stage2_iters) // 4, 1), keep_snapshots=cfg.sweep)
+                       ckpt_every=max((cfg.stage1_iters + cfg.stage2_iters) // 4, 1), keep_snapshots=cfg.sweep,
+                       resume=cfg.resume)
     log(f"[2/4] training: width {cfg.width}, patch {cfg.patch}^3, {cfg.stage1_iters} + {cfg.stage2_iters} "
         f"iterations, batch {cfg.batch_two} + {cfg.batch_single}, paper and aware heads, {cfg.device}")
     t1 = time.time()

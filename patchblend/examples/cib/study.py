@@ -3,8 +3,8 @@
 Each seed trains its own network (initialisation and training crops differ; the phantoms are the
 same, written once under ``DIR/data``), fits its post-hoc heads and evaluates every method: a full
 :func:`.demo.run_demo` in ``DIR/seed_N`` (without the training-length sweep). A seed whose
-``results.csv`` and ``head_quality.csv`` already exist is read, not rerun, so an interrupted study
-resumes. Writes
+``results.csv`` and ``head_quality.csv`` already exist is read, not rerun, and an interrupted
+training continues from its last checkpoint, so an interrupted study resumes. Writes
 
 - ``DIR/study.csv``: ``heads,blending,seeds`` and the mean and standard deviation over seeds of
   ``dice, f1, fdr, sensitivity, detected, pred_lesions`` (``f1_mean, f1_std, ...``);
@@ -124,7 +124,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         if not (os.path.isfile(res) and os.path.isfile(hq)):
             log(f"=== seed {seed} -> {out}")
             demo_cfg = DemoConfig(**{**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields},
-                                     "out": out, "seed": seed, "data": data})
+                                     "out": out, "seed": seed, "data": data, "resume": True})
             seconds[seed] = run_demo(demo_cfg, log=log)["seconds"]
         else:
             log(f"=== seed {seed}: reading {out}")

@@ -35,7 +35,7 @@ from .data import Case, InputError, MixedBatchSampler, load_cases
 from .model import OUTPUT_NEW, OUTPUT_T1, OUTPUT_T2, CIBVNet
 
 __all__ = ["TrainConfig", "train", "compute_losses", "build_model", "load_checkpoint", "read_checkpoint",
-           "config_of", "add_config_arguments", "config_from_args", "check_out_folder"]
+           "config_of", "learning_rate", "add_config_arguments", "config_from_args", "check_out_folder"]
 
 
 @dataclass
@@ -142,6 +142,14 @@ def compute_losses(out, y: torch.Tensor, single: torch.Tensor, grid: Sequence[in
             parts["aware_patch_mse"] = float(((a_patch - t_patch) ** 2).mean())
             parts["aware_grid_mse"] = float(((a_grid - t_grid) ** 2).mean())
     return total, parts
+
+
+def learning_rate(cfg: TrainConfig, iteration: int) -> float:
+    """Learning rate of iteration ``iteration`` (0-based): ``lr · (1 − iteration / total) ** 0.9`` over
+    both stages with ``lr_decay`` (the paper's polynomial decay), else ``lr``."""
+    if not cfg.lr_decay:
+        return cfg.lr
+    return cfg.lr * (1 - iteration / max(cfg.stage1_iters + cfg.stage2_iters, 1)) ** 0.9
 
 
 def read_checkpoint(path: str, device: str = "cpu") -> dict:
@@ -254,9 +262,8 @@ def train(cfg: TrainConfig, cases: Optional[List[Case]] = None, log=print) -> st
     for it in range(start, total_iters):
         stage2 = it >= cfg.stage1_iters
         lam_grid = cfg.lambda_grid if stage2 else 0.0
-        if cfg.lr_decay:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * (1 - it / max(total_iters, 1)) ** 0.9
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(cfg, it)
         x, y, flags = sampler.sample()
         x, y, flags = x.to(device), y.to(device), flags.to(device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
