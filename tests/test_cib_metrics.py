@@ -277,3 +277,24 @@ def test_learning_rate_decays_polynomially_with_power_0_9(tmp_path):
     assert learning_rate(cfg, 9) == pytest.approx(0.1 ** 0.9)
     cfg.lr_decay = False
     assert learning_rate(cfg, 9) == 1.0
+
+
+def test_surface_distances_in_the_bounding_box_equal_the_whole_volume():
+    """The cropped computation equals the EDT of the whole volume, masks touching the border included."""
+    from scipy import ndimage
+
+    from patchblend.examples.cib.metrics import surface_distances
+
+    def full(a, b):
+        six = ndimage.generate_binary_structure(3, 1)
+        sa = a & ~ndimage.binary_erosion(a, structure=six)
+        sb = b & ~ndimage.binary_erosion(b, structure=six)
+        return ndimage.distance_transform_edt(~sb)[sa]
+
+    r = np.random.default_rng(3)
+    for _ in range(20):
+        a = ndimage.binary_dilation(r.random((12, 14, 10)) > 0.985, iterations=int(r.integers(0, 3)))
+        b = ndimage.binary_dilation(r.random((12, 14, 10)) > 0.985, iterations=int(r.integers(0, 3)))
+        a[0, r.integers(14), r.integers(10)] = True  # touch the border
+        b[r.integers(12), 13, r.integers(10)] = True
+        np.testing.assert_allclose(surface_distances(a, b), full(a, b))
