@@ -126,3 +126,24 @@ def test_no_traceback_from_a_real_process(tmp_path):
                         "--data", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"evaluate: error: checkpoint {str(tmp_path / 'x.pt')!r} does not exist"], r.stderr
+
+
+def test_calibrate_then_evaluate_with_posthoc_heads(capsys, tmp_path, checkpoint):
+    import csv
+
+    ckpt, data = checkpoint
+    heads = str(tmp_path / "posthoc.pt")
+    assert main(["calibrate", "--ckpt", ckpt, "--data", data, "--out", heads, "--epochs", "2"]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--ckpt", ckpt, "--data", data, "--out", str(out), "--posthoc", heads, "--no-figure",
+                 "--blendings", "average,aware-posthoc:grid,paper-posthoc:patch,oracle:grid"]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["heads"], r["blending"]) for r in rows] == [
+        ("none", "average"), ("aware-posthoc", "grid"), ("paper-posthoc", "patch"), ("oracle", "grid")]
+    with open(out / "head_quality.csv") as f:
+        assert {r["heads"] for r in csv.DictReader(f)} == {"paper", "aware", "paper-posthoc", "aware-posthoc"}
+    capsys.readouterr()
+    one_line_error(capsys, ["evaluate", "--ckpt", ckpt, "--data", data, "--out", str(out), "--blendings",
+                            "aware-posthoc:grid"], "needs the 'aware-posthoc' heads")
+    one_line_error(capsys, ["evaluate", "--ckpt", ckpt, "--data", data, "--posthoc", ckpt], "is not a post-hoc heads file")

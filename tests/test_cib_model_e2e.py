@@ -166,8 +166,12 @@ def _read(path):
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    cfg = DemoConfig(**{**PRESETS["quick"], "out": str(out), "progress": False, "threads": 0})
-    return cfg, run_demo(cfg, log=lambda *a: None)
+    cfg = DemoConfig(**{**PRESETS["quick"], "out": str(out), "progress": False, "threads": 1})
+    threads = torch.get_num_threads()
+    try:
+        return cfg, run_demo(cfg, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_quick_demo_results_and_per_case_agree(quick_demo):
@@ -245,9 +249,13 @@ def test_quick_demo_training_length(quick_demo):
 def test_study_aggregates_seeds(tmp_path):
     from patchblend.examples.cib.study import StudyConfig, run_study
 
-    cfg = StudyConfig(**{**PRESETS["quick"], "out": str(tmp_path / "study"), "progress": False, "threads": 0,
+    cfg = StudyConfig(**{**PRESETS["quick"], "out": str(tmp_path / "study"), "progress": False, "threads": 1,
                          "seeds": "0,1", "posthoc": "aware", "n_test": 1})
-    res = run_study(cfg, log=lambda *a: None)
+    threads = torch.get_num_threads()
+    try:
+        res = run_study(cfg, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
     study = _read(tmp_path / "study" / "study.csv")
     seeds = [_read(tmp_path / "study" / f"seed_{s}" / "results.csv") for s in (0, 1)]
     assert len(study) == len(seeds[0])
