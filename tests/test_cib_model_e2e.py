@@ -271,3 +271,37 @@ def test_study_aggregates_seeds(tmp_path):
     messages = []
     run_study(cfg, log=messages.append)
     assert any("reading" in m for m in messages) and not any("training" in str(m) for m in messages)
+
+
+def test_select_exponent():
+    from patchblend.examples.cib.posthoc import select_exponent
+
+    stats = {0.125: (60.0, 50), 0.25: (65.0, 49), 0.5: (70.0, 45), 1.0: (75.0, 30)}
+    assert select_exponent(stats, floor=47.5) == 0.25  # 0.5 and 1.0 lose too many lesions
+    assert select_exponent(stats, floor=45) == 0.5
+    assert select_exponent(stats, floor=51) == 0.125  # none keeps enough: the gentlest
+    assert select_exponent({0.25: (70.0, 50), 0.5: (70.0, 50)}, floor=0) == 0.25  # ties: the gentler
+
+
+def test_evaluate_with_the_demo_posthoc_file_reproduces_the_tempered_rows(quick_demo, tmp_path):
+    from patchblend.examples.cib.__main__ import main
+
+    cfg, res = quick_demo
+    blob = torch.load(os.path.join(cfg.out, "model", "posthoc_heads.pt"), weights_only=False)
+    exps = blob["meta"]["exponents"]
+    assert set(exps) == {f"{h}-tempered:{w}" for h in ("aware", "paper") for w in ("patch", "grid", "patch*grid")}
+    from patchblend.examples.cib.posthoc import EXPONENTS
+
+    assert set(exps.values()) <= set(EXPONENTS)
+    names = ["average", "aware-tempered:grid", "paper-tempered:patch*grid", "aware-posthoc:patch"]
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--ckpt", os.path.join(cfg.out, "model", "last.pt"), "--data",
+                 os.path.join(cfg.out, "data", "test_hard"), "--posthoc", os.path.join(cfg.out, "model", "posthoc_heads.pt"),
+                 "--out", str(out), "--no-figure", "--roi", str(cfg.patch), "--sw-batch-size", str(cfg.sw_batch_size),
+                 "--blendings", ",".join(names)]) == 0
+    again = {(r["heads"], r["blending"]): r for r in _read(out / "results.csv")}
+    demo = {(r["heads"], r["blending"]): r for r in _read(res["results"])}
+    assert len(again) == 4
+    for key, row in again.items():
+        for k in ("dice", "f1", "fdr", "detected", "pred_lesions"):
+            assert float(row[k]) == pytest.approx(float(demo[key][k]), abs=1e-4), (key, k)

@@ -14,6 +14,9 @@ product), and HEADS one of
                     :class:`patchblend.AwareGridHead`), trained jointly on the training crops
 ``paper-posthoc``,  the same kinds fitted after training on held-out calibration cases with the
 ``aware-posthoc``   network frozen (:mod:`patchblend.calibration`)
+``paper-tempered``, the post-hoc heads' weights raised to a power ``γ`` in (0, 1] chosen per
+``aware-tempered``  weighting on the calibration cases (:func:`.posthoc.choose_exponents`): the best
+                    lesion F1 there that keeps 95% of the lesions ``average`` detects
 ``oracle``          the *true* Dice of each window / cell (the paper's Table 1): an upper bound
 ==================  ==============================================================================
 
@@ -53,7 +56,7 @@ __all__ = ["WEIGHTINGS", "HEAD_SETS", "METHODS", "BLENDINGS", "parse_methods", "
 
 WEIGHTINGS = ("patch", "grid", "patch*grid")
 #: Head sets in table order (``none`` and ``oracle`` need no heads).
-HEAD_SETS = ("none", "paper", "aware", "paper-posthoc", "aware-posthoc", "oracle")
+HEAD_SETS = ("none", "paper", "aware", "paper-posthoc", "aware-posthoc", "paper-tempered", "aware-tempered", "oracle")
 #: Every method, in table order: ``(heads, blending)``.
 METHODS: Tuple[Tuple[str, str], ...] = (("none", "average"), ("none", "gaussian")) + tuple(
     (h, w) for h in HEAD_SETS[1:] for w in WEIGHTINGS)
@@ -79,9 +82,12 @@ def parse_methods(names: Sequence[str], available: Sequence[str] = HEAD_SETS) ->
             m = ("none", name)
         elif name in _LEGACY:
             m = _LEGACY[name]
-        elif ":" in name and name.split(":", 1)[0] in HEAD_SETS[1:] and name.split(":", 1)[1] in WEIGHTINGS:
+        elif ":" in name and name.split(":", 1)[0] not in ("", "none") and name.split(":", 1)[1] in WEIGHTINGS:
             m = tuple(name.split(":", 1))
         else:
+            raise InputError(f"unknown blending {name!r}; use average, gaussian or HEADS:WEIGHTING with HEADS in "
+                             f"{','.join(HEAD_SETS[1:])} and WEIGHTING in {','.join(WEIGHTINGS)}")
+        if m[0] not in available and m[0] not in HEAD_SETS:
             raise InputError(f"unknown blending {name!r}; use average, gaussian or HEADS:WEIGHTING with HEADS in "
                              f"{','.join(HEAD_SETS[1:])} and WEIGHTING in {','.join(WEIGHTINGS)}")
         if m[0] not in available:
@@ -124,18 +130,23 @@ class CalibratedPredictor:
         self.model, self.device, self.grid, self.amp = model, torch.device(device), tuple(grid), amp
         self.head_sets = model_head_sets(model) if head_sets is None else head_sets
         self.heads: Optional[str] = None
+        self.exponent = 1.0
+        # head sets that share their heads with an earlier one (the tempered sets) are scored once
+        first: Dict[tuple, str] = {}
+        self._canonical = {name: first.setdefault((id(ph), id(gh)), name) for name, (_, ph, gh) in self.head_sets.items()}
         #: ``{head set: [(pred patch, true patch, pred grid, true grid), ...]}`` from the first oracle pass
-        self.pairs: Dict[str, List] = {k: [] for k in self.head_sets}
+        self.pairs: Dict[str, List] = {k: [] for k in self.head_sets if self._canonical[k] == k}
         self._cache: List = []
         self._index = 0
         self._replay = False
         self._recorded = False
 
-    def start(self, heads: Optional[str], replay: bool) -> None:
+    def start(self, heads: Optional[str], replay: bool, exponent: float = 1.0) -> None:
+        """Next pass: scores of ``heads`` raised to ``exponent`` (1: as predicted)."""
         if heads not in (None, "none", "oracle") and heads not in self.head_sets:
             raise ValueError(f"heads {heads!r}: this predictor has {tuple(self.head_sets)} (and oracle)")
         self._recorded = any(self.pairs.values())
-        self.heads, self._replay, self._index = heads, replay, 0
+        self.heads, self._replay, self._index, self.exponent = heads, replay, 0, float(exponent)
         if not replay:
             self._cache = []
 
@@ -146,8 +157,8 @@ class CalibratedPredictor:
         bottleneck, last = bottleneck.float(), last.float()
         prob = torch.softmax(logits[:, OUTPUT_NEW].float(), dim=1)[:, 1:2]
         scores = {name: tuple(t.float() for t in head_scores(kind, ph, gh, prob, bottleneck, last))
-                  for name, (kind, ph, gh) in self.head_sets.items()}
-        return prob, scores
+                  for name, (kind, ph, gh) in self.head_sets.items() if self._canonical[name] == name}
+        return prob, {name: scores[self._canonical[name]] for name in self.head_sets}
 
     def __call__(self, windows: torch.Tensor):
         x, label = windows[:, :3], windows[:, 3:4]
@@ -165,23 +176,28 @@ class CalibratedPredictor:
         if self.heads == "oracle":
             true_patch, true_grid = dice_targets(seg, label.to(seg.device), grid=self.grid)
             if not self._recorded:
-                for name, (patch, grid) in scores.items():
+                for name in self.pairs:
+                    patch, grid = scores[name]
                     self.pairs[name].append((patch.cpu(), true_patch.cpu(), grid.cpu(), true_grid.cpu()))
             patch, grid = true_patch, true_grid
         else:
             patch, grid = scores[self.heads]
+            if self.exponent != 1.0:
+                patch, grid = patch ** self.exponent, grid ** self.exponent
         return CalibratedOutput(seg, patch.to(windows.device), grid.to(windows.device))
 
 
 def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[int] = (80, 80, 80),
                  overlap: float = 0.5, sw_batch_size: int = 4, device="cpu", amp: bool = False,
                  grid: Sequence[int] = (2, 2, 2), head_pairs: Optional[dict] = None,
-                 head_sets: Optional[dict] = None) -> Dict[Tuple[str, str], np.ndarray]:
+                 head_sets: Optional[dict] = None, exponents: Optional[dict] = None
+                 ) -> Dict[Tuple[str, str], np.ndarray]:
     """New-lesion probability ``[D, H, W]`` of ``case`` for each method (driver on ``device``).
 
     ``methods``: ``(heads, blending)`` pairs or names (:func:`parse_methods`). ``head_sets``: the head
     sets to score with (default :func:`model_head_sets`). ``head_pairs``: a dict that receives, per head
-    set, the heads' scores against the true Dice of every window, when an oracle method is run."""
+    set, the heads' scores against the true Dice of every window, when an oracle method is run.
+    ``exponents``: ``{(heads, blending): γ}``, weights raised to ``γ`` for those methods (default 1)."""
     head_sets = model_head_sets(model) if head_sets is None else head_sets
     methods = [tuple(m) if not isinstance(m, str) else m for m in methods]
     methods = parse_methods([m if isinstance(m, str) else method_name(m) for m in methods],
@@ -193,7 +209,7 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
     out = {}
     for i, (heads, blending) in enumerate(methods):
         mode, weighting, normalize = _DRIVER[blending]
-        pred.start(heads, replay=i > 0)
+        pred.start(heads, replay=i > 0, exponent=(exponents or {}).get((heads, blending), 1.0))
         prob = sliding_window_inference(inputs, list(roi), sw_batch_size, pred, overlap=overlap, mode=mode,
                                         weighting=weighting, normalize=normalize)
         out[(heads, blending)] = prob[0, 0].float().cpu().numpy()
@@ -224,12 +240,14 @@ def head_quality_rows(head_pairs: Dict[str, list], bins: int = 10) -> List[dict]
 def evaluate_model(model, cases: Sequence[Case], methods: Sequence = METHODS, roi=(80, 80, 80),
                    overlap: float = 0.5, sw_batch_size: int = 4, device="cpu", amp: bool = False,
                    grid=(2, 2, 2), progress: bool = True, keep: Sequence = (),
-                   head_pairs: Optional[dict] = None, head_sets: Optional[dict] = None):
+                   head_pairs: Optional[dict] = None, head_sets: Optional[dict] = None,
+                   exponents: Optional[dict] = None):
     """Per-case metrics of every method.
 
     Returns ``(rows, kept)``: ``rows`` a list of dicts ``{"case", "heads", "blending", **metrics}``;
     ``kept[case name][method name]`` the probability volumes of the methods named in ``keep``.
-    ``head_pairs`` (a dict) collects the heads' scores against the true Dice (:func:`head_quality_rows`).
+    ``head_pairs`` (a dict) collects the heads' scores against the true Dice (:func:`head_quality_rows`);
+    ``exponents`` as in :func:`predict_case`.
     """
     model.eval()
     head_sets = model_head_sets(model) if head_sets is None else head_sets
@@ -246,7 +264,7 @@ def evaluate_model(model, cases: Sequence[Case], methods: Sequence = METHODS, ro
         it = tqdm(cases, desc="evaluate", leave=False)
     for case in it:
         probs = predict_case(model, case, methods, roi, overlap, sw_batch_size, device, amp, grid, head_pairs,
-                             head_sets)
+                             head_sets, exponents)
         for heads, blending in methods:
             rows.append({"case": case.name, "heads": heads, "blending": blending,
                          **evaluate_case(probs[(heads, blending)], case.label)})
@@ -287,11 +305,11 @@ def summarize(rows: List[dict], methods: Optional[Sequence] = None) -> List[dict
 
 def format_table(summary: List[dict]) -> str:
     """A fixed-width text table of :func:`summarize`'s rows."""
-    head = (f"{'heads':<14}{'blending':<11}{'Dice%':>7}{'HD95':>6}{'F1%':>7}{'FDR%':>7}{'Sens%':>7}"
+    head = (f"{'heads':<15}{'blending':<11}{'Dice%':>7}{'HD95':>6}{'F1%':>7}{'FDR%':>7}{'Sens%':>7}"
             f"   TP/pred  det/GT")
     lines = [head, "-" * len(head)]
     for r in summary:
-        lines.append(f"{r['heads']:<14}{r['blending']:<11}{r['dice']:>7.2f}{r['hd95']:>6.2f}{r['f1']:>7.2f}"
+        lines.append(f"{r['heads']:<15}{r['blending']:<11}{r['dice']:>7.2f}{r['hd95']:>6.2f}{r['f1']:>7.2f}"
                      f"{r['fdr']:>7.2f}{r['sensitivity']:>7.1f}   {int(r['true_pred']):>3}/{int(r['pred_lesions']):<4}"
                      f" {int(r['detected']):>3}/{int(r['gt_lesions'])}")
     return "\n".join(lines)
@@ -448,11 +466,12 @@ def check_roi(roi: int, option: str = "--roi") -> int:
     return roi
 
 
-def load_posthoc_heads(path: str, model, device="cpu") -> Dict[str, tuple]:
-    """Post-hoc heads written by the demo or ``calibrate`` (``{"paper-posthoc": (kind, patch, grid), ...}``)."""
+def load_posthoc_heads(path: str, model, device="cpu"):
+    """Post-hoc heads written by the demo or ``calibrate``: ``({"paper-posthoc": (kind, patch, grid), ...},
+    {(tempered head set, weighting): γ})``."""
     from .posthoc import load_heads
 
-    return load_heads(path, model, device)
+    return load_heads(path, model, device, with_exponents=True)
 
 
 def main(argv=None):
@@ -483,7 +502,8 @@ def main(argv=None):
     if not os.path.isdir(args.data):
         raise InputError(f"--data {args.data!r} is not an existing folder")
     model, cfg, _ = load_checkpoint(args.ckpt, args.device)
-    head_sets = model_head_sets(model, load_posthoc_heads(args.posthoc, model, args.device) if args.posthoc else None)
+    posthoc, exponents = load_posthoc_heads(args.posthoc, model, args.device) if args.posthoc else ({}, {})
+    head_sets = model_head_sets(model, posthoc)
     available = ("none", "oracle", *head_sets)
     if args.blendings == "all":
         methods = [m for m in METHODS if m[0] in available]
@@ -504,7 +524,7 @@ def main(argv=None):
     pairs: Dict[str, list] = {}
     rows, kept = evaluate_model(model, cases, methods, roi, args.overlap, args.sw_batch_size, args.device,
                                 amp=args.device.startswith("cuda"), grid=(cfg.grid,) * 3, keep=keep,
-                                head_pairs=pairs, head_sets=head_sets)
+                                head_pairs=pairs, head_sets=head_sets, exponents=exponents)
     summary = summarize(rows, methods)
     print(format_table(summary))
     write_csv(os.path.join(args.out, "results.csv"), summary)

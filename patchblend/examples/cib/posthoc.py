@@ -143,8 +143,10 @@ def save_heads(path: str, heads: Dict[str, tuple], meta: dict = None) -> str:
     return path
 
 
-def load_heads(path: str, model: CIBVNet, device="cpu") -> Dict[str, tuple]:
-    """Read what :func:`save_heads` wrote, for ``model``; a wrong file raises :class:`~.data.InputError`."""
+def load_heads(path: str, model: CIBVNet, device="cpu", with_exponents: bool = False):
+    """Read what :func:`save_heads` wrote, for ``model``; a wrong file raises :class:`~.data.InputError`.
+    With ``with_exponents``: ``(heads, {(tempered head set, weighting): γ})`` (the tempered sets added to
+    ``heads``, sharing the post-hoc heads)."""
     if not os.path.isfile(path):
         raise InputError(f"post-hoc heads file {path!r} does not exist")
     try:
@@ -162,7 +164,14 @@ def load_heads(path: str, model: CIBVNet, device="cpu") -> Dict[str, tuple]:
         except RuntimeError:
             raise InputError(f"{path!r}: the {name} heads do not fit this checkpoint's width") from None
         out[name] = (entry["kind"], ph.to(device).eval(), gh.to(device).eval())
-    return out
+    if not with_exponents:
+        return out
+    exponents = {tuple(k.split(":", 1)): float(g) for k, g in blob.get("meta", {}).get("exponents", {}).items()}
+    for h, _ in exponents:
+        source = h.replace("-tempered", "-posthoc")
+        if source in out:
+            out[h] = out[source]
+    return out, {k: g for k, g in exponents.items() if k[0] in out}
 
 
 def main(argv=None):
@@ -179,6 +188,8 @@ def main(argv=None):
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=0, help="epochs for every kind (default: aware 300, paper 10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temper", action=argparse.BooleanOptionalAction, default=True,
+                   help="also choose the weight powers of the tempered head sets on these cases")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -199,5 +210,53 @@ def main(argv=None):
     epochs = {k: args.epochs for k in kinds} if args.epochs else None
     heads = fit_posthoc_heads(model, cases, kinds, (args.roi or cfg.patch,) * 3, args.overlap, epochs,
                               seed=args.seed, device=args.device, progress=True)
-    print(save_heads(args.out, heads, {"ckpt": os.path.abspath(args.ckpt), "cases": [c.name for c in cases]}))
+    roi = (args.roi or cfg.patch,) * 3
+    exps = choose_exponents(model, heads, cases, roi, args.overlap, device=args.device) if args.temper else {}
+    if exps:
+        print("weight powers: " + ", ".join(f"{h}:{w} {g}" for (h, w), g in exps.items()))
+    print(save_heads(args.out, heads, {"ckpt": os.path.abspath(args.ckpt), "cases": [c.name for c in cases],
+                                       "exponents": {f"{h}:{w}": g for (h, w), g in exps.items()}}))
     return heads
+
+
+#: Exponents tried by :func:`choose_exponents` (0 would be average blending).
+EXPONENTS = (0.125, 0.25, 0.5, 1.0)
+
+
+def choose_exponents(model: CIBVNet, posthoc: Dict[str, tuple], cases: Sequence[Case], roi: Sequence[int],
+                     overlap: float = 0.5, sw_batch_size: int = 8, device="cpu", exponents: Sequence[float] = EXPONENTS,
+                     keep: float = 0.95, progress: bool = False) -> Dict[Tuple[str, str], float]:
+    """Per post-hoc head set and weighting, the power ``γ`` of the weights chosen on held-out ``cases``.
+
+    Blending divides by the overlap count, so weights below 1 pull every voxel down: calibrated heads
+    that score a window with a true lesion and a false positive at 0.5 halve the lesion too, and small
+    lesions drop under the threshold or the minimum size. ``w ** γ`` with ``γ < 1`` keeps the order of
+    the weights but pulls them towards 1 (``γ → 0`` is average blending). For each ``(head set,
+    weighting)`` the ``γ`` in ``exponents`` with the best mean lesion F1 on ``cases`` among those that
+    detect at least ``keep`` of the lesions average blending detects there; if none does, the
+    smallest ``γ``. Returns ``{("<kind>-tempered", weighting): γ}``. ``cases`` must be held-out
+    calibration cases (never the test cases)."""
+    from .evaluate import WEIGHTINGS, evaluate_model, method_name, summarize
+
+    head_sets = {f"{name}@{g}": heads for name, heads in posthoc.items() for g in exponents}
+    exps = {(f"{name}@{g}", w): g for name, heads in posthoc.items() for g in exponents for w in WEIGHTINGS}
+    methods = [("none", "average")] + sorted(exps)
+    rows, _ = evaluate_model(model, cases, [method_name(m) for m in methods], roi, overlap, sw_batch_size, device,
+                             grid=model.grid_head.grid, progress=progress, head_sets=head_sets, exponents=exps)
+    summary = {(r["heads"], r["blending"]): r for r in summarize(rows, methods)}
+    floor = keep * summary[("none", "average")]["detected"]
+    chosen = {}
+    for name in posthoc:
+        for w in WEIGHTINGS:
+            stats = {g: (summary[(f"{name}@{g}", w)]["f1"], summary[(f"{name}@{g}", w)]["detected"]) for g in exponents}
+            chosen[(name.replace("-posthoc", "-tempered"), w)] = select_exponent(stats, floor)
+    return chosen
+
+
+def select_exponent(stats: Dict[float, Tuple[float, float]], floor: float) -> float:
+    """``stats = {γ: (F1, detected lesions)}`` → the ``γ`` with the best F1 among those detecting at least
+    ``floor`` lesions (ties: the smaller ``γ``, the gentler weights); the smallest ``γ`` if none does."""
+    ok = [g for g, (_, detected) in stats.items() if detected >= floor]
+    if not ok:
+        return min(stats)
+    return max(ok, key=lambda g: (stats[g][0], -g))
