@@ -7,9 +7,16 @@
 - CIB heads, Dice targets and losses: :class:`PatchHead`, :class:`GridHead`, :func:`dice_targets`,
   :func:`calibration_loss`, :func:`soft_dice_loss`, :func:`tversky_loss`.
 - Bolt-on wrapper for any backbone: :class:`CalibratedModel`, :func:`candidate_feature_modules`.
+- Prediction-aware heads: :class:`AwarePatchHead`, :class:`AwareGridHead`, :func:`prediction_statistics`.
+- Post-hoc calibration (:mod:`patchblend.calibration`): :func:`calibrate_heads`, :func:`collect_calibration_data`,
+  :func:`fit_heads`, :class:`CalibrationData`.
+- Head quality (:mod:`patchblend.head_metrics`): :func:`head_quality`, :func:`failure_auroc`,
+  :func:`reliability_table`, :func:`expected_calibration_error`, :func:`plot_reliability`.
 """
 from ._backend import backend_info
-from .heads import GridHead, PatchHead
+from .calibration import CalibrationData, calibrate_heads, collect_calibration_data, fit_heads
+from .head_metrics import expected_calibration_error, failure_auroc, head_quality, plot_reliability, reliability_table
+from .heads import AwareGridHead, AwarePatchHead, GridHead, PatchHead, prediction_statistics
 from .inference import Blender, SlabBlender, sliding_window_inference
 from .losses import calibration_loss, soft_dice_loss, tversky_loss
 from .ops import calibrated_blend, empty_cache, extract_patches
@@ -35,5 +42,17 @@ __all__ = [
     "CalibratedModel",
     "CalibratedOutput",
     "candidate_feature_modules",
+    "AwarePatchHead",
+    "AwareGridHead",
+    "prediction_statistics",
+    "CalibrationData",
+    "collect_calibration_data",
+    "fit_heads",
+    "calibrate_heads",
+    "head_quality",
+    "failure_auroc",
+    "reliability_table",
+    "expected_calibration_error",
+    "plot_reliability",
     "__version__",
 ]

@@ -6,21 +6,44 @@ forward hooks, and feeds them to a :class:`~patchblend.heads.PatchHead` and a
 :class:`~patchblend.heads.GridHead`. Its output is a
 :class:`CalibratedOutput` named tuple ``(seg, patch, grid)``, which the sliding-window driver accepts
 as it is. :func:`candidate_feature_modules` lists the module names that can serve as features.
+
+``heads="aware"`` builds the prediction-aware pair instead (:class:`~patchblend.heads.AwarePatchHead`,
+:class:`~patchblend.heads.AwareGridHead`): both read the decoder feature and the backbone's own output
+turned into a foreground probability, so the bottleneck is not needed.
 """
 from __future__ import annotations
 
 import difflib
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .heads import GridHead, PatchHead
+from .heads import HEAD_KINDS, AwareGridHead, AwarePatchHead, GridHead, PatchHead
 from .targets import GridArg
 
-__all__ = ["CalibratedModel", "CalibratedOutput", "candidate_feature_modules"]
+__all__ = ["CalibratedModel", "CalibratedOutput", "candidate_feature_modules", "default_probability",
+           "foreground_probability"]
+
+
+def default_probability(seg: torch.Tensor) -> torch.Tensor:
+    """Probabilities of a logit tensor ``[B, K, *P]``: softmax over ``K`` when ``K > 1``, sigmoid when ``K == 1``."""
+    if not isinstance(seg, torch.Tensor) or seg.dim() < 3:
+        raise TypeError(
+            "the backbone's output must be a logit tensor [B, K, *P] to derive probabilities from it, got "
+            + (f"shape {tuple(seg.shape)}" if isinstance(seg, torch.Tensor) else type(seg).__name__)
+            + "; pass probability=<callable returning [B, K, *P] probabilities>"
+        )
+    seg = seg.float() if seg.dtype in (torch.float16, torch.bfloat16) else seg
+    return torch.softmax(seg, dim=1) if seg.shape[1] > 1 else torch.sigmoid(seg)
+
+
+def foreground_probability(prob: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, *P]`` foreground probability of ``[B, K, *P]`` probabilities: the channel itself for
+    ``K == 1``, ``1 - p[:, 0]`` (any foreground class; channel 0 is the background) for ``K > 1``."""
+    return prob if prob.shape[1] == 1 else 1.0 - prob[:, :1]
 
 
 class CalibratedOutput(NamedTuple):
@@ -99,7 +122,16 @@ class CalibratedModel(nn.Module):
         channels: ``(C_b, C_d)`` to build the heads without a dry run; the features are then checked
             on the first forward.
         grid: grid cells per axis for the grid head (default ``(2, 2, 2)``, the paper's).
-        hidden_channels: the grid head's convolution width (default ``C_d``).
+        hidden_channels: the paper grid head's convolution width (default ``C_d``), or, for
+            ``heads="aware"``, the MLPs' hidden width (default 16).
+        heads: ``"paper"`` (default: :class:`~patchblend.heads.PatchHead` on the bottleneck,
+            :class:`~patchblend.heads.GridHead` on the decoder feature) or ``"aware"``
+            (:class:`~patchblend.heads.AwarePatchHead` and :class:`~patchblend.heads.AwareGridHead`, both
+            on the decoder feature and the backbone's output; ``bottleneck`` may then be ``None``).
+        probability: turns the backbone's output into probabilities ``[B, K, *P]`` (default
+            :func:`default_probability`: softmax for ``K > 1``, sigmoid for ``K == 1``). The aware heads
+            read its foreground (:func:`foreground_probability`); post-hoc calibration
+            (:func:`patchblend.calibration.calibrate_heads`) scores it against the labels.
 
     The heads exist from construction on, so an optimizer built right after sees their parameters
     (lazy creation on the first forward would silently leave them out). They are placed on the device
@@ -121,12 +153,22 @@ class CalibratedModel(nn.Module):
         channels: Optional[Sequence[int]] = None,
         grid: GridArg = (2, 2, 2),
         hidden_channels: Optional[int] = None,
+        heads: str = "paper",
+        probability: Optional[Callable[[Any], torch.Tensor]] = None,
     ):
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+        if heads not in HEAD_KINDS:
+            raise ValueError(f"heads must be one of {HEAD_KINDS}, got {heads!r}")
+        if probability is not None and not callable(probability):
+            raise TypeError(f"probability must be callable, got {type(probability).__name__}")
+        self.head_kind = heads
+        self.probability = default_probability if probability is None else probability
         modules = dict(backbone.named_modules())
-        for arg, name in (("bottleneck", bottleneck), ("decoder", decoder)):
+        named = (("decoder", decoder),) if heads == "aware" and bottleneck is None else \
+            (("bottleneck", bottleneck), ("decoder", decoder))
+        for arg, name in named:
             if not isinstance(name, str):
                 raise TypeError(f"{arg} must be a module name (str), got {type(name).__name__}")
             if name not in modules or name == "":
@@ -143,8 +185,9 @@ class CalibratedModel(nn.Module):
             )
 
         self.backbone = backbone
-        self.feature_names = {"bottleneck": bottleneck, "decoder": decoder}
+        self.feature_names = dict((key, name) for key, name in named)
 
+        seg = None
         if channels is not None:
             if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or len(channels) != 2:
                 raise TypeError(f"channels must be a pair (bottleneck_channels, decoder_channels), got {channels!r}")
@@ -152,18 +195,25 @@ class CalibratedModel(nn.Module):
             features = None
         else:
             with _dry_run_mode(backbone):
-                features = self._run_backbone(_as_args(example_input), {})[1]
-            c_bottleneck, c_decoder = (features[k].shape[1] for k in ("bottleneck", "decoder"))
+                seg, features = self._run_backbone(_as_args(example_input), {})
+            c_bottleneck = features["bottleneck"].shape[1] if "bottleneck" in features else None
+            c_decoder = features["decoder"].shape[1]
 
-        self.patch_head = PatchHead(c_bottleneck)
-        self.grid_head = GridHead(c_decoder, grid=grid, hidden_channels=hidden_channels)
+        if heads == "paper":
+            self.patch_head = PatchHead(c_bottleneck)
+            self.grid_head = GridHead(c_decoder, grid=grid, hidden_channels=hidden_channels)
+        else:
+            hidden = 16 if hidden_channels is None else hidden_channels
+            self.patch_head = AwarePatchHead(c_decoder, hidden=hidden)
+            self.grid_head = AwareGridHead(c_decoder, grid=grid, hidden=hidden)
         reference = next(backbone.parameters(), None)
         if reference is not None:
             self.patch_head.to(device=reference.device, dtype=reference.dtype)
             self.grid_head.to(device=reference.device, dtype=reference.dtype)
         if features is not None:  # check the heads fit the features now, not at the first training step
             with torch.no_grad():
-                self.grid_head(features["decoder"].to(self.grid_head.fc.weight.dtype))
+                dtype = next(self.grid_head.parameters()).dtype
+                self._head_scores(seg, {k: v.to(dtype) for k, v in features.items()})
 
     def _capture(self, features: Dict[str, torch.Tensor], key: str, module: nn.Module, inputs, output) -> None:
         name = self.feature_names[key]
@@ -199,7 +249,32 @@ class CalibratedModel(nn.Module):
                 raise RuntimeError(f"{key}={name!r}: that module did not run during the backbone's forward")
         return seg, features
 
+    def _summaries(self, seg, features: Dict[str, torch.Tensor]):
+        """``(probabilities [B, K, *P] or None, patch summary, grid summary)``: the heads' fixed parts."""
+        if self.head_kind == "paper":
+            return None, self.patch_head.summarize(features["bottleneck"]), self.grid_head.summarize(features["decoder"])
+        prob = self.probability(seg)
+        if not isinstance(prob, torch.Tensor) or prob.dim() != 5:
+            raise ValueError(
+                "probability(seg) must return probabilities [B, K, D, H, W], got "
+                + (f"shape {tuple(prob.shape)}" if isinstance(prob, torch.Tensor) else type(prob).__name__)
+            )
+        fg = foreground_probability(prob)
+        return prob, self.patch_head.summarize(fg, features["decoder"]), self.grid_head.summarize(fg, features["decoder"])
+
+    def _head_scores(self, seg, features):
+        _, patch_summary, grid_summary = self._summaries(seg, features)
+        return self.patch_head.predict(patch_summary), self.grid_head.predict(grid_summary)
+
+    def calibration_inputs(self, *args, **kwargs):
+        """``(probabilities [B, K, *P], patch summary, grid summary)`` of one forward: what
+        :func:`patchblend.calibration.collect_calibration_data` caches to fit the heads' learned parts
+        (``head.predict``) with the backbone frozen."""
+        seg, features = self._run_backbone(args, kwargs)
+        prob, patch_summary, grid_summary = self._summaries(seg, features)
+        return (self.probability(seg) if prob is None else prob), patch_summary, grid_summary
+
     def forward(self, *args, **kwargs) -> CalibratedOutput:
         """``model(x)`` → ``CalibratedOutput(seg, patch [B], grid [B, *grid])``; arguments go to the backbone."""
         seg, features = self._run_backbone(args, kwargs)
-        return CalibratedOutput(seg, self.patch_head(features["bottleneck"]), self.grid_head(features["decoder"]))
+        return CalibratedOutput(seg, *self._head_scores(seg, features))

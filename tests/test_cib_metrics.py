@@ -184,3 +184,117 @@ def test_bad_shapes_name_the_argument():
         dice(np.zeros((3, 3)), np.zeros((3, 3, 3)))
     with pytest.raises(ValueError, match="same shape"):
         dice(np.zeros((3, 3, 3)), np.zeros((3, 3, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Boundaries (each test fails if the boundary moves by one step)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_probability_of_exactly_one_half_is_background():
+    g = gt_lesion()
+    prob = np.where(g, 0.5, 0.0).astype(np.float32)
+    r = evaluate_case(prob, g)
+    assert r["dice"] == 0.0 and r["pred_lesions"] == 0 and r["detected"] == 0  # 0.5 is not > 0.5
+    prob = np.where(g, np.nextafter(np.float32(0.5), np.float32(1)), 0.0).astype(np.float32)
+    assert evaluate_case(prob, g)["dice"] == 1.0
+
+
+def test_ten_voxel_lesion_is_removed_eleven_kept_by_default():
+    ten = box((2, 2, 2), (4, 7, 3))  # 2 x 5 x 1 = 10 voxels
+    eleven = ten.copy()
+    eleven[4, 2, 2] = True  # 26-connected to the rest
+    assert ten.sum() == 10 and eleven.sum() == 11
+    assert not remove_small_components(ten).any()
+    assert remove_small_components(eleven).sum() == 11
+    big = gt_lesion()
+    # a 10-voxel false positive does not count, an 11-voxel one does
+    r10 = evaluate_case(big | box((12, 12, 12), (14, 17, 13)), big)
+    fp11 = box((12, 12, 12), (14, 17, 13))
+    fp11[14, 12, 12] = True
+    r11 = evaluate_case(big | fp11, big)
+    assert (r10["pred_lesions"], r10["fdr"]) == (1, 0.0)
+    assert (r11["pred_lesions"], r11["fdr"]) == (2, 0.5)
+    # and a 10-voxel ground-truth lesion is not a lesion to find
+    assert evaluate_case(np.zeros(SHAPE, np.float32), ten)["gt_lesions"] == 0
+
+
+def _brute_surface_distances(a, b):
+    """Surface voxels (6-neighbourhood) by loops, nearest distances by brute force."""
+    def surface(m):
+        pts = []
+        for idx in zip(*np.nonzero(m)):
+            for ax in range(3):
+                for d in (-1, 1):
+                    n = list(idx)
+                    n[ax] += d
+                    if not (0 <= n[ax] < m.shape[ax]) or not m[tuple(n)]:
+                        pts.append(idx)
+                        break
+                else:
+                    continue
+                break
+        return np.array(sorted(set(pts)), float)
+
+    sa, sb = surface(a), surface(b)
+    return np.sqrt(((sa[:, None, :] - sb[None, :, :]) ** 2).sum(-1)).min(1)
+
+
+def test_hd95_is_the_95th_percentile_with_unequal_distances():
+    g = box((4, 4, 4), (10, 10, 10))
+    p = box((4, 4, 4), (10, 10, 10))
+    p[10:13, 6:8, 6:8] = True  # a finger sticking out: a few large distances among many zeros
+    p[4:6, 4:6, 2:4] = True  # and a shorter one
+    d = np.hstack([_brute_surface_distances(p, g), _brute_surface_distances(g, p)])
+    assert np.percentile(d, 90) != np.percentile(d, 95) != np.percentile(d, 99)  # the test can tell them apart
+    assert hd95(p, g) == pytest.approx(np.percentile(d, 95))
+    assert asd(p, g) == pytest.approx(_brute_surface_distances(p, g).mean())
+    assert asd(g, p) != pytest.approx(asd(p, g))  # asd is directed: prediction to ground truth
+
+
+def test_default_crop_is_lesion_centred_seventy_percent_of_the_time():
+    from patchblend.examples.cib.data import Case, random_crop
+    from patchblend.examples.cib.train import TrainConfig
+
+    shape = (64, 64, 64)
+    label = np.zeros(shape, np.uint8)
+    label[32, 32, 32] = 1
+    z = np.zeros(shape, np.float32)
+    case = Case("c", z, z, label, False, np.eye(4), (slice(None),) * 3, shape)
+    rng = np.random.default_rng(0)
+    hits = sum(bool(random_crop(case, (8, 8, 8), rng)[1].any()) for _ in range(600))
+    # lesion-centred crops always hold the lesion, uniform ones almost never ((8/57)^3 = 0.3%)
+    assert 0.64 < hits / 600 < 0.76
+    assert TrainConfig().lesion_prob == 0.7
+
+
+def test_learning_rate_decays_polynomially_with_power_0_9(tmp_path):
+    from patchblend.examples.cib.train import TrainConfig, learning_rate
+
+    cfg = TrainConfig(lr=1.0, stage1_iters=4, stage2_iters=6)
+    assert learning_rate(cfg, 0) == 1.0
+    assert learning_rate(cfg, 5) == pytest.approx(0.5 ** 0.9)
+    assert learning_rate(cfg, 9) == pytest.approx(0.1 ** 0.9)
+    cfg.lr_decay = False
+    assert learning_rate(cfg, 9) == 1.0
+
+
+def test_surface_distances_in_the_bounding_box_equal_the_whole_volume():
+    """The cropped computation equals the EDT of the whole volume, masks touching the border included."""
+    from scipy import ndimage
+
+    from patchblend.examples.cib.metrics import surface_distances
+
+    def full(a, b):
+        six = ndimage.generate_binary_structure(3, 1)
+        sa = a & ~ndimage.binary_erosion(a, structure=six)
+        sb = b & ~ndimage.binary_erosion(b, structure=six)
+        return ndimage.distance_transform_edt(~sb)[sa]
+
+    r = np.random.default_rng(3)
+    for _ in range(20):
+        a = ndimage.binary_dilation(r.random((12, 14, 10)) > 0.985, iterations=int(r.integers(0, 3)))
+        b = ndimage.binary_dilation(r.random((12, 14, 10)) > 0.985, iterations=int(r.integers(0, 3)))
+        a[0, r.integers(14), r.integers(10)] = True  # touch the border
+        b[r.integers(12), 13, r.integers(10)] = True
+        np.testing.assert_allclose(surface_distances(a, b), full(a, b))

@@ -234,3 +234,37 @@ def test_candidate_feature_modules_names_monai_unet_features():
     found = dict(candidate_feature_modules(net, torch.zeros(1, 1, size, size, size)))
     assert found[bottleneck] == (1, 16, 4, 4, 4)
     assert found[decoder] == (1, 8, 8, 8, 8)
+
+
+def test_aware_heads_read_the_output_and_the_decoder_feature():
+    from patchblend.heads import AwareGridHead, AwarePatchHead
+    from patchblend.wrapper import foreground_probability
+
+    torch.manual_seed(0)
+    net = TinyUNet()
+    x = torch.randn(2, 1, 16, 16, 16)
+    model = CalibratedModel(net, None, "dec", example_input=torch.zeros(1, 1, 16, 16, 16), heads="aware").eval()
+    assert isinstance(model.patch_head, AwarePatchHead) and isinstance(model.grid_head, AwareGridHead)
+    assert "bottleneck" not in model.feature_names
+    with torch.no_grad():
+        seg, patch, grid = model(x)
+        feature = net.dec(torch.cat([net.enc(x), net.up(net.bottleneck(net.down(net.enc(x))))], 1))
+        fg = foreground_probability(torch.softmax(net(x), 1))
+    torch.testing.assert_close(seg, net(x))
+    torch.testing.assert_close(patch, model.patch_head(fg, feature))
+    torch.testing.assert_close(grid, model.grid_head(fg, feature))
+    torch.testing.assert_close(fg, 1 - torch.softmax(seg, 1)[:, :1])
+    # a custom probability: the heads see what it returns
+    flip = CalibratedModel(net, None, "dec", channels=(8, 4), heads="aware", probability=lambda s: torch.sigmoid(-s[:, 1:]))
+    flip.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(flip.eval()(x).patch, model.patch_head(torch.sigmoid(-seg[:, 1:]), feature))
+    # training the aware heads never changes the backbone (their inputs are detached)
+    model.train()
+    out = model(x)
+    (out.patch.sum() + out.grid.sum()).backward()
+    assert all(p.grad is None for p in net.parameters())
+    with pytest.raises(ValueError, match="heads must be one of"):
+        CalibratedModel(net, None, "dec", channels=(8, 4), heads="mine")
+    with pytest.raises(TypeError, match="bottleneck must be"):
+        CalibratedModel(net, None, "dec", channels=(8, 4))  # the paper heads need the bottleneck

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "InputError",
     "Case",
     "T1_NAME",
     "T2_NAME",
@@ -40,6 +41,11 @@ GT_NAME = "ground_truth.nii.gz"
 SINGLE_NAME = "flair.nii.gz"
 
 
+class InputError(ValueError):
+    """Bad input from the user (a missing or unreadable file, a wrong option): the command line prints
+    its message as one line, without a traceback."""
+
+
 @dataclass
 class Case:
     """One loaded case. ``t1``, ``t2``: ``[D, H, W]`` float32 z-scored; ``label``: ``[D, H, W]`` uint8
@@ -56,17 +62,42 @@ class Case:
 
 
 def find_cases(root: str) -> List[str]:
-    """Case folders directly under ``root`` (sorted): those holding a ground truth and a FLAIR."""
+    """Case folders directly under ``root`` (sorted): those holding a FLAIR (folders without one are
+    not cases and are passed over).
+
+    A folder with a FLAIR but no ``ground_truth.nii.gz`` is an error (:class:`InputError` naming every
+    such folder), not a case to skip silently."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"root {root!r} is not a folder")
-    out = []
+        raise FileNotFoundError(f"data folder {root!r} does not exist" if not os.path.exists(root)
+                                else f"data folder {root!r} is not a folder")
+    out, missing = [], []
     for name in sorted(os.listdir(root)):
         d = os.path.join(root, name)
-        if os.path.isfile(os.path.join(d, GT_NAME)) and any(
-            os.path.isfile(os.path.join(d, f)) for f in (T1_NAME, T2_NAME, SINGLE_NAME)
-        ):
+        if not any(os.path.isfile(os.path.join(d, f)) for f in (T1_NAME, T2_NAME, SINGLE_NAME)):
+            continue
+        if os.path.isfile(os.path.join(d, GT_NAME)):
             out.append(d)
+        else:
+            others = sorted(f for f in os.listdir(d) if f.startswith("ground_truth"))
+            missing.append(name + (f" (has {', '.join(others)})" if others else ""))
+    if missing:
+        raise InputError(f"{len(missing)} case folder(s) under {root!r} have no {GT_NAME}: {'; '.join(missing)}")
     return out
+
+
+def _read_nifti(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``(data float32, affine)`` of a NIfTI file; an unreadable file raises :class:`InputError`."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as e:  # nibabel raises many types for corrupt, truncated or empty files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"cannot read {path!r} as NIfTI ({type(e).__name__}: {first})") from None
+    if data.ndim != 3:
+        raise InputError(f"{path!r} holds a {data.ndim}D image {data.shape}; a 3D volume is needed")
+    return data, np.array(img.affine, dtype=np.float64)
 
 
 def _zscore(img: np.ndarray, brain: np.ndarray) -> np.ndarray:
@@ -89,8 +120,6 @@ def load_case(folder: str, spacing: Optional[float] = None, margin: int = 2, cro
         margin: voxels kept around the brain's bounding box.
         crop: crop to the brain (``False`` keeps the whole field of view).
     """
-    import nibabel as nib
-
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder {folder!r} does not exist")
     p1, p2, ps, pg = (os.path.join(folder, n) for n in (T1_NAME, T2_NAME, SINGLE_NAME, GT_NAME))
@@ -98,22 +127,19 @@ def load_case(folder: str, spacing: Optional[float] = None, margin: int = 2, cro
         raise FileNotFoundError(f"folder {folder!r} has no {GT_NAME}")
     if os.path.isfile(p1) and os.path.isfile(p2):
         single = False
-        i2 = nib.load(p2)
-        t1 = np.asarray(nib.load(p1).get_fdata(dtype=np.float32))
-        t2 = np.asarray(i2.get_fdata(dtype=np.float32))
+        t1, _ = _read_nifti(p1)
+        t2, affine = _read_nifti(p2)
     else:
         single = True
         path = ps if os.path.isfile(ps) else p2 if os.path.isfile(p2) else None
         if path is None:
             raise FileNotFoundError(f"folder {folder!r} has neither {T1_NAME}+{T2_NAME} nor {SINGLE_NAME}")
-        i2 = nib.load(path)
-        t2 = np.asarray(i2.get_fdata(dtype=np.float32))
+        t2, affine = _read_nifti(path)
         t1 = t2
-    label = np.asarray(nib.load(pg).get_fdata(dtype=np.float32)) > 0.5
+    label = _read_nifti(pg)[0] > 0.5
     if t1.shape != t2.shape or label.shape != t2.shape:
-        raise ValueError(f"folder {folder!r}: image shapes differ: t1 {t1.shape}, t2 {t2.shape}, gt {label.shape}")
+        raise InputError(f"folder {folder!r}: image shapes differ: t1 {t1.shape}, t2 {t2.shape}, gt {label.shape}")
     original_shape = t2.shape
-    affine = np.array(i2.affine, dtype=np.float64)
     brain = (t1 > 0) | (t2 > 0)
     box = tuple(slice(0, s) for s in t2.shape)
     if crop and brain.any():

@@ -1,21 +1,34 @@
 """Evaluation of every blending through patchblend's sliding-window driver (``... cib evaluate``).
 
-Blendings (one trained model, the same windows for all):
+A *method* is a blending with, for the calibrated ones, the head scores it weights by. Its name is
+``average``, ``gaussian`` or ``HEADS:WEIGHTING`` with WEIGHTING one of ``patch`` (the patch score of
+each window, the paper's Eq. 1), ``grid`` (each grid cell's score, Eq. 2) or ``patch*grid`` (their
+product), and HEADS one of
 
-==============  ==============================================================================
-``average``      plain average (MONAI ``mode="constant"``), the paper's baseline
-``gaussian``     MONAI/nnU-Net Gaussian importance, weighted mean
-``patch``        predicted patch scores as weights, divided by the overlap count (Eq. 1)
-``grid``         predicted grid-cell scores (Eq. 2)
-``patch*grid``   their product
-``oracle-patch`` the *true* Dice of each window's prediction as its weight (the paper's Table 1)
-``oracle-grid``  the true Dice of each grid cell
-==============  ==============================================================================
+==================  ==============================================================================
+``none``            no scores: ``average`` (MONAI ``mode="constant"``, the paper's baseline) and
+                    ``gaussian`` (MONAI/nnU-Net Gaussian importance, weighted mean)
+``paper``           the paper's heads (:class:`patchblend.PatchHead`, :class:`patchblend.GridHead`),
+                    trained jointly with the network (two stages)
+``aware``           the prediction-aware heads (:class:`patchblend.AwarePatchHead`,
+                    :class:`patchblend.AwareGridHead`), trained jointly on the training crops
+``paper-posthoc``,  the same kinds fitted after training on held-out calibration cases with the
+``aware-posthoc``   network frozen (:mod:`patchblend.calibration`)
+``paper-tempered``, the post-hoc heads' weights raised to a power ``γ`` in (0, 1] chosen per
+``aware-tempered``  weighting on the calibration cases (:func:`.posthoc.choose_exponents`): the best
+                    lesion F1 there that keeps 95% of the lesions ``average`` detects
+``oracle``          the *true* Dice of each window / cell (the paper's Table 1): an upper bound
+==================  ==============================================================================
+
+Calibrated blendings divide by the overlap count (Eq. 1/2); ``average`` and ``gaussian`` by the weight
+sum. The old names ``patch``, ``grid``, ``patch*grid``, ``oracle-patch``, ``oracle-grid`` still work
+(``paper:...``, ``oracle:...``).
 
 The oracle weights come from the ground truth: it travels as a fourth input channel through the
 driver, so each window sees its own label, and :func:`patchblend.targets.dice_targets` scores the
 window's prediction against it. The model runs once per window; the other blendings replay its
-outputs. Metrics: :func:`.metrics.evaluate_case` on the new-lesion probability.
+outputs. During the first oracle pass the head scores of every head set are recorded against the true
+Dice (:func:`head_quality_rows`). Metrics: :func:`.metrics.evaluate_case` on the new-lesion probability.
 """
 from __future__ import annotations
 
@@ -23,147 +36,226 @@ import argparse
 import csv
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from patchblend import CalibratedOutput
+from patchblend.head_metrics import head_quality
 from patchblend.inference import sliding_window_inference
 from patchblend.targets import dice_targets
 
-from .data import Case, load_cases, network_input
+from .data import Case, InputError, load_cases, network_input
 from .metrics import METRIC_NAMES, evaluate_case
-from .model import OUTPUT_NEW
+from .model import OUTPUT_NEW, head_scores
 
-__all__ = ["BLENDINGS", "CalibratedPredictor", "predict_case", "head_calibration", "evaluate_model", "summarize",
-           "format_table", "write_csv", "pick_figure_case", "plot_comparison"]
+__all__ = ["WEIGHTINGS", "HEAD_SETS", "METHODS", "BLENDINGS", "parse_methods", "method_name", "CalibratedPredictor",
+           "predict_case", "head_quality_rows", "evaluate_model", "summarize", "format_table", "write_csv",
+           "write_head_quality", "pick_figure_case", "plot_comparison", "plot_reliability_figure"]
 
-BLENDINGS = ("average", "gaussian", "patch", "grid", "patch*grid", "oracle-patch", "oracle-grid")
+WEIGHTINGS = ("patch", "grid", "patch*grid")
+#: Head sets in table order (``none`` and ``oracle`` need no heads).
+HEAD_SETS = ("none", "paper", "aware", "paper-posthoc", "aware-posthoc", "paper-tempered", "aware-tempered", "oracle")
+#: Every method, in table order: ``(heads, blending)``.
+METHODS: Tuple[Tuple[str, str], ...] = (("none", "average"), ("none", "gaussian")) + tuple(
+    (h, w) for h in HEAD_SETS[1:] for w in WEIGHTINGS)
+_LEGACY = {"patch": ("paper", "patch"), "grid": ("paper", "grid"), "patch*grid": ("paper", "patch*grid"),
+           "oracle-patch": ("oracle", "patch"), "oracle-grid": ("oracle", "grid")}
+#: The old method names (one per paper/oracle blending), kept as aliases.
+BLENDINGS = ("average", "gaussian") + tuple(_LEGACY)
 
-#: driver arguments per blending: (mode, weighting, normalize, scores) with scores None | "model" | "oracle".
-#: Calibrated blendings divide by the overlap count (the paper's Eq. 1/2), the others by the weight sum.
-_SETTINGS = {
-    "average": ("constant", None, "weight", None),
-    "gaussian": ("gaussian", None, "weight", None),
-    "patch": ("constant", "patch", "count", "model"),
-    "grid": ("constant", "grid", "count", "model"),
-    "patch*grid": ("constant", "patch*grid", "count", "model"),
-    "oracle-patch": ("constant", "patch", "count", "oracle"),
-    "oracle-grid": ("constant", "grid", "count", "oracle"),
-}
+
+def method_name(method: Tuple[str, str]) -> str:
+    """``("none", "average")`` → ``"average"``; ``("aware", "grid")`` → ``"aware:grid"``."""
+    heads, blending = method
+    return blending if heads == "none" else f"{heads}:{blending}"
+
+
+def parse_methods(names: Sequence[str], available: Sequence[str] = HEAD_SETS) -> List[Tuple[str, str]]:
+    """Method names (module docstring) → ``(heads, blending)`` pairs; unknown names, or head sets not
+    in ``available``, raise :class:`~.data.InputError` listing the valid names."""
+    out = []
+    for raw in names:
+        name = raw.strip()
+        if name in ("average", "gaussian"):
+            m = ("none", name)
+        elif name in _LEGACY:
+            m = _LEGACY[name]
+        elif ":" in name and name.split(":", 1)[0] not in ("", "none") and name.split(":", 1)[1] in WEIGHTINGS:
+            m = tuple(name.split(":", 1))
+        else:
+            raise InputError(f"unknown blending {name!r}; use average, gaussian or HEADS:WEIGHTING with HEADS in "
+                             f"{','.join(HEAD_SETS[1:])} and WEIGHTING in {','.join(WEIGHTINGS)}")
+        if m[0] not in available and m[0] not in HEAD_SETS:
+            raise InputError(f"unknown blending {name!r}; use average, gaussian or HEADS:WEIGHTING with HEADS in "
+                             f"{','.join(HEAD_SETS[1:])} and WEIGHTING in {','.join(WEIGHTINGS)}")
+        if m[0] not in available:
+            raise InputError(f"blending {name!r} needs the {m[0]!r} heads, which this model does not have "
+                             f"(available: {', '.join(available)})")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise InputError("no blending given")
+    return out
+
+
+#: driver arguments per blending: (mode, weighting, normalize)
+_DRIVER = {"average": ("constant", None, "weight"), "gaussian": ("gaussian", None, "weight"),
+           **{w: ("constant", w, "count") for w in WEIGHTINGS}}
+
+
+def model_head_sets(model, posthoc: Optional[dict] = None) -> Dict[str, tuple]:
+    """``{name: (kind, patch_head, grid_head)}`` of the heads a model carries (``paper``; ``aware`` when
+    it has them) plus ``posthoc`` (``{"paper-posthoc": (kind, patch_head, grid_head), ...}``)."""
+    sets = {"paper": ("paper", model.patch_head, model.grid_head)}
+    if getattr(model, "aware_heads", False):
+        sets["aware"] = ("aware", model.aware_patch_head, model.aware_grid_head)
+    sets.update(posthoc or {})
+    return sets
 
 
 class CalibratedPredictor:
     """The predictor handed to the driver.
 
     Called with windows ``[b, 4, *P]`` (``[t1, t2, t2 − t1, label]``), it returns the new-lesion
-    probability ``[b, 1, *P]``, alone (``scores=None``) or with ``(patch [b], grid [b, *G])`` scores:
-    the heads' (``"model"``) or the true Dice of the prediction (``"oracle"``). The network runs once
-    per window batch: :meth:`start` with ``replay=True`` reuses the outputs recorded in the first pass
-    (checked against the inputs).
+    probability ``[b, 1, *P]``, alone (``heads`` ``None``/``"none"``) or as a
+    :class:`patchblend.CalibratedOutput` with the scores of one head set (a key of ``head_sets``) or the
+    true Dice of the prediction (``"oracle"``). The network and every head set run once per window
+    batch: :meth:`start` with ``replay=True`` reuses the outputs recorded in the first pass (checked
+    against the inputs).
     """
 
-    def __init__(self, model, device, grid: Sequence[int], amp: bool = False):
+    def __init__(self, model, device, grid: Sequence[int], amp: bool = False, head_sets: Optional[dict] = None):
         self.model, self.device, self.grid, self.amp = model, torch.device(device), tuple(grid), amp
-        self.scores: Optional[str] = None
-        #: ``(head patch, true patch, head grid, true grid)`` per window batch of the first oracle pass
-        self.pairs: List = []
+        self.head_sets = model_head_sets(model) if head_sets is None else head_sets
+        self.heads: Optional[str] = None
+        self.exponent = 1.0
+        # head sets that share their heads with an earlier one (the tempered sets) are scored once
+        first: Dict[tuple, str] = {}
+        self._canonical = {name: first.setdefault((id(ph), id(gh)), name) for name, (_, ph, gh) in self.head_sets.items()}
+        #: ``{head set: [(pred patch, true patch, pred grid, true grid), ...]}`` from the first oracle pass
+        self.pairs: Dict[str, List] = {k: [] for k in self.head_sets if self._canonical[k] == k}
         self._cache: List = []
         self._index = 0
         self._replay = False
         self._recorded = False
 
-    def start(self, scores: Optional[str], replay: bool) -> None:
-        self._recorded = bool(self.pairs)
-        self.scores, self._replay, self._index = scores, replay, 0
+    def start(self, heads: Optional[str], replay: bool, exponent: float = 1.0) -> None:
+        """Next pass: scores of ``heads`` raised to ``exponent`` (1: as predicted)."""
+        if heads not in (None, "none", "oracle") and heads not in self.head_sets:
+            raise ValueError(f"heads {heads!r}: this predictor has {tuple(self.head_sets)} (and oracle)")
+        self._recorded = any(self.pairs.values())
+        self.heads, self._replay, self._index, self.exponent = heads, replay, 0, float(exponent)
         if not replay:
             self._cache = []
 
     @torch.no_grad()
     def _run(self, x: torch.Tensor):
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp and self.device.type == "cuda"):
-            out = self.model(x)
-        return out.probs(OUTPUT_NEW), out.patch.float(), out.grid.float()
+            logits, bottleneck, last = self.model.run(x)
+        bottleneck, last = bottleneck.float(), last.float()
+        prob = torch.softmax(logits[:, OUTPUT_NEW].float(), dim=1)[:, 1:2]
+        scores = {name: tuple(t.float() for t in head_scores(kind, ph, gh, prob, bottleneck, last))
+                  for name, (kind, ph, gh) in self.head_sets.items() if self._canonical[name] == name}
+        return prob, {name: scores[self._canonical[name]] for name in self.head_sets}
 
     def __call__(self, windows: torch.Tensor):
         x, label = windows[:, :3], windows[:, 3:4]
         key = (tuple(x.shape), float(x.double().sum()))
         if self._replay and self._index < len(self._cache) and self._cache[self._index][0] == key:
-            seg, patch, grid = self._cache[self._index][1]
+            seg, scores = self._cache[self._index][1]
         else:
-            seg, patch, grid = self._run(x.to(self.device))
+            seg, scores = self._run(x.to(self.device))
             if not self._replay:
-                self._cache.append((key, (seg, patch, grid)))
+                self._cache.append((key, (seg, scores)))
         self._index += 1
         seg = seg.to(windows.device)
-        if self.scores is None:
+        if self.heads in (None, "none"):
             return seg
-        if self.scores == "oracle":
+        if self.heads == "oracle":
             true_patch, true_grid = dice_targets(seg, label.to(seg.device), grid=self.grid)
             if not self._recorded:
-                self.pairs.append((patch.cpu(), true_patch.cpu(), grid.cpu(), true_grid.cpu()))
+                for name in self.pairs:
+                    patch, grid = scores[name]
+                    self.pairs[name].append((patch.cpu(), true_patch.cpu(), grid.cpu(), true_grid.cpu()))
             patch, grid = true_patch, true_grid
+        else:
+            patch, grid = scores[self.heads]
+            if self.exponent != 1.0:
+                patch, grid = patch ** self.exponent, grid ** self.exponent
         return CalibratedOutput(seg, patch.to(windows.device), grid.to(windows.device))
 
 
-def predict_case(model, case: Case, blendings: Sequence[str] = BLENDINGS, roi: Sequence[int] = (80, 80, 80),
+def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[int] = (80, 80, 80),
                  overlap: float = 0.5, sw_batch_size: int = 4, device="cpu", amp: bool = False,
-                 grid: Sequence[int] = (2, 2, 2), head_pairs: Optional[list] = None) -> Dict[str, np.ndarray]:
-    """New-lesion probability ``[D, H, W]`` of ``case`` for each blending (driver on ``device``).
+                 grid: Sequence[int] = (2, 2, 2), head_pairs: Optional[dict] = None,
+                 head_sets: Optional[dict] = None, exponents: Optional[dict] = None
+                 ) -> Dict[Tuple[str, str], np.ndarray]:
+    """New-lesion probability ``[D, H, W]`` of ``case`` for each method (driver on ``device``).
 
-    ``head_pairs``: a list that receives, when an oracle blending is among ``blendings``, the heads'
-    scores and the true Dice of every window (see :func:`head_calibration`)."""
-    unknown = [b for b in blendings if b not in _SETTINGS]
-    if unknown:
-        raise ValueError(f"blendings has unknown names {unknown}; choose from {BLENDINGS}")
+    ``methods``: ``(heads, blending)`` pairs or names (:func:`parse_methods`). ``head_sets``: the head
+    sets to score with (default :func:`model_head_sets`). ``head_pairs``: a dict that receives, per head
+    set, the heads' scores against the true Dice of every window, when an oracle method is run.
+    ``exponents``: ``{(heads, blending): γ}``, weights raised to ``γ`` for those methods (default 1)."""
+    head_sets = model_head_sets(model) if head_sets is None else head_sets
+    methods = [tuple(m) if not isinstance(m, str) else m for m in methods]
+    methods = parse_methods([m if isinstance(m, str) else method_name(m) for m in methods],
+                            ("none", "oracle", *head_sets))
     x = network_input(case.t1, case.t2)
     lab = torch.as_tensor(case.label, dtype=torch.float32)[None]
     inputs = torch.cat([x, lab])[None].to(device)  # [1, 4, D, H, W]
-    pred = CalibratedPredictor(model, device, grid, amp)
+    pred = CalibratedPredictor(model, device, grid, amp, head_sets)
     out = {}
-    for i, name in enumerate(blendings):
-        mode, weighting, normalize, scores = _SETTINGS[name]
-        pred.start(scores, replay=i > 0)
+    for i, (heads, blending) in enumerate(methods):
+        mode, weighting, normalize = _DRIVER[blending]
+        pred.start(heads, replay=i > 0, exponent=(exponents or {}).get((heads, blending), 1.0))
         prob = sliding_window_inference(inputs, list(roi), sw_batch_size, pred, overlap=overlap, mode=mode,
                                         weighting=weighting, normalize=normalize)
-        out[name] = prob[0, 0].float().cpu().numpy()
+        out[(heads, blending)] = prob[0, 0].float().cpu().numpy()
     if head_pairs is not None:
-        head_pairs.extend(pred.pairs)
+        for name, pairs in pred.pairs.items():
+            head_pairs.setdefault(name, []).extend(pairs)
     return out
 
 
-def head_calibration(pairs: list) -> Dict[str, float]:
-    """How well the heads predict the true Dice, over all windows (or cells) in ``pairs``
-    (from :func:`predict_case`): Pearson correlation, mean absolute error, the mean prediction and the
-    mean true Dice, and the mean prediction on windows/cells whose true Dice is below 0.5."""
-    out: Dict[str, float] = {}
-    if not pairs:
-        return out
-    for name, i in (("patch", 0), ("grid", 2)):
-        pred = torch.cat([p[i].flatten() for p in pairs]).double().numpy()
-        true = torch.cat([p[i + 1].flatten() for p in pairs]).double().numpy()
-        bad = true < 0.5
-        corr = float(np.corrcoef(pred, true)[0, 1]) if pred.std() > 0 and true.std() > 0 else math.nan
-        out.update({f"{name}_corr": corr, f"{name}_mae": float(np.abs(pred - true).mean()),
-                    f"{name}_pred_mean": float(pred.mean()), f"{name}_true_mean": float(true.mean()),
-                    f"{name}_pred_on_bad": float(pred[bad].mean()) if bad.any() else math.nan,
-                    f"{name}_pred_on_good": float(pred[~bad].mean()) if (~bad).any() else math.nan,
-                    f"{name}_bad_fraction": float(bad.mean())})
-    return out
+def _flat(pairs: list, i: int) -> np.ndarray:
+    return torch.cat([p[i].flatten() for p in pairs]).double().numpy() if pairs else np.zeros(0)
 
 
-def evaluate_model(model, cases: Sequence[Case], blendings: Sequence[str] = BLENDINGS, roi=(80, 80, 80),
+def head_quality_rows(head_pairs: Dict[str, list], bins: int = 10) -> List[dict]:
+    """One row per head set and head: ``{"heads", "head", "n", "corr", "auroc", "ece", "mae", "pred_mean",
+    "true_mean", "failure_fraction"}`` (:func:`patchblend.head_quality`; AUROC for true Dice < 0.5)."""
+    rows = []
+    order = sorted(head_pairs, key=lambda k: (HEAD_SETS.index(k) if k in HEAD_SETS else len(HEAD_SETS), k))
+    for name in order:
+        pairs = head_pairs[name]
+        if not pairs:
+            continue
+        for head, i in (("patch", 0), ("grid", 2)):
+            rows.append({"heads": name, "head": head, **head_quality(_flat(pairs, i), _flat(pairs, i + 1), bins)})
+    return rows
+
+
+def evaluate_model(model, cases: Sequence[Case], methods: Sequence = METHODS, roi=(80, 80, 80),
                    overlap: float = 0.5, sw_batch_size: int = 4, device="cpu", amp: bool = False,
-                   grid=(2, 2, 2), progress: bool = True, keep: Sequence[str] = (),
-                   head_pairs: Optional[list] = None):
-    """Per-case metrics of every blending.
+                   grid=(2, 2, 2), progress: bool = True, keep: Sequence = (),
+                   head_pairs: Optional[dict] = None, head_sets: Optional[dict] = None,
+                   exponents: Optional[dict] = None):
+    """Per-case metrics of every method.
 
-    Returns ``(rows, kept)``: ``rows`` a list of dicts ``{"case", "blending", **metrics}``;
-    ``kept[case name][blending]`` the probability volumes of the blendings named in ``keep``.
-    ``head_pairs`` (a list) collects the heads' scores against the true Dice (:func:`head_calibration`).
+    Returns ``(rows, kept)``: ``rows`` a list of dicts ``{"case", "heads", "blending", **metrics}``;
+    ``kept[case name][method name]`` the probability volumes of the methods named in ``keep``.
+    ``head_pairs`` (a dict) collects the heads' scores against the true Dice (:func:`head_quality_rows`);
+    ``exponents`` as in :func:`predict_case`.
     """
     model.eval()
+    head_sets = model_head_sets(model) if head_sets is None else head_sets
+    methods = parse_methods([m if isinstance(m, str) else method_name(m) for m in methods],
+                            ("none", "oracle", *head_sets))
+    keep = {k if isinstance(k, str) else method_name(k): parse_methods([k if isinstance(k, str) else method_name(k)],
+                                                                        ("none", "oracle", *head_sets))[0]
+            for k in keep}
     rows, kept = [], {}
     it = cases
     if progress:
@@ -171,52 +263,117 @@ def evaluate_model(model, cases: Sequence[Case], blendings: Sequence[str] = BLEN
 
         it = tqdm(cases, desc="evaluate", leave=False)
     for case in it:
-        probs = predict_case(model, case, blendings, roi, overlap, sw_batch_size, device, amp, grid, head_pairs)
-        for name in blendings:
-            rows.append({"case": case.name, "blending": name, **evaluate_case(probs[name], case.label)})
-        kept[case.name] = {k: probs[k] for k in keep if k in probs}
+        probs = predict_case(model, case, methods, roi, overlap, sw_batch_size, device, amp, grid, head_pairs,
+                             head_sets, exponents)
+        for heads, blending in methods:
+            rows.append({"case": case.name, "heads": heads, "blending": blending,
+                         **evaluate_case(probs[(heads, blending)], case.label)})
+        kept[case.name] = {name: probs[m] for name, m in keep.items() if m in probs}
     return rows, kept
 
 
-def summarize(rows: List[dict], blendings: Sequence[str] = BLENDINGS) -> List[dict]:
-    """Mean over cases per blending (``nan`` entries left out); dice/jaccard/f1/fdr in %."""
+#: Columns of ``results.csv`` after ``heads,blending``: the metrics (Dice, Jaccard, F1, FDR and the
+#: pooled lesion sensitivity in %, distances in voxels), then lesion counts summed over the cases.
+RESULT_COLUMNS = METRIC_NAMES + ("sensitivity", "detected", "gt_lesions", "true_pred", "pred_lesions")
+
+
+def summarize(rows: List[dict], methods: Optional[Sequence] = None) -> List[dict]:
+    """Per method: the mean over cases (``nan`` entries left out; dice/jaccard/f1/fdr in %), the lesion
+    counts summed over the cases, and ``sensitivity`` = detected / ground-truth lesions pooled over the
+    cases (in %)."""
+    if methods is None:
+        methods = []
+        for r in rows:
+            if (r["heads"], r["blending"]) not in methods:
+                methods.append((r["heads"], r["blending"]))
     out = []
-    for name in blendings:
-        sel = [r for r in rows if r["blending"] == name]
+    for heads, blending in methods:
+        sel = [r for r in rows if r["heads"] == heads and r["blending"] == blending]
         if not sel:
             continue
-        row = {"blending": name}
+        row = {"heads": heads, "blending": blending}
         for k in METRIC_NAMES:
             vals = [r[k] for r in sel if not math.isnan(r[k])]
             v = float(np.mean(vals)) if vals else math.nan
             row[k] = 100 * v if k in ("dice", "jaccard", "f1", "fdr") else v
-        row["pred_lesions"] = float(np.sum([r["pred_lesions"] for r in sel]))
-        row["true_pred"] = float(np.sum([r["true_pred"] for r in sel]))
-        row["detected"] = float(np.sum([r["detected"] for r in sel]))
-        row["gt_lesions"] = float(np.sum([r["gt_lesions"] for r in sel]))
+        for k in ("detected", "gt_lesions", "true_pred", "pred_lesions"):
+            row[k] = float(np.sum([r[k] for r in sel]))
+        row["sensitivity"] = 100 * row["detected"] / row["gt_lesions"] if row["gt_lesions"] else math.nan
         out.append(row)
     return out
 
 
 def format_table(summary: List[dict]) -> str:
-    """A fixed-width text table of :func:`summarize`'s rows (with lesion counts summed over cases)."""
-    head = f"{'blending':<13}{'Dice%':>7}{'Jacc%':>7}{'HD95':>7}{'ASD':>7}{'F1%':>7}{'FDR%':>7}   TP/pred  det/GT"
+    """A fixed-width text table of :func:`summarize`'s rows."""
+    head = (f"{'heads':<15}{'blending':<11}{'Dice%':>7}{'HD95':>6}{'F1%':>7}{'FDR%':>7}{'Sens%':>7}"
+            f"   TP/pred  det/GT")
     lines = [head, "-" * len(head)]
     for r in summary:
-        lines.append(f"{r['blending']:<13}{r['dice']:>7.2f}{r['jaccard']:>7.2f}{r['hd95']:>7.2f}{r['asd']:>7.2f}"
-                     f"{r['f1']:>7.2f}{r['fdr']:>7.2f}   {int(r['true_pred']):>3}/{int(r['pred_lesions']):<4}"
+        lines.append(f"{r['heads']:<15}{r['blending']:<11}{r['dice']:>7.2f}{r['hd95']:>6.2f}{r['f1']:>7.2f}"
+                     f"{r['fdr']:>7.2f}{r['sensitivity']:>7.1f}   {int(r['true_pred']):>3}/{int(r['pred_lesions']):<4}"
                      f" {int(r['detected']):>3}/{int(r['gt_lesions'])}")
     return "\n".join(lines)
 
 
+def format_head_quality(rows: List[dict]) -> str:
+    head = f"{'heads':<14}{'head':<6}{'corr':>7}{'AUROC':>7}{'ECE':>7}{'MAE':>7}  pred/true mean  Dice<0.5"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['heads']:<14}{r['head']:<6}{r['corr']:>+7.2f}{r['auroc']:>7.3f}{r['ece']:>7.3f}"
+                     f"{r['mae']:>7.3f}  {r['pred_mean']:.3f}/{r['true_mean']:.3f}    {100 * r['failure_fraction']:.1f}%")
+    return "\n".join(lines)
+
+
 def write_csv(path: str, summary: List[dict]) -> str:
-    """``blending,dice,jaccard,hd95,asd,f1,fdr`` (Dice, Jaccard, F1, FDR in %; distances in voxels)."""
+    """``heads,blending,`` + :data:`RESULT_COLUMNS` (Dice, Jaccard, F1, FDR, sensitivity in %; HD95 and ASD
+    in voxels; lesion counts summed over the cases)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["blending", *METRIC_NAMES])
+        w.writerow(["heads", "blending", *RESULT_COLUMNS])
         for r in summary:
-            w.writerow([r["blending"], *[f"{r[k]:.4f}" for k in METRIC_NAMES]])
+            w.writerow([r["heads"], r["blending"], *[f"{r[k]:.4f}" if k in METRIC_NAMES + ("sensitivity",)
+                                                     else str(int(r[k])) for k in RESULT_COLUMNS]])
+    return path
+
+
+def write_head_quality(path: str, rows: List[dict]) -> str:
+    """``heads,head,corr,auroc,ece`` (then ``mae,n``): one row per head set and head."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["heads", "head", "corr", "auroc", "ece", "mae", "n"])
+        for r in rows:
+            w.writerow([r["heads"], r["head"], *[f"{r[k]:.4f}" for k in ("corr", "auroc", "ece", "mae")], r["n"]])
+    return path
+
+
+def write_per_case(path: str, rows: List[dict]) -> str:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def plot_reliability_figure(head_pairs: Dict[str, list], path: str, bins: int = 10) -> str:
+    """Reliability diagrams (patch head left, grid head right) of every head set on the test windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from patchblend.head_metrics import plot_reliability
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
+    for ax, (head, i) in zip(axes, (("patch", 0), ("grid", 2))):
+        curves = {name: (_flat(p, i), _flat(p, i + 1)) for name, p in head_pairs.items() if p}
+        plot_reliability(curves, bins=bins, ax=ax)
+        ax.set_title(f"{head} head on the test {'windows' if head == 'patch' else 'grid cells'}", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -234,11 +391,11 @@ def _components(mask: np.ndarray, gt: np.ndarray):
 
 
 def pick_figure_case(rows: List[dict], cases: Sequence[Case], baseline: str = "average",
-                     calibrated: str = "patch*grid") -> Case:
+                     calibrated: str = "aware-posthoc:patch*grid") -> Case:
     """The case for :func:`plot_comparison`: most false-positive lesions removed by ``calibrated``,
-    then most false positives of ``baseline``, then most lesion voxels."""
+    then most false positives of ``baseline``, then most lesion voxels (methods by name)."""
     def key(case):
-        r = {x["blending"]: x for x in rows if x["case"] == case.name}
+        r = {method_name((x["heads"], x["blending"])): x for x in rows if x["case"] == case.name}
         fp_a = r[baseline]["pred_lesions"] - r[baseline]["true_pred"]
         fp_c = r[calibrated]["pred_lesions"] - r[calibrated]["true_pred"]
         return fp_a - fp_c, fp_a, int(case.label.sum())
@@ -247,7 +404,7 @@ def pick_figure_case(rows: List[dict], cases: Sequence[Case], baseline: str = "a
 
 
 def plot_comparison(case: Case, probs: Dict[str, np.ndarray], path: str, baseline: str = "average",
-                    calibrated: str = "patch*grid") -> str:
+                    calibrated: str = "aware-posthoc:patch*grid") -> str:
     """The paper's Fig. 4 for one case: baseline, follow-up, ground truth, ``baseline``-blended and
     ``calibrated``-blended predictions on the axial slice where the two differ most in false positives;
     true positives green, false positives red and circled."""
@@ -297,15 +454,38 @@ def plot_comparison(case: Case, probs: Dict[str, np.ndarray], path: str, baselin
     return path
 
 
+def check_overlap(overlap: float) -> float:
+    if not (0 <= overlap < 1):
+        raise InputError(f"--overlap must lie in [0, 1), got {overlap}")
+    return overlap
+
+
+def check_roi(roi: int, option: str = "--roi") -> int:
+    if roi < 16 or roi % 16:
+        raise InputError(f"{option} must be a positive multiple of 16 (the V-Net downsamples 4 times), got {roi}")
+    return roi
+
+
+def load_posthoc_heads(path: str, model, device="cpu"):
+    """Post-hoc heads written by the demo or ``calibrate``: ``({"paper-posthoc": (kind, patch, grid), ...},
+    {(tempered head set, weighting): γ})``."""
+    from .posthoc import load_heads
+
+    return load_heads(path, model, device, with_exponents=True)
+
+
 def main(argv=None):
-    from .train import load_checkpoint
+    from .train import check_out_folder, load_checkpoint
 
     p = argparse.ArgumentParser(prog="python -m patchblend.examples.cib evaluate",
                                 description="Evaluate every blending of a trained CIB model.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train (last.pt)")
     p.add_argument("--data", required=True, help="folder of two-time-point case folders")
-    p.add_argument("--out", default="cib_eval", help="output folder (results.csv, per_case.csv, figure)")
-    p.add_argument("--blendings", default=",".join(BLENDINGS), help="comma-separated subset of " + ",".join(BLENDINGS))
+    p.add_argument("--out", default="cib_eval", help="output folder (results.csv, per_case.csv, figures)")
+    p.add_argument("--posthoc", default="", help="heads fitted post hoc (posthoc_heads.pt from demo or calibrate)")
+    p.add_argument("--blendings", default="all",
+                   help="comma-separated methods: average, gaussian, HEADS:WEIGHTING (HEADS in "
+                        + ",".join(HEAD_SETS[1:]) + "; WEIGHTING in " + ",".join(WEIGHTINGS) + "), or all")
     p.add_argument("--roi", type=int, default=0, help="window size (default: the training patch size)")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--sw-batch-size", type=int, default=4)
@@ -313,23 +493,50 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--figure", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    blendings = [b.strip() for b in args.blendings.split(",") if b.strip()]
+    check_out_folder(args.out)
+    check_overlap(args.overlap)
+    if args.roi:
+        check_roi(args.roi)
+    if args.sw_batch_size < 1:
+        raise InputError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
+    if not os.path.isdir(args.data):
+        raise InputError(f"--data {args.data!r} is not an existing folder")
     model, cfg, _ = load_checkpoint(args.ckpt, args.device)
+    posthoc, exponents = load_posthoc_heads(args.posthoc, model, args.device) if args.posthoc else ({}, {})
+    head_sets = model_head_sets(model, posthoc)
+    available = ("none", "oracle", *head_sets)
+    if args.blendings == "all":
+        methods = [m for m in METHODS if m[0] in available]
+    else:
+        methods = parse_methods(args.blendings.split(","), available)
     roi = (args.roi or cfg.patch,) * 3
-    cases = [c for c in load_cases(args.data, spacing=args.spacing) if not c.single]
+    cases = load_cases(args.data, spacing=args.spacing)
+    singles = [c.name for c in cases if c.single]
+    if singles:
+        raise InputError(f"--data {args.data!r} holds single-time-point cases ({', '.join(singles)}); evaluate "
+                         f"scores new lesions and needs two time points per case")
     if not cases:
-        p.error(f"--data {args.data!r} holds no two-time-point cases")
-    keep = [b for b in ("average", "patch*grid") if b in blendings]
-    rows, kept = evaluate_model(model, cases, blendings, roi, args.overlap, args.sw_batch_size, args.device,
-                                amp=args.device.startswith("cuda"), grid=(cfg.grid,) * 3, keep=keep)
-    summary = summarize(rows, blendings)
+        raise InputError(f"--data {args.data!r} holds no case folders")
+    names = [method_name(m) for m in methods]
+    calibrated = next((n for n in ("aware-posthoc:patch*grid", "aware:patch*grid", "paper:patch*grid") if n in names),
+                      None)
+    keep = ["average", calibrated] if "average" in names and calibrated else []
+    pairs: Dict[str, list] = {}
+    rows, kept = evaluate_model(model, cases, methods, roi, args.overlap, args.sw_batch_size, args.device,
+                                amp=args.device.startswith("cuda"), grid=(cfg.grid,) * 3, keep=keep,
+                                head_pairs=pairs, head_sets=head_sets, exponents=exponents)
+    summary = summarize(rows, methods)
     print(format_table(summary))
     write_csv(os.path.join(args.out, "results.csv"), summary)
-    with open(os.path.join(args.out, "per_case.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-    if args.figure and len(keep) == 2:
-        best = pick_figure_case(rows, cases)
-        print("figure:", plot_comparison(best, kept[best.name], os.path.join(args.out, "fig4_comparison.png")))
+    write_per_case(os.path.join(args.out, "per_case.csv"), rows)
+    quality = head_quality_rows(pairs)
+    if quality:
+        print(format_head_quality(quality))
+        write_head_quality(os.path.join(args.out, "head_quality.csv"), quality)
+    if args.figure and keep:
+        best = pick_figure_case(rows, cases, calibrated=calibrated)
+        print("figure:", plot_comparison(best, kept[best.name], os.path.join(args.out, "fig4_comparison.png"),
+                                         calibrated=calibrated))
+        if quality:
+            print("figure:", plot_reliability_figure(pairs, os.path.join(args.out, "reliability.png")))
     return summary

@@ -6,6 +6,10 @@ targets are :func:`patchblend.targets.dice_targets` of the thresholded task pred
 output* is the new-lesion output for two-time-point samples and the lesion-at-follow-up output for
 single-time-point samples (whose Dice loss also covers the lesion-at-baseline output, t1 = t2).
 
+With ``aware_heads`` (default on) the prediction-aware heads are trained jointly with the same
+calibration loss on the task probability; their inputs are detached, so they do not change the network
+(the backbone is the same with or without them).
+
 Schedule: ``stage1_iters`` iterations with ``lambda_patch`` only (the grid head is not trained), then
 ``stage2_iters`` with both. Adam; mixed precision on CUDA (``--amp``, default on); checkpoints every
 ``ckpt_every`` iterations and at the end (``OUT/last.pt``; with ``--keep-snapshots`` also the weights
@@ -27,11 +31,11 @@ import torch
 from patchblend.losses import calibration_loss, soft_dice_loss
 from patchblend.targets import dice_targets
 
-from .data import Case, MixedBatchSampler, load_cases
+from .data import Case, InputError, MixedBatchSampler, load_cases
 from .model import OUTPUT_NEW, OUTPUT_T1, OUTPUT_T2, CIBVNet
 
-__all__ = ["TrainConfig", "train", "compute_losses", "build_model", "load_checkpoint", "add_config_arguments",
-           "config_from_args"]
+__all__ = ["TrainConfig", "train", "compute_losses", "build_model", "load_checkpoint", "read_checkpoint",
+           "config_of", "learning_rate", "add_config_arguments", "config_from_args", "check_out_folder"]
 
 
 @dataclass
@@ -63,6 +67,10 @@ class TrainConfig:
     keep_snapshots: bool = False  #: also keep ``OUT/iter_NNNNNN.pt`` at every checkpoint (model weights only)
     resume: bool = False
     progress: bool = True
+    aware_heads: bool = True  #: also train the prediction-aware heads (detached: the network is unchanged)
+
+#: Settings a checkpoint must share with the configuration that resumes or rebuilds it.
+ARCHITECTURE = ("width", "grid", "aware_heads")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, defaults: Optional[dict] = None,
@@ -89,19 +97,22 @@ def config_from_args(args: argparse.Namespace, cls=TrainConfig):
 
 
 def build_model(cfg: TrainConfig) -> CIBVNet:
-    return CIBVNet(width=cfg.width, grid=(cfg.grid,) * 3)
+    return CIBVNet(width=cfg.width, grid=(cfg.grid,) * 3, aware_heads=cfg.aware_heads)
 
 
 def compute_losses(out, y: torch.Tensor, single: torch.Tensor, grid: Sequence[int], lambda_patch: float,
-                   lambda_grid: float):
+                   lambda_grid: float, model: Optional[CIBVNet] = None):
     """Loss of one batch.
 
     Args:
         out: :class:`~.model.CIBOutput` (``logits [B, 3, 2, *P]``, ``patch [B]``, ``grid [B, *G]``).
         y: ``[B, 1, *P]`` labels (new lesions for two-time-point samples, all lesions for single ones).
         single: ``[B]`` bool, which samples are single-time-point.
+        model: the network (needed to train its aware heads; without it they are left out).
 
-    Returns ``(total, parts)`` with ``parts = {"dice", "cal", "patch_mse", "grid_mse"}`` (floats).
+    Returns ``(total, parts)`` with ``parts = {"dice", "cal", "patch_mse", "grid_mse"}`` (floats), plus
+    ``"aware_patch_mse", "aware_grid_mse"`` when ``out`` carries aware scores (the aware heads are then
+    scored on the task probability of each sample: new lesions, or lesions at t2 for single samples).
     """
     probs = torch.softmax(out.logits.float(), dim=2)[:, :, 1:2]  # [B, 3, 1, *P]
     two = ~single
@@ -121,15 +132,59 @@ def compute_losses(out, y: torch.Tensor, single: torch.Tensor, grid: Sequence[in
             "patch_mse": float(((out.patch.float() - t_patch) ** 2).mean()),
             "grid_mse": float(((out.grid.float() - t_grid) ** 2).mean()),
         }
-    return dice + cal, parts
+    total = dice + cal
+    if out.aware_patch is not None and model is not None:
+        a_patch, a_grid = out.aware_patch.float(), out.aware_grid.float()
+        if single.any():  # single-time-point samples: score the t2 output, as the targets do
+            a_patch, a_grid = model.aware_patch_head(task, out.feature), model.aware_grid_head(task, out.feature)
+        total = total + calibration_loss(a_patch, t_patch, a_grid, t_grid, lambda_patch, lambda_grid)
+        with torch.no_grad():
+            parts["aware_patch_mse"] = float(((a_patch - t_patch) ** 2).mean())
+            parts["aware_grid_mse"] = float(((a_grid - t_grid) ** 2).mean())
+    return total, parts
+
+
+def learning_rate(cfg: TrainConfig, iteration: int) -> float:
+    """Learning rate of iteration ``iteration`` (0-based): ``lr · (1 − iteration / total) ** 0.9`` over
+    both stages with ``lr_decay`` (the paper's polynomial decay), else ``lr``."""
+    if not cfg.lr_decay:
+        return cfg.lr
+    return cfg.lr * (1 - iteration / max(cfg.stage1_iters + cfg.stage2_iters, 1)) ** 0.9
+
+
+def read_checkpoint(path: str, device: str = "cpu") -> dict:
+    """The checkpoint dict written by :func:`train`; a missing, unreadable or foreign file raises
+    :class:`~.data.InputError` (one line for the command line)."""
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint {path!r} does not exist" if not os.path.exists(path)
+                         else f"checkpoint {path!r} is not a file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= set(ckpt):
+        raise InputError(f"{path!r} is not a checkpoint of this example (no 'config' and 'model' entries)")
+    return ckpt
+
+
+def config_of(ckpt: dict) -> TrainConfig:
+    """The :class:`TrainConfig` stored in a checkpoint (checkpoints from before the aware heads have none)."""
+    stored = dict(ckpt["config"])
+    stored.setdefault("aware_heads", False)
+    return TrainConfig(**{k: v for k, v in stored.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
 
 
 def load_checkpoint(path: str, device: str = "cpu"):
-    """``(model, config dict, checkpoint dict)`` from a checkpoint written by :func:`train`."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    """``(model, config, checkpoint dict)`` from a checkpoint written by :func:`train` (model in eval mode)."""
+    ckpt = read_checkpoint(path, device)
+    cfg = config_of(ckpt)
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise InputError(f"{path!r}: the weights do not fit the stored configuration "
+                         f"({str(e).strip().splitlines()[0]})") from None
     return model.to(device).eval(), cfg, ckpt
 
 
@@ -170,7 +225,13 @@ def train(cfg: TrainConfig, cases: Optional[List[Case]] = None, log=print) -> st
     start = 0
     history: List[dict] = []
     if cfg.resume and os.path.isfile(last):
-        ckpt = torch.load(last, map_location=device, weights_only=False)
+        ckpt = read_checkpoint(last, str(device))
+        stored = config_of(ckpt)
+        differ = [f"--{k.replace('_', '-')} {getattr(stored, k)} (given {getattr(cfg, k)})" for k in ARCHITECTURE
+                  if getattr(stored, k) != getattr(cfg, k)]
+        if differ:
+            raise InputError(f"--resume: {last} was trained with {', '.join(differ)}; use the same settings "
+                             f"or another --out")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -201,14 +262,13 @@ def train(cfg: TrainConfig, cases: Optional[List[Case]] = None, log=print) -> st
     for it in range(start, total_iters):
         stage2 = it >= cfg.stage1_iters
         lam_grid = cfg.lambda_grid if stage2 else 0.0
-        if cfg.lr_decay:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * (1 - it / max(total_iters, 1)) ** 0.9
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(cfg, it)
         x, y, flags = sampler.sample()
         x, y, flags = x.to(device), y.to(device), flags.to(device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             out = model(x)
-        loss, parts = compute_losses(out, y, flags, grid, cfg.lambda_patch, lam_grid)
+        loss, parts = compute_losses(out, y, flags, grid, cfg.lambda_patch, lam_grid, model)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -231,10 +291,22 @@ def train(cfg: TrainConfig, cases: Optional[List[Case]] = None, log=print) -> st
     return last
 
 
+def check_out_folder(path: str, option: str = "--out") -> str:
+    """``path`` if it is a folder or can be created as one; :class:`~.data.InputError` if it names a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{option} {path!r} names an existing file, not a folder")
+    return path
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(prog="python -m patchblend.examples.cib train", description=__doc__.split("\n")[0])
     add_config_arguments(p)
     cfg = config_from_args(p.parse_args(argv))
     if not cfg.data:
         p.error("--data is required")
+    if cfg.patch < 16 or cfg.patch % 16:
+        raise InputError(f"--patch must be a positive multiple of 16, got {cfg.patch}")
+    check_out_folder(cfg.out)
+    if not os.path.isdir(cfg.data):
+        raise InputError(f"--data {cfg.data!r} is not an existing folder")
     return train(cfg)
