@@ -65,6 +65,17 @@ def test_inputs_without_batch_or_channel_axis_refused_in_monais_words(shape, roi
         sliding_window_inference(x, roi, 2, lambda w: w)
 
 
+@pytest.mark.parametrize("name, predictor", [("a batch of one for every batch", lambda w: w[:1] * 2),
+                                             ("no channels", lambda w: w[:, :0])])
+def test_outputs_monai_takes_silently_are_refused(name, predictor):
+    """Deliberate differences (README, MONAI table): MONAI returns a result for these outputs (a broadcast one, an
+    empty one); we refuse them by name."""
+    x = rand(2, 3, 12, 10)
+    assert isinstance(monai_sw(x, 4, 2, predictor), torch.Tensor)
+    with pytest.raises(ValueError, match="predictor output must be"):
+        sliding_window_inference(x, 4, 2, predictor)
+
+
 def test_positional_parameters_13_to_17_and_args_reach_the_predictor():
     """Reproduction 4: MONAI's classes call the function with roi_weight_map .. with_coord positionally, then *args."""
     w = rand(6, 6, 6, seed=1) + 0.1
