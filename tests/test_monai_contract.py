@@ -52,6 +52,30 @@ def test_signature_is_monais_then_keyword_only_extras():
     assert extras and all(p.kind == p.KEYWORD_ONLY for p in extras)
 
 
+@pytest.mark.parametrize("shape, roi", [((1, 16, 16, 16), (16, 16, 16)), ((16, 16, 16), (16, 16, 16)),
+                                        ((8, 8), (4, 4)), ((1, 1, 2, 8, 8), [4, 4])])
+def test_inputs_without_batch_or_channel_axis_refused_in_monais_words(shape, roi):
+    """A roi_size sequence fixes the spatial axes: inputs of another rank are refused, worded as MONAI words it
+    ("inputs must have 5 dimensions for 3D roi_size", matched case-insensitively), not as a roi_size problem."""
+    words = f"(?i)inputs must have {len(roi) + 2} dimensions"
+    x = torch.rand(shape)
+    with pytest.raises(ValueError, match=words):
+        monai_sw(x, roi, 2, lambda w: w)
+    with pytest.raises(ValueError, match=words):
+        sliding_window_inference(x, roi, 2, lambda w: w)
+
+
+@pytest.mark.parametrize("name, predictor", [("a batch of one for every batch", lambda w: w[:1] * 2),
+                                             ("no channels", lambda w: w[:, :0])])
+def test_outputs_monai_takes_silently_are_refused(name, predictor):
+    """Deliberate differences (README, MONAI table): MONAI returns a result for these outputs (a broadcast one, an
+    empty one); we refuse them by name."""
+    x = rand(2, 3, 12, 10)
+    assert isinstance(monai_sw(x, 4, 2, predictor), torch.Tensor)
+    with pytest.raises(ValueError, match="predictor output must be"):
+        sliding_window_inference(x, 4, 2, predictor)
+
+
 def test_positional_parameters_13_to_17_and_args_reach_the_predictor():
     """Reproduction 4: MONAI's classes call the function with roi_weight_map .. with_coord positionally, then *args."""
     w = rand(6, 6, 6, seed=1) + 0.1
@@ -193,6 +217,46 @@ def test_process_fn_varying_map_is_the_weighted_mean():
     windows = torch.stack([x[0, :, a:a + 6, b:b + 6, c:c + 6] for a, b, c in coords.tolist()])
     ref = calibrated_blend(windows.sin(), torch.cat(maps), coords, (10, 12, 9), normalize="weight")
     torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def _central_weights(segs, windows, importance):
+    """A process_fn that keeps only the central half of each window (its map is 0 on a border of width roi/4, as
+    the HoVerNet inferer's map is where the predictor's output was padded)."""
+    keep = torch.zeros_like(importance)
+    keep[tuple(slice(s // 4, s - s // 4) for s in importance.shape)] = 1
+    return segs, importance * keep
+
+
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_voxels_of_zero_weight_sum_are_zero_where_monai_divides_zero_by_zero(mode):
+    """A deliberate difference (README, MONAI table): where every map a process_fn returned is 0, the weight sum is
+    0 and the result is 0 (the project's rule: nothing inf/NaN the inputs did not contain); MONAI computes 0/0 =
+    NaN there. Everywhere else the two agree."""
+    x = rand(1, 2, 12, 10)
+    ref = monai_sw(x, (8, 8), 3, lambda w: w * 3, 0.5, mode, process_fn=_central_weights)
+    got = sliding_window_inference(x, (8, 8), 3, lambda w: w * 3, 0.5, mode, process_fn=_central_weights)
+    nan = torch.isnan(ref)
+    assert nan.any() and not torch.isnan(got).any()  # the border the centres never reach
+    assert torch.equal(got[nan], torch.zeros_like(got[nan]))
+    torch.testing.assert_close(got[~nan], ref[~nan], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # MONAI's HoVerNet inferer indexes with a list
+def test_hovernet_inferer_on_our_driver_is_monais_with_zero_for_nan(monkeypatch):
+    """MONAI's SlidingWindowHoVerNetInferer calls the function with its own process_fn (outputs padded back to the
+    window, map 0 on the padding): with ours swapped in, MONAI's result, 0 where MONAI's is NaN."""
+    pathology = pytest.importorskip("monai.apps.pathology.inferers.inferer")
+    x = rand(1, 3, 16, 8)
+
+    def cropped(w):
+        return {"hover": w[..., 1:-1, 1:-1] + 1}
+
+    inferer = pathology.SlidingWindowHoVerNetInferer((4, 4), 7, 0.5, "gaussian")
+    ref = inferer(x, cropped)["hover"]
+    monkeypatch.setattr(pathology, "sliding_window_inference", sliding_window_inference)
+    got = inferer(x, cropped)["hover"]
+    assert torch.isnan(ref).any() and not torch.isnan(got).any()
+    torch.testing.assert_close(got, torch.nan_to_num(ref, nan=0.0), rtol=1e-5, atol=1e-6)
 
 
 # ---- buffering ------------------------------------------------------------------------------------------

@@ -45,6 +45,22 @@ def _enum_value(x):
     return getattr(x, "value", x)
 
 
+def _check_dims_match_roi(roi_size, shape) -> None:
+    """A roi_size sequence fixes the number of spatial axes: inputs must be [B, C] plus that many (MONAI's check,
+    worded as MONAI words it, so that a missing batch or channel axis is named)."""
+    if hasattr(roi_size, "tolist"):
+        roi_size = roi_size.tolist()
+    if not isinstance(roi_size, Sequence) or isinstance(roi_size, str):
+        return
+    n = len(roi_size)
+    if len(shape) != n + 2:
+        raise ValueError(
+            f"inputs must have {n + 2} dimensions for a {n}D roi_size ([B, C, {', '.join(['spatial'] * n)}]), got "
+            f"shape {tuple(shape)}; a missing batch or channel axis must be added (e.g. inputs[None]) and "
+            "channel-last data made channel-first"
+        )
+
+
 def _resolve_roi(roi_size, image_size, nd: int):
     if hasattr(roi_size, "tolist"):  # a tensor, numpy array or numpy scalar (MONAI accepts them)
         roi_size = roi_size.tolist()
@@ -196,6 +212,7 @@ def _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sig
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor [B, C, *spatial], got {type(inputs).__name__}")
     nd = inputs.dim() - 2
+    _check_dims_match_roi(roi_size, inputs.shape)
     if nd < 1:
         raise ValueError(f"inputs must be [B, C, *spatial] with at least one spatial axis, got shape "
                          f"{tuple(inputs.shape)}")
