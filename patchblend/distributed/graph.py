@@ -24,6 +24,7 @@ from dask.array.core import normalize_chunks
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import CalibratedOutput
+from ..inference.options import check_blend_options
 from .plan import BlockPlan, block_plan
 from .worker import BlockSpec, CallSpec, PredictorFactory, assemble_region, read_region, run_block
 
@@ -32,10 +33,6 @@ __all__ = ["sliding_window_inference"]
 logger = logging.getLogger("patchblend.distributed")
 
 _MODES = ("constant", "gaussian", "nnunet")
-_PAD_MODES = ("constant", "reflect", "replicate", "circular")
-_WEIGHTINGS = (None, "patch", "grid", "patch*grid")
-_REDUCTIONS = (None, "argmax", "threshold")
-_PLACEMENTS = ("monai", "nnunet")
 
 
 def _is_zarr_array(x) -> bool:
@@ -203,21 +200,9 @@ def sliding_window_inference(
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
     roi = _resolve_roi(roi_size, spatial)
     mode = getattr(mode, "value", mode)
-    padding_mode = getattr(padding_mode, "value", padding_mode)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    if padding_mode not in _PAD_MODES:
-        raise ValueError(f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}")
-    if weighting not in _WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
-    if normalize is None:
-        normalize = "weight" if weighting is None else "count"
-    if normalize not in ("count", "weight", "none"):
-        raise ValueError(f"normalize must be 'count', 'weight' or 'none', got {normalize!r}")
-    if placement not in _PLACEMENTS:
-        raise ValueError(f"placement must be one of {_PLACEMENTS}, got {placement!r}")
-    if reduce not in _REDUCTIONS:
-        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+    padding_mode, normalize = check_blend_options(padding_mode, weighting, normalize, placement, reduce)
     if reduce == "argmax" and (not isinstance(label_dtype, torch.dtype) or label_dtype.is_floating_point
                                or label_dtype.is_complex or label_dtype == torch.bool):
         raise TypeError(f"label_dtype must be a torch integer dtype, got {label_dtype!r}")

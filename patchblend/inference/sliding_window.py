@@ -28,9 +28,10 @@ from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
 from .._validate import _check_finite_nonnegative, resolve_device
 from ._accumulators import BlendSettings, make_accumulator, output_geometry
 from ._predictions import WEIGHTINGS, Prediction, ScoreChecks, apply_process_fn, pack_outputs, parse_output
-from .blender import REDUCTIONS, check_label_dtype
+from .blender import check_label_dtype
 from .importance import importance_map
-from .windows import WINDOW_STYLES, WindowGrid, lattice_tables, sliding_windows
+from .options import check_blend_options
+from .windows import WindowGrid, lattice_tables, sliding_windows
 
 __all__ = ["sliding_window_inference", "WEIGHTINGS"]
 
@@ -38,7 +39,6 @@ _ops = torch.ops.patchblend
 
 # windows cut per extraction call, at most (bytes; at least one predictor batch)
 _CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 32 << 20}
-_PAD_MODES = ("constant", "reflect", "replicate", "circular")
 
 
 def _enum_value(x):
@@ -234,19 +234,7 @@ def _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sig
     roi = _resolve_roi(roi_size, image_size, nd)
     overlaps = _resolve_overlap(overlap, nd)
     mode = _enum_value(mode)
-    padding_mode = _enum_value(padding_mode)
-    if padding_mode not in _PAD_MODES:
-        raise ValueError(f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if normalize is None:
-        normalize = "weight" if weighting is None else "count"
-    if normalize not in ("count", "weight", "none"):
-        raise ValueError(f"normalize must be 'count', 'weight' or 'none', got {normalize!r}")
-    if placement not in WINDOW_STYLES:
-        raise ValueError(f"placement must be one of {WINDOW_STYLES}, got {placement!r}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    padding_mode, normalize = check_blend_options(padding_mode, weighting, normalize, placement, reduce)
     if reduce == "argmax":
         check_label_dtype(1, label_dtype)  # the type now; whether it holds every class once C is known
     if slab_axis is not None:
