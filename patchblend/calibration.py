@@ -22,7 +22,6 @@ cuts them (same window size; all positions, not lesion-centred crops). A model w
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional
 
 import torch
@@ -30,6 +29,7 @@ from torch import nn
 
 from .losses import calibration_loss
 from .targets import GridArg, check_real, dice_targets
+from .wrapper import frozen_eval
 
 __all__ = ["CalibrationData", "collect_calibration_data", "fit_heads", "calibrate_heads"]
 
@@ -51,18 +51,6 @@ class CalibrationData(NamedTuple):
         if not parts:
             raise ValueError("parts is empty: nothing to concatenate")
         return CalibrationData(*(torch.cat([tuple.__getitem__(p, i) for p in parts]) for i in range(4)))
-
-
-@contextmanager
-def _frozen(model: nn.Module):
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def collect_calibration_data(model: nn.Module, batches: Iterable, *, grid: Optional[GridArg] = None,
@@ -95,7 +83,7 @@ def collect_calibration_data(model: nn.Module, batches: Iterable, *, grid: Optio
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="calibration windows", leave=False)
-    with _frozen(model):
+    with frozen_eval(model):
         for item in it:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise TypeError("batches must yield (inputs, label) pairs")

@@ -60,9 +60,9 @@ def _as_args(example_input: Any) -> tuple:
 
 
 @contextmanager
-def _dry_run_mode(model: nn.Module):
-    """Eval mode and no autograd for a dry run (BatchNorm statistics untouched), every module's
-    ``training`` flag restored afterwards."""
+def frozen_eval(model: nn.Module):
+    """Eval mode and no autograd (a dry run, or post-hoc calibration: BatchNorm statistics untouched), every
+    module's ``training`` flag restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -92,7 +92,7 @@ def candidate_feature_modules(model: nn.Module, example_input: Any) -> List[Tupl
 
     handles = [m.register_forward_hook(partial(record, name)) for name, m in model.named_modules() if name]
     try:
-        with _dry_run_mode(model):
+        with frozen_eval(model):
             model(*_as_args(example_input))
     finally:
         for h in handles:
@@ -194,7 +194,7 @@ class CalibratedModel(nn.Module):
             c_bottleneck, c_decoder = channels
             features = None
         else:
-            with _dry_run_mode(backbone):
+            with frozen_eval(backbone):
                 seg, features = self._run_backbone(_as_args(example_input), {})
             c_bottleneck = features["bottleneck"].shape[1] if "bottleneck" in features else None
             c_decoder = features["decoder"].shape[1]
