@@ -214,6 +214,16 @@ def _pool_mean_max(feature: torch.Tensor, grid=None) -> torch.Tensor:
     return torch.cat([cell_sums(feature, grid) / counts, _cell_max(feature, grid)], dim=1)
 
 
+def _aware_inputs(head: str, prob: torch.Tensor, feature: torch.Tensor, in_channels: int, detach: bool):
+    """The prediction-aware heads' inputs checked: ``(prob detached, feature detached if detach)``."""
+    _check_probability(prob, head)
+    _check_feature(feature, in_channels, head)
+    if prob.shape[0] != feature.shape[0]:
+        raise ValueError(f"{head}: prob and feature have different batch sizes "
+                         f"({prob.shape[0]} and {feature.shape[0]})")
+    return prob.detach(), (feature.detach() if detach else feature)
+
+
 def _mlp(features: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(features), nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
@@ -244,14 +254,8 @@ class AwarePatchHead(nn.Module):
 
     def summarize(self, prob: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
         """The fixed part: ``[B, 7 + 2C]`` (statistics of ``prob``, then mean and max of ``feature``)."""
-        _check_probability(prob, "AwarePatchHead")
-        _check_feature(feature, self.in_channels, "AwarePatchHead")
-        if prob.shape[0] != feature.shape[0]:
-            raise ValueError(f"AwarePatchHead: prob and feature have different batch sizes "
-                             f"({prob.shape[0]} and {feature.shape[0]})")
-        if self.detach:
-            feature = feature.detach()
-        stats = prediction_statistics(prob.detach()).to(feature.dtype)
+        prob, feature = _aware_inputs("AwarePatchHead", prob, feature, self.in_channels, self.detach)
+        stats = prediction_statistics(prob).to(feature.dtype)
         return torch.cat([stats, _pool_mean_max(feature)], dim=1)
 
     def predict(self, summary: torch.Tensor) -> torch.Tensor:
@@ -288,16 +292,9 @@ class AwareGridHead(nn.Module):
 
     def summarize(self, prob: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
         """The fixed part: ``[B, 14 + 2C, *grid]``."""
-        _check_probability(prob, "AwareGridHead")
-        _check_feature(feature, self.in_channels, "AwareGridHead")
-        if prob.shape[0] != feature.shape[0]:
-            raise ValueError(f"AwareGridHead: prob and feature have different batch sizes "
-                             f"({prob.shape[0]} and {feature.shape[0]})")
+        prob, feature = _aware_inputs("AwareGridHead", prob, feature, self.in_channels, self.detach)
         check_grid(self.grid, 3, prob.shape[2:], name="AwareGridHead grid", what="prob size")
         check_grid(self.grid, 3, feature.shape[2:], name="AwareGridHead grid", what="feature size")
-        if self.detach:
-            feature = feature.detach()
-        prob = prob.detach()
         cell = prediction_statistics(prob, self.grid).to(feature.dtype)
         window = prediction_statistics(prob).to(feature.dtype)[:, :, None, None, None].expand_as(cell)
         return torch.cat([cell, window, _pool_mean_max(feature, self.grid)], dim=1)
