@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage

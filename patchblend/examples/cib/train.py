@@ -22,10 +22,9 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 
 from patchblend.losses import calibration_loss, soft_dice_loss
