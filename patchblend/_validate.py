@@ -20,6 +20,7 @@ import torch
 
 NORMALIZE_MODES = ("count", "weight", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT64_MAX = 2 ** 63 - 1
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -220,8 +221,12 @@ def prepare_blend_args(
             raise ValueError("out_shape is required when there are no patches (N = 0)")
         if torch.compiler.is_compiling():
             raise ValueError("out_shape must be given explicitly under torch.compile")
-        ends = (coords + torch.tensor(patch_shape, device=coords.device)).amax(0)
-        out_shape = tuple(max(int(e), 0) for e in ends.tolist())
+        # in Python ints: coords + P in int64 wraps past 2**63 - 1 and would drop the far patches silently
+        ends = [c + p for c, p in zip(coords.amax(0).tolist(), patch_shape)]
+        if max(ends) > _INT64_MAX:
+            raise ValueError(f"coords: a patch ends at {max(ends)} on some axis, past the largest int64 size "
+                             f"({_INT64_MAX}); the default out_shape (max(coords + P) per axis) cannot hold it")
+        out_shape = tuple(max(e, 0) for e in ends)
     else:
         try:
             out_shape = tuple(int(s) for s in out_shape)

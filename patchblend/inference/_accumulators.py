@@ -22,7 +22,7 @@ import torch
 
 from .._reference import expand_grid_weights
 from ..ops import calibrated_blend, empty_output, zeros_output
-from .blender import Blender, LatticeBlender, SlabBlender, compact_label_dtype, check_label_dtype
+from .blender import Blender, LatticeBlender, SlabBlender, _make_safe_, compact_label_dtype, check_label_dtype
 from .windows import WindowGrid
 
 __all__ = ["OutputGeometry", "output_geometry", "BlendSettings", "make_accumulator"]
@@ -304,11 +304,7 @@ class TorchAccumulator(_Accumulator):
         s = self.settings
         if self.den is None:
             return self.num
-        den = self.den.unsqueeze(1)
-        if s.normalize == "count":
-            return self.num / den.clamp(min=1.0)
-        return torch.where(den > 0, self.num / den.clamp(min=torch.finfo(den.dtype).tiny),
-                           torch.zeros((), dtype=self.num.dtype, device=self.num.device))
+        return self.num / _make_safe_(self.den.unsqueeze(1).clone(), s.normalize)
 
 
 def make_accumulator(geometry: OutputGeometry, channels: int, importance, settings: BlendSettings, seg_dtype,

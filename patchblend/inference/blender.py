@@ -280,11 +280,13 @@ class _BlendCore:
 
 
 def _make_safe_(den: torch.Tensor, normalize: str) -> torch.Tensor:
-    """In place, one pass: clamp a count at 1, or a weight sum at the smallest normal float. Where a weight sum
-    is 0 the numerator is 0 too (weights are >= 0), so the quotient is 0 as DESIGN §2 asks."""
+    """In place: clamp a count at 1, or replace a weight sum of exactly 0 by 1. Where a weight sum is 0 the
+    numerator is 0 too (weights are >= 0), so the quotient is 0 as DESIGN §2 asks; any other sum, subnormal
+    ones included (a patch score of 1e-20 times a cell score of 1e-20), is divided by as it is, as the op does
+    (clamping it at the smallest normal float shrank such weighted means)."""
     if normalize == "count":
         return den.clamp_(min=1.0)
-    return den.clamp_(min=torch.finfo(den.dtype).tiny)
+    return den.masked_fill_(den == 0, 1.0)
 
 
 class Blender(_BlendCore):
@@ -305,7 +307,7 @@ class Blender(_BlendCore):
             (e.g. :func:`window_coverage`); then no denominator is accumulated per batch, which is only
             valid when it does not depend on the weights (``"count"``, or ``"weight"`` without weights).
             :meth:`finalize` makes it safe to divide by in place (counts clamped at 1, zero weight sums
-            raised to the smallest normal float), which is idempotent, so several blenders may share one.
+            replaced by 1), which is idempotent, so several blenders may share one.
 
     Memory: the numerator and the denominator; each batch is added in place (``blend_add_``). Patches are
     never kept. Half-precision patches are accumulated in float32.
