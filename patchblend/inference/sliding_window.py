@@ -31,7 +31,7 @@ from ._predictions import WEIGHTINGS, Prediction, ScoreChecks, apply_process_fn,
 from .blender import check_label_dtype
 from .importance import importance_map
 from .options import check_blend_options
-from .windows import WindowGrid, lattice_tables, sliding_windows
+from .windows import WindowGrid, check_tile_step_size, lattice_tables, sliding_windows
 
 __all__ = ["sliding_window_inference", "WEIGHTINGS"]
 
@@ -116,20 +116,49 @@ class _WindowPlan(NamedTuple):
     coords3: torch.Tensor  # [N, 3] the ops' form of coords
 
 
+class _DefaultOverlap(float):
+    """MONAI's default overlap (0.25), told apart from an overlap the caller gives: ``tile_step_size`` excludes
+    the latter."""
+
+
+_DEFAULT_OVERLAP = _DefaultOverlap(0.25)
+
+
+def _resolve_tile_step_size(tile_step_size, overlap, placement: str, nd: int) -> Optional[Tuple[float, ...]]:
+    """nnU-Net's ``tile_step_size`` per axis (checked), or None when not given."""
+    if tile_step_size is None:
+        return None
+    if placement != "nnunet":
+        raise ValueError(f"tile_step_size is nnU-Net's step and needs placement='nnunet', got {placement!r}")
+    if overlap is not _DEFAULT_OVERLAP:
+        raise ValueError("give overlap or tile_step_size, not both (with placement='nnunet', tile_step_size "
+                         "replaces overlap; 1 - overlap equals it only up to float rounding)")
+    if hasattr(tile_step_size, "tolist"):
+        tile_step_size = tile_step_size.tolist()
+    if isinstance(tile_step_size, Sequence) and not isinstance(tile_step_size, str):
+        if len(tile_step_size) != nd:
+            raise ValueError(f"tile_step_size must be a float or {nd} floats, got {tile_step_size!r}")
+        return tuple(check_tile_step_size(t) for t in tile_step_size)
+    return (check_tile_step_size(tile_step_size),) * nd
+
+
 @functools.lru_cache(maxsize=32)
-def _window_plan(image_size, roi, overlaps, placement: str, slab_axis: int) -> _WindowPlan:
+def _window_plan(image_size, roi, overlaps, placement: str, slab_axis: int, tile_steps=None) -> _WindowPlan:
     """Where the windows go, in the order they are visited: MONAI's raster order, or with ``slab_axis`` the
     slowest (stable, so raster order within a slab). Cached, since inference over a data set meets the same
     sizes again and again; the tensors are shared and never modified (and ordinary tensors, also when made
     under inference mode: a later call with autograd saves them for backward)."""
     with torch.inference_mode(False):
-        return _make_window_plan(image_size, roi, overlaps, placement, slab_axis)
+        return _make_window_plan(image_size, roi, overlaps, placement, slab_axis, tile_steps)
 
 
-def _make_window_plan(image_size, roi, overlaps, placement: str, slab_axis: int) -> _WindowPlan:
+def _make_window_plan(image_size, roi, overlaps, placement: str, slab_axis: int, tile_steps=None) -> _WindowPlan:
     pad_lo = tuple(max(r - s, 0) // 2 for r, s in zip(roi, image_size))
     padded = tuple(max(r, s) for r, s in zip(roi, image_size))
-    grid = sliding_windows(padded, roi, overlaps, placement)
+    if tile_steps is None:
+        grid = sliding_windows(padded, roi, overlaps, placement)
+    else:  # nnU-Net's own step, used as given
+        grid = sliding_windows(padded, roi, style=placement, tile_step_size=tile_steps)
     image_grid = WindowGrid(image_size, roi, tuple(tuple(s - p for s in a) for a, p in zip(grid.starts, pad_lo)))
     coords_pad = lattice_tables(grid.starts).coords
     coords = lattice_tables(image_grid.starts).coords
@@ -524,7 +553,7 @@ def sliding_window_inference(
     roi_size: Union[Sequence[int], int],
     sw_batch_size: int,
     predictor: Callable[..., Any],
-    overlap: Union[Sequence[float], float] = 0.25,
+    overlap: Union[Sequence[float], float] = _DEFAULT_OVERLAP,
     mode: str = "constant",
     sigma_scale: Union[Sequence[float], float] = 0.125,
     padding_mode: str = "constant",
@@ -541,6 +570,7 @@ def sliding_window_inference(
     weighting: Optional[str] = None,
     normalize: Optional[str] = None,
     placement: str = "monai",
+    tile_step_size: Union[Sequence[float], float, None] = None,
     slab_axis: Optional[int] = None,
     reduce: Optional[str] = None,
     threshold: float = 0.5,
@@ -594,7 +624,11 @@ def sliding_window_inference(
         normalize: ``"weight"`` (divide by the weight sum; the default when ``weighting`` is None, MONAI's
             behaviour), ``"count"`` (divide by the number of covering windows; the default when ``weighting``
             is set: the paper's Eq. 1/2) or ``"none"``.
-        placement: window placement, ``"monai"`` (default) or ``"nnunet"`` (``tile_step_size = 1 - overlap``).
+        placement: window placement, ``"monai"`` (default) or ``"nnunet"`` (nnU-Net v2's lattice; give its
+            ``tile_step_size``, or ``overlap`` read as ``tile_step_size = 1 - overlap``).
+        tile_step_size: with ``placement="nnunet"``: nnU-Net's step in ``(0, 1]`` (scalar or per axis), used as
+            given so the windows are exactly nnU-Net's (``1 - overlap`` rounds differently for some steps, e.g.
+            0.1 and 0.3); ``overlap`` must then be left at its default.
         slab_axis: bounded-memory mode (2D/3D): process windows slab by slab along this spatial axis and finalise
             each part of the output as soon as no later window touches it; the float accumulator then spans only
             about one window (times the batch's spread) along the axis. Same result as the full path
@@ -628,7 +662,8 @@ def sliding_window_inference(
                          sw_device, device, roi_weight_map, process_fn, buffer_steps, buffer_dim, weighting, normalize,
                          placement, slab_axis, reduce, threshold, label_dtype)
     # 1. where the windows go, in the order they are visited
-    plan = _window_plan(call.image_size, call.roi, call.overlaps, placement, call.order_axis)
+    tile_steps = _resolve_tile_step_size(tile_step_size, overlap, placement, call.nd)
+    plan = _window_plan(call.image_size, call.roi, call.overlaps, placement, call.order_axis, tile_steps)
     num_win = plan.coords.shape[0]
     total = call.x.shape[0] * num_win
     # 2. cutting batches of windows
