@@ -1,0 +1,223 @@
+"""patchblend.integrations.nnunet.PatchblendPredictor against nnU-Net v2 itself (a toy PlainConvUNet, a manually
+initialised predictor, CPU): the logits against a float64 evaluation of nnU-Net's own formula (its slicers, its
+Gaussian, its mirroring, one window at a time), against nnU-Net's float16 path, batched windows, a 2D network on a
+3D image, the bounded-memory argmax, calibrated weights, and the clear errors (no nnU-Net, changed internals)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("nnunetv2")
+pytest.importorskip("dynamic_network_architectures")
+
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # noqa: E402
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian  # noqa: E402
+
+import patchblend  # noqa: E402
+from patchblend.integrations.nnunet import PatchblendPredictor  # noqa: E402
+from patchblend.inference import sliding_window_inference  # noqa: E402
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from nnunet_helpers import nnunet_predictor, patchblend_predictor, toy_unet  # noqa: E402
+
+PATCH3 = (16, 16, 16)
+
+
+@torch.inference_mode()
+def float64_reference(predictor, data):
+    """nnU-Net's blend, sum_i g f_i / sum_i g, in float64: nnU-Net's slicers and float16 Gaussian, each window
+    through nnU-Net's _internal_maybe_mirror_and_predict on its own (data at least the patch size)."""
+    patch = tuple(predictor.configuration_manager.patch_size)
+    g = compute_gaussian(patch, sigma_scale=1. / 8, value_scaling_factor=10, device=torch.device("cpu")).double()
+    num = torch.zeros((predictor.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.float64)
+    den = torch.zeros(data.shape[1:], dtype=torch.float64)
+    for sl in predictor._internal_get_sliding_window_slicers(data.shape[1:]):
+        f = predictor._internal_maybe_mirror_and_predict(data[sl][None])[0].double()
+        num[sl] += f * g
+        den[sl[1:]] += g
+    return num / den
+
+
+@pytest.fixture(scope="module")
+def net3():
+    return toy_unet(3, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def image3():
+    torch.manual_seed(1)
+    return torch.randn(1, 30, 27, 21)
+
+
+@pytest.mark.parametrize("mirror_axes", [None, (0, 1, 2)])
+@pytest.mark.parametrize("sw_batch_size", [1, 3])
+def test_logits_equal_float64_nnunet_formula(net3, image3, mirror_axes, sw_batch_size):
+    ours = patchblend_predictor(net3, PATCH3, 3, mirror_axes=mirror_axes, sw_batch_size=sw_batch_size,
+                                output_dtype=None)
+    got = ours.predict_logits_from_preprocessed_data(image3)
+    assert got.dtype == torch.float32 and got.shape == (3, *image3.shape[1:])
+    ref = float64_reference(ours, image3)
+    assert (got.double() - ref).abs().max() <= 1e-5
+
+
+def test_default_output_is_nnunets_float16_rounded_once(net3, image3):
+    full = patchblend_predictor(net3, PATCH3, 3, output_dtype=None).predict_logits_from_preprocessed_data(image3)
+    half = patchblend_predictor(net3, PATCH3, 3).predict_logits_from_preprocessed_data(image3)
+    nn = nnunet_predictor(net3, PATCH3, 3).predict_logits_from_preprocessed_data(image3)
+    assert half.dtype == nn.dtype == torch.float16
+    assert torch.equal(half, full.half())
+
+
+def test_against_nnunets_float16_path(net3, image3):
+    """nnU-Net's float16 accumulation differs from its own formula by its known error only: the ours-vs-reference
+    error is tiny, nnU-Net's is larger (float16 sums of Gaussian weights that are tiny at the window borders), and
+    the argmax agrees wherever the float64 top-2 margin exceeds nnU-Net's error there."""
+    ours = patchblend_predictor(net3, PATCH3, 3, output_dtype=None)
+    ref = float64_reference(ours, image3)
+    got = ours.predict_logits_from_preprocessed_data(image3).double()
+    nn = nnunet_predictor(net3, PATCH3, 3).predict_logits_from_preprocessed_data(image3).double()
+    err_nn = (nn - ref).abs()
+    assert err_nn.max() <= 0.5 + 1e-3  # nnU-Net's float16 error bound seen on toy cases (up to 0.5 at borders)
+    assert (got - ref).abs().max() <= 1e-5 < err_nn.max()
+    top2 = ref.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 2 * err_nn.amax(0)
+    assert clear.float().mean() > 0.5
+    assert torch.equal(nn.argmax(0)[clear], ref.argmax(0)[clear])
+    assert torch.equal(got.argmax(0)[clear], ref.argmax(0)[clear])
+
+
+def test_batched_network_calls(net3, image3):
+    calls = []
+    hook = net3.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        ours = patchblend_predictor(net3, PATCH3, 3, sw_batch_size=4, mirror_axes=(0, 1))
+        ours.predict_logits_from_preprocessed_data(image3)
+    finally:
+        hook.remove()
+    n_windows = len(ours._internal_get_sliding_window_slicers(image3.shape[1:]))
+    flips = 4  # identity + 2 single-axis + 1 two-axis mirror
+    assert len(calls) == -(-n_windows // 4) * flips and max(calls) == 4 and sum(calls) == n_windows * flips
+
+
+def test_2d_network_on_3d_image():
+    """nnU-Net's 2D configurations: a 2D network on [C, Z, X, Y], window by window over the slices."""
+    net = toy_unet(2, num_classes=3)
+    torch.manual_seed(2)
+    image = torch.randn(1, 3, 29, 23)
+    ours = patchblend_predictor(net, (16, 16), 3, mirror_axes=(0, 1), sw_batch_size=5, output_dtype=None)
+    got = ours.predict_logits_from_preprocessed_data(image)
+    ref = float64_reference(ours, image)
+    assert got.shape == (3, 3, 29, 23) and (got.double() - ref).abs().max() <= 1e-5
+    nn = nnunet_predictor(net, (16, 16), 3, mirror_axes=(0, 1)).predict_logits_from_preprocessed_data(image)
+    assert (nn.double() - ref).abs().max() <= 0.5 + 1e-3
+
+
+def test_image_smaller_than_patch_is_padded_by_nnunet(net3):
+    image = torch.randn(1, 12, 20, 16)
+    ours = patchblend_predictor(net3, PATCH3, 3, output_dtype=None)
+    got = ours.predict_logits_from_preprocessed_data(image)
+    nn = nnunet_predictor(net3, PATCH3, 3).predict_logits_from_preprocessed_data(image)
+    assert got.shape == nn.shape == (3, 12, 20, 16)
+    assert (got - nn.float()).abs().max() <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("num_classes", [3, 12])
+def test_slab_argmax_equals_full_argmax(num_classes, image3):
+    net = toy_unet(3, num_classes=num_classes)
+    full = patchblend_predictor(net, PATCH3, num_classes, output_dtype=None, sw_batch_size=2)
+    logits = full.predict_logits_from_preprocessed_data(image3)
+    slab = patchblend_predictor(net, PATCH3, num_classes, sw_batch_size=2)
+    labels = slab.predict_segmentation_from_preprocessed_data(image3)
+    assert labels.shape == (1, *image3.shape[1:]) and labels.dtype == torch.uint8
+    assert torch.equal(labels[0].long(), logits.argmax(0))
+    masks = patchblend_predictor(net, PATCH3, num_classes, reduce="threshold", threshold=0.1,
+                                 sw_batch_size=2).predict_segmentation_from_preprocessed_data(image3)
+    assert masks.dtype == torch.bool and torch.equal(masks, logits >= 0.1)
+
+
+def test_slab_refuses_several_folds(net3, image3):
+    ours = patchblend_predictor(net3, PATCH3, 3)
+    ours.list_of_parameters = ours.list_of_parameters * 2
+    with pytest.raises(ValueError, match="one parameter set"):
+        ours.predict_segmentation_from_preprocessed_data(image3)
+
+
+class CalibratedToy(torch.nn.Module):
+    """A flip-equivariant network returning CalibratedOutput: 1x1x1 logits, patch score from the window mean,
+    grid scores [n, 2, 2, 2] from the window's cell means (so mirrored scores flipped back equal the unmirrored)."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv3d(1, num_classes, 1)
+
+    def forward(self, x):
+        seg = self.conv(x)
+        patch = torch.sigmoid(x.mean(dim=(1, 2, 3, 4)))
+        grid = torch.sigmoid(torch.nn.functional.adaptive_avg_pool3d(x, 2)[:, 0] * 3)
+        return patchblend.CalibratedOutput(seg, patch, grid)
+
+
+@pytest.mark.parametrize("weighting", ["patch", "grid", "patch*grid"])
+@pytest.mark.parametrize("normalize", ["count", "weight"])
+def test_calibrated_weights_match_the_driver(image3, weighting, normalize):
+    """The predictor's calibrated blend equals patchblend's own driver on nnU-Net's lattice and Gaussian; with
+    mirroring (scores flipped back) it equals the unmirrored result for this flip-equivariant network."""
+    net = CalibratedToy().eval()
+    ours = patchblend_predictor(net, PATCH3, 3, weighting=weighting, normalize=normalize, output_dtype=None,
+                                sw_batch_size=3)
+    got = ours.predict_logits_from_preprocessed_data(image3)
+    g = compute_gaussian(PATCH3, sigma_scale=1. / 8, value_scaling_factor=10, device=torch.device("cpu")).float()
+    with torch.inference_mode():
+        expected = sliding_window_inference(image3[None], PATCH3, 3, net, roi_weight_map=g, placement="nnunet",
+                                            tile_step_size=0.5, weighting=weighting, normalize=normalize)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    mirrored = patchblend_predictor(net, PATCH3, 3, weighting=weighting, normalize=normalize, output_dtype=None,
+                                    sw_batch_size=3, mirror_axes=(0, 1, 2))
+    torch.testing.assert_close(mirrored.predict_logits_from_preprocessed_data(image3), got, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrated_weighting_needs_calibrated_output(net3, image3):
+    ours = patchblend_predictor(net3, PATCH3, 3, weighting="patch")
+    with pytest.raises(ValueError, match="CalibratedOutput"):
+        ours.predict_logits_from_preprocessed_data(image3)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(sw_batch_size=0), "sw_batch_size"), (dict(accumulation_dtype=torch.float16), "accumulation_dtype"),
+    (dict(weighting="dice"), "weighting"), (dict(reduce="mean"), "reduce"), (dict(output_dtype=torch.int8),
+                                                                             "output_dtype"),
+])
+def test_bad_options_named(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        PatchblendPredictor(device=torch.device("cpu"), **kwargs)
+
+
+def test_changed_internal_signature_refused(monkeypatch):
+    def changed(self, x, mirror_axes):  # an nnU-Net version that passes the mirror axes in
+        return x
+
+    monkeypatch.setattr(nnUNetPredictor, "_internal_maybe_mirror_and_predict", changed)
+    with pytest.raises(RuntimeError, match=r"_internal_maybe_mirror_and_predict.*expected parameters"):
+        PatchblendPredictor(device=torch.device("cpu"))
+
+
+def test_missing_internal_refused(monkeypatch):
+    monkeypatch.delattr(nnUNetPredictor, "_internal_get_sliding_window_slicers")
+    with pytest.raises(RuntimeError, match="_internal_get_sliding_window_slicers is missing"):
+        PatchblendPredictor(device=torch.device("cpu"))
+
+
+def test_missing_nnunet_gives_clear_import_error_and_patchblend_never_imports_it():
+    code = ("import sys; sys.modules['nnunetv2'] = None\n"
+            "import patchblend, patchblend.integrations, patchblend.inference\n"
+            "assert 'nnunetv2' not in sys.modules or sys.modules['nnunetv2'] is None\n"
+            "try:\n    import patchblend.integrations.nnunet\nexcept ImportError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and "patchblend[nnunet]" in out.stdout
+    clean = subprocess.run([sys.executable, "-c", "import sys, patchblend, patchblend.inference; "
+                            "print(any(m.startswith('nnunetv2') for m in sys.modules))"],
+                           capture_output=True, text=True, timeout=300)
+    assert clean.stdout.strip() == "False", clean.stderr
