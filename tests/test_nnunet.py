@@ -221,3 +221,15 @@ def test_missing_nnunet_gives_clear_import_error_and_patchblend_never_imports_it
                             "print(any(m.startswith('nnunetv2') for m in sys.modules))"],
                            capture_output=True, text=True, timeout=300)
     assert clean.stdout.strip() == "False", clean.stderr
+
+
+@pytest.mark.parametrize("normalize", ["count", "weight"])
+def test_calibrated_default_output_is_the_float32_blend_rounded_once(image3, normalize):
+    """The float16 output (slab by slab) equals the float32 result rounded, also when the weights enter the
+    denominator (normalize='weight': an accumulated denominator instead of the lattice's)."""
+    net = CalibratedToy().eval()
+    kw = dict(weighting="patch*grid", normalize=normalize, sw_batch_size=3)
+    full = patchblend_predictor(net, PATCH3, 3, output_dtype=None, **kw).predict_logits_from_preprocessed_data(image3)
+    half = patchblend_predictor(net, PATCH3, 3, **kw).predict_logits_from_preprocessed_data(image3)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), full.half().float(), rtol=1e-3, atol=1e-3)

@@ -162,6 +162,8 @@ class PatchblendPredictor(nnUNetPredictor):
                 blender.add(seg, weights)
             else:
                 blender.add(seg, coords[i:j], weights)
+            if isinstance(blender, SlabBlender) and j < coords.shape[0]:
+                blender.finalize_until(int(coords[j, 0]))  # no later window reaches before the next one's start
             del x, seg, weights
         if isinstance(blender, SlabBlender):
             return blender.finish()
@@ -219,12 +221,20 @@ class PatchblendPredictor(nnUNetPredictor):
         axes = [sorted(set(coords[:, a].tolist())) for a in range(coords.shape[1])]
         grid = WindowGrid(shape, window, tuple(tuple(a) for a in axes))
         lattice = len(grid) == coords.shape[0] and grid.is_strict and torch.equal(grid.coords(), coords)
+        slab_lattice = axes if lattice and not weights_in_den else None
         if self._reducing:
             # slabs along axis 0, the slowest of nnU-Net's slicers
             return SlabBlender(shape, channels, axis=0, normalize=self.normalize, importance=importance,
                                window_shape=window, reduce=self.reduce, threshold=self.threshold, device=device,
-                               label_dtype=compact_label_dtype(channels, torch.int64),
-                               dtype=acc, window_lattice=axes if lattice and not weights_in_den else None)
+                               dtype=acc, label_dtype=compact_label_dtype(channels, torch.int64),
+                               window_lattice=slab_lattice)
+        if self.output_dtype is not None and self.output_dtype != acc:
+            # logits in a narrower dtype (nnU-Net's float16): blended in float32 one slab deep and written into the
+            # float16 output as each slab is final, so the float32 [C, *S] never exists (the LatticeBlender's
+            # values, rounded once)
+            return SlabBlender(shape, channels, axis=0, normalize=self.normalize, importance=importance,
+                               window_shape=window, device=device, dtype=acc, out_dtype=self.output_dtype,
+                               window_lattice=slab_lattice)
         if lattice and not weights_in_den:
             return LatticeBlender(shape, channels, grid, window, normalize=self.normalize, importance=importance,
                                   device=device, dtype=acc)
