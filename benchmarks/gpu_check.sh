@@ -49,6 +49,16 @@ timeout 60 python3 benchmarks/bench_blend.py --device cuda --repeat 10 --csv "$O
     | tee "$OUT/bench_blend_cuda.log" | tail -30
 echo "   benchmarks done at $(( $(date +%s) - start )) s"
 
+echo "== nnU-Net v2 predictor vs PatchblendPredictor (GPU: time and device memory, with the 105-class case)"
+# needs nnunetv2 + dynamic-network-architectures on the machine (not in .whl/: their import closure has ~25 packages,
+# several compiled); skipped with a line when absent
+if python3 -c "import nnunetv2, dynamic_network_architectures" 2>/dev/null; then
+    timeout 150 python3 benchmarks/bench_nnunet.py --device cuda --repeats 5 --many 2>&1 \
+        | tee "$OUT/bench_nnunet_cuda.log" | tail -15
+else
+    echo "   nnunetv2 missing: nnU-Net benchmark skipped" | tee "$OUT/bench_nnunet_cuda.log"
+fi
+
 echo "== the tests with CUDA cases (the rest run in CI)"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_blend.py tests/test_stream.py \
     -k "not inductor" 2>&1 | tee "$OUT/tests_cuda.log" | tail -20

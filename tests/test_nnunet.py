@@ -233,3 +233,22 @@ def test_calibrated_default_output_is_the_float32_blend_rounded_once(image3, nor
     half = patchblend_predictor(net, PATCH3, 3, **kw).predict_logits_from_preprocessed_data(image3)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), full.half().float(), rtol=1e-3, atol=1e-3)
+
+
+def test_nnunets_pipeline_kept_preprocessing_export_probabilities(net3):
+    """predict_single_npy_array (nnU-Net's preprocessing, prediction, resampling and export back to the input's
+    shape, with probabilities) runs unchanged through PatchblendPredictor and agrees with nnU-Net's own result up
+    to nnU-Net's float16 error."""
+    import numpy as np
+    rng = np.random.default_rng(4)
+    image = rng.standard_normal((1, 26, 23, 20)).astype(np.float32)
+    props = {"spacing": [1.0, 1.0, 1.0]}
+    seg_nn, prob_nn = nnunet_predictor(net3, PATCH3, 3).predict_single_npy_array(
+        image, props, save_or_return_probabilities=True)
+    seg_pb, prob_pb = patchblend_predictor(net3, PATCH3, 3, sw_batch_size=4).predict_single_npy_array(
+        image, props, save_or_return_probabilities=True)
+    assert seg_pb.shape == seg_nn.shape == image.shape[1:] and prob_pb.shape == prob_nn.shape == (3, *image.shape[1:])
+    assert np.abs(prob_pb - prob_nn).max() < 0.15  # softmax of logits that differ by nnU-Net's error (<= 0.5)
+    top2 = np.sort(prob_pb, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 2 * np.abs(prob_pb - prob_nn).max(axis=0)  # nnU-Net's error cannot flip these
+    assert clear.mean() > 0.5 and np.array_equal(seg_pb[clear], seg_nn[clear])
