@@ -182,8 +182,8 @@ class PatchblendPredictor(nnUNetPredictor):
             raise ValueError(f"predict_segmentation_from_preprocessed_data takes one parameter set (fold), got "
                              f"{len(self.list_of_parameters)}; averaging folds needs the logits "
                              "(predict_logits_from_preprocessed_data)")
-        if self.list_of_parameters:
-            self.network.load_state_dict(self.list_of_parameters[0])
+        if self.list_of_parameters:  # as nnU-Net loads a fold (a torch.compile'd network: into its original module)
+            getattr(self.network, "_orig_mod", self.network).load_state_dict(self.list_of_parameters[0])
         self._reducing = True
         try:
             return self.predict_sliding_window_return_logits(data)
@@ -232,9 +232,12 @@ class PatchblendPredictor(nnUNetPredictor):
             # logits in a narrower dtype (nnU-Net's float16): blended in float32 one slab deep and written into the
             # float16 output as each slab is final, so the float32 [C, *S] never exists (the LatticeBlender's
             # values, rounded once)
+            # (the output in ordinary pages, like nnU-Net's: on the benchmark machine the first writes into
+            # patchblend's huge-page output block made the accumulation ~1.6x slower)
+            out = torch.empty((channels, *shape), dtype=self.output_dtype, device=device)
             return SlabBlender(shape, channels, axis=0, normalize=self.normalize, importance=importance,
                                window_shape=window, device=device, dtype=acc, out_dtype=self.output_dtype,
-                               window_lattice=slab_lattice)
+                               window_lattice=slab_lattice, out=out)
         if lattice and not weights_in_den:
             return LatticeBlender(shape, channels, grid, window, normalize=self.normalize, importance=importance,
                                   device=device, dtype=acc)
