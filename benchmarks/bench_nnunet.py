@@ -2,8 +2,8 @@
 same data, same nnU-Net lattice and Gaussian, side by side in one run.
 
 Cases:
-- ACC (accumulation only): 1x192x192x160, 64^3 windows, tile_step_size 0.5 (100 windows), 4 classes, a "network"
-  that only repeats its input into 4 channels, so the time is nnU-Net's sliding-window machinery (window copies,
+- ACC (accumulation only; 3x the repeats): 1x192x192x160, 64^3 windows, tile_step_size 0.5 (100 windows), 4 classes,
+  a "network" that only repeats its input into 4 channels, so the time is nnU-Net's sliding-window machinery (window copies,
   Gaussian multiply, float16 adds) against patchblend's (extract_patches, float32 blend, float16 output).
   ``predict_sliding_window_return_logits`` is timed.
 - E2E / E2E-TTA: a seeded PlainConvUNet (4-8-16 features, 3 stages) through ``predict_logits_from_preprocessed_data``
@@ -21,6 +21,7 @@ patchblend (sw_batch_size 4) ``--repeats`` times; the median is reported, with n
     python benchmarks/bench_nnunet.py                     # ACC + E2E + E2E-TTA, CPU
     python benchmarks/bench_nnunet.py --many              # adds the 105-class case (about 3 GB of RAM for nnU-Net)
     python benchmarks/bench_nnunet.py --device cuda --many
+    python benchmarks/bench_nnunet.py --cases ACC E2E       # only these
 
 Needs nnunetv2 and dynamic-network-architectures (.ci/install_nnunet.sh).
 """
@@ -116,7 +117,7 @@ def case_acc(args):
     pb4 = make("patchblend", net, patch, classes, args.device, sw_batch_size=4)
     calls = {k: quiet(lambda p=p: p.predict_sliding_window_return_logits(data))
              for k, p in (("nnunet", nn), ("patchblend bs1", pb1), ("patchblend bs4", pb4))}
-    return timed_alternating(calls, args.repeats, args.device), {}
+    return timed_alternating(calls, 3 * args.repeats, args.device), {}  # about 1 s a call: more repeats
 
 
 def case_e2e(args, tta: bool):
@@ -194,6 +195,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--many", action="store_true", help="add the 105-class case (peak memory)")
     ap.add_argument("--only-many", action="store_true", help="only the 105-class case")
+    ap.add_argument("--cases", nargs="+", choices=["ACC", "E2E", "E2E-TTA", "MANY"],
+                    help="only these cases (MANY: the 105-class case)")
     ap.add_argument("--case-timeout", type=int, default=900)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -208,6 +211,10 @@ def main():
                                        ("E2E-TTA", lambda a: case_e2e(a, True))]
     if args.many or args.only_many:
         cases.append(("MANY", case_many))
+    if args.cases:
+        every = dict([("ACC", case_acc), ("E2E", lambda a: case_e2e(a, False)),
+                      ("E2E-TTA", lambda a: case_e2e(a, True)), ("MANY", case_many)])
+        cases = [(name, every[name]) for name in args.cases]
     print("| case | implementation | time (s) | nnU-Net / this | peak memory (MiB) |")
     print("|---|---|---:|---:|---:|")
     for name, fn in cases:
