@@ -18,8 +18,7 @@ import patchblend  # noqa: E402
 from patchblend.integrations.nnunet import PatchblendPredictor  # noqa: E402
 from patchblend.inference import sliding_window_inference  # noqa: E402
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from nnunet_helpers import nnunet_predictor, patchblend_predictor, toy_unet  # noqa: E402
+from nnunet_helpers import nnunet_predictor, patchblend_predictor, toy_unet  # noqa: E402  (tests/ is on sys.path)
 
 PATCH3 = (16, 16, 16)
 
