@@ -156,10 +156,10 @@ def sliding_window_inference(
     Args:
         image: ``[C_in, *S]`` (2 or 3 spatial axes), a ``dask.array.Array`` or a ``zarr`` array (read directly by
             each task: the cheapest input).
-        roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval, weighting, normalize, placement,
-            reduce, threshold, label_dtype, roi_weight_map, with_coord, kwargs: as in the in-memory driver
-            (``with_coord`` slices refer to the padded whole image, batch index 0; ``kwargs`` are pickled with
-            every task, so keep them small).
+        roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval: as in the in-memory driver; so are
+            ``weighting``, ``normalize``, ``placement``, ``reduce``, ``threshold``, ``label_dtype``,
+            ``roi_weight_map``, ``with_coord`` and ``kwargs`` (``with_coord`` slices refer to the padded whole image,
+            batch index 0; ``kwargs`` are pickled with every task, so keep them small).
         predictor: a model / callable ``f(windows [n, C_in, *roi]) -> seg [n, C, *roi]`` or a
             :class:`~patchblend.CalibratedOutput`; shipped once to each worker. Or a
             :class:`~patchblend.distributed.PredictorFactory` to build it on each worker.
