@@ -51,6 +51,17 @@ def _extract_fake(volume, coords, patch_shape):
     return volume.new_empty((coords.shape[0], volume.shape[0], *patch_shape))
 
 
+@torch.library.register_fake("patchblend::empty_large")
+def _empty_large_fake(size, dtype):
+    # (a factory op: the fake is a CPU tensor, where the op puts its buffers)
+    return torch.empty(tuple(size), dtype=dtype, device="cpu")
+
+
+@torch.library.register_fake("patchblend::release_cached_output")
+def _release_cached_output_fake():
+    return 0
+
+
 def _blend_setup_context(ctx, inputs, output):
     patches, weights, coords, importance, out_shape, normalize = inputs
     ctx.out_shape = tuple(out_shape)

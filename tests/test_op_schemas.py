@@ -38,3 +38,54 @@ def test_the_ops_the_python_code_calls_exist_with_their_schema():
     """Every op patchblend's Python calls is registered in this process (whichever backend), with a schema."""
     for name in ("blend", "blend_add_", "blend_stream_", "coverage", "extract", "empty_large", "release_cached_output"):
         assert str(getattr(torch.ops.patchblend, name).default._schema).startswith(f"patchblend::{name}(")
+
+
+def test_every_op_has_a_fake_kernel():
+    """torch.compile runs every op on fake tensors first: an op without a fake kernel (empty_large had none) made
+    it fail on the driver, the blenders and zeros_output."""
+    from torch._library.simple_registry import singleton
+
+    names = sorted({n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+                    if n.startswith("patchblend::")})
+    assert "empty_large" in names and "release_cached_output" in names
+    for name in names:
+        assert singleton.find(f"patchblend::{name}").fake_impl.kernel is not None, name
+    torch.library.opcheck(torch.ops.patchblend.empty_large.default, ([3, 4], torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_runs_the_driver_the_blenders_and_zeros_output():
+    """Not fullgraph (the driver's Python loop breaks the graph): each compiles and equals eager."""
+    from patchblend import sliding_window_inference
+    from patchblend.ops import zeros_output
+    from patchblend.inference import Blender, LatticeBlender, SlabBlender, sliding_windows
+
+    torch._dynamo.reset()
+    compile_ = lambda f: torch.compile(f, backend="aot_eager")  # noqa: E731 (fake tensors, no C++ compiler)
+    x = torch.rand(1, 1, 12, 10, 12)
+    with torch.no_grad():
+        drive = lambda v: sliding_window_inference(v, 8, 4, lambda t: t * 2, 0.5)  # noqa: E731
+        torch.testing.assert_close(compile_(drive)(x), drive(x))
+    grid = sliding_windows((12, 10, 12), (8, 8, 8), 0.5, "monai")
+    coords = grid.coords()
+    patches = torch.rand(len(coords), 1, 8, 8, 8)
+    expected = patchblend.calibrated_blend(patches, None, coords, (12, 10, 12))
+
+    def blender():
+        b = Blender((12, 10, 12), 1)
+        b.add(patches, coords)
+        return b.finalize()
+
+    def lattice():
+        b = LatticeBlender((12, 10, 12), 1, grid, (8, 8, 8))
+        b.add(patches)
+        return b.finalize()
+
+    def slab():
+        b = SlabBlender((12, 10, 12), 1, window_shape=(8, 8, 8), window_coords=coords)
+        b.add(patches, coords)
+        return b.finish()
+
+    for fn in (blender, lattice, slab):
+        torch.testing.assert_close(compile_(fn)(), expected)
+    assert torch.equal(compile_(lambda: zeros_output((3, 4), torch.float32, "cpu"))(), torch.zeros(3, 4))

@@ -65,7 +65,7 @@ Tensor blend_cpu(const Tensor& patches, const OptionalTensor& weights, const Ten
   BlendInputs in = check_inputs(weights, coords, importance, p.sizes().slice(2), out_shape, acc, p.device());
   PB_CHECK(p.size(0) == in.n, "patches and coords disagree on N");
   const int64_t c = p.size(1);
-  Tensor out = empty_large({c, in.O[0], in.O[1], in.O[2]}, p.scalar_type());
+  Tensor out = empty_large({c, in.O[0], in.O[1], in.O[2]}, p.scalar_type(), "blend: the output [C, *out_shape] =");
   if (out.numel() == 0) return out;
   IndexLayout layout;
   const std::vector<int64_t> index = build_index(in, layout);
@@ -129,7 +129,7 @@ Tensor coverage_cpu(const OptionalTensor& weights, const Tensor& coords, const O
   PB_CHECK(dtype == ScalarType::Float || dtype == ScalarType::Double, "coverage dtype must be float32 or float64");
   const int mode = parse_normalize(normalize);
   BlendInputs in = check_inputs(weights, coords, importance, patch_shape, out_shape, dtype, coords.device());
-  Tensor den = empty_large({in.O[0], in.O[1], in.O[2]}, dtype);
+  Tensor den = empty_large({in.O[0], in.O[1], in.O[2]}, dtype, "coverage: the output out_shape =");
   if (den.numel() == 0) return den;
   IndexLayout layout;
   const std::vector<int64_t> index = build_index(in, layout);
@@ -155,7 +155,7 @@ Tensor extract_cpu(const Tensor& volume, const Tensor& coords, IntArrayRef patch
   const Tensor vol = as_contiguous(volume);
   const Tensor cc = as_contiguous(on_cpu(coords));
   const int64_t n = cc.size(0), c = vol.size(0);
-  Tensor out = empty({n, c, P[0], P[1], P[2]}, vol.scalar_type(), vol.device());
+  Tensor out = empty_large({n, c, P[0], P[1], P[2]}, vol.scalar_type(), "extract: the windows [N, C, *patch_shape] =");
   if (out.numel() == 0) return out;
   const int64_t* co = cc.const_data_ptr<int64_t>();
   const int64_t item = static_cast<int64_t>(vol.element_size());
@@ -194,7 +194,7 @@ Tensor extract_cpu(const Tensor& volume, const Tensor& coords, IntArrayRef patch
   return out;
 }
 
-Tensor empty_large_op(IntArrayRef size, ScalarType dtype) { return empty_large(size, dtype); }
+Tensor empty_large_op(IntArrayRef size, ScalarType dtype) { return empty_large(size, dtype, "empty_large: size"); }
 
 }  // namespace
 

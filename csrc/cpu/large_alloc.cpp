@@ -6,9 +6,15 @@
 #include <sys/mman.h>
 #endif
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <iomanip>
 #include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace patchblend {
@@ -81,46 +87,132 @@ Mapping take_block(size_t n) {
 }
 #endif
 
+// The bytes per element of dtype, 0 for a dtype not listed (which then always goes to torch's empty).
 size_t element_size(torch::headeronly::ScalarType dtype) {
   using torch::headeronly::ScalarType;
   switch (dtype) {
+    case ScalarType::ComplexDouble: return 16;
     case ScalarType::Double:
-    case ScalarType::Long: return 8;
+    case ScalarType::Long:
+    case ScalarType::ComplexFloat: return 8;
     case ScalarType::Float:
     case ScalarType::Int: return 4;
     case ScalarType::Half:
     case ScalarType::BFloat16:
     case ScalarType::Short: return 2;
-    default: return 1;  // (only the sizes above reach kLargeAllocBytes in patchblend; others go to torch)
+    case ScalarType::Byte:
+    case ScalarType::Char:
+    case ScalarType::Bool: return 1;
+    default: return 0;
   }
+}
+
+// "<what> [a, b, c] of <dtype>", for error messages.
+std::string describe(const char* what, torch::headeronly::IntHeaderOnlyArrayRef sizes,
+                     torch::headeronly::ScalarType dtype) {
+  std::ostringstream out;
+  out << what << " [";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << "] of " << dtype;
+  return out.str();
+}
+
+[[noreturn]] void cannot_allocate(const char* what, torch::headeronly::IntHeaderOnlyArrayRef sizes,
+                                  torch::headeronly::ScalarType dtype, int64_t bytes, const char* cause) {
+  std::ostringstream out;
+  out << "patchblend: could not allocate " << bytes << " bytes (" << std::fixed << std::setprecision(1)
+      << static_cast<double>(bytes) / double(int64_t(1) << 30) << " GiB) for " << describe(what, sizes, dtype)
+      << ": " << cause;
+  throw std::runtime_error(out.str());
+}
+
+// The byte count of a contiguous tensor of `sizes` and `dtype`; throws (std::runtime_error, a RuntimeError in
+// Python) for a negative size or when the element or byte count overflows int64 (torch's own limit: a wrapped
+// count would reach torch::stable::from_blob, whose storage check then aborts the process).
+int64_t checked_bytes(const char* what, torch::headeronly::IntHeaderOnlyArrayRef sizes,
+                      torch::headeronly::ScalarType dtype) {
+  bool empty = false;
+  for (const int64_t s : sizes) {
+    if (s < 0) throw std::runtime_error("patchblend: " + describe(what, sizes, dtype) + ": sizes must be >= 0");
+    empty = empty || s == 0;
+  }
+  if (empty) return 0;
+  int64_t bytes = static_cast<int64_t>(std::max<size_t>(element_size(dtype), 1));  // (unlisted: elements)
+  for (const int64_t s : sizes) {
+    if (__builtin_mul_overflow(bytes, s, &bytes))
+      throw std::runtime_error("patchblend: " + describe(what, sizes, dtype) +
+                               " would need more than 2^63 - 1 bytes (its byte count overflows int64)");
+  }
+  return bytes;
+}
+
+// Own-memory blocks in glibc's malloc, 64-byte aligned like torch's (see large_alloc.h): malloc(n + 72), the
+// pointer malloc returned stored just before the aligned data; the deleter frees it.
+constexpr size_t kAlignment = 64;
+
+void free_aligned(void* data) { std::free(static_cast<void**>(data)[-1]); }
+
+void* malloc_aligned(size_t n) {
+  void* raw = std::malloc(n + kAlignment + sizeof(void*));
+  if (raw == nullptr) return nullptr;
+  const uintptr_t data = (reinterpret_cast<uintptr_t>(raw) + sizeof(void*) + kAlignment - 1) / kAlignment * kAlignment;
+  reinterpret_cast<void**>(data)[-1] = raw;
+  return reinterpret_cast<void*>(data);
+}
+
+std::vector<int64_t> contiguous_strides(torch::headeronly::IntHeaderOnlyArrayRef sizes) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t a = sizes.size(); a-- > 0;) {
+    strides[a] = stride;
+    stride *= sizes[a];  // (cannot overflow: checked_bytes bounded the product)
+  }
+  return strides;
+}
+
+// PATCHBLEND_POISON_EMPTY=1 (read once, at the first allocation): every buffer from empty_large is filled
+// with all-ones bytes (NaN in every float dtype) before it is handed out, so that a read of memory not yet
+// written shows up as NaN in the result. For tests; costs a write of every buffer.
+bool poison_empty() {
+  static const bool poison = [] {
+    const char* flag = std::getenv("PATCHBLEND_POISON_EMPTY");
+    return flag != nullptr && flag[0] != '\0' && std::strcmp(flag, "0") != 0;
+  }();
+  return poison;
+}
+
+torch::stable::Tensor poisoned(torch::stable::Tensor t, int64_t bytes) {
+  if (poison_empty() && bytes > 0) std::memset(t.mutable_data_ptr(), 0xFF, static_cast<size_t>(bytes));
+  return t;
 }
 
 }  // namespace
 
-torch::stable::Tensor empty_large(torch::headeronly::IntHeaderOnlyArrayRef sizes, torch::headeronly::ScalarType dtype) {
+torch::stable::Tensor empty_large(torch::headeronly::IntHeaderOnlyArrayRef sizes, torch::headeronly::ScalarType dtype,
+                                  const char* what) {
   const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
+  const int64_t bytes = checked_bytes(what, sizes, dtype);
+  const bool own = element_size(dtype) > 0;
 #if defined(__linux__)
-  int64_t numel = 1;
-  bool valid = true;
-  for (const int64_t s : sizes) {
-    valid = valid && s >= 0;
-    numel *= s;
-  }
-  const int64_t bytes = numel * static_cast<int64_t>(element_size(dtype));
-  if (valid && bytes >= kLargeAllocBytes) {
+  if (own && bytes >= kLargeAllocBytes) {
     const Mapping block = take_block(static_cast<size_t>(bytes));
     if (block.base != nullptr) {
-      std::vector<int64_t> strides(sizes.size());
-      int64_t stride = 1;
-      for (size_t a = sizes.size(); a-- > 0;) {
-        strides[a] = stride;
-        stride *= sizes[a];
-      }
-      return torch::stable::from_blob(block.base, sizes, strides, cpu, dtype, [block](void*) { release(block); });
+      return poisoned(torch::stable::from_blob(block.base, sizes, contiguous_strides(sizes), cpu, dtype,
+                                               [block](void*) { release(block); }),
+                      bytes);
     }
   }
 #endif
-  return torch::stable::empty(sizes, dtype, std::nullopt, cpu);
+  if (own && bytes >= kOwnMallocBytes) {
+    void* data = malloc_aligned(static_cast<size_t>(bytes));
+    if (data == nullptr) cannot_allocate(what, sizes, dtype, bytes, "out of memory");
+    return poisoned(torch::stable::from_blob(data, sizes, contiguous_strides(sizes), cpu, dtype, &free_aligned), bytes);
+  }
+  try {
+    return poisoned(torch::stable::empty(sizes, dtype, std::nullopt, cpu), bytes);
+  } catch (const std::exception& exc) {
+    cannot_allocate(what, sizes, dtype, bytes, exc.what());
+  }
 }
 
 int64_t release_cached_output() {
