@@ -103,15 +103,27 @@ def _build_allowed() -> bool:
 
 
 def _load_cached(kind: str) -> str:
-    """Loads the cached ``kind`` library, building it first when needed and allowed. Returns where it came
-    from; raises RuntimeError with the cause (and the fix) otherwise."""
+    """Loads the cached ``kind`` library, building it first when needed and allowed (also when the cached build
+    is damaged: :func:`patchblend._build.damaged`, with one warning saying so). Returns where it came from;
+    raises RuntimeError with the cause (and the fix) otherwise."""
     lib = _build.library_path(kind)
     if lib is None:
+        damage = _build.damaged(kind)
+        cached = f"the cached build in {_build.build_dir()} is damaged ({damage})" if damage else "it is not built"
         if not _build_allowed():
-            raise RuntimeError("it is not built and PATCHBLEND_BUILD=0 forbids building it; unset it and run "
+            raise RuntimeError(f"{cached} and PATCHBLEND_BUILD=0 forbids building it; unset it and run "
                                "`python -m patchblend build`")
-        lib = _build.build(kind)
-    torch.ops.load_library(str(lib))
+        try:
+            lib = _build.build(kind)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{cached} and rebuilding it failed: {exc}" if damage else str(exc)) from exc
+        if damage:
+            _warn(f"{cached}; rebuilt it")
+    try:
+        torch.ops.load_library(str(lib))
+    except OSError as exc:
+        raise RuntimeError(f"{lib} could not be loaded ({exc}); delete {lib.parent} and run "
+                           "`python -m patchblend build`") from exc
     return f"compiled ({lib})"
 
 
@@ -147,7 +159,7 @@ def _load() -> None:
     else:
         try:
             kernels["CPU"] = _load_cached("cpu")
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             cpu_error = f"no compiled CPU kernels: {exc}"
     if cpu_error is not None:
         if wanted == "compiled":
@@ -166,7 +178,7 @@ def _load() -> None:
     elif cuda_device and cpu_error is None:
         try:
             kernels["CUDA"] = _load_cached("cuda")
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             _STATE["reason"] = f"no compiled CUDA kernels: {exc}"
             _warn(f"{_STATE['reason']}. CUDA tensors use the pure-PyTorch reference, which is much slower.")
     if not _has_kernel("CUDA"):

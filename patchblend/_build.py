@@ -12,7 +12,8 @@ without torch; a CPU-only binary under a CUDA torch), :mod:`patchblend._backend`
   upgrade of any of them builds afresh and an unchanged set-up loads the earlier build at once;
 - a file lock (``fcntl.flock``) serialises processes that start together (DDP ranks, dataloader workers):
   the first builds, the others wait and load its result; a finished build is marked by a ``done`` file
-  written last, so a build killed halfway is never loaded;
+  written last, holding the library's SHA-256, so a build killed halfway is never loaded, and neither is a
+  library damaged since (empty, zeroed, truncated: :func:`damaged`); such a build is built again;
 - one log line (logger ``patchblend``, printed to stderr when nothing else handles it) says what is built
   and how long it took.
 
@@ -126,14 +127,51 @@ def nvcc() -> Optional[str]:
     return path if path and os.path.exists(path) else shutil.which("nvcc")
 
 
-def library_path(kind: str, csrc: Optional[Path] = None) -> Optional[Path]:
-    """The finished cached library of ``kind`` (``"cpu"`` or ``"cuda"``) for this set-up, or None."""
+def _library_files(kind: str, csrc: Optional[Path] = None):
+    """(the library file, its ``done`` marker) of ``kind`` in this set-up's cache folder, or None."""
     folder = build_dir(csrc)
     if folder is None:
         return None
     name = CPU_LIBRARY if kind == "cpu" else CUDA_LIBRARY
-    lib = folder / name / f"{name}.so"
-    return lib if (folder / name / "done").is_file() and lib.is_file() else None
+    return folder / name / f"{name}.so", folder / name / "done"
+
+
+def _checksum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _done_text(lib: Path) -> str:
+    """The ``done`` marker of a finished build: the library's SHA-256, checked before every load."""
+    return f"sha256 {_checksum(lib)}\n"
+
+
+def damaged(kind: str, csrc: Optional[Path] = None) -> Optional[str]:
+    """Why the finished cached build of ``kind`` must not be loaded (its library missing, unreadable, or not the
+    file that was built: an empty, zeroed or truncated ``.so`` would raise OSError or SIGBUS when loaded), or None
+    when it is intact or there is no finished build (no ``done`` marker: never built, or killed halfway)."""
+    files = _library_files(kind, csrc)
+    if files is None or not files[1].is_file():
+        return None
+    lib, done = files
+    try:
+        recorded = done.read_text().split()
+        if not lib.is_file():
+            return f"{lib.name} is missing"
+        if len(recorded) != 2 or recorded[0] != "sha256":
+            return "its done marker records no checksum"
+        if _checksum(lib) != recorded[1]:
+            return f"{lib.name} is not the file that was built: its SHA-256 differs"
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
+    return None
+
+
+def library_path(kind: str, csrc: Optional[Path] = None) -> Optional[Path]:
+    """The finished, intact cached library of ``kind`` (``"cpu"`` or ``"cuda"``) for this set-up, or None."""
+    files = _library_files(kind, csrc)
+    if files is None or not files[1].is_file() or damaged(kind, csrc) is not None:
+        return None
+    return files[0]
 
 
 def missing_tools(kind: str) -> Optional[str]:
@@ -193,26 +231,33 @@ def build(kind: str) -> Path:
     folder = build_dir(csrc)
     name = CPU_LIBRARY if kind == "cpu" else CUDA_LIBRARY
     target = folder / name
-    with _file_lock(folder / f"{name}.lock"):
-        done = library_path(kind, csrc)  # another process may have built it while this one waited
-        if done is not None:
-            return done
-        if target.exists():
-            shutil.rmtree(target)  # a build that did not finish
-        target.mkdir(parents=True)
-        what = "CPU kernels" if kind == "cpu" else "CUDA kernels"
-        start = time.perf_counter()
-        try:
-            _compile(kind, csrc, target, name)
-        except Exception as exc:
-            log_file = target / "build.log"
-            log_file.write_text(f"{type(exc).__name__}: {exc}\n")
-            raise RuntimeError(f"building the {what} failed (details in {log_file}): "
-                               f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}") from exc
-        (target / "done").write_text(f"{time.time()}\n")
-        _announce(f"compiled the {what} for torch {_torch_version()} in {time.perf_counter() - start:.0f} s "
-                  f"(cached in {target})")
-    return target / f"{name}.so"
+    what = "CPU kernels" if kind == "cpu" else "CUDA kernels"
+    try:
+        with _file_lock(folder / f"{name}.lock"):
+            done = library_path(kind, csrc)  # another process may have built it while this one waited
+            if done is not None:
+                return done
+            if target.exists():
+                shutil.rmtree(target)  # a build that did not finish, or a damaged one
+            target.mkdir(parents=True)
+            start = time.perf_counter()
+            try:
+                _compile(kind, csrc, target, name)
+                lib = target / f"{name}.so"
+                marker = _done_text(lib)  # (raises OSError when the compiler left no library)
+            except Exception as exc:
+                log_file = target / "build.log"
+                log_file.write_text(f"{type(exc).__name__}: {exc}\n")
+                raise RuntimeError(f"building the {what} failed (details in {log_file}): "
+                                   f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}") from exc
+            # written last, once the library is complete: a build that fails or is killed is never loaded
+            (target / "done").write_text(marker)
+    except OSError as exc:  # an unwritable cache: a read-only mount, a file where a folder should be
+        raise RuntimeError(f"the cache folder {folder} cannot be written ({exc}); set PATCHBLEND_CACHE_DIR to a "
+                           "writable folder") from exc
+    _announce(f"compiled the {what} for torch {_torch_version()} in {time.perf_counter() - start:.0f} s "
+              f"(cached in {target})")
+    return lib
 
 
 def _torch_version() -> str:

@@ -135,3 +135,111 @@ def test_torch_older_than_the_stable_abi_target_is_not_built(monkeypatch):
     assert reason is not None and "torch >= 2.11" in reason and "2.10.1" in reason
     with pytest.raises(RuntimeError, match="torch >= 2.11"):
         _build.build("cpu")
+
+
+def test_cache_key_follows_the_python_version(monkeypatch):
+    """A library built for one Python must not be loaded by another (the first-use build is not abi3)."""
+    key = _build.build_key(_build.source_dir())
+    monkeypatch.setattr(sys, "version_info", (sys.version_info[0], sys.version_info[1] + 1, 0, "final", 0))
+    assert _build.build_key(_build.source_dir()) != key
+
+
+def test_compile_that_writes_the_library_then_fails_is_never_loaded(fake_compile, monkeypatch):
+    """The `done` marker is written only after the compiler succeeded: a compile that leaves a library behind
+    and then fails (a link step, a killed ninja) is reported, never loaded, and built again next time."""
+    def failing(kind, csrc, target, name):
+        (target / f"{name}.so").write_bytes(b"written, then the build failed")
+        raise OSError("ninja: build stopped")
+
+    monkeypatch.setattr(_build, "_compile", failing)
+    with pytest.raises(RuntimeError, match="building the CPU kernels failed .*ninja: build stopped"):
+        _build.build("cpu")
+    folder = _build.build_dir() / _build.CPU_LIBRARY
+    assert (folder / f"{_build.CPU_LIBRARY}.so").is_file() and not (folder / "done").exists()
+    assert _build.library_path("cpu") is None and _build.damaged("cpu") is None
+    monkeypatch.undo()
+    monkeypatch.setenv("PATCHBLEND_CACHE_DIR", str(folder.parent.parent))
+    monkeypatch.setattr(_build, "_compile", lambda kind, csrc, target, name: (
+        fake_compile.append(kind), (target / f"{name}.so").write_bytes(b"stand-in")))
+    monkeypatch.setattr(_build, "compiler", lambda: "/usr/bin/c++")
+    assert _build.build("cpu").read_bytes() == b"stand-in" and fake_compile == ["cpu"]
+
+
+@pytest.mark.parametrize("damage", ["empty", "zeroed", "truncated", "missing", "old marker"])
+def test_damaged_cached_library_is_detected_and_rebuilt(fake_compile, damage):
+    """The `done` marker holds the library's SHA-256: an empty, zeroed or truncated library (OSError or SIGBUS when
+    loaded), a missing one, or a marker without a checksum is never loaded; build() builds it again."""
+    lib = _build.build("cpu")
+    assert (lib.parent / "done").read_text().split()[0] == "sha256" and _build.damaged("cpu") is None
+    size = len(lib.read_bytes())
+    if damage == "empty":
+        lib.write_bytes(b"")
+    elif damage == "zeroed":
+        lib.write_bytes(bytes(size))
+    elif damage == "truncated":
+        lib.write_bytes(lib.read_bytes()[: size // 2])
+    elif damage == "missing":
+        lib.unlink()
+    else:
+        (lib.parent / "done").write_text("1733300000.0\n")
+    assert _build.library_path("cpu") is None
+    assert _build.damaged("cpu") is not None
+    assert _build.build("cpu").read_bytes() == b"stand-in" and fake_compile == ["cpu", "cpu"]
+    assert _build.damaged("cpu") is None and _build.library_path("cpu") == lib
+
+
+def test_damaged_cache_rebuilt_on_load_with_one_warning(fake_compile, monkeypatch):
+    """_backend._load_cached rebuilds a damaged cached library (saying so in one warning) and loads the new one."""
+    from patchblend import _backend
+
+    lib = _build.build("cpu")
+    lib.write_bytes(b"")
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(path))
+    with pytest.warns(RuntimeWarning, match=r"is damaged \(.*SHA-256 differs\); rebuilt it") as record:
+        assert _backend._load_cached("cpu") == f"compiled ({lib})"
+    assert len(record) == 1 and loaded == [str(lib)] and fake_compile == ["cpu", "cpu"]
+
+
+def test_unwritable_cache_folder_is_reported(fake_compile, monkeypatch, tmp_path):
+    """PATCHBLEND_CACHE_DIR naming a file (or a read-only folder): a RuntimeError naming the folder and the fix,
+    which the loader turns into the reference plus one warning, instead of an OSError at mkdir."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("PATCHBLEND_CACHE_DIR", str(tmp_path / "a-file"))
+    with pytest.raises(RuntimeError, match=r"cannot be written .*set PATCHBLEND_CACHE_DIR to a writable folder"):
+        _build.build("cpu")
+    assert fake_compile == []
+
+
+def _damage_cache(package: Path, how: str) -> dict:
+    """An environment whose cache (in the package copy) holds a finished build of the CPU library that is damaged
+    (``how``: "zeroed", "empty"), or is a file rather than a folder ("file")."""
+    cache = package / "cache"
+    env = dict(os.environ, PATCHBLEND_CACHE_DIR=str(cache), PATCHBLEND_BACKEND="auto")
+    if how == "file":
+        cache.write_text("not a folder")
+        return env
+    folder = cache / _build.build_key(package / "csrc") / _build.CPU_LIBRARY
+    folder.mkdir(parents=True)
+    (folder / f"{_build.CPU_LIBRARY}.so").write_bytes(bytes(4096) if how == "zeroed" else b"")
+    (folder / "done").write_text("sha256 " + "0" * 64 + "\n")
+    env["PATCHBLEND_BUILD"] = "0"  # (the rebuild itself is tested above with a stand-in compiler)
+    return env
+
+
+@pytest.mark.parametrize("how", ["zeroed", "empty", "file"])
+def test_bad_cache_gives_the_reference_with_one_warning(package_without_binary, how):
+    """`import patchblend` with a zeroed or empty cached library (OSError before, a truncated one SIGBUS) or a cache
+    folder that cannot be made: the reference serves, with one warning that says why; `python -m patchblend build`
+    says what is missing and exits 1, without a traceback."""
+    env = _damage_cache(package_without_binary, how)
+    res = subprocess.run([sys.executable, "-c", _SMOKE], cwd=package_without_binary, env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info, equal = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    assert info["backend"] == "reference" and equal
+    assert res.stderr.count("RuntimeWarning") == 1, res.stderr
+    assert ("cannot be written" if how == "file" else "is damaged") in res.stderr
+    res = subprocess.run([sys.executable, "-m", "patchblend", "build"], cwd=package_without_binary, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "not built: CPU" in res.stderr and "Traceback" not in res.stderr, res.stderr
