@@ -1,0 +1,119 @@
+"""The blended confidence map: the window weights blended like the predictions, in the same pass.
+
+For window ``i`` with weight ``α_i(x)`` at voxel ``x`` (its patch score, its grid cell's score or their product)
+and ``N(x)`` windows covering ``x``:
+
+- ``normalize="count"``: ``C(x) = Σ_i α_i(x) / N(x)`` (the paper's Eq. 2 applied to the weights alone);
+- ``normalize="weight"``: ``C(x) = Σ_i α_i(x) imp_i(x) / Σ_i imp_i(x)`` (the importance-weighted mean weight;
+  without an importance map, ``imp = 1``, it is the same ``Σ α / N``),
+
+0 where no window covers ``x``. Both are one blend: the patches ``A_i = α_i`` (each window's weight spread over its
+voxels) blended without weights, with the importance only under ``"weight"``::
+
+    C = calibrated_blend(A, None, coords, normalize=normalize, importance=importance if "weight" else None)
+
+:class:`ConfidenceTerms` turns a batch's weights into that blend's input, once, for every accumulator (the
+blenders' ``confidence=True`` and the sliding-window drivers): under ``"count"`` it passes patches of ones with
+the weights as the blend's weights (``α · 1 = 1 · α`` exactly: the same terms, and nothing the size of the windows
+is made per batch); under ``"weight"`` it spreads the weights over the voxels (the weight sum must not include
+them). So the confidence goes through the same kernels and the same accumulators as the prediction, bitwise the
+blend above where the prediction is bitwise ``calibrated_blend``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from .._reference import expand_grid_weights
+from .._validate import prepare_weights_and_max
+
+__all__ = ["PredictionWithConfidence", "ConfidenceTerms", "check_confidence_options", "CONFIDENCE_NORMALIZE"]
+
+#: the ``normalize`` modes the confidence is defined for (``"none"``, a weighted sum, has no mean weight)
+CONFIDENCE_NORMALIZE = ("count", "weight")
+
+
+class PredictionWithConfidence(NamedTuple):
+    """A prediction and its blended confidence map (what ``confidence=True`` returns).
+
+    Attributes:
+        prediction: what the call returns without ``confidence`` (a tensor, tuple or dict; labels or masks with
+            ``reduce``).
+        confidence: ``[B, 1, *S]`` (the drivers; ``[1, *S]`` from a blender): the blended weights ``C``, floats
+            also when the prediction is reduced.
+    """
+
+    prediction: object
+    confidence: torch.Tensor
+
+
+def check_confidence_options(confidence, weigh_prediction, normalize: Optional[str], weighting="unused") -> None:
+    """Raise ``TypeError`` / ``ValueError`` naming the argument: ``confidence`` and ``weigh_prediction`` are bools,
+    ``weigh_prediction=False`` only with ``confidence=True``, ``confidence`` only with ``normalize`` "count" or
+    "weight" and (for the drivers, which pass ``weighting``) with a ``weighting``."""
+    for name, value in (("confidence", confidence), ("weigh_prediction", weigh_prediction)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if not weigh_prediction and not confidence:
+        raise ValueError("weigh_prediction=False needs confidence=True (the weights then go only into the "
+                         "confidence map; without it nothing would use them)")
+    if not confidence:
+        return
+    if weighting is None:
+        raise ValueError("confidence=True needs weighting ('patch', 'grid' or 'patch*grid'): the confidence map is "
+                         "the blend of those window scores")
+    if normalize is not None and normalize not in CONFIDENCE_NORMALIZE:
+        raise ValueError(f"confidence=True needs normalize 'count' (C = sum of weights / window count) or 'weight' "
+                         f"(the importance-weighted mean weight), got normalize={normalize!r}")
+
+
+class ConfidenceTerms:
+    """What a batch of window weights adds to the confidence blend (see the module docstring), in the accumulation
+    ``dtype``.
+
+    Args:
+        normalize: ``"count"`` or ``"weight"``, the prediction's.
+        dtype: the accumulation dtype (float32 or float64).
+    """
+
+    def __init__(self, normalize: str, dtype: torch.dtype):
+        if normalize not in CONFIDENCE_NORMALIZE:
+            raise ValueError(f"the confidence map needs normalize in {CONFIDENCE_NORMALIZE}, got {normalize!r}")
+        self.normalize = normalize
+        self.dtype = dtype
+        # ones read by the kernels under "count": half for float32 accumulation (converted exactly, half the bytes)
+        self.ones_dtype = torch.float16 if dtype == torch.float32 else dtype
+        self._ones: Optional[torch.Tensor] = None
+
+    def importance(self, importance: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The confidence blend's importance: the prediction's under ``"weight"``, none under ``"count"``."""
+        return importance if self.normalize == "weight" else None
+
+    def ones(self, n: int, window_shape: Sequence[int], device) -> torch.Tensor:
+        """``[n, 1, *window_shape]`` ones (one cached buffer, grown as needed; never written)."""
+        shape = (1, *window_shape)
+        o = self._ones
+        if o is None or o.shape[0] < n or tuple(o.shape[1:]) != shape or o.device != torch.device(device):
+            self._ones = o = torch.ones((max(n, 1), *shape), dtype=self.ones_dtype, device=device)
+        return o[:n]
+
+    def __call__(self, weights: Optional[torch.Tensor], n: int, window_shape: Sequence[int], device,
+                 check_values: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(patches [n, 1, *window_shape], weights or None)`` for the confidence blend of ``n`` windows with
+        ``weights`` (None: every weight 1, so ``C`` is 1 wherever a window covers).
+
+        Under ``"count"``: ones, and ``weights`` as given (the accumulator checks them). Under ``"weight"``: the
+        weights spread over the voxels (checked here when ``check_values``: finite, ``>= 0``, and their shape)."""
+        window_shape = tuple(int(p) for p in window_shape)
+        if self.normalize == "count" or weights is None:
+            return self.ones(n, window_shape, device), weights
+        nd = len(window_shape)
+        w, _ = prepare_weights_and_max(weights, n, window_shape, self.dtype, torch.device(device), check_values)
+        # canonical [n, Gd, Gh, Gw] (2D: Gd = 1) → per voxel [n, *P]
+        cells = w if nd == 3 else w[:, 0]
+        if all(g == 1 for g in cells.shape[1:]):
+            a = cells.reshape(n, 1, *([1] * nd)).expand(n, 1, *window_shape)
+        else:
+            a = expand_grid_weights(cells, window_shape).unsqueeze(1)
+        return a.contiguous(), None
