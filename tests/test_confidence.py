@@ -448,3 +448,16 @@ def test_exact_under_the_reference_backend():
                          env=env, capture_output=True, text=True, cwd=root)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-2000:]
+
+
+def test_docs_page_examples_run():
+    """The ```python blocks of docs/confidence.md run as written, in one namespace."""
+    import pathlib
+    import re
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "confidence.md"
+    namespace = {}
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
+        exec(compile(block, "docs/confidence.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert namespace["avg"].confidence.shape == (1, 1, 48, 56, 48)
+    assert namespace["conf"].shape == (1, 48, 56, 48) and namespace["probs"].shape == (2, 48, 56, 48)
+    torch.testing.assert_close(namespace["probs"][None], namespace["avg"].prediction, rtol=1e-5, atol=1e-6)
