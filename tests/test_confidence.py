@@ -250,6 +250,19 @@ def test_float64_and_1d_and_gradients():
                                     confidence=True)
     expected = torch.tensor([1, 1, 1.5, 1.5, 2.5, 2.5, 3.5, 3.5, 4, 4]).view(1, 1, 10)
     torch.testing.assert_close(got1.confidence, expected)
+    # 1D grid scores [n, 2] under "weight" with importance [1, 3, 3, 1] (cells of 2 voxels: scores k, 2k)
+    counter = iter(range(1, 5))
+    got1 = sliding_window_inference(
+        x1, 4, 1, lambda w: CalibratedOutput(w, None, torch.tensor([[1.0, 2.0]]) * next(counter)), 0.5,
+        weighting="grid", normalize="weight", roi_weight_map=torch.tensor([1.0, 3.0, 3.0, 1.0]), confidence=True)
+    alpha = [[1, 1, 2, 2], [2, 2, 4, 4], [3, 3, 6, 6], [4, 4, 8, 8]]  # per window, per voxel
+    imp = [1, 3, 3, 1]
+    num, den = [0.0] * 10, [0.0] * 10
+    for i, s in enumerate((0, 2, 4, 6)):
+        for k in range(4):
+            num[s + k] += alpha[i][k] * imp[k]
+            den[s + k] += imp[k]
+    torch.testing.assert_close(got1.confidence, (torch.tensor(num) / torch.tensor(den)).view(1, 1, 10))
     # with autograd on: the confidence map is differentiable in the scores and equals the no-grad one
     scale = torch.tensor(2.0, requires_grad=True)
 

@@ -85,6 +85,7 @@ class ConfidenceTerms:
         # ones read by the kernels under "count": half for float32 accumulation (converted exactly, half the bytes)
         self.ones_dtype = torch.float16 if dtype == torch.float32 else dtype
         self._ones: Optional[torch.Tensor] = None
+        self._ones_device: Optional[torch.device] = None
 
     def importance(self, importance: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The confidence blend's importance: the prediction's under ``"weight"``, none under ``"count"``."""
@@ -92,10 +93,12 @@ class ConfidenceTerms:
 
     def ones(self, n: int, window_shape: Sequence[int], device) -> torch.Tensor:
         """``[n, 1, *window_shape]`` ones (one cached buffer, grown as needed; never written)."""
-        shape = (1, *window_shape)
+        shape, device = (1, *window_shape), torch.device(device)
         o = self._ones
-        if o is None or o.shape[0] < n or tuple(o.shape[1:]) != shape or o.device != torch.device(device):
+        # (keyed by the device as asked, so that "cuda" and the tensor's "cuda:0" do not remake it every batch)
+        if o is None or o.shape[0] < n or tuple(o.shape[1:]) != shape or device != self._ones_device:
             self._ones = o = torch.ones((max(n, 1), *shape), dtype=self.ones_dtype, device=device)
+            self._ones_device = device
         return o[:n]
 
     def __call__(self, weights: Optional[torch.Tensor], n: int, window_shape: Sequence[int], device,
@@ -110,10 +113,8 @@ class ConfidenceTerms:
             return self.ones(n, window_shape, device), weights
         nd = len(window_shape)
         w, _ = prepare_weights_and_max(weights, n, window_shape, self.dtype, torch.device(device), check_values)
-        # canonical [n, Gd, Gh, Gw] (2D: Gd = 1) → per voxel [n, *P]
-        cells = w if nd == 3 else w[:, 0]
-        if all(g == 1 for g in cells.shape[1:]):
-            a = cells.reshape(n, 1, *([1] * nd)).expand(n, 1, *window_shape)
-        else:
-            a = expand_grid_weights(cells, window_shape).unsqueeze(1)
+        if weights.dim() == 1:  # one weight per window → [n, 1, *P]
+            a = w.reshape(n, 1, *([1] * nd)).expand(n, 1, *window_shape)
+        else:  # one per grid cell [n, *G] → per voxel
+            a = expand_grid_weights(w.reshape(weights.shape), window_shape).unsqueeze(1)
         return a.contiguous(), None
