@@ -374,6 +374,29 @@ def test_blenders_confidence_exact(case):
         assert_exact_or_close(got.confidence, expected, lattice is not None, f"SlabBlender lattice={lattice}")
 
 
+def test_slab_confidence_stays_one_window_deep():
+    # windows one row at a time along axis 0 with argmax: the confidence slab is one channel, one window deep
+    out_shape, win = (40, 12, 10), (8, 12, 10)
+    starts = torch.arange(0, 33, 4)
+    coords = torch.stack([starts, torch.zeros_like(starts), torch.zeros_like(starts)], 1)
+    patches = torch.rand(len(starts), 4, *win, generator=torch.Generator().manual_seed(0))
+    scores = torch.rand(len(starts), 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    for normalize, weigh in (("count", True), ("weight", False)):  # ("weight" with weights: not on a lattice)
+        imp = importance_map(win, "gaussian")
+        full = Blender(out_shape, 4, normalize=normalize, importance=imp, confidence=True, weigh_prediction=weigh)
+        slab = SlabBlender(out_shape, 4, normalize=normalize, importance=imp, reduce="argmax", confidence=True,
+                           weigh_prediction=weigh, window_lattice=[starts.tolist(), [0], [0]])
+        for i in range(len(starts)):
+            full.add(patches[i:i + 1], coords[i:i + 1], scores[i:i + 1])
+            slab.add(patches[i:i + 1], coords[i:i + 1], scores[i:i + 1])
+            slab.finalize_until(int(coords[i + 1, 0]) if i + 1 < len(starts) else 40)
+        labels, conf = slab.finish_with_confidence()
+        expected = full.finalize_with_confidence()
+        assert torch.equal(labels, expected.prediction.argmax(0, keepdim=True))
+        assert torch.equal(conf, expected.confidence) and conf.dtype == torch.float32
+        assert slab._confidence.peak_buffer_bytes == 1 * 8 * 12 * 10 * 4  # one channel, one window deep
+
+
 def test_blender_option_off_is_unchanged_and_errors():
     b = Blender((8, 8), 1, normalize="count")
     assert b._confidence is None and b.weigh_prediction
