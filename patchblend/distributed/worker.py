@@ -250,14 +250,13 @@ def _run_block(call, block, region, predictor, roi_weight_map):
     blender = None
     terms = conf = None
     if call.confidence:
-        terms = ConfidenceTerms(call.normalize, acc)
-        conf_imp = terms.importance(imp)
+        terms = ConfidenceTerms(call.normalize, acc, imp)
         if call.strict:
             shifted = tuple(tuple(s - lo for s in axis) for axis, lo in zip(block.starts, block.lo))
-            conf = LatticeBlender(block.shape, 1, WindowGrid(block.shape, roi, shifted), roi, normalize=call.normalize,
-                                  importance=conf_imp, device=call.device, dtype=acc)
+            conf = LatticeBlender(block.shape, 1, WindowGrid(block.shape, roi, shifted), roi, normalize=terms.normalize,
+                                  importance=terms.importance, device=call.device, dtype=acc)
         else:
-            conf = Blender(block.shape, 1, normalize=call.normalize, importance=conf_imp, window_shape=roi,
+            conf = Blender(block.shape, 1, normalize=terms.normalize, importance=terms.importance, window_shape=roi,
                            device=call.device, dtype=acc)
     channels = call.out_channels
     seg_dtype = None

@@ -187,14 +187,14 @@ class _BlendCore:
     weigh_prediction: bool = True
 
     def _setup_confidence(self, confidence: bool, weigh_prediction: bool, make) -> None:
-        """``confidence=True``: ``make(importance)`` builds the companion blender, one channel, that receives the
-        confidence terms of every batch (:class:`~.confidence.ConfidenceTerms`) with the confidence's importance
-        (this blender's under ``"weight"``, none under ``"count"``)."""
+        """``confidence=True``: ``make(normalize, importance)`` builds the companion blender, one channel, that
+        receives the confidence terms of every batch, with the confidence blend's normalisation and importance
+        (:class:`~.confidence.ConfidenceTerms`)."""
         check_confidence_options(confidence, weigh_prediction, self.normalize)
         self.weigh_prediction = weigh_prediction
         if confidence:
-            self._terms = ConfidenceTerms(self.normalize, self.dtype)
-            self._confidence = make(self._terms.importance(self._importance_raw))
+            self._terms = ConfidenceTerms(self.normalize, self.dtype, self._importance_raw)
+            self._confidence = make(self._terms.normalize, self._terms.importance)
 
     def _confidence_terms(self, weights, n: int):
         """The companion's ``(patches, weights)`` for a batch of ``n`` windows with ``weights``."""
@@ -366,8 +366,8 @@ class Blender(_BlendCore):
         weigh_prediction: bool = True,
     ):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
-        self._setup_confidence(confidence, weigh_prediction, lambda imp: Blender(
-            out_shape, 1, normalize=normalize, importance=imp, window_shape=self.window_shape, device=self.device,
+        self._setup_confidence(confidence, weigh_prediction, lambda norm, imp: Blender(
+            out_shape, 1, normalize=norm, importance=imp, window_shape=self.window_shape, device=self.device,
             dtype=dtype, denominator=denominator))
         self.num = self._output_buffer(out, zeros_output)
         self._fixed_den = denominator is not None
@@ -498,8 +498,8 @@ class LatticeBlender(_BlendCore):
         weigh_prediction: bool = True,
     ):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
-        self._setup_confidence(confidence, weigh_prediction, lambda imp: LatticeBlender(
-            out_shape, 1, coords, window_shape, normalize=normalize, importance=imp, device=self.device, dtype=dtype))
+        self._setup_confidence(confidence, weigh_prediction, lambda norm, imp: LatticeBlender(
+            out_shape, 1, coords, window_shape, normalize=norm, importance=imp, device=self.device, dtype=dtype))
         not_lattice = ("coords must be the windows of a lattice (every combination of per-axis starts, each once) "
                        "in raster order, as WindowGrid.coords() gives them")
         if isinstance(coords, WindowGrid):  # a lattice by construction: nothing to check per window
@@ -664,8 +664,8 @@ class SlabBlender(_BlendCore):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
         if not isinstance(axis, int) or not (-self.nd <= axis < self.nd):
             raise ValueError(f"axis must be an int in [{-self.nd}, {self.nd}), got {axis!r}")
-        self._setup_confidence(confidence, weigh_prediction, lambda imp: SlabBlender(
-            out_shape, 1, axis=axis, normalize=normalize, importance=imp, window_shape=self.window_shape,
+        self._setup_confidence(confidence, weigh_prediction, lambda norm, imp: SlabBlender(
+            out_shape, 1, axis=axis, normalize=norm, importance=imp, window_shape=self.window_shape,
             device=self.device, dtype=dtype, out_dtype=out_dtype or dtype, out_device=out_device,
             window_coords=window_coords, window_lattice=window_lattice))
         self.axis = axis % self.nd

@@ -70,26 +70,31 @@ def check_confidence_options(confidence, weigh_prediction, normalize: Optional[s
 
 class ConfidenceTerms:
     """What a batch of window weights adds to the confidence blend (see the module docstring), in the accumulation
-    ``dtype``.
+    ``dtype``: the blend's input per batch (``terms(weights, n, window_shape, device)``) and its settings,
+    :attr:`normalize` and :attr:`importance`, for the one-channel accumulator that receives it.
 
     Args:
         normalize: ``"count"`` or ``"weight"``, the prediction's.
         dtype: the accumulation dtype (float32 or float64).
+        importance: the prediction's window importance ``[*P]`` or None (constant).
+
+    Without an importance map ``"weight"``'s ``Σ α·1 / Σ 1`` is ``"count"``'s ``Σ α / N`` (bitwise: the same terms in
+    the same order, an integer denominator), so it is blended as ``"count"`` (:attr:`normalize`), which needs no
+    weights spread over the windows.
     """
 
-    def __init__(self, normalize: str, dtype: torch.dtype):
+    def __init__(self, normalize: str, dtype: torch.dtype, importance: Optional[torch.Tensor] = None):
         if normalize not in CONFIDENCE_NORMALIZE:
             raise ValueError(f"the confidence map needs normalize in {CONFIDENCE_NORMALIZE}, got {normalize!r}")
-        self.normalize = normalize
+        #: the confidence blend's normalisation: "weight" only with an importance map
+        self.normalize = "weight" if normalize == "weight" and importance is not None else "count"
+        #: the confidence blend's importance: the prediction's under "weight", none under "count"
+        self.importance = importance if self.normalize == "weight" else None
         self.dtype = dtype
         # ones read by the kernels under "count": half for float32 accumulation (converted exactly, half the bytes)
         self.ones_dtype = torch.float16 if dtype == torch.float32 else dtype
         self._ones: Optional[torch.Tensor] = None
         self._ones_device: Optional[torch.device] = None
-
-    def importance(self, importance: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The confidence blend's importance: the prediction's under ``"weight"``, none under ``"count"``."""
-        return importance if self.normalize == "weight" else None
 
     def ones(self, n: int, window_shape: Sequence[int], device) -> torch.Tensor:
         """``[n, 1, *window_shape]`` ones (one cached buffer, grown as needed; never written)."""
@@ -113,8 +118,12 @@ class ConfidenceTerms:
             return self.ones(n, window_shape, device), weights
         nd = len(window_shape)
         w, _ = prepare_weights_and_max(weights, n, window_shape, self.dtype, torch.device(device), check_values)
-        if weights.dim() == 1:  # one weight per window → [n, 1, *P]
-            a = w.reshape(n, 1, *([1] * nd)).expand(n, 1, *window_shape)
-        else:  # one per grid cell [n, *G] → per voxel
-            a = expand_grid_weights(w.reshape(weights.shape), window_shape).unsqueeze(1)
+        cells = w.reshape(n, *([1] * nd)) if weights.dim() == 1 else w.reshape(weights.shape)
+        grid = cells.shape[1:]
+        if all(p % g == 0 for p, g in zip(window_shape, grid)):
+            # equal cells (voxel k of an axis lies in cell k * g // P = k // (P / g)): one broadcast copy
+            blocks = [d for g, p in zip(grid, window_shape) for d in (g, p // g)]
+            a = cells.reshape(n, *[d for g in grid for d in (g, 1)]).expand(n, *blocks).reshape(n, 1, *window_shape)
+        else:  # unequal cells: the reference's expansion
+            a = expand_grid_weights(cells, window_shape).unsqueeze(1)
         return a.contiguous(), None

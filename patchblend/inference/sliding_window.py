@@ -431,7 +431,7 @@ class _Outputs:
         self.fn_importance = None  # the map process_fn gets, made once
         self.accumulators = None
         self.confidence = None  # the confidence map's accumulator (confidence=True), at the first output's geometry
-        self.terms = ConfidenceTerms(c.normalize, c.acc) if c.confidence else None
+        self.terms = None  # the confidence blend's input (ConfidenceTerms), made with the first output's importance
         self.structure = None  # (number of outputs, keys, single) of the first batch
         self.grad = False
 
@@ -482,12 +482,13 @@ class _Outputs:
             self.accumulators.append(make_accumulator(
                 geometry, seg.shape[1], imp, settings, seg.dtype, grad=self.grad,
                 weights_in_den=weights_in_den or self.process_fn is not None, nd=c.nd))
-            if k == 0 and self.terms is not None:
+            if k == 0 and c.confidence:
                 # the confidence map: one float channel at the first output's geometry, its weights never in the
                 # denominator (ConfidenceTerms), floats also when the prediction is reduced
+                self.terms = ConfidenceTerms(c.normalize, c.acc, imp)
                 self.confidence = make_accumulator(
-                    geometry, 1, self.terms.importance(imp), settings._replace(reduce=None), seg.dtype,
-                    grad=self.grad, weights_in_den=False, nd=c.nd)
+                    geometry, 1, self.terms.importance, settings._replace(reduce=None, normalize=self.terms.normalize),
+                    seg.dtype, grad=self.grad, weights_in_den=False, nd=c.nd)
         self.shapes = [s.shape[1:] for s in pred.segs]
 
     def add(self, segments, pred: Prediction) -> None:
