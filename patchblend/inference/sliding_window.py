@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
 from .._validate import _check_finite_nonnegative, resolve_device
-from ._accumulators import BlendSettings, make_accumulator, output_geometry
+from ._accumulators import BlendSettings, CoverageConfidence, make_accumulator, output_geometry
 from ._predictions import WEIGHTINGS, Prediction, ScoreChecks, apply_process_fn, pack_outputs, parse_output
 from .blender import check_label_dtype
 from .confidence import ConfidenceTerms, PredictionWithConfidence
@@ -486,9 +486,12 @@ class _Outputs:
                 # the confidence map: one float channel at the first output's geometry, its weights never in the
                 # denominator (ConfidenceTerms), floats also when the prediction is reduced
                 self.terms = ConfidenceTerms(c.normalize, c.acc, imp)
-                self.confidence = make_accumulator(
-                    geometry, 1, self.terms.importance, settings._replace(reduce=None, normalize=self.terms.normalize),
-                    seg.dtype, grad=self.grad, weights_in_den=False, nd=c.nd)
+                conf_settings = settings._replace(reduce=None, normalize=self.terms.normalize)
+                if c.nd in (2, 3) and not self.grad and not slab:  # the weights alone, blended at the end
+                    self.confidence = CoverageConfidence(geometry, self.terms.importance, conf_settings, seg.dtype)
+                else:  # ones (or the weights spread) blended batch by batch, as the prediction
+                    self.confidence = make_accumulator(geometry, 1, self.terms.importance, conf_settings, seg.dtype,
+                                                       grad=self.grad, weights_in_den=False, nd=c.nd)
         self.shapes = [s.shape[1:] for s in pred.segs]
 
     def add(self, segments, pred: Prediction) -> None:
@@ -522,7 +525,11 @@ class _Outputs:
             if not grad and wc is not None:
                 wc = wc.detach()
             seg0 = pred.segs[0]
-            self.confidence.add(*self.terms(wc, seg0.shape[0], seg0.shape[2:], device, check_values=False), segments)
+            if isinstance(self.confidence, CoverageConfidence):
+                self.confidence.add(None, wc, segments)
+            else:
+                self.confidence.add(*self.terms(wc, seg0.shape[0], seg0.shape[2:], device, check_values=False),
+                                    segments)
             if not c.weigh_prediction:
                 w = None
         for k, (seg, acc) in enumerate(zip(pred.segs, self.accumulators)):
