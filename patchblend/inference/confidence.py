@@ -12,12 +12,14 @@ voxels) blended without weights, with the importance only under ``"weight"``::
 
     C = calibrated_blend(A, None, coords, normalize=normalize, importance=importance if "weight" else None)
 
-:class:`ConfidenceTerms` turns a batch's weights into that blend's input, once, for every accumulator (the
-blenders' ``confidence=True`` and the sliding-window drivers): under ``"count"`` it passes patches of ones with
-the weights as the blend's weights (``α · 1 = 1 · α`` exactly: the same terms, and nothing the size of the windows
-is made per batch); under ``"weight"`` it spreads the weights over the voxels (the weight sum must not include
-them). So the confidence goes through the same kernels and the same accumulators as the prediction, bitwise the
-blend above where the prediction is bitwise ``calibrated_blend``.
+:class:`ConfidenceTerms` states that blend's settings (its normalisation and importance) once, and turns a batch's
+weights into its input for the accumulators that blend it batch by batch (the blenders' ``confidence=True``, the
+Dask blocks, the driver's slab and autograd paths): under ``"count"`` patches of ones with the weights as the
+blend's weights (``α · 1 = 1 · α`` exactly: the same terms, and nothing the size of the windows is made per batch);
+under ``"weight"`` the weights spread over the voxels (the weight sum must not include them). The driver's usual
+path keeps only the weights and makes the same sums at the end with the ``coverage`` op
+(:class:`~patchblend.inference._accumulators.CoverageConfidence`). Either way, bitwise the blend above where the
+prediction is bitwise ``calibrated_blend``.
 """
 from __future__ import annotations
 

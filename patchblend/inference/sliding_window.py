@@ -652,10 +652,12 @@ def sliding_window_inference(
             ``"weight"``; not with ``process_fn``): with ``α_i(x)`` the weight ``weighting`` gives window ``i`` at
             voxel ``x`` and ``N(x)`` the windows covering it, ``C = Σ α_i / N`` under ``"count"`` (Eq. 2 applied to
             the weights alone) and ``Σ α_i imp_i / Σ imp_i`` under ``"weight"`` (``imp`` the importance of
-            ``mode``; the same ``Σ α / N`` for ``mode="constant"``); 0 where no window covers. Blended in the same
-            pass as the prediction by the same kernels (no second predictor run, no window read twice), on the
-            first output's geometry (a tuple's first item, a dict's first key in sorted order), in slab mode slab by
-            slab. The result is then a :class:`~patchblend.PredictionWithConfidence` ``(prediction, confidence)``.
+            ``mode``; the same ``Σ α / N`` for ``mode="constant"``); 0 where no window covers. From the same pass
+            (no second predictor run, no window read twice): the windows' weights are kept (a few numbers each) and
+            the compiled ``coverage`` op blends them at the end; in slab mode (slab by slab) and with autograd they
+            are blended batch by batch beside the prediction. On the first output's geometry (a tuple's first item,
+            a dict's first key in sorted order). The result is then a :class:`~patchblend.PredictionWithConfidence`
+            ``(prediction, confidence)``.
         weigh_prediction: with ``confidence=True`` only. ``False``: the scores go only into the confidence map
             and the prediction is the unweighted blend, what ``weighting=None`` gives with the same ``mode`` (and
             ``normalize``, whose default is then ``"weight"`` as for ``weighting=None``): the average prediction
