@@ -197,28 +197,44 @@ def worker(cfg: dict) -> dict:
 # ---- another tree of patchblend, side by side (--baseline) -----------------------------------------------
 
 _TREE_WORKER = r"""
-import json, statistics, sys, time, torch
+import inspect, json, statistics, sys, time, torch
 import patchblend
 from patchblend.inference import sliding_window_inference as sw
 assert patchblend.__file__.startswith(sys.argv[1]), (patchblend.__file__, sys.argv[1])
 cases, repeats = json.loads(sys.argv[2]), int(sys.argv[3])
+has_confidence = "confidence" in inspect.signature(sw).parameters
 out = {}
 threads = int(sys.argv[4]) or torch.get_num_threads()
+
+
+def scored(w):  # the identity with constant CIB scores (timing does not depend on their values)
+    n = w.shape[0]
+    return patchblend.CalibratedOutput(w, torch.full((n,), 0.7), torch.full((n, 2, 2, 2), 0.6))
+
+
 with torch.no_grad():
-    for name, (shape, roi, bs, mode, scale) in cases.items():
+    for name, (shape, roi, bs, mode, scale, weighting, confidence) in cases.items():
         # the OVH cases time host work only: one thread, so that OpenMP workers spinning while the shared machine
         # deschedules them do not count as the driver's CPU time
         torch.set_num_threads(1 if name.startswith("OVH") else threads)
         x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-        sw(x, roi, bs, lambda w: w, 0.5, mode)  # warm-up (window plan, importance map, allocator)
+        # confidence: "on" (weighted prediction and C), "avg" (the unweighted prediction and C); a tree without the
+        # option runs the same call without it ("avg": the plain average, weighting=None)
+        kw, pred = {}, (scored if weighting else (lambda w: w))
+        if weighting and not (confidence == "avg" and not has_confidence):
+            kw["weighting"] = weighting
+        if confidence and has_confidence:
+            kw.update(confidence=True, weigh_prediction=confidence != "avg")
+        sw(x, roi, bs, pred, 0.5, mode, **kw)  # warm-up (window plan, importance map, allocator)
         wall, cpu = [], []
         for _ in range(repeats):  # blocks of `scale` calls (the CPU clock may tick coarsely): time per call
             t0, c0 = time.perf_counter(), time.thread_time()
             for _ in range(scale):
-                sw(x, roi, bs, lambda w: w, 0.5, mode)
+                sw(x, roi, bs, pred, 0.5, mode, **kw)
             cpu.append((time.thread_time() - c0) / scale)
             wall.append((time.perf_counter() - t0) / scale)
-        out[name] = dict(wall_ms=statistics.median(wall) * 1e3, cpu_ms=statistics.median(cpu) * 1e3)
+        out[name] = dict(wall_ms=statistics.median(wall) * 1e3, cpu_ms=statistics.median(cpu) * 1e3,
+                         confidence=bool(kw.get("confidence")))
 print(json.dumps(out))
 """
 
@@ -228,15 +244,24 @@ def compare_trees(args) -> None:
     with the compiled ``_C`` library copied in), identity predictor: rounds alternate one fresh process per tree
     (the order flips every round), each timing S (constant, gaussian) and the OVH cases; medians per round, then
     the median and range over rounds, and new/old ratios. ``cpu ms`` is the calling thread's CPU time (the
-    driver's host cost; less sensitive to other processes' load than the wall time); the OVH cases run on one thread."""
+    driver's host cost; less sensitive to other processes' load than the wall time); the OVH cases run on one thread.
+
+    Calibrated cases (constant scores): ``S-grid`` (``weighting="grid"``), ``S-grid-conf`` (the same with
+    ``confidence=True``) and ``S-avg-conf`` (``confidence=True, weigh_prediction=False``: the average and the
+    confidence map); a tree without ``confidence`` runs them without it (``S-avg-conf``: the plain average), so their
+    ratio is the cost of the confidence map; this tree's ``S-grid-conf`` / ``S-grid`` is printed too."""
     names = args.cases or ["S", "S-gaussian", "OVH4", "OVH1"]
-    table = {"S": ("S", "constant", 1), "S-gaussian": ("S", "gaussian", 1), "CT": ("CT", "constant", 1),
-             "OVH4": ("OVH4", "constant", 50), "OVH1": ("OVH1", "constant", 50)}
+    table = {"S": ("S", "constant", 1, None, None), "S-gaussian": ("S", "gaussian", 1, None, None),
+             "CT": ("CT", "constant", 1, None, None), "OVH4": ("OVH4", "constant", 50, None, None),
+             "OVH1": ("OVH1", "constant", 50, None, None), "S-grid": ("S", "constant", 1, "grid", None),
+             "S-grid-conf": ("S", "constant", 1, "grid", "on"), "S-avg-conf": ("S", "constant", 1, "grid", "avg"),
+             "OVH4-grid": ("OVH4", "constant", 50, "grid", None),
+             "OVH4-grid-conf": ("OVH4", "constant", 50, "grid", "on")}
     unknown = sorted(set(names) - set(table))
     if unknown:
         sys.exit(f"unknown --cases {unknown} for --baseline; choose from {sorted(table)}")
-    cases = {n: (CASES[table[n][0]]["shape"], CASES[table[n][0]]["roi"], CASES[table[n][0]]["bs"], table[n][1],
-                 table[n][2]) for n in names}
+    cases = {n: (CASES[table[n][0]]["shape"], CASES[table[n][0]]["roi"], CASES[table[n][0]]["bs"], *table[n][1:])
+             for n in names}
     trees = {"baseline": str(Path(args.baseline).resolve()), "this": str(ROOT)}
     results = {t: [] for t in trees}
     for r in range(args.rounds):
@@ -250,14 +275,21 @@ def compare_trees(args) -> None:
                 sys.exit(f"{tree} ({path}) failed:\n{proc.stderr[-2000:]}")
             results[tree].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"  round {r + 1}/{args.rounds} done", flush=True)
-    print(f"{'case':11} {'what':7} {'baseline median (range)':>26} {'this median (range)':>26} {'this/baseline':>13}")
+    print(f"{'case':14} {'what':7} {'baseline median (range)':>26} {'this median (range)':>26} {'this/baseline':>13}")
     for name in names:
         for what in ("cpu_ms", "wall_ms"):
             b = [d[name][what] for d in results["baseline"]]
             t = [d[name][what] for d in results["this"]]
             mb, mt = statistics.median(b), statistics.median(t)
-            print(f"{name:11} {what:7} {mb:10.3f} ({min(b):.3f}-{max(b):.3f}) {mt:10.3f} ({min(t):.3f}-{max(t):.3f})"
-                  f" {mt / mb:13.3f}")
+            flags = "".join(" [" + tree + ": confidence]" for tree in trees if results[tree][0][name]["confidence"])
+            print(f"{name:14} {what:7} {mb:10.3f} ({min(b):.3f}-{max(b):.3f}) {mt:10.3f} ({min(t):.3f}-{max(t):.3f})"
+                  f" {mt / mb:13.3f}{flags}")
+    for on, off in (("S-grid-conf", "S-grid"), ("OVH4-grid-conf", "OVH4-grid")):
+        if on in names and off in names:
+            for what in ("cpu_ms", "wall_ms"):
+                ratios = [d[on][what] / d[off][what] for d in results["this"]]
+                print(f"this tree, {on} / {off} ({what}, same process, median (range) over rounds): "
+                      f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
 
 
 # ---- driver side -----------------------------------------------------------------------------------------
@@ -317,7 +349,8 @@ def main() -> None:
     ap.add_argument("--case-timeout", type=float, default=3600, help="seconds per worker process; a case that "
                     "overruns is reported as failed and the run goes on")
     ap.add_argument("--cases", nargs="*", default=None,
-                    help=f"run only these cases (of {sorted(CASES)}; with --baseline: S, S-gaussian, CT, OVH4, OVH1)")
+                    help=f"run only these cases (of {sorted(CASES)}; with --baseline: S, S-gaussian, CT, OVH4, OVH1, "
+                         "S-grid, S-grid-conf, S-avg-conf, OVH4-grid, OVH4-grid-conf)")
     ap.add_argument("--baseline", default=None, help="another patchblend tree (a directory holding patchblend/) to "
                     "time against this one, side by side (see compare_trees); only the identity-predictor timings")
     ap.add_argument("--rounds", type=int, default=4, help="with --baseline: alternated rounds")

@@ -3,7 +3,8 @@
 - :func:`calibrated_blend`: weighted overlap-add with per-patch or per-grid-cell weights (C++/CUDA kernels);
   :func:`extract_patches` (its adjoint); :func:`backend_info`; :func:`empty_cache`.
 - Sliding-window inference: :func:`sliding_window_inference` (a drop-in for MONAI's, with calibrated
-  weighting and a slab mode), :class:`Blender`, :class:`SlabBlender`; the rest in :mod:`patchblend.inference`.
+  weighting, a slab mode and a blended confidence map, :class:`PredictionWithConfidence`), :class:`Blender`,
+  :class:`SlabBlender`; the rest in :mod:`patchblend.inference`.
 - CIB heads, Dice targets and losses: :class:`PatchHead`, :class:`GridHead`, :func:`dice_targets`,
   :func:`calibration_loss`, :func:`soft_dice_loss`, :func:`tversky_loss`.
 - Bolt-on wrapper for any backbone: :class:`CalibratedModel`, :func:`candidate_feature_modules`.
@@ -17,7 +18,7 @@ from ._backend import backend_info
 from .calibration import CalibrationData, calibrate_heads, collect_calibration_data, fit_heads
 from .head_metrics import expected_calibration_error, failure_auroc, head_quality, plot_reliability, reliability_table
 from .heads import AwareGridHead, AwarePatchHead, GridHead, PatchHead, prediction_statistics
-from .inference import Blender, SlabBlender, sliding_window_inference
+from .inference import Blender, PredictionWithConfidence, SlabBlender, sliding_window_inference
 from .losses import calibration_loss, soft_dice_loss, tversky_loss
 from .ops import calibrated_blend, empty_cache, extract_patches
 from .targets import dice_targets
@@ -31,6 +32,7 @@ __all__ = [
     "backend_info",
     "empty_cache",
     "sliding_window_inference",
+    "PredictionWithConfidence",
     "Blender",
     "SlabBlender",
     "PatchHead",

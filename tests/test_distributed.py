@@ -140,6 +140,67 @@ def test_blocks_equal_the_driver_bitwise(data):
         assert_bitwise(got, ref)
 
 
+@settings(max_examples=15)
+@given(data=st.data())
+def test_confidence_blocks_equal_the_driver_bitwise(data):
+    # confidence=True: a PredictionWithConfidence of two lazy arrays, each equal to the driver's as the prediction is
+    nd = data.draw(st.sampled_from([3, 3, 2]))
+    shape = tuple(data.draw(st.integers(3, 20)) for _ in range(nd))
+    roi = tuple(data.draw(st.integers(2, 9)) for _ in range(nd))
+    overlap = data.draw(st.sampled_from([0.0, 0.25, 0.5, 0.75]))
+    mode = data.draw(st.sampled_from(["constant", "gaussian"]))
+    weighting = data.draw(st.sampled_from(["patch", "grid", "patch*grid"]))
+    normalize = data.draw(st.sampled_from([None, "count", "weight"]))
+    weigh_prediction = data.draw(st.booleans())
+    placement = data.draw(st.sampled_from(["monai", "nnunet"]))
+    reduce = data.draw(st.sampled_from([None, None, "argmax"]))
+    bs = data.draw(st.sampled_from([1, 1, 3]))
+    chunks = tuple(data.draw(st.integers(2, 12)) for _ in range(nd))
+    assume(math.prod(-(-s // c) for s, c in zip(shape, chunks)) <= 48)
+    image = volume((1, *shape), data.draw(st.integers(0, 3)))
+    kw = dict(overlap=overlap, mode=mode, weighting=weighting, normalize=normalize, placement=placement,
+              reduce=reduce, confidence=True, weigh_prediction=weigh_prediction)
+    with torch.no_grad():
+        ref = patchblend.sliding_window_inference(torch.from_numpy(image)[None], roi, bs, helpers.Calibrated(), **kw)
+    got = sliding_window_inference(da.from_array(image, chunks=(1, *[5] * nd)), roi, bs, helpers.Calibrated(),
+                                   chunks=chunks, **kw)
+    assert isinstance(got, patchblend.PredictionWithConfidence)
+    assert got.confidence.shape == (1, *shape) and got.confidence.chunks[1:] == got.prediction.chunks[1:]
+    prediction, confidence = dask.compute(*got, scheduler="sync")  # together: each block task runs once
+    assert_bitwise(confidence, ref.confidence[0].numpy(), "confidence")
+    general = (normalize or ("count" if weigh_prediction else "weight")) == "weight" and weigh_prediction
+    general = general or not block_plan(shape, roi, overlap, regular_chunks(shape, chunks), placement).grid.is_strict
+    if bs > 1 and general:  # the prediction's known case (see test_blocks_equal_the_driver_bitwise)
+        np.testing.assert_allclose(prediction, ref.prediction[0].numpy(), rtol=1e-5, atol=1e-5)
+    else:
+        assert_bitwise(prediction, ref.prediction[0].numpy(), "prediction")
+
+
+def test_confidence_errors_and_integer_input():
+    image = volume((1, 12, 11, 10), 1)
+    x = da.from_array(image, chunks=(1, 6, 6, 6))
+    with pytest.raises(ValueError, match="confidence=True needs weighting"):
+        sliding_window_inference(x, 5, 2, helpers.Calibrated(), confidence=True)
+    with pytest.raises(ValueError, match="weigh_prediction=False needs confidence=True"):
+        sliding_window_inference(x, 5, 2, helpers.Calibrated(), weighting="grid", weigh_prediction=False)
+    with pytest.raises(ValueError, match="confidence=True needs normalize"):
+        sliding_window_inference(x, 5, 2, helpers.Calibrated(), weighting="grid", normalize="none", confidence=True)
+    u8 = (image * 40 + 100).astype(np.uint8)
+
+    def scored_float(w):
+        out = helpers.Calibrated()(w.float())
+        return patchblend.CalibratedOutput(out.seg, out.patch, out.grid)
+
+    got = sliding_window_inference(da.from_array(u8, chunks=(1, 6, 6, 6)), 5, 2, scored_float, overlap=0.5,
+                                   weighting="grid", confidence=True, reduce="argmax", chunks=(4, 11, 5))
+    assert got.prediction.dtype == np.int64 and got.confidence.dtype == np.float32
+    with torch.no_grad():
+        ref = patchblend.sliding_window_inference(torch.from_numpy(u8)[None], 5, 2, scored_float, overlap=0.5,
+                                                  weighting="grid", confidence=True, reduce="argmax")
+    for g, r, what in zip(dask.compute(*got, scheduler="sync"), ref, ("labels", "confidence")):
+        assert_bitwise(g, r[0].numpy(), what)
+
+
 def test_integer_input_predictor_keywords_coords_and_a_weight_map_equal_the_driver():
     image = (volume((1, 19, 23, 17), 4) * 40 + 100).astype(np.uint8)
     x = da.from_array(image, chunks=(1, 8, 8, 8))
@@ -233,6 +294,18 @@ def test_zarr_input_and_model_shipped_once_per_worker(client, tmp_path):
     for note in notes:
         seen = client.run(helpers.process_notes, note)
         assert all(len(v) <= 1 for v in seen.values()) and any(seen.values()), (note, seen)
+
+
+def test_cluster_confidence_equals_driver_bitwise(client):
+    image = volume((1, 21, 18, 16), 5)
+    kw = dict(overlap=0.5, mode="gaussian", weighting="grid", confidence=True, weigh_prediction=False)
+    got = sliding_window_inference(da.from_array(image, chunks=(1, 8, 8, 8)), 8, 2, helpers.Calibrated(),
+                                   chunks=(9, 10, 16), **kw)
+    with torch.no_grad():
+        ref = patchblend.sliding_window_inference(torch.from_numpy(image)[None], 8, 2, helpers.Calibrated(), **kw)
+    prediction, confidence = client.compute(list(got), sync=True)
+    assert_bitwise(prediction, ref.prediction[0].numpy(), "prediction")
+    assert_bitwise(confidence, ref.confidence[0].numpy(), "confidence")
 
 
 def test_worker_killed_mid_run_still_gives_the_whole_result(client, tmp_path):

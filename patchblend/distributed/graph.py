@@ -24,6 +24,7 @@ from dask.array.core import normalize_chunks
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import CalibratedOutput
+from ..inference.confidence import PredictionWithConfidence
 from ..inference.options import check_blend_options
 from .plan import BlockPlan, block_plan
 from .worker import BlockSpec, CallSpec, PredictorFactory, assemble_region, read_region, run_block
@@ -142,6 +143,8 @@ def sliding_window_inference(
     chunks=None,
     out_channels: Optional[int] = None,
     return_plan: bool = False,
+    confidence: bool = False,
+    weigh_prediction: bool = True,
     **kwargs: Any,
 ):
     """Sliding-window inference of one large image, block by block on Dask; lazy.
@@ -158,8 +161,9 @@ def sliding_window_inference(
             each task: the cheapest input).
         roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval: as in the in-memory driver; so are
             ``weighting``, ``normalize``, ``placement``, ``reduce``, ``threshold``, ``label_dtype``,
-            ``roi_weight_map``, ``with_coord`` and ``kwargs`` (``with_coord`` slices refer to the padded whole image,
-            batch index 0; ``kwargs`` are pickled with every task, so keep them small).
+            ``roi_weight_map``, ``with_coord``, ``confidence``, ``weigh_prediction`` and ``kwargs`` (``with_coord``
+            slices refer to the padded whole image, batch index 0; ``kwargs`` are pickled with every task, so keep
+            them small).
         predictor: a model / callable ``f(windows [n, C_in, *roi]) -> seg [n, C, *roi]`` or a
             :class:`~patchblend.CalibratedOutput`; shipped once to each worker. Or a
             :class:`~patchblend.distributed.PredictorFactory` to build it on each worker.
@@ -179,8 +183,11 @@ def sliding_window_inference(
     Returns:
         A lazy ``dask.array.Array`` ``[C, *S]`` chunked ``((C,), *chunks)`` in the input's dtype (the predictor's for
         non-float input); with ``reduce="argmax"`` labels ``[1, *S]`` of ``label_dtype``, with ``"threshold"`` a bool
-        mask ``[C, *S]``. With ``return_plan``: ``(array, plan)``. The plan is also logged (logger
-        ``patchblend.distributed``, level INFO).
+        mask ``[C, *S]``. With ``confidence=True``: a :class:`~patchblend.PredictionWithConfidence` of two lazy arrays,
+        the prediction above and the confidence map ``[1, *S]`` (the prediction's float dtype, same chunks), made by
+        the same block tasks (compute them together, e.g. ``dask.compute(*result)``, to run each block once); equal
+        to the in-memory driver's ``confidence[0]`` as the prediction is. With ``return_plan``: ``(result, plan)``.
+        The plan is also logged (logger ``patchblend.distributed``, level INFO).
     """
     # ---- arguments ---------------------------------------------------------------------------------------------
     if not (isinstance(image, da.Array) or _is_zarr_array(image)):
@@ -202,7 +209,8 @@ def sliding_window_inference(
     mode = getattr(mode, "value", mode)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    padding_mode, normalize = check_blend_options(padding_mode, weighting, normalize, placement, reduce)
+    padding_mode, normalize = check_blend_options(padding_mode, weighting, normalize, placement, reduce, confidence,
+                                                  weigh_prediction)
     if reduce == "argmax" and (not isinstance(label_dtype, torch.dtype) or label_dtype.is_floating_point
                                or label_dtype.is_complex or label_dtype == torch.bool):
         raise TypeError(f"label_dtype must be a torch integer dtype, got {label_dtype!r}")
@@ -238,7 +246,8 @@ def sliding_window_inference(
             raise ValueError("roi_weight_map must be finite and >= 0")
 
     seg_dtype = None
-    if (out_channels is None and reduce != "argmax") or (reduce is None and not in_dtype.is_floating_point):
+    if (out_channels is None and reduce != "argmax") or (
+            (reduce is None or confidence) and not in_dtype.is_floating_point):
         out_channels, seg_dtype = _probe(predictor, in_dtype, in_channels, roi, with_coord, kwargs)
     if reduce == "argmax":
         channels_out, np_dtype = 1, _numpy_dtype(label_dtype)
@@ -247,6 +256,7 @@ def sliding_window_inference(
     else:
         channels_out = out_channels
         np_dtype = _numpy_dtype(in_dtype if in_dtype.is_floating_point else seg_dtype)
+    float_np_dtype = _numpy_dtype(in_dtype if in_dtype.is_floating_point else seg_dtype) if confidence else None
 
     strict = all(b > a for axis in plan.starts for a, b in zip(axis, axis[1:]))
     token = uuid.uuid4().hex
@@ -254,7 +264,8 @@ def sliding_window_inference(
         token=token, in_channels=in_channels, roi=roi, pad_lo=plan.pad_lo, image_shape=spatial,
         sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=_hashable(sigma_scale), padding_mode=padding_mode,
         cval=float(cval), weighting=weighting, normalize=normalize,
-        lattice=strict and not (normalize == "weight" and weighting is not None),
+        lattice=strict and not (normalize == "weight" and weighting is not None and weigh_prediction), strict=strict,
+        confidence=confidence, weigh_prediction=weigh_prediction,
         reduce=reduce, threshold=float(threshold), label_dtype=label_dtype,
         out_dtype=in_dtype if in_dtype.is_floating_point else None, out_channels=out_channels, device=device,
         sw_device=sw_device, with_coord=bool(with_coord), kwargs=tuple(kwargs.items()),
@@ -277,11 +288,39 @@ def sliding_window_inference(
         for index in plan.block_indices():
             dsk[(name, 0, *index)] = (_zarr_block, call, _block_spec(plan, index), src_key, pred_key, rwm_key)
         deps = []
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
-    result = da.Array(graph, name, chunks=((channels_out,), *out_chunks), dtype=np_dtype,
-                      meta=np.empty((0,) * (nd + 1), dtype=np_dtype))
+    if not confidence:
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+        result = da.Array(graph, name, chunks=((channels_out,), *out_chunks), dtype=np_dtype,
+                          meta=np.empty((0,) * (nd + 1), dtype=np_dtype))
+    else:
+        result = _split_prediction_and_confidence(name, dsk, deps, plan, channels_out, out_chunks, np_dtype,
+                                                  float_np_dtype)
     logger.info("patchblend.distributed.sliding_window_inference: %s", plan.summary())
     return (result, plan) if return_plan else result
+
+
+def _split_prediction_and_confidence(name, dsk, deps, plan, channels_out, out_chunks, np_dtype, conf_dtype):
+    """With ``confidence``, each block task (key ``(name, 0, *index)`` in ``dsk``) returns ``(prediction block,
+    confidence block)``: two arrays, each a layer of ``getitem`` tasks on those, over one graph."""
+    nd = len(out_chunks)
+    blocks = f"{name}-blocks"
+    tasks = {(blocks, *key[1:]) if isinstance(key, tuple) and key[0] == name else key: task
+             for key, task in dsk.items()}
+    base = HighLevelGraph.from_collections(blocks, tasks, dependencies=deps)
+    conf_name = f"{name}-confidence"
+    parts = {name: {}, conf_name: {}}
+    for index in plan.block_indices():
+        parts[name][(name, 0, *index)] = (operator.getitem, (blocks, 0, *index), 0)
+        parts[conf_name][(conf_name, 0, *index)] = (operator.getitem, (blocks, 0, *index), 1)
+    layers, dependencies = dict(base.layers), dict(base.dependencies)
+    for layer, part in parts.items():
+        layers[layer], dependencies[layer] = part, {blocks}
+    graph = HighLevelGraph(layers, dependencies)
+    prediction = da.Array(graph, name, chunks=((channels_out,), *out_chunks), dtype=np_dtype,
+                          meta=np.empty((0,) * (nd + 1), dtype=np_dtype))
+    confidence = da.Array(graph, conf_name, chunks=((1,), *out_chunks), dtype=conf_dtype,
+                          meta=np.empty((0,) * (nd + 1), dtype=conf_dtype))
+    return PredictionWithConfidence(prediction, confidence)
 
 
 def _block_spec(plan: BlockPlan, index, piece_offsets=()) -> BlockSpec:

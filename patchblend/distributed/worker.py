@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .. import CalibratedOutput, extract_patches
 from ..inference import Blender, LatticeBlender, WindowGrid, importance_map
+from ..inference.confidence import ConfidenceTerms
 
 __all__ = ["PredictorFactory", "BlockSpec", "CallSpec", "run_block", "assemble_region", "read_region"]
 
@@ -70,6 +71,9 @@ class CallSpec:
     sw_device: str
     with_coord: bool
     kwargs: Tuple[Tuple[str, Any], ...]
+    strict: bool = True  # the windows form a strict lattice (no repeated starts)
+    confidence: bool = False  # also blend the confidence map (then run_block returns both)
+    weigh_prediction: bool = True  # the weights weight the prediction (False: only the confidence map)
 
 
 @dataclass(frozen=True)
@@ -207,10 +211,13 @@ def _importance(call: CallSpec, acc: torch.dtype, roi_weight_map: Optional[torch
 
 
 def run_block(call: CallSpec, block: BlockSpec, region: np.ndarray, predictor,
-              roi_weight_map: Optional[torch.Tensor] = None) -> np.ndarray:
-    """The output block ``[C_out, *block.shape]`` (labels ``[1, ...]`` with argmax) as a numpy array.
+              roi_weight_map: Optional[torch.Tensor] = None):
+    """The output block ``[C_out, *block.shape]`` (labels ``[1, ...]`` with argmax) as a numpy array; with
+    ``call.confidence`` a pair ``(that, confidence block [1, *block.shape])``.
 
-    ``region`` is the input ``[C_in, *block.region_shape]`` at ``block.region_lo``."""
+    ``region`` is the input ``[C_in, *block.region_shape]`` at ``block.region_lo``. The confidence map is blended
+    as the in-memory driver blends it: a :class:`~patchblend.inference.LatticeBlender` on a strict lattice (its
+    weights never enter the denominator), else a :class:`~patchblend.inference.Blender` fed one window at a time."""
     with torch.no_grad():
         return _run_block(call, block, region, predictor, roi_weight_map)
 
@@ -241,6 +248,16 @@ def _run_block(call, block, region, predictor, roi_weight_map):
     in_block = windows - torch.tensor(block.lo)  # in the output block
     kwargs = dict(call.kwargs)
     blender = None
+    terms = conf = None
+    if call.confidence:
+        terms = ConfidenceTerms(call.normalize, acc, imp)
+        if call.strict:
+            shifted = tuple(tuple(s - lo for s in axis) for axis, lo in zip(block.starts, block.lo))
+            conf = LatticeBlender(block.shape, 1, WindowGrid(block.shape, roi, shifted), roi, normalize=terms.normalize,
+                                  importance=terms.importance, device=call.device, dtype=acc)
+        else:
+            conf = Blender(block.shape, 1, normalize=terms.normalize, importance=terms.importance, window_shape=roi,
+                           device=call.device, dtype=acc)
     channels = call.out_channels
     seg_dtype = None
     for b0 in range(0, windows.shape[0], call.sw_batch_size):
@@ -275,6 +292,16 @@ def _run_block(call, block, region, predictor, roi_weight_map):
                 w = w.to(acc)
                 if not bool(torch.isfinite(w).all()):
                     raise ValueError(f"patch_scores * grid_scores (as {acc}) must be finite")
+        if conf is not None:
+            c_patches, c_weights = terms(w, b1 - b0, roi, call.device, check_values=False)
+            if call.strict:
+                conf.add(c_patches, c_weights)
+            else:
+                for k in range(b1 - b0):
+                    conf.add(c_patches[k:k + 1], in_block[b0 + k:b0 + k + 1], None if c_weights is None
+                             else c_weights[k:k + 1])
+            if not call.weigh_prediction:
+                w = None
         if call.lattice:
             blender.add(seg, w)
         else:
@@ -292,4 +319,6 @@ def _run_block(call, block, region, predictor, roi_weight_map):
         odt = call.out_dtype or seg_dtype
         if result.dtype != odt:
             result = result.to(odt)
+    if conf is not None:
+        return result.cpu().numpy(), conf.finalize(call.out_dtype or seg_dtype).cpu().numpy()
     return result.cpu().numpy()

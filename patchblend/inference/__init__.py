@@ -1,7 +1,8 @@
 """Sliding-window inference on patchblend's blend: the driver and its public building blocks.
 
 - :func:`sliding_window_inference`: drop-in for ``monai.inferers.sliding_window_inference`` with calibrated
-  weighting (``weighting=``), nnU-Net placement (``placement=``) and a bounded-memory slab mode (``slab_axis=``).
+  weighting (``weighting=``), nnU-Net placement (``placement=``), a bounded-memory slab mode (``slab_axis=``) and
+  the blended confidence map (``confidence=True`` → :class:`PredictionWithConfidence`).
 - Window placement: :func:`sliding_windows`, :func:`window_starts`, :class:`WindowGrid` (``style="monai"`` or
   ``"nnunet"``).
 - Importance maps: :func:`importance_map`, :func:`constant_importance`, :func:`monai_gaussian`,
@@ -11,12 +12,14 @@
   :func:`lattice_coverage`.
 """
 from .blender import Blender, LatticeBlender, SlabBlender, lattice_coverage, window_coverage
+from .confidence import PredictionWithConfidence
 from .importance import constant_importance, importance_map, monai_gaussian, nnunet_gaussian
 from .sliding_window import sliding_window_inference
 from .windows import WindowGrid, sliding_windows, window_starts
 
 __all__ = [
     "sliding_window_inference",
+    "PredictionWithConfidence",
     "Blender",
     "LatticeBlender",
     "SlabBlender",

@@ -9,7 +9,9 @@ Each output of the predictor (MONAI's tuple/list/dict outputs, each with its own
   starts, ``process_fn`` weight maps): a numerator and a denominator, divided at the end;
 - :class:`SlabAccumulator`: slab mode (``slab_axis``, or MONAI's ``buffer_steps``): only a slab of float buffer;
 - :class:`KeepAccumulator`: with autograd, every prediction kept and blended once, differentiably;
-- :class:`TorchAccumulator`: 1D and 4D+ inputs, which the 2D/3D kernels do not take: plain PyTorch slice-adds.
+- :class:`TorchAccumulator`: 1D and 4D+ inputs, which the 2D/3D kernels do not take: plain PyTorch slice-adds;
+- :class:`CoverageConfidence`: the confidence map (``confidence=True``) in 2D/3D without slabs or autograd: only the
+  windows' weights are kept, and the ``coverage`` op blends them once at the end.
 
 Every accumulator takes ``add(seg [n, C, *roi], weights, segments)`` per batch (``segments`` lists
 ``(image, first window, end window)``) and ``finish() -> [B, C, *S]``.
@@ -21,7 +23,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .._reference import expand_grid_weights
-from ..ops import calibrated_blend, empty_output, zeros_output
+from .._validate import prepare_weights
+from ..ops import calibrated_blend, coverage_on, empty_output, zeros_output
 from .blender import Blender, LatticeBlender, SlabBlender, _make_safe_, compact_label_dtype, check_label_dtype
 from .windows import WindowGrid
 
@@ -305,6 +308,43 @@ class TorchAccumulator(_Accumulator):
         if self.den is None:
             return self.num
         return self.num / _make_safe_(self.den.unsqueeze(1).clone(), s.normalize)
+
+
+class CoverageConfidence(_Accumulator):
+    """The confidence map ``[B, 1, *S]`` (2D/3D, no slab mode, no autograd) from the windows' weights alone: each
+    batch's weights ``[n]`` / ``[n, *G]`` are kept (a few numbers per window; ``add`` ignores ``seg``), and
+    :meth:`finish` makes, per image, ``Σ_i w_i(x)`` with the compiled ``coverage`` op (the weight sums of the blend,
+    in window order, without reading any patch) and divides by the windows' count (``"count"``) or importance sum
+    (``"weight"``, the weights times the importance over the importance alone). Those are the terms, in the order,
+    of the blend of the weights spread over the windows (:mod:`.confidence`): bitwise that blend, and cheaper than
+    blending a channel of ones batch by batch."""
+
+    def __init__(self, geometry: OutputGeometry, importance, settings: BlendSettings, seg_dtype):
+        super().__init__(geometry, 1, importance, settings, seg_dtype)
+        self.kept = {}
+
+    def add(self, seg, weights, segments) -> None:
+        k = 0
+        for b, w0, w1 in segments:
+            m = w1 - w0
+            self.kept.setdefault(b, []).append(weights[k:k + m])
+            k += m
+
+    def _values(self):
+        s, g = self.settings, self.geometry
+        nd = len(g.roi)
+        out = empty_output((s.batch, 1, *g.out_shape), s.acc, s.device)
+        coords = g.coords if nd == 3 else torch.nn.functional.pad(g.coords, (1, 0))
+        roi3, out3 = (1,) * (3 - nd) + tuple(g.roi), (1,) * (3 - nd) + tuple(g.out_shape)
+        imp = self.importance if self.importance is None or nd == 3 else self.importance.unsqueeze(0)
+        for b in range(s.batch):
+            parts = self.kept.pop(b)
+            w = torch.cat(parts) if len(parts) > 1 else parts[0]
+            w = prepare_weights(w.to(s.device), coords.shape[0], g.roi, s.acc, s.device, check_values=False)
+            num = coverage_on(w, coords, imp, roi3, out3, "weight", s.acc, s.device)
+            den = coverage_on(None, coords, imp, roi3, out3, s.normalize, s.acc, s.device)
+            out[b, 0] = num.div_(_make_safe_(den, s.normalize)).reshape(g.out_shape)
+        return out
 
 
 def make_accumulator(geometry: OutputGeometry, channels: int, importance, settings: BlendSettings, seg_dtype,

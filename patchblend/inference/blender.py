@@ -24,6 +24,7 @@ from .._validate import (NORMALIZE_MODES, _check_finite_nonnegative, _check_floa
                          check_not_meta, check_sum_fits, prepare_blend_args, prepare_weights_and_max,
                          resolve_device)
 from .._reference import lattice_axes
+from .confidence import ConfidenceTerms, PredictionWithConfidence, check_confidence_options
 from .windows import WindowGrid, lattice_tables
 from ..ops import coverage_on, empty_output, zeros_output
 
@@ -180,6 +181,30 @@ class _BlendCore:
             self.importance, self._importance_max = _importance_and_max(importance, self.window_shape, dtype,
                                                                         self.device)
 
+    #: the confidence companion (a one-channel blender of the same kind, see :meth:`_setup_confidence`) or None
+    _confidence = None
+    #: whether weights given to ``add`` weight the prediction (False: they go only into the confidence map)
+    weigh_prediction: bool = True
+
+    def _setup_confidence(self, confidence: bool, weigh_prediction: bool, make) -> None:
+        """``confidence=True``: ``make(normalize, importance)`` builds the companion blender, one channel, that
+        receives the confidence terms of every batch, with the confidence blend's normalisation and importance
+        (:class:`~.confidence.ConfidenceTerms`)."""
+        check_confidence_options(confidence, weigh_prediction, self.normalize)
+        self.weigh_prediction = weigh_prediction
+        if confidence:
+            self._terms = ConfidenceTerms(self.normalize, self.dtype, self._importance_raw)
+            self._confidence = make(self._terms.normalize, self._terms.importance)
+
+    def _confidence_terms(self, weights, n: int):
+        """The companion's ``(patches, weights)`` for a batch of ``n`` windows with ``weights``."""
+        self._confidence.check_values = self.check_values
+        return self._terms(weights, n, self.window_shape, self.device, self.check_values)
+
+    def _require_confidence(self, method: str) -> None:
+        if self._confidence is None:
+            raise RuntimeError(f"{type(self).__name__}.{method}: this blender was made without confidence=True")
+
     def _output_buffer(self, out: Optional[torch.Tensor], make) -> torch.Tensor:
         """The caller's ``out`` (checked: contiguous ``[C, *out_shape]`` of the accumulation dtype on the device)
         or a new one from ``make`` (``zeros_output`` / ``empty_output``)."""
@@ -308,6 +333,12 @@ class Blender(_BlendCore):
             valid when it does not depend on the weights (``"count"``, or ``"weight"`` without weights).
             :meth:`finalize` makes it safe to divide by in place (counts clamped at 1, zero weight sums
             replaced by 1), which is idempotent, so several blenders may share one.
+        confidence: also accumulate the blended confidence map ``[1, *out_shape]`` of the weights given to
+            :meth:`add` (``"count"``: ``C = Σ α / N``; ``"weight"``: ``Σ α·imp / Σ imp``; 0 where nothing covers;
+            see :mod:`patchblend.inference.confidence`), returned by :meth:`finalize_with_confidence`. Needs
+            ``normalize`` ``"count"`` or ``"weight"``. Costs a one-channel numerator (and denominator) more.
+        weigh_prediction: with ``confidence=True`` only: ``False`` sends the weights given to :meth:`add` only
+            into the confidence map; the prediction is then the unweighted blend.
 
     Memory: the numerator and the denominator; each batch is added in place (``blend_add_``). Patches are
     never kept. Half-precision patches are accumulated in float32.
@@ -331,8 +362,13 @@ class Blender(_BlendCore):
         dtype: torch.dtype = torch.float32,
         out: Optional[torch.Tensor] = None,
         denominator: Optional[torch.Tensor] = None,
+        confidence: bool = False,
+        weigh_prediction: bool = True,
     ):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
+        self._setup_confidence(confidence, weigh_prediction, lambda norm, imp: Blender(
+            out_shape, 1, normalize=norm, importance=imp, window_shape=self.window_shape, device=self.device,
+            dtype=dtype, denominator=denominator))
         self.num = self._output_buffer(out, zeros_output)
         self._fixed_den = denominator is not None
         if denominator is not None:
@@ -352,7 +388,9 @@ class Blender(_BlendCore):
         Args:
             patches: ``[n, C, *P]``, any float dtype, on the blender's device.
             coords: ``[n, nd]`` integer starts in the output (parts outside are clipped).
-            weights: ``None``, ``[n]`` (per patch) or ``[n, *G]`` (per grid cell); finite, ``>= 0``.
+            weights: ``None``, ``[n]`` (per patch) or ``[n, *G]`` (per grid cell); finite, ``>= 0``. With
+                ``confidence=True`` they also go into the confidence map (only there with
+                ``weigh_prediction=False``).
         """
         if self._finalized:
             raise RuntimeError("Blender.add called after finalize()")
@@ -360,10 +398,11 @@ class Blender(_BlendCore):
         coords = _as_coords(coords, self.nd)
         if coords.shape[0] != patches.shape[0]:
             raise ValueError(f"coords must have {patches.shape[0]} rows (one per patch), got {coords.shape[0]}")
+        all_weights, weights = weights, weights if self.weigh_prediction else None
         if weights is not None and self._fixed_den and self.normalize == "weight":
             raise ValueError("weights cannot be used with a precomputed denominator under normalize='weight' "
                              "(the weight sum depends on them)")
-        self._check_weights_rows(weights, patches.shape[0])
+        self._check_weights_rows(all_weights, patches.shape[0])
         if patches.shape[0] == 0:
             return
         with_den = self.den is not None and not self._fixed_den
@@ -373,6 +412,9 @@ class Blender(_BlendCore):
                 prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None, self.check_values)
                 continue
             self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j], w)
+        if self._confidence is not None:
+            c_patches, c_weights = self._confidence_terms(all_weights, patches.shape[0])
+            self._confidence.add(c_patches, coords, c_weights)
 
     def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Divide by the denominator (in place, once) and return ``[C, *out_shape]`` (cast to ``dtype`` if given).
@@ -382,6 +424,12 @@ class Blender(_BlendCore):
             self._finalized = True
             self.den = None
         return self.num if dtype is None or dtype == self.num.dtype else self.num.to(dtype)
+
+    def finalize_with_confidence(self, dtype: Optional[torch.dtype] = None) -> PredictionWithConfidence:
+        """``(prediction [C, *out_shape], confidence [1, *out_shape])`` (both cast to ``dtype`` if given); needs
+        ``confidence=True``. The prediction is :meth:`finalize`'s."""
+        self._require_confidence("finalize_with_confidence")
+        return PredictionWithConfidence(self.finalize(dtype), self._confidence.finalize(dtype))
 
 
 def _covers(axes: Sequence[Sequence[int]], window_shape, out_shape) -> bool:
@@ -419,6 +467,12 @@ class LatticeBlender(_BlendCore):
         importance: optional ``[*P]`` window importance, multiplied into every weight.
         device, dtype: where and in which float dtype (float32 or float64) the output is accumulated.
         out: optional preallocated contiguous ``[C, *out_shape]`` buffer of ``dtype``; it need not be zeroed.
+        confidence: also blend the confidence map ``[1, *out_shape]`` of the weights given to :meth:`add`, in the
+            same stream mode (a one-channel output more), returned by :meth:`finalize_with_confidence`; bitwise
+            :func:`patchblend.calibrated_blend` of the weights spread over their windows (see
+            :mod:`patchblend.inference.confidence`). Needs ``normalize`` ``"count"`` or ``"weight"``.
+        weigh_prediction: with ``confidence=True`` only: ``False`` sends the weights only into the confidence map
+            (the prediction is the unweighted blend); so weights may be given under ``"weight"`` too.
 
     Example:
         >>> grid = sliding_windows((64, 64, 64), (32, 32, 32), 0.5)
@@ -440,8 +494,12 @@ class LatticeBlender(_BlendCore):
         device=None,
         dtype: torch.dtype = torch.float32,
         out: Optional[torch.Tensor] = None,
+        confidence: bool = False,
+        weigh_prediction: bool = True,
     ):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
+        self._setup_confidence(confidence, weigh_prediction, lambda norm, imp: LatticeBlender(
+            out_shape, 1, coords, window_shape, normalize=norm, importance=imp, device=self.device, dtype=dtype))
         not_lattice = ("coords must be the windows of a lattice (every combination of per-axis starts, each once) "
                        "in raster order, as WindowGrid.coords() gives them")
         if isinstance(coords, WindowGrid):  # a lattice by construction: nothing to check per window
@@ -464,14 +522,15 @@ class LatticeBlender(_BlendCore):
 
         Args:
             patches: ``[n, C, *P]``, any float dtype, on the blender's device: windows ``next .. next + n - 1``.
-            weights: ``None``, ``[n]`` or ``[n, *G]``; finite, ``>= 0``; not with ``normalize="weight"``.
+            weights: ``None``, ``[n]`` or ``[n, *G]``; finite, ``>= 0``; not with ``normalize="weight"`` (unless
+                they go only into the confidence map: ``weigh_prediction=False``).
         """
         self._check_patches(patches)
         n = patches.shape[0]
         if self.next + n > self.coords.shape[0]:
             raise ValueError(f"patches has {n} windows but only {self.coords.shape[0] - self.next} of the "
                              f"{self.coords.shape[0]} are left")
-        if weights is not None and self.normalize == "weight":
+        if weights is not None and self.normalize == "weight" and self.weigh_prediction:
             raise ValueError("weights cannot be used with normalize='weight' in a LatticeBlender (the weight sum "
                              "depends on later batches); use Blender")
         self._check_weights_rows(weights, n)
@@ -483,6 +542,10 @@ class LatticeBlender(_BlendCore):
         n = patches.shape[0]
         if n == 0:
             return
+        if self._confidence is not None:
+            self._confidence._add(*self._confidence_terms(weights, n))
+            if not self.weigh_prediction:
+                weights = None
         p, w = self._patches_and_weights(patches, weights)
         out = self.out.unsqueeze(1) if self.nd == 2 else self.out
         # a batch that spans two rows of windows is blended row by row (tighter boxes, see _groups)
@@ -496,6 +559,12 @@ class LatticeBlender(_BlendCore):
         if self.next != self.coords.shape[0]:
             raise RuntimeError(f"LatticeBlender.finalize: only {self.next} of {self.coords.shape[0]} windows added")
         return self.out if dtype is None or dtype == self.out.dtype else self.out.to(dtype)
+
+    def finalize_with_confidence(self, dtype: Optional[torch.dtype] = None) -> PredictionWithConfidence:
+        """``(prediction [C, *out_shape], confidence [1, *out_shape])`` once every window has been added (cast to
+        ``dtype`` if given); needs ``confidence=True``."""
+        self._require_confidence("finalize_with_confidence")
+        return PredictionWithConfidence(self.finalize(dtype), self._confidence.finalize(dtype))
 
 
 def check_label_dtype(channels: int, label_dtype) -> None:
@@ -561,6 +630,10 @@ class SlabBlender(_BlendCore):
             :class:`LatticeBlender`: the slab holds only the running output (no denominator, no zero fill), and
             the result is bitwise that of :class:`LatticeBlender` and :func:`patchblend.calibrated_blend`.
             Otherwise the denominator is computed axis by axis.
+        confidence: also blend the confidence map of the weights given to :meth:`add` (see :class:`Blender`), slab
+            by slab beside the output (a one-channel slab more; the map ``[1, *out_shape]`` is floats in
+            ``out_dtype`` also with ``reduce``), returned by :meth:`finish_with_confidence`.
+        weigh_prediction: with ``confidence=True`` only: ``False`` sends the weights only into the confidence map.
 
     Memory: ``C × slab × (other axes)`` accumulation floats, where the slab spans the patches of the widest
     batch along ``axis`` (at least one window), plus the output.
@@ -585,10 +658,16 @@ class SlabBlender(_BlendCore):
         window_coords=None,
         window_lattice: Optional[Sequence[Sequence[int]]] = None,
         out: Optional[torch.Tensor] = None,
+        confidence: bool = False,
+        weigh_prediction: bool = True,
     ):
         super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
         if not isinstance(axis, int) or not (-self.nd <= axis < self.nd):
             raise ValueError(f"axis must be an int in [{-self.nd}, {self.nd}), got {axis!r}")
+        self._setup_confidence(confidence, weigh_prediction, lambda norm, imp: SlabBlender(
+            out_shape, 1, axis=axis, normalize=norm, importance=imp, window_shape=self.window_shape,
+            device=self.device, dtype=dtype, out_dtype=out_dtype or dtype, out_device=out_device,
+            window_coords=window_coords, window_lattice=window_lattice))
         self.axis = axis % self.nd
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
@@ -667,6 +746,13 @@ class SlabBlender(_BlendCore):
         coords = _as_coords(coords, self.nd)
         if coords.shape[0] != patches.shape[0]:
             raise ValueError(f"coords must have {patches.shape[0]} rows (one per patch), got {coords.shape[0]}")
+        if self._confidence is not None:
+            self._check_weights_rows(weights, patches.shape[0])
+            if patches.shape[0]:
+                c_patches, c_weights = self._confidence_terms(weights, patches.shape[0])
+                self._confidence.add(c_patches, coords, c_weights)
+            if not self.weigh_prediction:
+                weights = None
         if weights is not None and not self._den.accumulated and self.normalize == "weight":
             raise ValueError("weights cannot be used with window_coords or window_lattice under normalize='weight' "
                              "(the weight sum depends on them)")
@@ -697,6 +783,8 @@ class SlabBlender(_BlendCore):
 
     def finalize_until(self, stop: int) -> None:
         """Finalise ``[lo, stop)`` along the axis: the caller promises that no later patch touches it."""
+        if self._confidence is not None:
+            self._confidence.finalize_until(stop)
         stop = min(int(stop), self.out_shape[self.axis])
         if stop > self.lo:
             self._den.check_complete(stop)
@@ -734,6 +822,8 @@ class SlabBlender(_BlendCore):
 
     def finish(self) -> torch.Tensor:
         """Finalise everything left and return :attr:`out`."""
+        if self._confidence is not None:
+            self._confidence.finish()
         self.finalize_until(self.out_shape[self.axis])
         self.num = self.den = None
         self._den.release()
@@ -741,6 +831,12 @@ class SlabBlender(_BlendCore):
             self.out, self._widen_to = self.out.to(self._widen_to), None
             self.label_dtype = self.out.dtype
         return self.out
+
+    def finish_with_confidence(self) -> PredictionWithConfidence:
+        """``(out, confidence [1, *out_shape])``: :meth:`finish`'s result and the confidence map (floats in
+        ``out_dtype``); needs ``confidence=True``."""
+        self._require_confidence("finish_with_confidence")
+        return PredictionWithConfidence(self.finish(), self._confidence.finish())
 
 
 # ---- SlabBlender's denominator modes: one strategy object each ----------------------------------------------

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
 from .._validate import _check_finite_nonnegative, resolve_device
-from ._accumulators import BlendSettings, make_accumulator, output_geometry
+from ._accumulators import BlendSettings, CoverageConfidence, make_accumulator, output_geometry
 from ._predictions import WEIGHTINGS, Prediction, ScoreChecks, apply_process_fn, pack_outputs, parse_output
 from .blender import check_label_dtype
+from .confidence import ConfidenceTerms, PredictionWithConfidence
 from .importance import importance_map
 from .options import check_blend_options
 from .windows import WindowGrid, check_tile_step_size, lattice_tables, sliding_windows
@@ -233,11 +234,13 @@ class _Call(NamedTuple):
     device: torch.device
     sw_device: torch.device
     acc: torch.dtype  # accumulation dtype
+    confidence: bool  # also blend the weights into the confidence map
+    weigh_prediction: bool  # the weights weight the prediction (False: only the confidence map)
 
 
 def _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sigma_scale, padding_mode, sw_device,
                   device, roi_weight_map, process_fn, buffer_steps, buffer_dim, weighting, normalize, placement,
-                  slab_axis, reduce, threshold, label_dtype) -> _Call:
+                  slab_axis, reduce, threshold, label_dtype, confidence=False, weigh_prediction=True) -> _Call:
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor [B, C, *spatial], got {type(inputs).__name__}")
     nd = inputs.dim() - 2
@@ -263,7 +266,11 @@ def _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sig
     roi = _resolve_roi(roi_size, image_size, nd)
     overlaps = _resolve_overlap(overlap, nd)
     mode = _enum_value(mode)
-    padding_mode, normalize = check_blend_options(padding_mode, weighting, normalize, placement, reduce)
+    padding_mode, normalize = check_blend_options(padding_mode, weighting, normalize, placement, reduce, confidence,
+                                                  weigh_prediction)
+    if confidence and process_fn is not None:
+        raise ValueError("confidence=True does not take a process_fn (its weight maps replace the window weights "
+                         "the confidence map blends); blend without process_fn")
     if reduce == "argmax":
         check_label_dtype(1, label_dtype)  # the type now; whether it holds every class once C is known
     if slab_axis is not None:
@@ -297,6 +304,7 @@ def _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sig
         reduce=reduce, threshold=float(threshold), label_dtype=label_dtype,
         device=resolve_device(device, inputs.device), sw_device=resolve_device(sw_device, inputs.device),
         acc=torch.float64 if x.dtype == torch.float64 else torch.float32,
+        confidence=confidence, weigh_prediction=weigh_prediction,
     )
 
 
@@ -451,6 +459,8 @@ class _Outputs:
         self.base_importance = imp  # [*roi] or None (constant)
         self.fn_importance = None  # the map process_fn gets, made once
         self.accumulators = None
+        self.confidence = None  # the confidence map's accumulator (confidence=True), at the first output's geometry
+        self.terms = None  # the confidence blend's input (ConfidenceTerms), made with the first output's importance
         self.structure = None  # (number of outputs, keys, single) of the first batch
         self.grad = False
 
@@ -492,7 +502,8 @@ class _Outputs:
             out_dtype=c.x.dtype if c.x.dtype.is_floating_point else None, reduce=c.reduce, threshold=c.threshold,
             label_dtype=c.label_dtype, slab_axis=c.order_axis if slab else None, slab_device=slab_device,
             num_win=self.num_win)
-        weights_in_den = c.normalize == "weight" and (c.weighting is not None or self.process_fn is not None)
+        weighted_prediction = c.weighting is not None and c.weigh_prediction
+        weights_in_den = c.normalize == "weight" and (weighted_prediction or self.process_fn is not None)
         self.accumulators = []
         for k, seg in enumerate(pred.segs):
             geometry = output_geometry(self.plan, c.roi, c.image_size, tuple(seg.shape[2:]))
@@ -500,6 +511,16 @@ class _Outputs:
             self.accumulators.append(make_accumulator(
                 geometry, seg.shape[1], imp, settings, seg.dtype, grad=self.grad,
                 weights_in_den=weights_in_den or self.process_fn is not None, nd=c.nd))
+            if k == 0 and c.confidence:
+                # the confidence map: one float channel at the first output's geometry, its weights never in the
+                # denominator (ConfidenceTerms), floats also when the prediction is reduced
+                self.terms = ConfidenceTerms(c.normalize, c.acc, imp)
+                conf_settings = settings._replace(reduce=None, normalize=self.terms.normalize)
+                if c.nd in (2, 3) and not self.grad and not slab:  # the weights alone, blended at the end
+                    self.confidence = CoverageConfidence(geometry, self.terms.importance, conf_settings, seg.dtype)
+                else:  # ones (or the weights spread) blended batch by batch, as the prediction
+                    self.confidence = make_accumulator(geometry, 1, self.terms.importance, conf_settings, seg.dtype,
+                                                       grad=self.grad, weights_in_den=False, nd=c.nd)
         self.shapes = [s.shape[1:] for s in pred.segs]
 
     def add(self, segments, pred: Prediction) -> None:
@@ -527,6 +548,19 @@ class _Outputs:
                 self.checks.add_to_sum(w, n)
             else:  # (one bound for every output: their maps are resized from one)
                 self.checks.add_to_sum(torch.stack([wk.detach().amax() for wk in pred.voxel_weights]), n)
+        if self.confidence is not None:
+            device = self.confidence.input_device
+            wc = w if w is None or w.device == device else w.to(device)
+            if not grad and wc is not None:
+                wc = wc.detach()
+            seg0 = pred.segs[0]
+            if isinstance(self.confidence, CoverageConfidence):
+                self.confidence.add(None, wc, segments)
+            else:
+                self.confidence.add(*self.terms(wc, seg0.shape[0], seg0.shape[2:], device, check_values=False),
+                                    segments)
+            if not c.weigh_prediction:
+                w = None
         for k, (seg, acc) in enumerate(zip(pred.segs, self.accumulators)):
             device = acc.input_device
             wk = w if pred.voxel_weights is None else pred.voxel_weights[k]
@@ -543,9 +577,13 @@ class _Outputs:
         results = []
         while self.accumulators:
             results.append(self.accumulators.pop(0).finish())  # (each frees its buffers before the next)
+        confidence = None if self.confidence is None else self.confidence.finish()
+        self.confidence = None
         if self.call.meta_source is not None:
             results = [_as_meta_tensor(r, self.call.meta_source) for r in results]
-        return pack_outputs(results, self.structure[1], self.structure[2])
+            confidence = None if confidence is None else _as_meta_tensor(confidence, self.call.meta_source)
+        prediction = pack_outputs(results, self.structure[1], self.structure[2])
+        return prediction if not self.call.confidence else PredictionWithConfidence(prediction, confidence)
 
 
 def sliding_window_inference(
@@ -575,6 +613,8 @@ def sliding_window_inference(
     reduce: Optional[str] = None,
     threshold: float = 0.5,
     label_dtype: torch.dtype = torch.int64,
+    confidence: bool = False,
+    weigh_prediction: bool = True,
     **kwargs: Any,
 ):
     """Sliding-window inference with optional calibrated (per-patch / per-cell) blending weights.
@@ -621,9 +661,10 @@ def sliding_window_inference(
         weighting: ``None`` (MONAI's averaging), ``"patch"`` (weight each window by its patch score, Eq. 1),
             ``"grid"`` (each grid cell by its cell score, Eq. 2) or ``"patch*grid"``; the predictor must then
             return a :class:`~patchblend.CalibratedOutput`. The importance of ``mode`` multiplies in.
-        normalize: ``"weight"`` (divide by the weight sum; the default when ``weighting`` is None, MONAI's
-            behaviour), ``"count"`` (divide by the number of covering windows; the default when ``weighting``
-            is set: the paper's Eq. 1/2) or ``"none"``.
+        normalize: ``"weight"`` (divide by the weight sum; the default when the prediction is unweighted:
+            ``weighting`` None, MONAI's behaviour, or ``weigh_prediction=False``), ``"count"`` (divide by the number
+            of covering windows; the default when ``weighting`` weights the prediction: the paper's Eq. 1/2) or
+            ``"none"``.
         placement: window placement, ``"monai"`` (default) or ``"nnunet"`` (nnU-Net v2's lattice; give its
             ``tile_step_size``, or ``overlap`` read as ``tile_step_size = 1 - overlap``).
         tile_step_size: with ``placement="nnunet"``: nnU-Net's step in ``(0, 1]`` (scalar or per axis), used as
@@ -641,6 +682,20 @@ def sliding_window_inference(
         label_dtype: dtype of argmax labels. In slab mode they are held in the smallest integer dtype that fits
             (uint8 up to 256 classes) until the last slab is freed, then widened: int64 labels do not raise the
             peak.
+        confidence: also return the blended confidence map (needs ``weighting``; ``normalize`` ``"count"`` or
+            ``"weight"``; not with ``process_fn``): with ``α_i(x)`` the weight ``weighting`` gives window ``i`` at
+            voxel ``x`` and ``N(x)`` the windows covering it, ``C = Σ α_i / N`` under ``"count"`` (Eq. 2 applied to
+            the weights alone) and ``Σ α_i imp_i / Σ imp_i`` under ``"weight"`` (``imp`` the importance of
+            ``mode``; the same ``Σ α / N`` for ``mode="constant"``); 0 where no window covers. From the same pass
+            (no second predictor run, no window read twice): the windows' weights are kept (a few numbers each) and
+            the compiled ``coverage`` op blends them at the end; in slab mode (slab by slab) and with autograd they
+            are blended batch by batch beside the prediction. On the first output's geometry (a tuple's first item,
+            a dict's first key in sorted order). The result is then a :class:`~patchblend.PredictionWithConfidence`
+            ``(prediction, confidence)``.
+        weigh_prediction: with ``confidence=True`` only. ``False``: the scores go only into the confidence map
+            and the prediction is the unweighted blend, what ``weighting=None`` gives with the same ``mode`` (and
+            ``normalize``, whose default is then ``"weight"`` as for ``weighting=None``): the average prediction
+            and its confidence map from one pass.
         kwargs: passed to ``predictor``; a ``condition`` tensor shaped like ``inputs`` is windowed like it. The
             keyword-only names above are patchblend's and do not reach the predictor (a predictor argument
             called ``threshold``, say, must be bound first, e.g. with ``functools.partial``).
@@ -650,6 +705,9 @@ def sliding_window_inference(
         keys), each ``[B, C_k, *S_k]`` on ``device`` in ``inputs.dtype`` (the predictor's dtype if ``inputs`` is
         not floating point), ``S_k`` the image size times output ``k``'s zoom; with ``reduce``, labels or masks as
         above. Accumulation is float32 (float64 for float64 inputs) whatever the predictor's precision.
+        With ``confidence=True``: ``PredictionWithConfidence(prediction, confidence)``, ``prediction`` the above and
+        ``confidence`` ``[B, 1, *S_0]`` in the prediction's float dtype (``inputs.dtype``, or the predictor's),
+        floats also with ``reduce``.
 
     Gradients: when autograd is on and the predictions (or scores) require grad, the output is differentiable in
     ``inputs``, the predictor's parameters, the scores and ``roi_weight_map``, as MONAI's is; every window's
@@ -660,7 +718,7 @@ def sliding_window_inference(
     # 0. the arguments, checked and resolved
     call = _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sigma_scale, padding_mode,
                          sw_device, device, roi_weight_map, process_fn, buffer_steps, buffer_dim, weighting, normalize,
-                         placement, slab_axis, reduce, threshold, label_dtype)
+                         placement, slab_axis, reduce, threshold, label_dtype, confidence, weigh_prediction)
     # 1. where the windows go, in the order they are visited
     tile_steps = _resolve_tile_step_size(tile_step_size, overlap, placement, call.nd)
     plan = _window_plan(call.image_size, call.roi, call.overlaps, placement, call.order_axis, tile_steps)

@@ -31,11 +31,13 @@ class CalibratedSlidingWindowInferer(SlidingWindowInferer):
     buffer_steps=None, buffer_dim=-1, with_coord=False``); ``cpu_thresh`` stitches on the CPU when the input
     has more voxels than it, as in MONAI. The keyword-only arguments are patchblend's:
     ``weighting`` (``None``, ``"patch"``, ``"grid"``, ``"patch*grid"``), ``normalize``, ``placement``,
-    ``slab_axis``, ``reduce``, ``threshold``, ``label_dtype`` (see :func:`patchblend.sliding_window_inference`);
-    ``mode`` may also be ``"nnunet"``.
+    ``slab_axis``, ``reduce``, ``threshold``, ``label_dtype``, ``confidence`` and ``weigh_prediction`` (see
+    :func:`patchblend.sliding_window_inference`); ``mode`` may also be ``"nnunet"``.
 
     Calling it as ``inferer(inputs [B, C, *S], network, *args, **kwargs)`` returns what the function returns
-    (a tensor, tuple or dict, as ``network``'s output); extra ``args`` / ``kwargs`` go to ``network``
+    (a tensor, tuple or dict, as ``network``'s output; with ``confidence=True`` a
+    :class:`~patchblend.PredictionWithConfidence` of that and the confidence map ``[B, 1, *S]``); extra ``args`` /
+    ``kwargs`` go to ``network``
     (``device``, ``buffer_steps`` and ``buffer_dim`` in kwargs override the constructor's, as in MONAI).
     """
 
@@ -64,6 +66,8 @@ class CalibratedSlidingWindowInferer(SlidingWindowInferer):
         reduce: Optional[str] = None,
         threshold: float = 0.5,
         label_dtype: torch.dtype = torch.int64,
+        confidence: bool = False,
+        weigh_prediction: bool = True,
     ) -> None:
         mode = getattr(mode, "value", mode)
         # MONAI's constructor stores the arguments (its BlendMode knows no "nnunet": stored after it); the cached
@@ -73,7 +77,8 @@ class CalibratedSlidingWindowInferer(SlidingWindowInferer):
         self.mode = mode
         self.padding_mode = getattr(padding_mode, "value", padding_mode)
         self.options = dict(weighting=weighting, normalize=normalize, placement=placement, slab_axis=slab_axis,
-                            reduce=reduce, threshold=threshold, label_dtype=label_dtype)
+                            reduce=reduce, threshold=threshold, label_dtype=label_dtype, confidence=confidence,
+                            weigh_prediction=weigh_prediction)
         static_roi = isinstance(roi_size, Sequence) and all(isinstance(r, int) and r > 0 for r in roi_size)
         if cache_roi_weight_map and static_roi and self.mode != "constant":
             self.roi_weight_map = importance_map(tuple(roi_size), self.mode, sigma_scale)
