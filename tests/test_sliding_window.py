@@ -175,6 +175,22 @@ def test_gradients_match_monai(mode, roi):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, roi", [((1, 1, 9), 9), ((2, 1, 9), (9,)), ((1, 1, 4, 4, 4, 4), 4),
+                                        ((1, 2, 4, 4, 4, 4), (4, 4, 4, 4)), ((1, 1, 13), 9), ((1, 1, 5, 4, 4, 6), 4)])
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_gradients_match_monai_1d_and_4d(shape, roi, mode):
+    # the plain-PyTorch path (1D, 4D+) is differentiable too, also when one window covers the whole input (its
+    # slice-add then spans the whole buffer, which `buffer[...] += x` made an in-place op on a leaf)
+    results = []
+    for infer in (monai_sw, sliding_window_inference):
+        xx = rand(*shape).requires_grad_()
+        y = infer(xx, roi, 2, torch.sin, 0.25, mode)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), xx.grad))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape, roi, scored", [((1, 1, 20, 23), (8, 8), False), ((2, 1, 12, 10, 9), (6, 5, 4), True)])
 def test_gradient_to_roi_weight_map(shape, roi, scored):
     # a roi_weight_map that requires grad gets its gradient (MONAI's does), also with calibrated weights

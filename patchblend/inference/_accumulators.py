@@ -295,9 +295,11 @@ class TorchAccumulator(_Accumulator):
                 if imp is not None:
                     wv = wv * imp
                 wv = wv[tuple(win_sl)]
-                self.num[b][(slice(None), *out_sl)] += seg[k][(slice(None), *win_sl)] * wv
+                # add_ on the view, not `view[...] += ...`: Python's augmented assignment writes the sum back
+                # with a second in-place copy, which autograd refuses when the slice is the whole (leaf) buffer
+                self.num[b][(slice(None), *out_sl)].add_(seg[k][(slice(None), *win_sl)] * wv)
                 if self.den is not None:
-                    self.den[b][tuple(out_sl)] += 1.0 if s.normalize == "count" else wv
+                    self.den[b][tuple(out_sl)].add_(1.0 if s.normalize == "count" else wv)
                 k += 1
 
     def _values(self):
