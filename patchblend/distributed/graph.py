@@ -24,6 +24,7 @@ from dask.array.core import normalize_chunks
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import CalibratedOutput
+from .._validate import check_threshold
 from ..inference.options import check_blend_options
 from .plan import BlockPlan, block_plan
 from .worker import BlockSpec, CallSpec, PredictorFactory, assemble_region, read_region, run_block
@@ -255,7 +256,7 @@ def sliding_window_inference(
         sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=_hashable(sigma_scale), padding_mode=padding_mode,
         cval=float(cval), weighting=weighting, normalize=normalize,
         lattice=strict and not (normalize == "weight" and weighting is not None),
-        reduce=reduce, threshold=float(threshold), label_dtype=label_dtype,
+        reduce=reduce, threshold=check_threshold(threshold), label_dtype=label_dtype,
         out_dtype=in_dtype if in_dtype.is_floating_point else None, out_channels=out_channels, device=device,
         sw_device=sw_device, with_coord=bool(with_coord), kwargs=tuple(kwargs.items()),
     )

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .._reference import expand_grid_weights
+from .._validate import check_half_result
 from ..ops import calibrated_blend, empty_output, zeros_output
 from .blender import Blender, LatticeBlender, SlabBlender, _make_safe_, compact_label_dtype, check_label_dtype
 from .windows import WindowGrid
@@ -109,6 +110,8 @@ def _finish_values(result: torch.Tensor, s: BlendSettings, out_dtype) -> torch.T
         return result.argmax(1, keepdim=True).to(s.label_dtype)
     if s.reduce == "threshold":
         return result >= s.threshold
+    if out_dtype == torch.float16 and result.dtype != out_dtype:
+        check_half_result(result, "inputs (float16, the output's dtype)")
     return result if result.dtype == out_dtype else result.to(out_dtype)
 
 

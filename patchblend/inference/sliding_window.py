@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import _check_finite_nonnegative, resolve_device
+from .._validate import _check_finite_nonnegative, as_size, check_threshold, resolve_data_device
 from ._accumulators import BlendSettings, make_accumulator, output_geometry
 from ._predictions import WEIGHTINGS, Prediction, ScoreChecks, apply_process_fn, pack_outputs, parse_output
 from .blender import check_label_dtype
@@ -78,11 +78,8 @@ def _resolve_roi(roi_size, image_size, nd: int):
         raise TypeError(f"roi_size must be an int or a sequence of {nd} ints, got {roi_size!r}")
     out = []
     for r, s in zip(roi, image_size):
-        if r is not None and not isinstance(r, int):
-            try:
-                r = int(r)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"roi_size entries must be ints or None, got {roi_size!r}") from exc
+        if r is not None:
+            r = as_size("roi_size", r)  # (64.0 is 64; 6.5 is refused, not truncated)
         out.append(int(s) if r is None or r <= 0 else r)  # None / non-positive: the full axis (MONAI)
     return tuple(out)
 
@@ -265,8 +262,9 @@ def _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sig
         roi=roi, overlaps=overlaps, sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=sigma_scale,
         padding_mode=padding_mode, weighting=weighting, normalize=normalize, placement=placement,
         slab_axis=slab_axis, buffer_steps=int(buffer_steps) if buffered else None, order_axis=order_axis,
-        reduce=reduce, threshold=float(threshold), label_dtype=label_dtype,
-        device=resolve_device(device, inputs.device), sw_device=resolve_device(sw_device, inputs.device),
+        reduce=reduce, threshold=check_threshold(threshold), label_dtype=label_dtype,
+        device=resolve_data_device("device", device, inputs.device),
+        sw_device=resolve_data_device("sw_device", sw_device, inputs.device),
         acc=torch.float64 if x.dtype == torch.float64 else torch.float32,
     )
 
@@ -645,7 +643,7 @@ def sliding_window_inference(
             out = predictor(windows, _window_slices(plan, segments), *args, **kwargs)
         else:
             out = predictor(windows, *args, **kwargs)
-        pred = parse_output(out, g1 - g0, call.nd, call.weighting, outputs.checks)
+        pred = parse_output(out, g1 - g0, call.nd, call.weighting, outputs.checks, call.acc)
         if process_fn is not None:
             pred = apply_process_fn(process_fn, pred, windows, outputs.process_fn_importance(), call.roi,
                                     outputs.checks)
