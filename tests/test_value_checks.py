@@ -300,3 +300,17 @@ def test_driver_meta_or_unavailable_devices_are_refused_by_name(name):
     if not torch.cuda.is_available():  # a CPU torch: an error naming the argument, not torch's AssertionError
         with pytest.raises(ValueError, match=f"{name}='cuda' is not available"):
             sliding_window_inference(x, 4, 2, lambda w: w, **{name: "cuda"})
+
+
+def test_driver_bound_counts_every_window_of_a_batch():
+    """The weight-sum bound adds the importance peak once per window: one batch of 8 windows (2 x 2 x 2, all
+    covering the centre) with a roi_weight_map peak of 1e38 can sum to 8e38 > float32's 3.4e38: refused (counted
+    once per batch it would pass as 1e38)."""
+    x = torch.rand(1, 1, 6, 6, 6)
+    assert len(sliding_windows((6, 6, 6), (4, 4, 4), 0.5).coords()) == 8
+    peak = torch.full((4, 4, 4), 1.0)
+    peak[2, 2, 2] = 1e38
+    with pytest.raises(ValueError, match="weights"):
+        sliding_window_inference(x, 4, 8, lambda w: w, 0.5, roi_weight_map=peak)
+    peak[2, 2, 2] = 4e37  # 8 x 4e37 = 3.2e38 fits
+    assert torch.isfinite(sliding_window_inference(x, 4, 8, lambda w: w, 0.5, roi_weight_map=peak)).all()
