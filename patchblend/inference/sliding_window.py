@@ -554,7 +554,8 @@ def sliding_window_inference(
     Args:
         inputs: ``[B, C_in, *S]`` with one or more spatial axes (2D and 3D run on the compiled kernels; 1D and 4D+
             on a plain PyTorch path). A MONAI ``MetaTensor`` gives ``MetaTensor`` outputs with its metadata.
-        roi_size: window size, an int or one per spatial axis; entries ``None`` or ``<= 0`` mean the full axis.
+        roi_size: window size, an int or one per spatial axis; entries ``None`` or ``<= 0`` mean the full axis
+            (whole numbers: ``64.0`` is 64, ``6.5`` a ``TypeError``).
             A window larger than the image pads the image (``padding_mode``, ``cval``), as MONAI does, and the
             output is cropped back.
         sw_batch_size: windows per predictor call (windows of consecutive images may share a call, as in MONAI).
@@ -573,7 +574,8 @@ def sliding_window_inference(
         padding_mode: ``"constant"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (when roi > image).
         cval: fill value for constant padding.
         sw_device: where the windows and the predictor run (default: ``inputs.device``).
-        device: where the output is accumulated and returned (default: ``inputs.device``).
+        device: where the output is accumulated and returned (default: ``inputs.device``). Either one ``"meta"`` or
+            a device this torch cannot use (``"cuda"`` on a CPU build) is a ``ValueError`` naming it.
         progress: show a tqdm progress bar (tqdm is imported only then).
         roi_weight_map: optional precomputed importance ``[*roi]`` (non-negative), replacing ``mode``'s.
         process_fn: MONAI's ``process_fn(outputs tuple, windows, importance [*roi]) -> (outputs, weight_map)``: the
@@ -601,7 +603,7 @@ def sliding_window_inference(
         reduce: ``None``, ``"argmax"`` (labels ``[B, 1, *S]`` in ``label_dtype``) or ``"threshold"``
             (``[B, C, *S]`` bool, ``value >= threshold``); in slab mode applied slab by slab, so the full float
             output never exists. Applied to every output.
-        threshold: for ``reduce="threshold"``.
+        threshold: for ``reduce="threshold"`` (a real number; NaN is an error).
         label_dtype: dtype of argmax labels. In slab mode they are held in the smallest integer dtype that fits
             (uint8 up to 256 classes) until the last slab is freed, then widened: int64 labels do not raise the
             peak.
