@@ -13,14 +13,19 @@ kernels, the reference and the sliding-window driver all see the same canonical 
 """
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 NORMALIZE_MODES = ("count", "weight", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT64_MAX = 2 ** 63 - 1
+#: the smallest magnitude float16 rounds to inf (its largest finite value is 65504)
+HALF_OVERFLOW = 65520.0
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,6 +44,41 @@ class BlendArgs:
     spatial_dims: int  # 2 or 3: the caller's dimensionality, to shape the output back
 
 
+def as_size(name: str, value) -> int:
+    """One size (or index) as an int: ints, numpy and 0-d torch integers, and integral floats (``64.0``) are taken;
+    bools, strings, non-integral numbers (``6.5``, NaN, inf) raise a ``TypeError`` naming ``name`` (never
+    truncated)."""
+    if hasattr(value, "item") and getattr(value, "ndim", getattr(value, "dim", lambda: 1)()) == 0:
+        value = value.item()  # a numpy or 0-d torch scalar
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must hold ints, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not (math.isfinite(value) and float(value).is_integer()):
+        raise TypeError(f"{name} must hold ints, got {value!r} (not a whole number)")
+    return int(value)
+
+
+def as_sizes(name: str, value) -> Tuple[int, ...]:
+    """A sequence of sizes (tuple, list, ``torch.Size``, 1-d tensor or array) as a tuple of ints, each through
+    :func:`as_size`; a string (``"666"``) or a single number is not a sequence of sizes."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
+    return tuple(as_size(name, v) for v in value)
+
+
+def check_threshold(value) -> float:
+    """``reduce="threshold"``'s threshold as a float: a real number, not NaN (``value >= nan`` is False
+    everywhere, an all-False mask)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ValueError(f"threshold must be a real number (not NaN), got {value!r}")
+    return float(value)
+
+
 def resolve_device(device, default="cpu") -> torch.device:
     """``device`` (default ``default``) as a ``torch.device`` with its index, as tensors report theirs
     (``"cuda"`` → ``cuda:<current>``), so that comparing it with a tensor's device holds."""
@@ -46,6 +86,19 @@ def resolve_device(device, default="cpu") -> torch.device:
     if d.type == "cpu" and d.index is None:
         return d
     return torch.empty(0, device=d).device  # ("cpu:0" is "cpu", "cuda" the current device)
+
+
+def resolve_data_device(name: str, device, default) -> torch.device:
+    """:func:`resolve_device` for an argument ``name`` where data must live: a device this torch cannot use
+    (``"cuda"`` on a CPU build) or ``"meta"`` (shapes only) raises a ``ValueError`` naming ``name``."""
+    try:
+        d = resolve_device(device, default)
+    except (AssertionError, RuntimeError) as exc:  # torch: "Torch not compiled with CUDA enabled", no device, ...
+        raise ValueError(f"{name}={device!r} is not available here: {exc}") from None
+    if d.type == "meta":
+        raise ValueError(f"{name}={device!r}: a meta device holds shapes without data; sliding-window inference "
+                         "needs a device with data (cpu, cuda)")
+    return d
 
 
 def _check_float_tensor(name: str, t: torch.Tensor) -> None:
@@ -91,6 +144,66 @@ def check_sum_fits(name: str, largest_sum: float, acc: torch.dtype) -> None:
         raise ValueError(f"{name} are too large for {acc} accumulation: a voxel's weight sum can reach "
                          f"{largest_sum:.3g} (terms x largest weight x largest importance), beyond "
                          f"{torch.finfo(acc).max:.3g}; scale the weights down")
+
+
+def max_coverage_bound(coords: torch.Tensor, patch_shape: Sequence[int]) -> int:
+    """An upper bound on the number of patches (starts ``coords [N, nd]``, size ``patch_shape``) covering any one
+    voxel, without a volume: the smallest, over the axes, of the most patch intervals holding one point of that
+    axis (every patch covering a voxel covers its coordinate on each axis). O(N log N)."""
+    if coords.shape[0] == 0:
+        return 0
+    bound = coords.shape[0]
+    for axis, p in enumerate(patch_shape):
+        s = torch.sort(coords[:, axis]).values  # the most starts within p consecutive values
+        bound = min(bound, int((torch.arange(len(s)) - torch.searchsorted(s, s - p + 1) + 1).max()))
+    return bound
+
+
+def check_half_output_fits(a: BlendArgs, largest_weight: float, largest_importance: float) -> None:
+    """float16 results hold at most 65504: raise a ``ValueError`` naming ``patches`` when the blend of finite
+    float16 patches would exceed that bound (``"none"``: most covering patches x largest |patch| x largest weight
+    x largest importance; ``"count"``, a mean: largest |patch| x largest weight x largest importance) instead of
+    returning inf. Reads the patches only when that factor exceeds 1 (otherwise every result lies within the
+    patches' own range), and counts the covering patches exactly (the ``coverage`` op) only when a cheap bound
+    on them is not enough."""
+    factor = largest_weight * largest_importance
+    if factor * (max_coverage_bound(a.coords, a.patches.shape[2:]) if a.normalize == "none" else 1) <= 1.0:
+        return
+    if a.patches.numel() == 0 or torch.compiler.is_compiling():
+        return
+    limit = HALF_OVERFLOW
+    peak = float(a.patches.detach().abs().amax())
+    if not peak < float("inf"):
+        return  # inf patches give inf results: their own
+    if a.normalize == "none":
+        covering = max_coverage_bound(a.coords, a.patches.shape[2:])
+        if peak * factor * covering > limit:  # the cheap bound is not enough: count exactly
+            from .ops import coverage_on  # (ops imports this module)
+            covering = int(coverage_on(None, a.coords, None, tuple(a.patches.shape[2:]), a.out_shape, "count",
+                                       torch.float32, a.patches.device).amax()) if math.prod(a.out_shape) else 0
+        factor *= covering
+    if peak * factor >= limit:
+        raise ValueError(
+            f"patches: the float16 result would overflow (normalize={a.normalize!r}: up to {peak * factor:.4g} = "
+            f"largest |patch| {peak:.4g} x {factor:.4g} ({'covering patches x ' if a.normalize == 'none' else ''}"
+            f"largest weight x largest importance); float16 rounds {limit:.0f} and beyond to inf); pass float32 "
+            "patches or scale them down")
+
+
+def check_half_result(values: torch.Tensor, name: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` when a finite value of ``values`` (a float32/float64 result about to
+    be converted to float16) would become inf in float16 (``|v| >= 65520``): nothing inf comes out that the inputs
+    did not contain. One read of ``values``."""
+    if values.numel() == 0 or torch.compiler.is_compiling():
+        return
+    v = values.detach()
+    peak = float(v.abs().amax())
+    if peak == float("inf"):  # an inf of the inputs' own: look at the finite values only
+        peak = float(torch.where(v.isfinite(), v.abs(), 0).amax())
+    if HALF_OVERFLOW <= peak < float("inf"):
+        raise ValueError(f"{name}: the float16 output would overflow: a blended value reaches {peak:.4g}, and "
+                         f"float16 rounds {HALF_OVERFLOW:.0f} and beyond to inf; use float32 (inputs, out_dtype) "
+                         "or scale the predictions down")
 
 
 def finite_nonnegative(t: torch.Tensor) -> torch.Tensor:
@@ -228,10 +341,7 @@ def prepare_blend_args(
                              f"({_INT64_MAX}); the default out_shape (max(coords + P) per axis) cannot hold it")
         out_shape = tuple(max(e, 0) for e in ends)
     else:
-        try:
-            out_shape = tuple(int(s) for s in out_shape)
-        except TypeError as exc:
-            raise TypeError(f"out_shape must be a sequence of {spatial_dims} ints, got {out_shape!r}") from exc
+        out_shape = as_sizes("out_shape", out_shape)
         if len(out_shape) != spatial_dims or any(s < 0 for s in out_shape):
             raise ValueError(f"out_shape must be {spatial_dims} non-negative ints, got {out_shape}")
 
@@ -240,4 +350,8 @@ def prepare_blend_args(
         coords = torch.cat([torch.zeros_like(coords[:, :1]), coords], dim=1)
         out_shape = (1,) + tuple(out_shape)
 
-    return BlendArgs(patches, weights, coords, importance, tuple(out_shape), normalize, spatial_dims)
+    args = BlendArgs(patches, weights, coords, importance, tuple(out_shape), normalize, spatial_dims)
+    if patches.dtype == torch.float16 and normalize != "weight" and check_values:
+        check_half_output_fits(args, largest_weight if weights is not None else 1.0,
+                               largest_importance if importance is not None else 1.0)
+    return args

@@ -98,6 +98,25 @@ def collect_calibration_data(model: nn.Module, batches: Iterable, *, grid: Optio
     return CalibrationData.concatenate(parts)
 
 
+def _check_head_reads(name: str, head: nn.Module, summary: torch.Tensor, target: torch.Tensor) -> None:
+    """``head.predict`` on the first cached rows must run and give one score per target (``[n]`` for the patch
+    head, ``[n, *G]`` for the grid head); else a ``ValueError`` naming the argument ``name`` (e.g. the two heads
+    passed the other way round, or a head of another model)."""
+    rows = summary[:2]
+    try:
+        with torch.no_grad():
+            out = head.predict(rows)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{name} ({type(head).__name__}) cannot read the cached {name[:-5]} summaries "
+                         f"[N, {', '.join(map(str, summary.shape[1:]))}] ({first}); are the heads swapped? "
+                         "fit_heads(patch_head, grid_head, data)") from None
+    if tuple(out.shape) != (len(rows), *target.shape[1:]):
+        raise ValueError(f"{name} ({type(head).__name__}) gives scores {tuple(out.shape[1:])} per window where the "
+                         f"{name[:-5]} targets are {tuple(target.shape[1:])}; are the heads swapped? "
+                         "fit_heads(patch_head, grid_head, data)")
+
+
 def fit_heads(patch_head: Optional[nn.Module], grid_head: Optional[nn.Module], data: CalibrationData, *,
               epochs: int = 300, lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 256,
               grid_reduction: str = "mean", seed: int = 0, progress: bool = False) -> Dict[str, Any]:
@@ -131,6 +150,7 @@ def fit_heads(patch_head: Optional[nn.Module], grid_head: Optional[nn.Module], d
             raise TypeError(f"{type(head).__name__} has no predict(summary); use a patchblend head")
         param = next(head.parameters())
         summary, target = summary.to(param.device, param.dtype), target.to(param.device, param.dtype)
+        _check_head_reads(key[:-4] + "_head", head, summary, target)
         opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
         is_patch = key == "patch_mse"
 

@@ -86,7 +86,7 @@ def test_fit_heads_skips_a_head_and_checks_arguments():
     from patchblend import AwarePatchHead
 
     head = AwarePatchHead(1)  # 7 + 2 = 9 features: does not match 3
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="patch_head .AwarePatchHead. cannot read the cached patch summaries"):
         fit_heads(head, None, data, epochs=1)
     head = nn.Module()
     with pytest.raises(TypeError, match="data must be"):
@@ -100,3 +100,49 @@ def test_fit_heads_skips_a_head_and_checks_arguments():
         collect_calibration_data(nn.Linear(1, 1), [])
     with pytest.raises(ValueError, match="empty"):
         collect_calibration_data(CalibratedModel(Thresholder(), None, "feat", channels=(1, 2), heads="aware"), [])
+
+
+def _aware_data(n=48, seed=4, faint=False, **kw):
+    torch.manual_seed(0)
+    model = CalibratedModel(Thresholder(), None, "feat", example_input=torch.zeros(1, 1, 8, 8, 8), heads="aware")
+    x, y = windows(n, seed=seed)
+    if faint:  # every third window: a labelled lesion at x = 0.45, probability 0.40 (above 0.3, below 0.5)
+        x[::3, 0, 3:6, 3:6, 3:6] = 0.45
+        y[::3, 0, 3:6, 3:6, 3:6] = 1
+    return model, x, y, collect_calibration_data(model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, n, 16)], **kw)
+
+
+def test_collect_calibration_data_uses_its_threshold():
+    """The targets are the Dice of prob > threshold: 0.3 and 0.5 give different targets, each equal to
+    dice_targets at that threshold."""
+    model, x, y, at_half = _aware_data(faint=True)
+    _, _, _, at_03 = _aware_data(threshold=0.3, faint=True)
+    with torch.no_grad():
+        prob = torch.softmax(model.backbone.eval()(x), 1)
+    for data, threshold in ((at_half, 0.5), (at_03, 0.3)):
+        patch, grid = dice_targets(prob, y, threshold=threshold)
+        torch.testing.assert_close(data.patch_target, patch)
+        torch.testing.assert_close(data.grid_target, grid)
+    assert not torch.equal(at_half.patch_target, at_03.patch_target)
+    assert not torch.equal(at_half.grid_target, at_03.grid_target)
+
+
+def test_fit_heads_reports_the_per_cell_mean_grid_mse():
+    """history["grid_mse"][-1] is the fitted grid head's MSE averaged over windows and cells (grid_reduction
+    "mean"; "sum" is that times the 8 cells), and patch_mse the patch head's MSE over windows."""
+    model, _, _, data = _aware_data()
+    for reduction, cells in (("mean", 1), ("sum", 8)):
+        history = fit_heads(model.patch_head, model.grid_head, data, epochs=3, grid_reduction=reduction)
+        with torch.no_grad():
+            grid_mse = (model.grid_head.predict(data.grid_summary) - data.grid_target).square().mean()
+            patch_mse = (model.patch_head.predict(data.patch_summary) - data.patch_target).square().mean()
+        assert history["grid_mse"][-1] == pytest.approx(cells * float(grid_mse), rel=1e-5)
+        assert history["patch_mse"][-1] == pytest.approx(float(patch_mse), rel=1e-5)
+
+
+def test_fit_heads_with_the_heads_swapped_names_the_argument():
+    model, _, _, data = _aware_data()
+    with pytest.raises(ValueError, match="patch_head .AwareGridHead.*swapped"):
+        fit_heads(model.grid_head, model.patch_head, data, epochs=1)
+    with pytest.raises(ValueError, match="grid_head .AwarePatchHead.*swapped"):
+        fit_heads(None, model.patch_head, data, epochs=1)

@@ -147,3 +147,65 @@ def test_calibrate_then_evaluate_with_posthoc_heads(capsys, tmp_path, checkpoint
     one_line_error(capsys, ["evaluate", "--ckpt", ckpt, "--data", data, "--out", str(out), "--blendings",
                             "aware-posthoc:grid"], "needs the 'aware-posthoc' heads")
     one_line_error(capsys, ["evaluate", "--ckpt", ckpt, "--data", data, "--posthoc", ckpt], "is not a post-hoc heads file")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--width", "0"], "--width must be an int >= 1, got 0"),
+    (["--stage1-iters", "-1"], "--stage1-iters must be an int >= 0"),
+    (["--batch-two", "0", "--batch-single", "0"], "--batch-two and --batch-single must sum to at least 1"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--grid", "0"], "--grid must be an int in [1, --patch]"),
+    (["--grid", "17"], "--grid must be an int in [1, --patch] = [1, 16]"),
+    (["--spacing", "0"], "--spacing (the voxel size to resample to, mm) must be a finite number > 0"),
+    (["--device", "meta"], "--device 'meta' holds shapes without data"),
+    (["--lesion-prob", "2"], "--lesion-prob must be a probability in [0, 1]"),
+    # larger than the 4 mm phantom (about 38 x 47 x 40): refused after reading the cases, before the network
+    # allocates anything (512 asked for about 24 GB and was killed)
+    (["--patch", "512"], "--patch 512 is larger than every case"),
+])
+def test_bad_train_values(capsys, tmp_path, checkpoint, extra, message):
+    _, data = checkpoint
+    one_line_error(capsys, ["train", "--data", data, "--out", str(tmp_path / "run"), "--width", "2", "--patch", "16",
+                            "--batch-two", "2", "--batch-single", "0", "--stage1-iters", "1", "--stage2-iters", "0",
+                            "--no-progress", *extra], message)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_bad_train_device_and_data(capsys, tmp_path, checkpoint):
+    _, data = checkpoint
+    base = ["train", "--out", str(tmp_path / "run"), "--patch", "16", "--no-progress"]
+    (tmp_path / "empty").mkdir()
+    one_line_error(capsys, base + ["--data", str(tmp_path / "empty")], "holds no cases")
+    if not torch.cuda.is_available():  # a CPU torch: torch's AssertionError before
+        one_line_error(capsys, base + ["--data", data, "--device", "cuda"], "--device 'cuda' is not available here")
+
+
+def test_bad_evaluate_calibrate_phantom_values(capsys, tmp_path, checkpoint):
+    ckpt, data = checkpoint
+    evaluate = ["evaluate", "--ckpt", ckpt, "--data", data, "--out", str(tmp_path / "e")]
+    for spacing in ("0", "-1", "nan"):
+        one_line_error(capsys, evaluate + ["--spacing", spacing], "--spacing (the voxel size to resample to, mm)")
+    one_line_error(capsys, evaluate + ["--roi", "0"], "--roi must be a positive multiple of 16")  # not the default
+    one_line_error(capsys, evaluate + ["--device", "meta"], "--device 'meta'")
+    calibrate = ["calibrate", "--ckpt", ckpt, "--data", data, "--out", str(tmp_path / "h.pt")]
+    one_line_error(capsys, calibrate + ["--epochs", "-1"], "--epochs must be an int >= 1")
+    one_line_error(capsys, calibrate + ["--roi", "0"], "--roi must be a positive multiple of 16")
+    one_line_error(capsys, ["phantom", "--out", str(tmp_path / "p"), "--downsample", "1e-6"],
+                   "--downsample (the phantom voxel size, mm) must lie in [0.5, 10]")
+    one_line_error(capsys, ["phantom", "--out", str(tmp_path / "p"), "--n-two", "-1"], "--n-two and --n-single")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "h.pt").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_flair_with_nan_or_inf_voxels_is_an_error(capsys, tmp_path, checkpoint, bad):
+    """A FLAIR with NaN/inf voxels made the whole z-scored volume NaN: evaluate exited 0 with Dice 0 and no word.
+    Now the case is refused, naming the file."""
+    ckpt, _ = checkpoint
+    case = two_point_case(tmp_path / "data" / "c1")
+    flair = np.random.default_rng(1).random((20, 20, 20))
+    flair[3, 4, 5] = bad
+    save(case / T2_NAME, flair)
+    with pytest.raises(InputError, match="holds 1 NaN or infinite voxel"):
+        load_case(str(case))
+    one_line_error(capsys, ["evaluate", "--ckpt", ckpt, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "e")],
+                   f"{str(case / T2_NAME)!r} holds 1 NaN or infinite voxel(s)")

@@ -298,3 +298,46 @@ def test_surface_distances_in_the_bounding_box_equal_the_whole_volume():
         a[0, r.integers(14), r.integers(10)] = True  # touch the border
         b[r.integers(12), 13, r.integers(10)] = True
         np.testing.assert_allclose(surface_distances(a, b), full(a, b))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_evaluate_case_hd95_equals_hd95_on_random_blobs(seed):
+    """evaluate_case computes the distances once for HD95 and ASD: its HD95 is hd95()'s (the 95th percentile,
+    not another), on random blobs whose distances spread (checked: the 90th and 99th percentiles differ)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.standard_normal((2, 24, 24, 24)), (0, 2, 2, 2))  # two independent fields
+    p, g = noise[0] > 0.1, noise[1] > 0.1
+    r = evaluate_case(p.astype(np.float32), g, min_size=1)  # (min_size 1: nothing removed, as hd95 sees it)
+    d = np.hstack([_brute_surface_distances(p, g), _brute_surface_distances(g, p)])
+    assert len({np.percentile(d, q) for q in (90, 95, 99)}) == 3
+    assert r["hd95"] == pytest.approx(hd95(p, g)) and r["hd95"] == pytest.approx(np.percentile(d, 95))
+    assert r["asd"] == pytest.approx(asd(p, g))
+
+
+def test_choose_exponents_default_floor_keeps_95_percent_of_average_detections(monkeypatch):
+    """choose_exponents' default keep is 0.95: with average detecting 100 lesions, a power that detects 94 is out
+    (however good its F1) and one that detects 95 is in. The evaluation is replaced by a fixed summary."""
+    import types
+
+    from patchblend.examples.cib import evaluate as evaluate_module
+    from patchblend.examples.cib.posthoc import choose_exponents
+
+    detected = {0.125: 99, 0.25: 97, 0.5: 95, 1.0: 94}
+    f1 = {0.125: 60.0, 0.25: 62.0, 0.5: 64.0, 1.0: 80.0}
+
+    def fake_summarize(rows, methods):
+        out = [{"heads": "none", "blending": "average", "f1": 50.0, "detected": 100}]
+        for heads, blending in methods[1:]:
+            g = float(heads.split("@")[1])
+            out.append({"heads": heads, "blending": blending, "f1": f1[g], "detected": detected[g]})
+        return out
+
+    monkeypatch.setattr(evaluate_module, "evaluate_model", lambda *a, **k: ([], None))
+    monkeypatch.setattr(evaluate_module, "summarize", fake_summarize)
+    model = types.SimpleNamespace(grid_head=types.SimpleNamespace(grid=(2, 2, 2)))
+    chosen = choose_exponents(model, {"aware-posthoc": None}, [], (16, 16, 16))
+    assert chosen == {("aware-tempered", w): 0.5 for w in evaluate_module.WEIGHTINGS}
+    # (a floor of 0.90 would take 1.0, the best F1)
+    assert set(choose_exponents(model, {"aware-posthoc": None}, [], (16, 16, 16), keep=0.9).values()) == {1.0}

@@ -216,6 +216,18 @@ def test_integer_input_predictor_keywords_coords_and_a_weight_map_equal_the_driv
     assert_bitwise(got.compute(scheduler="sync"), driver(image, (7, 6, 5), 3, helpers.CoordAware(), **kw), "coords")
 
 
+def test_threshold_keeps_values_exactly_at_the_threshold():
+    """reduce="threshold" is value >= threshold in the blocks too: a blended value exactly at it (0.375, exact in
+    binary) is True, one below it False, as in the in-memory driver."""
+    image = np.full((1, 12, 10, 9), 0.375, np.float32)
+    image[..., 5:] = 0.25
+    x = da.from_array(image, chunks=(1, 6, 5, 5))
+    kw = dict(overlap=0.5, reduce="threshold", threshold=0.375)
+    got = sliding_window_inference(x, 4, 3, torch.nn.Identity(), chunks=(6, 5, 5), **kw).compute(scheduler="sync")
+    assert got.dtype == np.bool_ and got[..., :5].all() and not got[..., 5:].any()
+    assert_bitwise(got, driver(image, 4, 3, torch.nn.Identity(), **kw), "threshold tie")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_blocks_on_the_gpu_equal_the_driver_on_the_gpu():

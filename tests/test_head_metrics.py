@@ -1,5 +1,6 @@
 """Head-quality metrics against hand-worked cases and brute force."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -56,6 +57,10 @@ def test_pearson_and_quality():
     assert pearson(x, 2 * x + 1) == pytest.approx(1.0)
     assert pearson(x, -x) == pytest.approx(-1.0)
     assert math.isnan(pearson(np.full(11, 0.5), x))
+    with warnings.catch_warnings():  # the guarded value, not numpy's NaN through a "invalid value" warning
+        warnings.simplefilter("error")
+        for const in (np.full(11, 0.5), np.full(11, 0.1), np.zeros(11)):
+            assert math.isnan(pearson(const, x)) and math.isnan(pearson(x, const))
     q = head_quality(x, x)
     assert q["corr"] == pytest.approx(1) and q["auroc"] == 1.0 and q["ece"] == pytest.approx(0) and q["n"] == 11
     assert q["failure_fraction"] == pytest.approx(5 / 11)

@@ -44,11 +44,14 @@ def nnunet_reference(shape, sigma_scale=1 / 8, value_scaling_factor=10.0, dtype=
     return g
 
 
-@pytest.mark.parametrize("shape", [(16, 16, 16), (7, 12), (9, 10, 11), (5,), (64, 3, 2)])
-def test_nnunet_gaussian_equals_scipy(shape):
-    got = nnunet_gaussian(shape, dtype=torch.float64)
-    torch.testing.assert_close(got, nnunet_reference(shape, dtype=torch.float64), rtol=1e-12, atol=0)
-    torch.testing.assert_close(nnunet_gaussian(shape), nnunet_reference(shape), rtol=1e-6, atol=0)
+@pytest.mark.parametrize("shape", [(16, 16, 16), (7, 12), (9, 10, 11), (5,), (64, 3, 2), (48, 40, 32)])
+@pytest.mark.parametrize("sigma_scale", [1 / 8, 1 / 16])  # 1/16 too: scipy's kernel radius int(4 sigma + 0.5) shows
+def test_nnunet_gaussian_equals_scipy(shape, sigma_scale):
+    got = nnunet_gaussian(shape, sigma_scale, dtype=torch.float64)
+    ref = nnunet_reference(shape, sigma_scale, dtype=torch.float64)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(nnunet_gaussian(shape, sigma_scale), nnunet_reference(shape, sigma_scale), rtol=1e-6,
+                               atol=0)
 
 
 def test_nnunet_gaussian_hand_worked():

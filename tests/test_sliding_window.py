@@ -76,6 +76,23 @@ def test_monai_parity_padding(padding_mode, cval):
     torch.testing.assert_close(sliding_window_inference(x, *args), monai_sw(x, *args), rtol=1e-5, atol=1e-6)
 
 
+def avg_pool_3(x):
+    """A predictor that mixes neighbours (3^d average, zero-padded): the padded border of a window changes its
+    neighbours' values, so padding that is not applied shows (a voxel-wise predictor would hide a wrong cval on
+    the cropped-away border)."""
+    pool = torch.nn.functional.avg_pool3d if x.dim() == 5 else torch.nn.functional.avg_pool2d
+    return pool(x, 3, stride=1, padding=1)
+
+
+@pytest.mark.parametrize("padding_mode, cval", [("constant", 1.5), ("constant", -2.0), ("constant", 0.0),
+                                                ("reflect", 0.0), ("replicate", 0.0)])
+@pytest.mark.parametrize("shape, roi", [((2, 1, 9, 7, 8), (12, 10, 6)), ((1, 2, 7, 9), (10, 6))])
+def test_monai_parity_padding_with_a_neighbour_mixing_predictor(padding_mode, cval, shape, roi):
+    x = rand(*shape)
+    args = (roi, 3, avg_pool_3, 0.25, "gaussian", 0.125, padding_mode, cval)
+    torch.testing.assert_close(sliding_window_inference(x, *args), monai_sw(x, *args), rtol=1e-5, atol=1e-6)
+
+
 def test_monai_parity_keywords_devices_dtypes():
     x = rand(1, 1, 14, 12, 10, dtype=torch.float64)
     kw = dict(overlap=0.5, mode="gaussian", sw_device="cpu", device=torch.device("cpu"))
@@ -173,6 +190,22 @@ def test_gradients_match_monai(mode, roi):
         results.append((y.detach(), xx.grad, net.weight.grad.clone()))
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, roi", [((1, 1, 9), 9), ((2, 1, 9), (9,)), ((1, 1, 4, 4, 4, 4), 4),
+                                        ((1, 2, 4, 4, 4, 4), (4, 4, 4, 4)), ((1, 1, 13), 9), ((1, 1, 5, 4, 4, 6), 4)])
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_gradients_match_monai_1d_and_4d(shape, roi, mode):
+    # the plain-PyTorch path (1D, 4D+) is differentiable too, also when one window covers the whole input (its
+    # slice-add then spans the whole buffer, which `buffer[...] += x` made an in-place op on a leaf)
+    results = []
+    for infer in (monai_sw, sliding_window_inference):
+        xx = rand(*shape).requires_grad_()
+        y = infer(xx, roi, 2, torch.sin, 0.25, mode)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), xx.grad))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape, roi, scored", [((1, 1, 20, 23), (8, 8), False), ((2, 1, 12, 10, 9), (6, 5, 4), True)])

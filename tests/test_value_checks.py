@@ -176,3 +176,141 @@ def test_negative_weight_under_torch_compile_on_the_cpu():
 def test_extract_patches_meta_volume():
     with pytest.raises((ValueError, RuntimeError, NotImplementedError)):
         extract_patches(torch.rand(1, 4, 4, 4, device="meta"), C, (2, 2, 2)).sum().item()
+
+
+# ---- loose arguments: sizes, thresholds, float16 results, products in the accumulation dtype -------------------
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: calibrated_blend(P, None, C, "644"), "out_shape"),  # a string is not three sizes
+    (lambda: calibrated_blend(P, None, C, (6.5, 4, 4)), "out_shape"),  # 6.5 is refused, not truncated to 6
+    (lambda: calibrated_blend(P, None, C, (6, 4, float("nan"))), "out_shape"),
+    (lambda: calibrated_blend(P, None, C, (True, 4, 4)), "out_shape"),
+    (lambda: Blender("644", 1), "out_shape"),
+    (lambda: Blender((6.5, 4, 4), 1), "out_shape"),
+    (lambda: Blender(OUT, 1, window_shape=(4, 4, 3.5)), "window_shape"),
+    (lambda: sliding_window_inference(torch.rand(1, 1, 8, 8, 8), (6.5, 6, 6), 2, lambda w: w), "roi_size"),
+    (lambda: sliding_windows((8, 8.5), 4, 0.5), "image_shape"),
+])
+def test_non_integer_sizes_are_refused_by_name(call, name):
+    with pytest.raises(TypeError, match=name):
+        call()
+
+
+def test_integral_sizes_of_other_types_are_taken():
+    expected = calibrated_blend(P, None, C, OUT)
+    for out_shape in ((6.0, 4, 4), torch.tensor(OUT), torch.Size(OUT), [6, 4, 4]):
+        assert torch.equal(calibrated_blend(P, None, C, out_shape), expected)
+    x = torch.rand(1, 1, 8, 8, 8)
+    assert torch.equal(sliding_window_inference(x, (6.0, 6, 6), 2, torch.sin), sliding_window_inference(x, 6, 2, torch.sin))
+
+
+@pytest.mark.parametrize("slab_axis", [None, 0])
+def test_threshold_nan_is_refused(slab_axis):
+    # value >= nan is False everywhere: an all-False mask, not an answer
+    with pytest.raises(ValueError, match="threshold"):
+        sliding_window_inference(torch.rand(1, 1, 8, 8, 8), 4, 2, lambda w: w, reduce="threshold",
+                                 threshold=float("nan"), slab_axis=slab_axis)
+    with pytest.raises(ValueError, match="threshold"):
+        SlabBlender(OUT, 1, reduce="threshold", threshold=float("nan"))
+
+
+def test_weight_sum_exactly_at_the_float32_bound_is_accepted():
+    """check_sum_fits refuses sums *beyond* float32's largest value: two overlapping weights of max / 2 sum to
+    exactly max (finite, accepted, exact result); the next float32 above max / 2 is refused."""
+    half = torch.finfo(torch.float32).max / 2  # exact in float32
+    w = torch.tensor([half, half])
+    assert 2 * float(w[0]) == torch.finfo(torch.float32).max
+    for entry in (_blend, _blender, _slab):
+        out = entry(w, "weight")
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, _blend(torch.ones(2), "weight"))
+    above = torch.nextafter(w, torch.tensor(float("inf")))
+    for entry in (_blend, _blender, _slab):
+        with pytest.raises(ValueError, match="weights"):
+            entry(above, "weight")
+
+
+def test_float16_results_that_would_overflow_are_refused():
+    """float16 holds at most 65504: sums of float16 patches (normalize="none") or means with weights above 1
+    ("count") beyond it are refused by name instead of coming out inf; what fits is accepted."""
+    p16 = torch.full((2, 1, 4, 4, 4), 60000.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="patches: the float16 result would overflow"):
+        calibrated_blend(p16, None, C, OUT, normalize="none")  # 120,000 where the two overlap
+    with pytest.raises(ValueError, match="patches: the float16 result would overflow"):
+        calibrated_blend(p16, torch.tensor([2.0, 1.0]), C, OUT, normalize="count")
+    # what fits: no overlap, a mean, or sums below the bound (32,000 x 2 = 64,000 rounds to 64,000)
+    far = torch.tensor([[0, 0, 0], [4, 0, 0]])
+    assert calibrated_blend(p16, None, far, (8, 4, 4), normalize="none").float().amax() == 60000
+    for normalize in ("count", "weight"):
+        assert calibrated_blend(p16, None, C, OUT, normalize=normalize).float().amax() == 60000
+    assert calibrated_blend(torch.full_like(p16, 32000.0), None, C, OUT, normalize="none").float().amax() == 64000
+    # a 12-deep lattice (2 x 3 x 2 windows over a voxel): 5,400 x 12 fits, 5,500 x 12 does not
+    coords = sliding_windows((20, 18, 16), (8, 8, 8), 0.5).coords()
+    for value, fits in ((5400.0, True), (5500.0, False)):
+        p = torch.full((len(coords), 1, 8, 8, 8), value, dtype=torch.float16)
+        if fits:
+            assert calibrated_blend(p, None, coords, normalize="none").float().amax() == 12 * value
+        else:
+            with pytest.raises(ValueError, match="patches"):
+                calibrated_blend(p, None, coords, normalize="none")
+    # inf patches give inf: their own, not refused
+    pinf = p16.clone()
+    pinf[0, 0, 0, 0, 0] = float("inf")
+    assert calibrated_blend(pinf, None, far, (8, 4, 4), normalize="none").isinf().sum() == 1
+
+
+@pytest.mark.parametrize("slab_axis", [None, 0])
+def test_driver_float16_output_that_would_overflow_is_refused(slab_axis):
+    x = torch.full((1, 1, 8, 8, 8), 30000.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16 output would overflow"):
+        sliding_window_inference(x, 4, 2, lambda w: w, 0.5, normalize="none", slab_axis=slab_axis)
+    out = sliding_window_inference(x, 4, 2, lambda w: w, 0.5, slab_axis=slab_axis)  # the mean fits
+    assert out.dtype == torch.float16 and torch.equal(out, x)
+
+
+@pytest.mark.parametrize("normalize", ["count", "weight"])
+def test_patch_times_grid_formed_in_float64_for_float64_inputs(normalize):
+    """float32 scores for a float64 input: their product is formed in float64 (the accumulation dtype), as
+    calibrated_blend of the float64 product gives; formed in float32 it was 1.2e-8 off ("count")."""
+    x = torch.rand(1, 1, 12, 10, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    patch, grid = torch.rand(100, generator=gen) * 0.9 + 0.1, torch.rand(100, 2, 2, 2, generator=gen) * 0.9 + 0.1
+    seen = [0]
+
+    def pred(w):
+        i, n = seen[0], len(w)
+        seen[0] += n
+        return CalibratedOutput(w.sin(), patch[i:i + n], grid[i:i + n])
+
+    got = sliding_window_inference(x, 6, 4, pred, 0.5, weighting="patch*grid", normalize=normalize)
+    coords = sliding_windows((12, 10, 8), (6, 6, 6), 0.5).coords()
+    n = len(coords)
+    ref = calibrated_blend(extract_patches(x[0], coords, (6, 6, 6)).sin(),
+                           patch[:n].double().view(-1, 1, 1, 1) * grid[:n].double(), coords, (12, 10, 8),
+                           normalize=normalize)
+    torch.testing.assert_close(got[0], ref, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["sw_device", "device"])
+def test_driver_meta_or_unavailable_devices_are_refused_by_name(name):
+    # sw_device="meta" failed in a copy ("Cannot copy out of meta tensor"); device="meta" returned a meta tensor
+    x = torch.rand(1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match=f"{name}='meta'"):
+        sliding_window_inference(x, 4, 2, lambda w: w, **{name: "meta"})
+    if not torch.cuda.is_available():  # a CPU torch: an error naming the argument, not torch's AssertionError
+        with pytest.raises(ValueError, match=f"{name}='cuda' is not available"):
+            sliding_window_inference(x, 4, 2, lambda w: w, **{name: "cuda"})
+
+
+def test_driver_bound_counts_every_window_of_a_batch():
+    """The weight-sum bound adds the importance peak once per window: one batch of 8 windows (2 x 2 x 2, all
+    covering the centre) with a roi_weight_map peak of 1e38 can sum to 8e38 > float32's 3.4e38: refused (counted
+    once per batch it would pass as 1e38)."""
+    x = torch.rand(1, 1, 6, 6, 6)
+    assert len(sliding_windows((6, 6, 6), (4, 4, 4), 0.5).coords()) == 8
+    peak = torch.full((4, 4, 4), 1.0)
+    peak[2, 2, 2] = 1e38
+    with pytest.raises(ValueError, match="weights"):
+        sliding_window_inference(x, 4, 8, lambda w: w, 0.5, roi_weight_map=peak)
+    peak[2, 2, 2] = 4e37  # 8 x 4e37 = 3.2e38 fits
+    assert torch.isfinite(sliding_window_inference(x, 4, 8, lambda w: w, 0.5, roi_weight_map=peak)).all()

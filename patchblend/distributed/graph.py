@@ -24,6 +24,7 @@ from dask.array.core import normalize_chunks
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import CalibratedOutput
+from .._validate import check_threshold
 from ..inference.confidence import PredictionWithConfidence
 from ..inference.options import check_blend_options
 from .plan import BlockPlan, block_plan
@@ -266,7 +267,7 @@ def sliding_window_inference(
         cval=float(cval), weighting=weighting, normalize=normalize,
         lattice=strict and not (normalize == "weight" and weighting is not None and weigh_prediction), strict=strict,
         confidence=confidence, weigh_prediction=weigh_prediction,
-        reduce=reduce, threshold=float(threshold), label_dtype=label_dtype,
+        reduce=reduce, threshold=check_threshold(threshold), label_dtype=label_dtype,
         out_dtype=in_dtype if in_dtype.is_floating_point else None, out_channels=out_channels, device=device,
         sw_device=sw_device, with_coord=bool(with_coord), kwargs=tuple(kwargs.items()),
     )

@@ -147,8 +147,9 @@ def assemble_region(pieces: Sequence[np.ndarray], offsets: Sequence[Tuple[int, .
 
 
 # ---- the block ---------------------------------------------------------------------------------------------------
-def _parse(out, n: int, roi, nd: int, weighting):
-    """Predictor output → (seg [n, C, *roi], weights or None), checked as the driver checks it."""
+def _parse(out, n: int, roi, nd: int, weighting, acc: torch.dtype):
+    """Predictor output → (seg [n, C, *roi], weights or None), checked as the driver checks it (``patch * grid``
+    formed in the accumulation dtype ``acc`` or wider, as the driver forms it)."""
     patch = grid = None
     if isinstance(out, CalibratedOutput):
         seg, patch, grid = out.seg, out.patch, out.grid
@@ -189,7 +190,7 @@ def _parse(out, n: int, roi, nd: int, weighting):
     grid = grid if uses_grid else None
     if patch is None or grid is None:
         return seg, (grid if patch is None else patch)
-    dt = torch.promote_types(torch.promote_types(patch.dtype, grid.dtype), torch.float32)
+    dt = torch.promote_types(torch.promote_types(patch.dtype, grid.dtype), acc)
     return seg, patch.reshape(-1, *([1] * nd)).to(dt) * grid.to(dt)
 
 
@@ -269,7 +270,7 @@ def _run_block(call, block, region, predictor, roi_weight_map):
             out = predictor(win, slices, **kwargs)
         else:
             out = predictor(win, **kwargs)
-        seg, w = _parse(out, b1 - b0, roi, nd, call.weighting)
+        seg, w = _parse(out, b1 - b0, roi, nd, call.weighting, acc)
         if blender is None:
             if channels is not None and seg.shape[1] != channels:
                 raise ValueError(f"the predictor returned {seg.shape[1]} channels but out_channels={channels}")

@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .._reference import expand_grid_weights
-from .._validate import prepare_weights
+from .._validate import check_half_result, prepare_weights
 from ..ops import calibrated_blend, coverage_on, empty_output, zeros_output
 from .blender import Blender, LatticeBlender, SlabBlender, _make_safe_, compact_label_dtype, check_label_dtype
 from .windows import WindowGrid
@@ -112,6 +112,8 @@ def _finish_values(result: torch.Tensor, s: BlendSettings, out_dtype) -> torch.T
         return result.argmax(1, keepdim=True).to(s.label_dtype)
     if s.reduce == "threshold":
         return result >= s.threshold
+    if out_dtype == torch.float16 and result.dtype != out_dtype:
+        check_half_result(result, "inputs (float16, the output's dtype)")
     return result if result.dtype == out_dtype else result.to(out_dtype)
 
 
@@ -298,9 +300,11 @@ class TorchAccumulator(_Accumulator):
                 if imp is not None:
                     wv = wv * imp
                 wv = wv[tuple(win_sl)]
-                self.num[b][(slice(None), *out_sl)] += seg[k][(slice(None), *win_sl)] * wv
+                # add_ on the view, not `view[...] += ...`: Python's augmented assignment writes the sum back
+                # with a second in-place copy, which autograd refuses when the slice is the whole (leaf) buffer
+                self.num[b][(slice(None), *out_sl)].add_(seg[k][(slice(None), *win_sl)] * wv)
                 if self.den is not None:
-                    self.den[b][tuple(out_sl)] += 1.0 if s.normalize == "count" else wv
+                    self.den[b][tuple(out_sl)].add_(1.0 if s.normalize == "count" else wv)
                 k += 1
 
     def _values(self):

@@ -112,8 +112,9 @@ class ScoreChecks:
         check_sum_fits("window weights (scores x importance map)", float(self.sum_bound), self.acc)
 
 
-def _scores(patch, grid, n: int, nd: int, segs, weighting, check) -> Optional[torch.Tensor]:
-    """The calibrated weights ``weighting`` asks for: patch ``[n]``, grid ``[n, *G]`` or their product."""
+def _scores(patch, grid, n: int, nd: int, segs, weighting, check, acc: torch.dtype) -> Optional[torch.Tensor]:
+    """The calibrated weights ``weighting`` asks for: patch ``[n]``, grid ``[n, *G]`` or their product (formed in
+    the accumulation dtype ``acc`` or wider)."""
     uses_patch = weighting in ("patch", "patch*grid")
     uses_grid = weighting in ("grid", "patch*grid")
     if uses_patch:
@@ -142,17 +143,20 @@ def _scores(patch, grid, n: int, nd: int, segs, weighting, check) -> Optional[to
         return grid if uses_grid else None
     if not uses_grid:
         return patch
-    # the product in at least float32 (half scores would underflow or overflow in it), checked again: each
-    # factor is finite, their product may not be
-    dt = torch.promote_types(torch.promote_types(patch.dtype, grid.dtype), torch.float32)
+    # the product in at least the accumulation dtype (half scores would underflow or overflow in it; float32 scores
+    # multiplied in float32 for a float64 accumulation would be rounded once more), checked again: each factor is
+    # finite, their product may not be
+    dt = torch.promote_types(torch.promote_types(patch.dtype, grid.dtype), acc)
     w = patch.reshape(-1, *([1] * nd)).to(dt) * grid.to(dt)
     check("patch_scores * grid_scores", w)
     return w
 
 
-def parse_output(out: Any, n: int, nd: int, weighting, check: Callable = _check_finite_nonnegative) -> Prediction:
+def parse_output(out: Any, n: int, nd: int, weighting, check: Callable = _check_finite_nonnegative,
+                 acc: torch.dtype = torch.float32) -> Prediction:
     """Predictor output → :class:`Prediction`. ``check(name, scores)`` checks the values of the scores in use
-    (finite, >= 0). With ``weighting`` set the output must be a :class:`~patchblend.CalibratedOutput`."""
+    (finite, >= 0); ``acc`` is the accumulation dtype (``patch * grid`` is formed in it, or wider). With
+    ``weighting`` set the output must be a :class:`~patchblend.CalibratedOutput`."""
     if type(out) is torch.Tensor and weighting is None:  # the common case, a few attribute reads per batch
         check_segs((out,), n, nd)
         return Prediction((out,), None, True, None)
@@ -169,7 +173,7 @@ def parse_output(out: Any, n: int, nd: int, weighting, check: Callable = _check_
     what = "predictor output seg" if isinstance(out, CalibratedOutput) else "predictor output"
     keys, segs, single = flatten_outputs(seg_out, what)
     check_segs(segs, n, nd, what)
-    weights = _scores(patch, grid, n, nd, segs, weighting, check) if weighting is not None else None
+    weights = _scores(patch, grid, n, nd, segs, weighting, check, acc) if weighting is not None else None
     return Prediction(segs, keys, single, weights)
 
 

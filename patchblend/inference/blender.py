@@ -21,8 +21,8 @@ import torch
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
 from .._validate import (NORMALIZE_MODES, _check_finite_nonnegative, _check_float_tensor, accumulation_dtype,
-                         check_not_meta, check_sum_fits, prepare_blend_args, prepare_weights_and_max,
-                         resolve_device)
+                         as_sizes, check_half_result, check_not_meta, check_sum_fits, check_threshold, prepare_blend_args,
+                         prepare_weights_and_max, resolve_device)
 from .._reference import lattice_axes
 from .confidence import ConfidenceTerms, PredictionWithConfidence, check_confidence_options
 from .windows import WindowGrid, lattice_tables
@@ -154,14 +154,14 @@ class _BlendCore:
     check_values: bool = True
 
     def __init__(self, out_shape, channels, window_shape, normalize, importance, device, dtype):
-        self.out_shape = tuple(int(s) for s in out_shape)
+        self.out_shape = as_sizes("out_shape", out_shape)
         self.nd = len(self.out_shape)
         if self.nd not in (2, 3) or any(s < 0 for s in self.out_shape):
             raise ValueError(f"out_shape must be 2 or 3 non-negative ints, got {out_shape}")
         self.channels = int(channels)
         if self.channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
-        self.window_shape = None if window_shape is None else tuple(int(s) for s in window_shape)
+        self.window_shape = None if window_shape is None else as_sizes("window_shape", window_shape)
         if self.window_shape is not None and (len(self.window_shape) != self.nd or min(self.window_shape) < 1):
             raise ValueError(f"window_shape must be {self.nd} positive ints, got {window_shape}")
         if normalize not in NORMALIZE_MODES:
@@ -672,7 +672,7 @@ class SlabBlender(_BlendCore):
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
         self.reduce = reduce
-        self.threshold = float(threshold)
+        self.threshold = check_threshold(threshold)
         self.label_dtype = label_dtype
         out_device = torch.device(out_device) if out_device is not None else self.device
         self._widen_to = None  # argmax labels kept compact while the slab exists (see compact_label_dtype)
@@ -803,6 +803,8 @@ class SlabBlender(_BlendCore):
 
     def _write(self, values: torch.Tensor, stop: int) -> None:
         values = _reduce(values, self.reduce, self.threshold, self.label_dtype)
+        if self.out.dtype == torch.float16 and values.dtype != torch.float16:
+            check_half_result(values, "out_dtype (float16)")
         self.out[self._along(self.lo, stop, True)] = values.to(self.out.device)
         self.lo = stop
 

@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .._validate import as_sizes
+
 __all__ = ["constant_importance", "monai_gaussian", "nnunet_gaussian", "importance_map", "IMPORTANCE_MODES"]
 
 IMPORTANCE_MODES = ("constant", "gaussian", "nnunet")
@@ -24,7 +26,7 @@ IMPORTANCE_MODES = ("constant", "gaussian", "nnunet")
 def _shape(shape: Union[Sequence[int], int], name: str = "shape") -> tuple:
     if isinstance(shape, int):
         shape = (shape,)
-    shape = tuple(int(s) for s in shape)
+    shape = as_sizes(name, shape)
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"{name} must be one or more positive ints, got {shape}")
     return shape

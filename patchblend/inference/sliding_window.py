@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import _check_finite_nonnegative, resolve_device
+from .._validate import _check_finite_nonnegative, as_size, check_threshold, resolve_data_device
 from ._accumulators import BlendSettings, CoverageConfidence, make_accumulator, output_geometry
 from ._predictions import WEIGHTINGS, Prediction, ScoreChecks, apply_process_fn, pack_outputs, parse_output
 from .blender import check_label_dtype
@@ -79,11 +79,8 @@ def _resolve_roi(roi_size, image_size, nd: int):
         raise TypeError(f"roi_size must be an int or a sequence of {nd} ints, got {roi_size!r}")
     out = []
     for r, s in zip(roi, image_size):
-        if r is not None and not isinstance(r, int):
-            try:
-                r = int(r)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"roi_size entries must be ints or None, got {roi_size!r}") from exc
+        if r is not None:
+            r = as_size("roi_size", r)  # (64.0 is 64; 6.5 is refused, not truncated)
         out.append(int(s) if r is None or r <= 0 else r)  # None / non-positive: the full axis (MONAI)
     return tuple(out)
 
@@ -301,8 +298,9 @@ def _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sig
         roi=roi, overlaps=overlaps, sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=sigma_scale,
         padding_mode=padding_mode, weighting=weighting, normalize=normalize, placement=placement,
         slab_axis=slab_axis, buffer_steps=int(buffer_steps) if buffered else None, order_axis=order_axis,
-        reduce=reduce, threshold=float(threshold), label_dtype=label_dtype,
-        device=resolve_device(device, inputs.device), sw_device=resolve_device(sw_device, inputs.device),
+        reduce=reduce, threshold=check_threshold(threshold), label_dtype=label_dtype,
+        device=resolve_data_device("device", device, inputs.device),
+        sw_device=resolve_data_device("sw_device", sw_device, inputs.device),
         acc=torch.float64 if x.dtype == torch.float64 else torch.float32,
         confidence=confidence, weigh_prediction=weigh_prediction,
     )
@@ -626,7 +624,8 @@ def sliding_window_inference(
     Args:
         inputs: ``[B, C_in, *S]`` with one or more spatial axes (2D and 3D run on the compiled kernels; 1D and 4D+
             on a plain PyTorch path). A MONAI ``MetaTensor`` gives ``MetaTensor`` outputs with its metadata.
-        roi_size: window size, an int or one per spatial axis; entries ``None`` or ``<= 0`` mean the full axis.
+        roi_size: window size, an int or one per spatial axis; entries ``None`` or ``<= 0`` mean the full axis
+            (whole numbers: ``64.0`` is 64, ``6.5`` a ``TypeError``).
             A window larger than the image pads the image (``padding_mode``, ``cval``), as MONAI does, and the
             output is cropped back.
         sw_batch_size: windows per predictor call (windows of consecutive images may share a call, as in MONAI).
@@ -645,7 +644,8 @@ def sliding_window_inference(
         padding_mode: ``"constant"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (when roi > image).
         cval: fill value for constant padding.
         sw_device: where the windows and the predictor run (default: ``inputs.device``).
-        device: where the output is accumulated and returned (default: ``inputs.device``).
+        device: where the output is accumulated and returned (default: ``inputs.device``). Either one ``"meta"`` or
+            a device this torch cannot use (``"cuda"`` on a CPU build) is a ``ValueError`` naming it.
         progress: show a tqdm progress bar (tqdm is imported only then).
         roi_weight_map: optional precomputed importance ``[*roi]`` (non-negative), replacing ``mode``'s.
         process_fn: MONAI's ``process_fn(outputs tuple, windows, importance [*roi]) -> (outputs, weight_map)``: the
@@ -678,7 +678,7 @@ def sliding_window_inference(
         reduce: ``None``, ``"argmax"`` (labels ``[B, 1, *S]`` in ``label_dtype``) or ``"threshold"``
             (``[B, C, *S]`` bool, ``value >= threshold``); in slab mode applied slab by slab, so the full float
             output never exists. Applied to every output.
-        threshold: for ``reduce="threshold"``.
+        threshold: for ``reduce="threshold"`` (a real number; NaN is an error).
         label_dtype: dtype of argmax labels. In slab mode they are held in the smallest integer dtype that fits
             (uint8 up to 256 classes) until the last slab is freed, then widened: int64 labels do not raise the
             peak.
@@ -738,7 +738,7 @@ def sliding_window_inference(
             out = predictor(windows, _window_slices(plan, segments), *args, **kwargs)
         else:
             out = predictor(windows, *args, **kwargs)
-        pred = parse_output(out, g1 - g0, call.nd, call.weighting, outputs.checks)
+        pred = parse_output(out, g1 - g0, call.nd, call.weighting, outputs.checks, call.acc)
         if process_fn is not None:
             pred = apply_process_fn(process_fn, pred, windows, outputs.process_fn_importance(), call.roi,
                                     outputs.checks)

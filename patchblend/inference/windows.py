@@ -25,6 +25,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._validate import as_sizes
+
 __all__ = ["WindowGrid", "sliding_windows", "window_starts", "nnunet_starts", "WINDOW_STYLES"]
 
 WINDOW_STYLES = ("monai", "nnunet")
@@ -192,13 +194,13 @@ def sliding_windows(
         >>> sliding_windows((192,), 80, style="nnunet", tile_step_size=0.5).starts
         ((0, 37, 75, 112),)
     """
-    image_shape = tuple(int(s) for s in image_shape)
+    image_shape = as_sizes("image_shape", image_shape)
     nd = len(image_shape)
     if nd < 1:
         raise ValueError("image_shape must have at least one axis")
     if isinstance(window_shape, int):
         window_shape = (window_shape,) * nd
-    window_shape = tuple(int(s) for s in window_shape)
+    window_shape = as_sizes("window_shape", window_shape)
     if len(window_shape) != nd:
         raise ValueError(f"window_shape must have {nd} entries to match image_shape {image_shape}, got {window_shape}")
     if style not in WINDOW_STYLES:

@@ -11,7 +11,8 @@ COMMANDS = ("demo", "study", "train", "calibrate", "evaluate", "phantom")
 
 
 def _phantom(argv):
-    from .phantom import PHANTOM_PRESETS, phantom_preset, write_phantom_set
+    from .data import InputError
+    from .phantom import PHANTOM_PRESETS, check_downsample, phantom_preset, write_phantom_set
     from .train import check_out_folder
 
     p = argparse.ArgumentParser(prog="python -m patchblend.examples.cib phantom",
@@ -25,9 +26,8 @@ def _phantom(argv):
     a = p.parse_args(argv)
     check_out_folder(a.out)
     if a.n_two < 0 or a.n_single < 0:
-        p.error("--n-two and --n-single must be >= 0")
-    if not a.downsample > 0:
-        p.error("--downsample must be > 0")
+        raise InputError(f"--n-two and --n-single must be >= 0, got {a.n_two} and {a.n_single}")
+    check_downsample(a.downsample)
     for f in write_phantom_set(a.out, a.n_two, a.n_single, a.seed, phantom_preset(a.preset, downsample=a.downsample),
                                progress=True):
         print(f)

@@ -61,6 +61,26 @@ class Case:
     original_shape: Tuple[int, ...]
 
 
+def check_spacing(spacing: Optional[float]) -> None:
+    """``spacing`` (``--spacing``) is None or a finite voxel size > 0 (mm); else :class:`InputError`."""
+    if spacing is not None and not (0 < spacing < float("inf")):
+        raise InputError(f"--spacing (the voxel size to resample to, mm) must be a finite number > 0, got {spacing}")
+
+
+def check_device(device: str, option: str = "--device") -> torch.device:
+    """``device`` as a ``torch.device`` this torch can use; else :class:`InputError` naming ``option`` (``cuda``
+    on a CPU build of torch, an unknown name, a GPU index that does not exist)."""
+    try:
+        d = torch.device(device)
+        torch.empty(0, device=d)  # torch's own check: compiled with CUDA, a device present
+    except (RuntimeError, AssertionError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{option} {device!r} is not available here ({first})") from None
+    if d.type == "meta":
+        raise InputError(f"{option} {device!r} holds shapes without data; use cpu or cuda")
+    return d
+
+
 def find_cases(root: str) -> List[str]:
     """Case folders directly under ``root`` (sorted): those holding a FLAIR (folders without one are
     not cases and are passed over).
@@ -86,7 +106,8 @@ def find_cases(root: str) -> List[str]:
 
 
 def _read_nifti(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """``(data float32, affine)`` of a NIfTI file; an unreadable file raises :class:`InputError`."""
+    """``(data float32, affine)`` of a NIfTI file; an unreadable file, or one with NaN or infinite voxels (which
+    would make the whole z-scored volume NaN and every score 0), raises :class:`InputError`."""
     import nibabel as nib
 
     try:
@@ -97,6 +118,10 @@ def _read_nifti(path: str) -> Tuple[np.ndarray, np.ndarray]:
         raise InputError(f"cannot read {path!r} as NIfTI ({type(e).__name__}: {first})") from None
     if data.ndim != 3:
         raise InputError(f"{path!r} holds a {data.ndim}D image {data.shape}; a 3D volume is needed")
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise InputError(f"{path!r} holds {bad} NaN or infinite voxel(s); fix or mask them (e.g. set them to 0) "
+                         "before using the case")
     return data, np.array(img.affine, dtype=np.float64)
 
 
@@ -152,8 +177,7 @@ def load_case(folder: str, spacing: Optional[float] = None, margin: int = 2, cro
     if spacing is not None:
         from scipy import ndimage
 
-        if not spacing > 0:
-            raise ValueError(f"spacing must be > 0, got {spacing}")
+        check_spacing(spacing)
         zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
         factors = zooms / float(spacing)
         t1 = ndimage.zoom(t1, factors, order=1)

@@ -46,7 +46,7 @@ from patchblend.head_metrics import head_quality
 from patchblend.inference import sliding_window_inference
 from patchblend.targets import dice_targets
 
-from .data import Case, InputError, load_cases, network_input
+from .data import Case, InputError, check_device, check_spacing, load_cases, network_input
 from .metrics import METRIC_NAMES, evaluate_case
 from .model import OUTPUT_NEW, head_scores
 
@@ -486,7 +486,8 @@ def main(argv=None):
     p.add_argument("--blendings", default="all",
                    help="comma-separated methods: average, gaussian, HEADS:WEIGHTING (HEADS in "
                         + ",".join(HEAD_SETS[1:]) + "; WEIGHTING in " + ",".join(WEIGHTINGS) + "), or all")
-    p.add_argument("--roi", type=int, default=0, help="window size (default: the training patch size)")
+    p.add_argument("--roi", type=int, default=None,
+                   help="window size, a positive multiple of 16 (default: the training patch size)")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--sw-batch-size", type=int, default=4)
     p.add_argument("--spacing", type=float, default=None)
@@ -495,8 +496,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     check_out_folder(args.out)
     check_overlap(args.overlap)
-    if args.roi:
+    if args.roi is not None:  # (0 is an error, not the default)
         check_roi(args.roi)
+    check_spacing(args.spacing)
+    check_device(args.device)
     if args.sw_batch_size < 1:
         raise InputError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
     if not os.path.isdir(args.data):
@@ -509,7 +512,7 @@ def main(argv=None):
         methods = [m for m in METHODS if m[0] in available]
     else:
         methods = parse_methods(args.blendings.split(","), available)
-    roi = (args.roi or cfg.patch,) * 3
+    roi = (cfg.patch if args.roi is None else args.roi,) * 3
     cases = load_cases(args.data, spacing=args.spacing)
     singles = [c.name for c in cases if c.single]
     if singles:

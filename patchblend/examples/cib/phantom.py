@@ -98,14 +98,28 @@ def _template_dir() -> str:
     return os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
 
 
+#: phantom voxel sizes taken (mm): the template is 1 mm, so finer only interpolates and costs memory as
+#: 1 / downsample³ (1e-6 mm would ask for terabytes); beyond 10 mm the brain is under 20 voxels across
+DOWNSAMPLE_RANGE = (0.5, 10.0)
+
+
+def check_downsample(downsample: float) -> None:
+    """``downsample`` (``--downsample``, the phantom voxel size in mm) within :data:`DOWNSAMPLE_RANGE`, else
+    :class:`~.data.InputError`."""
+    from .data import InputError
+
+    lo, hi = DOWNSAMPLE_RANGE
+    if not lo <= downsample <= hi:
+        raise InputError(f"--downsample (the phantom voxel size, mm) must lie in [{lo:g}, {hi:g}], got {downsample}")
+
+
 @lru_cache(maxsize=4)
 def load_tissue_maps(downsample: float = 2.5) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(brain, csf, gm, wm, affine)`` of the MNI152 2009a template cropped to the brain (+4 mm) and
     resampled to ``downsample`` mm voxels; maps are float32 in [0, 1], ``[D, H, W]``."""
     import nibabel as nib
 
-    if not downsample > 0:
-        raise ValueError(f"downsample must be > 0, got {downsample}")
+    check_downsample(downsample)
     d = _template_dir()
     paths = [os.path.join(d, _TEMPLATE.format(n)) for n in ("t1", "gm", "wm")]
     if all(os.path.exists(p) for p in paths):

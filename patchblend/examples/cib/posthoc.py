@@ -20,7 +20,7 @@ from torch import nn
 from patchblend.calibration import collect_calibration_data, fit_heads
 from patchblend.heads import AwareGridHead, AwarePatchHead, GridHead, PatchHead
 
-from .data import Case, InputError, load_cases, network_input
+from .data import Case, InputError, check_device, load_cases, network_input
 from .model import OUTPUT_NEW, CIBVNet, head_scores
 
 __all__ = ["window_batches", "HeadAdapter", "fit_posthoc_heads", "save_heads", "load_heads", "POSTHOC_KINDS"]
@@ -184,9 +184,10 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="held-out two-time-point cases (not the test cases)")
     p.add_argument("--out", default="posthoc_heads.pt", help="file to write")
     p.add_argument("--kinds", default="aware,paper", help="head kinds to fit: aware, paper")
-    p.add_argument("--roi", type=int, default=0, help="window size (default: the training patch size)")
+    p.add_argument("--roi", type=int, default=None,
+                   help="window size, a positive multiple of 16 (default: the training patch size)")
     p.add_argument("--overlap", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=0, help="epochs for every kind (default: aware 300, paper 10)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for every kind (default: aware 300, paper 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temper", action=argparse.BooleanOptionalAction, default=True,
                    help="also choose the weight powers of the tempered head sets on these cases")
@@ -197,8 +198,11 @@ def main(argv=None):
     if bad or not kinds:
         raise InputError(f"--kinds must name some of {','.join(POSTHOC_KINDS)}, got {args.kinds!r}")
     check_overlap(args.overlap)
-    if args.roi:
+    if args.roi is not None:  # (0 is an error, not the default)
         check_roi(args.roi)
+    if args.epochs is not None and args.epochs < 1:
+        raise InputError(f"--epochs must be an int >= 1, got {args.epochs}")
+    check_device(args.device)
     if os.path.isdir(args.out):
         raise InputError(f"--out {args.out!r} is a folder; name the file to write")
     if not os.path.isdir(args.data):
@@ -207,10 +211,10 @@ def main(argv=None):
     cases = [c for c in load_cases(args.data) if not c.single]
     if not cases:
         raise InputError(f"--data {args.data!r} holds no two-time-point cases")
-    epochs = {k: args.epochs for k in kinds} if args.epochs else None
-    heads = fit_posthoc_heads(model, cases, kinds, (args.roi or cfg.patch,) * 3, args.overlap, epochs,
+    epochs = {k: args.epochs for k in kinds} if args.epochs is not None else None
+    roi = (cfg.patch if args.roi is None else args.roi,) * 3
+    heads = fit_posthoc_heads(model, cases, kinds, roi, args.overlap, epochs,
                               seed=args.seed, device=args.device, progress=True)
-    roi = (args.roi or cfg.patch,) * 3
     exps = choose_exponents(model, heads, cases, roi, args.overlap, device=args.device) if args.temper else {}
     if exps:
         print("weight powers: " + ", ".join(f"{h}:{w} {g}" for (h, w), g in exps.items()))

@@ -30,11 +30,11 @@ import torch
 from patchblend.losses import calibration_loss, soft_dice_loss
 from patchblend.targets import dice_targets
 
-from .data import Case, InputError, MixedBatchSampler, load_cases
+from .data import Case, InputError, MixedBatchSampler, check_device, check_spacing, load_cases
 from .model import OUTPUT_NEW, OUTPUT_T1, OUTPUT_T2, CIBVNet
 
 __all__ = ["TrainConfig", "train", "compute_losses", "build_model", "load_checkpoint", "read_checkpoint",
-           "config_of", "learning_rate", "add_config_arguments", "config_from_args", "check_out_folder"]
+           "config_of", "learning_rate", "add_config_arguments", "config_from_args", "check_out_folder", "check_config"]
 
 
 @dataclass
@@ -143,6 +143,50 @@ def compute_losses(out, y: torch.Tensor, single: torch.Tensor, grid: Sequence[in
     return total, parts
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Every setting of ``cfg`` in range, or :class:`~.data.InputError` naming its option (one line on the command
+    line), before anything is loaded or allocated."""
+    def refuse(field: str, rule: str):
+        raise InputError(f"--{field.replace('_', '-')} must be {rule}, got {getattr(cfg, field)!r}")
+
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+
+    if cfg.width < 1:
+        refuse("width", "an int >= 1")
+    if cfg.patch < 16 or cfg.patch % 16:
+        refuse("patch", "a positive multiple of 16 (the V-Net downsamples 4 times)")
+    if not 1 <= cfg.grid <= cfg.patch:
+        refuse("grid", f"an int in [1, --patch] = [1, {cfg.patch}] (grid cells per axis of a patch)")
+    for field in ("batch_two", "batch_single", "stage1_iters", "stage2_iters", "ckpt_every", "threads"):
+        if getattr(cfg, field) < 0:
+            refuse(field, "an int >= 0")
+    if cfg.batch_two + cfg.batch_single < 1:
+        raise InputError(f"--batch-two and --batch-single must sum to at least 1, got {cfg.batch_two} and "
+                         f"{cfg.batch_single}")
+    if not (finite(cfg.lesion_prob) and 0 <= cfg.lesion_prob <= 1):
+        refuse("lesion_prob", "a probability in [0, 1]")
+    if not (finite(cfg.lr) and cfg.lr > 0):
+        refuse("lr", "a finite number > 0")
+    for field in ("weight_decay", "lambda_patch", "lambda_grid"):
+        if not (finite(getattr(cfg, field)) and getattr(cfg, field) >= 0):
+            refuse(field, "a finite number >= 0")
+    check_spacing(cfg.spacing)
+    check_device(cfg.device)
+
+
+def check_patch_fits_cases(patch: int, cases: Sequence[Case]) -> None:
+    """A training patch larger than every case along every axis would be mostly zero padding, and the network's
+    memory grows as ``patch³`` (``--patch 512`` on the phantoms asks for about 24 GB): refuse it by name, before
+    anything is allocated (a patch of 16, the smallest, is always taken)."""
+    largest = max(max(c.t1.shape) for c in cases)
+    if patch > max(largest, 16):
+        shapes = sorted({"x".join(map(str, c.t1.shape)) for c in cases})
+        raise InputError(f"--patch {patch} is larger than every case (largest extent {largest} voxels; shapes "
+                         f"{', '.join(shapes[:3])}{', ...' if len(shapes) > 3 else ''}): crops would be mostly zero "
+                         f"padding and memory grows as patch^3; use --patch {max(largest // 16 * 16, 16)} or less")
+
+
 def learning_rate(cfg: TrainConfig, iteration: int) -> float:
     """Learning rate of iteration ``iteration`` (0-based): ``lr · (1 − iteration / total) ** 0.9`` over
     both stages with ``lr_decay`` (the paper's polynomial decay), else ``lr``."""
@@ -197,10 +241,7 @@ def train(cfg: TrainConfig, cases: Optional[List[Case]] = None, log=print) -> st
     ``cases`` may be given directly (already loaded); otherwise they are read from ``cfg.data``
     (and ``cfg.single_data``).
     """
-    if cfg.patch % 16:
-        raise ValueError(f"patch must be a multiple of 16, got {cfg.patch}")
-    if cfg.stage1_iters < 0 or cfg.stage2_iters < 0:
-        raise ValueError(f"stage1_iters and stage2_iters must be >= 0, got {cfg.stage1_iters}, {cfg.stage2_iters}")
+    check_config(cfg)  # (InputError is a ValueError)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -211,6 +252,10 @@ def train(cfg: TrainConfig, cases: Optional[List[Case]] = None, log=print) -> st
         cases = load_cases(cfg.data, spacing=cfg.spacing, progress=cfg.progress)
         if cfg.single_data:
             cases += load_cases(cfg.single_data, spacing=cfg.spacing, progress=cfg.progress)
+    if not cases:
+        raise InputError(f"--data {cfg.data!r} holds no cases (folders with a FLAIR and ground_truth.nii.gz)"
+                         if cfg.data else "no cases to train on")
+    check_patch_fits_cases(cfg.patch, cases)
     two, single = _split(cases)
     sampler = MixedBatchSampler(two, single, (cfg.patch,) * 3, cfg.batch_two, cfg.batch_single,
                                 cfg.lesion_prob, seed=cfg.seed)
@@ -303,8 +348,7 @@ def main(argv=None) -> str:
     cfg = config_from_args(p.parse_args(argv))
     if not cfg.data:
         p.error("--data is required")
-    if cfg.patch < 16 or cfg.patch % 16:
-        raise InputError(f"--patch must be a positive multiple of 16, got {cfg.patch}")
+    check_config(cfg)
     check_out_folder(cfg.out)
     if not os.path.isdir(cfg.data):
         raise InputError(f"--data {cfg.data!r} is not an existing folder")
