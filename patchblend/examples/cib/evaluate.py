@@ -362,8 +362,10 @@ def format_table(summary: List[dict]) -> str:
     return "\n".join(lines)
 
 
-#: The gated row the example's claims are about, fixed before its first test run (τ by :data:`.gating.GATE_RULE`).
-PRIMARY_GATED = "aware-posthoc:gate-lesion"
+#: The gated row the example's claims are about, fixed before its first test run on the calibration cases'
+#: evidence only (τ by :data:`.gating.GATE_RULE`): the mean grid confidence separated their true lesions from
+#: false positives better (AUROC 0.86) than the cross-fitted lesion head (0.81-0.83).
+PRIMARY_GATED = "aware-posthoc:gate-grid"
 #: Share of average's detected lesions a row must keep to be "best" (:func:`best_row`).
 LESION_FLOOR = 0.95
 

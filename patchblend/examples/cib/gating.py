@@ -119,10 +119,10 @@ def component_truth(ids: np.ndarray, label: np.ndarray) -> np.ndarray:
 
 
 class LesionHead:
-    """Logistic regression on standardized :data:`FEATURES` (L2 penalty ``l2``), fitted with L-BFGS:
+    """Logistic regression on standardized :data:`FEATURES` (L2 penalty ``l2``; 1.0: the best of 0.01, 0.1, 1 in a 4-fold cross-fit on the demo's calibration cases), fitted with L-BFGS:
     the probability that a component of average's prediction is a true lesion."""
 
-    def __init__(self, mean=None, std=None, weight=None, bias: float = 0.0, l2: float = 1e-2):
+    def __init__(self, mean=None, std=None, weight=None, bias: float = 0.0, l2: float = 1.0):
         self.mean, self.std, self.weight, self.bias, self.l2 = mean, std, weight, float(bias), float(l2)
 
     def fit(self, features: np.ndarray, truth: np.ndarray) -> "LesionHead":
