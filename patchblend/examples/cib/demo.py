@@ -14,6 +14,10 @@
    ``DIR/reliability.png`` and ``DIR/summary.txt``;
 5. with ``sweep`` (default on), evaluates the intermediate checkpoints too (``DIR/training_length.csv``).
 
+With ``gate`` (default on) step 3 also fits the gated rows' lesion heads and thresholds τ on the
+calibration cases (:mod:`.gating`) and step 4 evaluates the gated rows; the figure then shows the
+primary gated row (:data:`.evaluate.PRIMARY_GATED`) beside average.
+
 The primary calibrated method, declared before any run, is ``aware-posthoc:patch*grid``; the summary
 compares it (and the best of the predicted-weight rows) with ``average`` and ``gaussian``.
 
