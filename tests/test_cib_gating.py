@@ -126,10 +126,12 @@ def test_lesion_head_fits_separable_components():
     r = np.random.default_rng(0)
     x = r.normal(size=(60, len(FEATURES)))
     y = x[:, 1] + 0.1 * r.normal(size=60) > 0
-    head = LesionHead().fit(x, y)
-    s = head.score(x)
+    from patchblend.head_metrics import failure_auroc
+
+    s = LesionHead(l2=1e-2).fit(x, y).score(x)
     assert ((s > 0.5) == y).mean() > 0.9
-    assert s[y].min() > s[~y].min() and s[~y].max() < s[y].max()
+    # the default (strong) penalty shrinks the scores towards the base rate but keeps their order
+    assert failure_auroc(LesionHead().fit(x, y).score(x), y.astype(float)) > 0.95
     with pytest.raises(ValueError, match="features"):
         LesionHead().fit(x[:5], y[:4])
 
