@@ -11,6 +11,8 @@
 - Prediction-aware heads: :class:`AwarePatchHead`, :class:`AwareGridHead`, :func:`prediction_statistics`.
 - Post-hoc calibration (:mod:`patchblend.calibration`): :func:`calibrate_heads`, :func:`collect_calibration_data`,
   :func:`fit_heads`, :class:`CalibrationData`.
+- Lesion gating (:mod:`patchblend.lesions`, scipy imported on first use): :func:`gate_lesions`,
+  :func:`choose_gate_threshold`.
 - Head quality (:mod:`patchblend.head_metrics`): :func:`head_quality`, :func:`failure_auroc`,
   :func:`reliability_table`, :func:`expected_calibration_error`, :func:`plot_reliability`.
 """
@@ -18,6 +20,7 @@ from ._backend import backend_info
 from .calibration import CalibrationData, calibrate_heads, collect_calibration_data, fit_heads
 from .head_metrics import expected_calibration_error, failure_auroc, head_quality, plot_reliability, reliability_table
 from .heads import AwareGridHead, AwarePatchHead, GridHead, PatchHead, prediction_statistics
+from .lesions import GateThreshold, LesionComponent, LesionGate, choose_gate_threshold, gate_lesions
 from .inference import Blender, PredictionWithConfidence, SlabBlender, sliding_window_inference
 from .losses import calibration_loss, soft_dice_loss, tversky_loss
 from .ops import calibrated_blend, empty_cache, extract_patches
@@ -56,5 +59,10 @@ __all__ = [
     "reliability_table",
     "expected_calibration_error",
     "plot_reliability",
+    "gate_lesions",
+    "LesionGate",
+    "LesionComponent",
+    "choose_gate_threshold",
+    "GateThreshold",
     "__version__",
 ]

@@ -107,7 +107,10 @@ def test_oracle_blending_removes_a_false_positive():
     label[3:6, 3:6, 3:6] = 1
     case = Case("toy", t1, t2, label, False, np.eye(4), (slice(None),) * 3, t1.shape)
     pairs = {}
-    methods = [m for m in METHODS if m[0] in ("none", "paper", "oracle")]
+    from patchblend.examples.cib.evaluate import GATES
+
+    # the gated rows need thresholds fitted on calibration cases (tests/test_cib_gating.py)
+    methods = [m for m in METHODS if m[0] in ("none", "paper", "oracle") and m[1] not in GATES]
     probs = predict_case(_Oracle(), case, methods, roi=(16, 16, 16), overlap=0.5, sw_batch_size=5, head_pairs=pairs)
     assert set(probs) == set(methods)
     assert set(pairs) == {"paper"} and sum(len(p[0]) for p in pairs["paper"]) == 27  # 3 x 3 x 3 windows, once
@@ -181,11 +184,17 @@ def test_quick_demo_results_and_per_case_agree(quick_demo):
         header = next(csv.reader(f))
     assert header == ["heads", "blending", *RESULT_COLUMNS]
     results = _read(res["results"])
-    assert [(r["heads"], r["blending"]) for r in results] == list(METHODS)
+    from patchblend.examples.cib.evaluate import GATES
+    from patchblend.examples.cib.posthoc import load_gating
+
+    gating = load_gating(os.path.join(out, "model", "posthoc_heads.pt"))
+    methods = [m for m in METHODS if m[1] not in GATES or m in gating["thresholds"]]
+    assert [(r["heads"], r["blending"]) for r in results] == methods
+    assert ("aware-posthoc", "gate-grid") in methods and ("oracle", "gate-grid") in methods
     per_case = _read(os.path.join(out, "per_case.csv"))
     cases = sorted({r["case"] for r in per_case})
     assert cases == [f"test_{i:03d}" for i in range(cfg.n_test)]
-    assert len(per_case) == cfg.n_test * len(METHODS)
+    assert len(per_case) == cfg.n_test * len(methods)
     for r in results:
         sel = [p for p in per_case if (p["heads"], p["blending"]) == (r["heads"], r["blending"])]
         assert len(sel) == cfg.n_test
@@ -198,8 +207,11 @@ def test_quick_demo_results_and_per_case_agree(quick_demo):
         assert 0 <= float(r["jaccard"]) <= float(r["dice"]) <= 100 and 0 <= float(r["f1"]) <= 100
     quality = _read(res["head_quality"])
     assert list(quality[0])[:5] == ["heads", "head", "corr", "auroc", "ece"]
-    assert [(q["heads"], q["head"]) for q in quality] == [
-        (h, k) for h in ("paper", "aware", "paper-posthoc", "aware-posthoc") for k in ("patch", "grid")]
+    window_rows = [(h, k) for h in ("paper", "aware", "paper-posthoc", "aware-posthoc") for k in ("patch", "grid")]
+    assert [(q["heads"], q["head"]) for q in quality][:8] == window_rows
+    # then one lesion-level row per gated row: its statistic as a score of "true lesion"
+    assert [(q["heads"], q["head"]) for q in quality][8:] == [
+        (h, "lesion:" + g[len("gate-"):]) for h, g in methods if g in GATES]
     assert os.path.getsize(res["figure"]) > 1000 and os.path.getsize(res["reliability"]) > 1000
     assert os.path.isfile(os.path.join(out, "model", "last.pt"))
     assert os.path.isfile(os.path.join(out, "model", "posthoc_heads.pt"))
@@ -293,7 +305,8 @@ def test_evaluate_with_the_demo_posthoc_file_reproduces_the_tempered_rows(quick_
     from patchblend.examples.cib.posthoc import EXPONENTS
 
     assert set(exps.values()) <= set(EXPONENTS)
-    names = ["average", "aware-tempered:grid", "paper-tempered:patch*grid", "aware-posthoc:patch"]
+    names = ["average", "aware-tempered:grid", "paper-tempered:patch*grid", "aware-posthoc:patch",
+             "aware-posthoc:gate-grid", "oracle:gate-patch*grid"]
     out = tmp_path / "eval"
     assert main(["evaluate", "--ckpt", os.path.join(cfg.out, "model", "last.pt"), "--data",
                  os.path.join(cfg.out, "data", "test_hard"), "--posthoc", os.path.join(cfg.out, "model", "posthoc_heads.pt"),
@@ -301,7 +314,7 @@ def test_evaluate_with_the_demo_posthoc_file_reproduces_the_tempered_rows(quick_
                  "--blendings", ",".join(names)]) == 0
     again = {(r["heads"], r["blending"]): r for r in _read(out / "results.csv")}
     demo = {(r["heads"], r["blending"]): r for r in _read(res["results"])}
-    assert len(again) == 4
+    assert len(again) == 6
     for key, row in again.items():
         for k in ("dice", "f1", "fdr", "detected", "pred_lesions"):
             assert float(row[k]) == pytest.approx(float(demo[key][k]), abs=1e-4), (key, k)

@@ -14,6 +14,10 @@
    ``DIR/reliability.png`` and ``DIR/summary.txt``;
 5. with ``sweep`` (default on), evaluates the intermediate checkpoints too (``DIR/training_length.csv``).
 
+With ``gate`` (default on) step 3 also fits the gated rows' lesion heads and thresholds τ on the
+calibration cases (:mod:`.gating`) and step 4 evaluates the gated rows; the figure then shows the
+primary gated row (:data:`.evaluate.PRIMARY_GATED`) beside average.
+
 The primary calibrated method, declared before any run, is ``aware-posthoc:patch*grid``; the summary
 compares it (and the best of the predicted-weight rows) with ``average`` and ``gaussian``.
 
@@ -34,14 +38,16 @@ from typing import Dict, List
 import torch
 
 from .data import InputError, load_cases
-from .evaluate import (METHODS, check_overlap, check_roi, evaluate_model, format_head_quality, format_table,
+from .evaluate import (GATED_HEAD_SETS, GATES, METHODS, PRIMARY_GATED, best_row_text, check_overlap, check_roi, evaluate_model, format_head_quality, format_table,
                        head_quality_rows, method_name, model_head_sets, pick_figure_case, plot_comparison,
-                       plot_reliability_figure, summarize, write_csv, write_head_quality, write_per_case)
+                       plot_reliability_figure, summarize, threshold_text, write_csv, write_head_quality,
+                       write_per_case)
+from .gating import gating_state, lesion_quality_rows
 from .phantom import PHANTOM_PRESETS, phantom_preset, write_phantom_set
-from .posthoc import POSTHOC_KINDS, choose_exponents, fit_posthoc_heads, save_heads
+from .posthoc import POSTHOC_KINDS, choose_exponents, choose_gates, fit_posthoc_heads, save_heads
 from .train import TrainConfig, add_config_arguments, check_out_folder, train
 
-__all__ = ["DemoConfig", "PRESETS", "PRIMARY", "TEMPERED", "run_demo", "prepare_data"]
+__all__ = ["DemoConfig", "PRESETS", "PRIMARY", "PRIMARY_GATED", "TEMPERED", "run_demo", "prepare_data"]
 
 #: The calibrated method the demo's claims are about, fixed before the first run (no choice on the test cases).
 PRIMARY = "aware-posthoc:patch*grid"
@@ -88,6 +94,8 @@ class DemoConfig:
     resume: bool = False
     #: also evaluate the post-hoc heads with tempered weights (``w ** γ``, γ chosen on the calibration cases)
     temper: bool = True
+    #: also evaluate the gated rows (lesion heads and τ fitted on the calibration cases, :mod:`.gating`)
+    gate: bool = True
 
 
 PRESETS = {
@@ -179,11 +187,12 @@ def _compare(summary: List[dict], name: str) -> str:
 def compare_text(summary: List[dict]) -> str:
     """The primary method and the best predicted-weight row (by F1) against average and gaussian."""
     predicted = [r for r in summary if r["heads"] not in ("none", "oracle")]
-    lines = [_compare(summary, PRIMARY), _compare(summary, TEMPERED)]
+    lines = [_compare(summary, PRIMARY), _compare(summary, TEMPERED), _compare(summary, PRIMARY_GATED),
+             best_row_text(summary)]
     if predicted:
         best = max(predicted, key=lambda r: (r["f1"], -r["fdr"]))
         name = method_name((best["heads"], best["blending"]))
-        if name not in (PRIMARY, TEMPERED):
+        if name not in (PRIMARY, TEMPERED, PRIMARY_GATED):
             lines.append("best predicted row: " + _compare(summary, name))
     return "\n".join(x for x in lines if x)
 
@@ -216,7 +225,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     model, _, _ = load_checkpoint(ckpt, cfg.device)
     roi = (cfg.patch,) * 3
     kinds = [k.strip() for k in cfg.posthoc.split(",") if k.strip()]
-    posthoc, exponents = {}, {}
+    posthoc, exponents, gating = {}, {}, None
     if kinds:
         log(f"[3/4] post-hoc heads ({', '.join(kinds)}) on {len(cal_cases)} held-out calibration cases, network frozen")
         posthoc = fit_posthoc_heads(model, cal_cases, kinds, roi, cfg.overlap,
@@ -227,22 +236,30 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                                          progress=cfg.progress)
             log("      weight powers chosen on the calibration cases: " + ", ".join(
                 f"{h}:{w} {g}" for (h, w), g in exponents.items()))
+        if cfg.gate:
+            gating = choose_gates(model, posthoc, cal_cases, roi, cfg.overlap, cfg.sw_batch_size, cfg.device,
+                                  gate_sets=[h for h in GATED_HEAD_SETS if h in posthoc or h == "oracle"],
+                                  progress=cfg.progress, log=log)
         save_heads(os.path.join(cfg.out, "model", "posthoc_heads.pt"), posthoc,
-                   {"cases": [c.name for c in cal_cases], "exponents": {f"{h}:{w}": g for (h, w), g in exponents.items()}})
+                   {"cases": [c.name for c in cal_cases], "exponents": {f"{h}:{w}": g for (h, w), g in exponents.items()},
+                    "gating": gating_state(gating) if gating else {}})
     tempered = {h: posthoc[h.replace("-tempered", "-posthoc")] for h, _ in exponents}
     head_sets = model_head_sets(model, {**posthoc, **tempered})
-    methods = [m for m in METHODS if m[0] in ("none", "oracle", *head_sets)]
-    calibrated = PRIMARY if "aware-posthoc" in head_sets else "paper:patch*grid"
+    methods = [m for m in METHODS if m[0] in ("none", "oracle", *head_sets)
+               and (m[1] not in GATES or (gating and m in gating["thresholds"]))]
+    names = [method_name(m) for m in methods]
+    calibrated = next(n for n in (PRIMARY_GATED, PRIMARY, "paper:patch*grid") if n in names)
     log(f"[4/4] evaluating {len(methods)} methods on {len(test_cases)} held-out {cfg.preset} cases")
     pairs: Dict[str, list] = {}
+    lesion_pairs: Dict[tuple, list] = {}
     rows, kept = evaluate_model(model, test_cases, methods, roi, cfg.overlap, cfg.sw_batch_size,
                                 cfg.device, amp=cfg.device.startswith("cuda"), progress=cfg.progress,
                                 keep=("average", calibrated), head_pairs=pairs, head_sets=head_sets,
-                                exponents=exponents)
+                                exponents=exponents, gating=gating, lesion_pairs=lesion_pairs)
     summary = summarize(rows, methods)
     results = write_csv(os.path.join(cfg.out, "results.csv"), summary)
     write_per_case(os.path.join(cfg.out, "per_case.csv"), rows)
-    quality = head_quality_rows(pairs)
+    quality = head_quality_rows(pairs) + lesion_quality_rows(lesion_pairs)
     hq_path = write_head_quality(os.path.join(cfg.out, "head_quality.csv"), quality)
 
     case = pick_figure_case(rows, test_cases, calibrated=calibrated)
@@ -255,8 +272,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             f"FDR: means over cases; Sens = detected / ground-truth lesions pooled; TP/pred = true / predicted "
             f"lesions, det/GT = detected / ground-truth lesions (summed).\n{compare_text(summary)}\n"
             + ("weight powers γ of the tempered rows (chosen on the calibration cases): "
-               + ", ".join(f"{h}:{w} {g}" for (h, w), g in exponents.items()) + "\n" if exponents else "") + "\n"
-            f"head quality on the test windows (AUROC: spotting true Dice < 0.5; ECE over 10 bins):\n"
+               + ", ".join(f"{h}:{w} {g}" for (h, w), g in exponents.items()) + "\n" if exponents else "")
+            + (threshold_text(gating) + "\n" if gating and gating["thresholds"] else "") + "\n"
+            f"head quality on the test windows (AUROC: spotting true Dice < 0.5; ECE over 10 bins; lesion:* rows: "
+            f"per component of average's prediction, spotting false positives):\n"
             f"{format_head_quality(quality)}\n\n"
             f"training {train_seconds:.0f} s, total {seconds:.0f} s on {cfg.device} "
             f"({torch.get_num_threads()} threads)\n{sweep_text}")

@@ -23,7 +23,8 @@ from patchblend.heads import AwareGridHead, AwarePatchHead, GridHead, PatchHead
 from .data import Case, InputError, check_device, load_cases, network_input
 from .model import OUTPUT_NEW, CIBVNet, head_scores
 
-__all__ = ["window_batches", "HeadAdapter", "fit_posthoc_heads", "save_heads", "load_heads", "POSTHOC_KINDS"]
+__all__ = ["window_batches", "HeadAdapter", "fit_posthoc_heads", "save_heads", "load_heads", "load_gating",
+           "choose_gates", "POSTHOC_KINDS"]
 
 POSTHOC_KINDS = ("aware", "paper")
 
@@ -174,6 +175,32 @@ def load_heads(path: str, model: CIBVNet, device="cpu", with_exponents: bool = F
     return out, {k: g for k, g in exponents.items() if k[0] in out}
 
 
+def load_gating(path: str) -> dict:
+    """The gate thresholds and lesion heads saved with the post-hoc heads (:func:`choose_gates`), as
+    :func:`.gating.fit_gating` returns them; empty when the file has none (written before gating)."""
+    from .gating import gating_from_state
+
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return gating_from_state(blob.get("meta", {}).get("gating"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path!r}: unreadable gating entry ({e})") from None
+
+
+def choose_gates(model: CIBVNet, head_sets: Dict[str, tuple], cases: Sequence[Case], roi: Sequence[int],
+                 overlap: float = 0.5, sw_batch_size: int = 8, device="cpu", gate_sets: Sequence[str] = (),
+                 progress: bool = False, log=print) -> dict:
+    """Lesion heads and gate thresholds τ of the gated rows of ``gate_sets`` (head sets of ``head_sets``,
+    or ``"oracle"``), fitted on the held-out calibration ``cases`` only (:func:`.gating.fit_gating`)."""
+    from .evaluate import evaluate_model
+    from .gating import fit_gating
+
+    components: Dict[str, list] = {}
+    evaluate_model(model, cases, ["average"], roi, overlap, sw_batch_size, device, grid=model.grid_head.grid,
+                   progress=progress, head_sets=head_sets, components=components, component_sets=tuple(gate_sets))
+    return fit_gating(components, log=log)
+
+
 def main(argv=None):
     from .evaluate import check_overlap, check_roi
     from .train import load_checkpoint
@@ -191,6 +218,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temper", action=argparse.BooleanOptionalAction, default=True,
                    help="also choose the weight powers of the tempered head sets on these cases")
+    p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fit the lesion heads and gate thresholds of the gated rows on these cases")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -218,8 +247,16 @@ def main(argv=None):
     exps = choose_exponents(model, heads, cases, roi, args.overlap, device=args.device) if args.temper else {}
     if exps:
         print("weight powers: " + ", ".join(f"{h}:{w} {g}" for (h, w), g in exps.items()))
+    gating = {}
+    if args.gate:
+        from .evaluate import GATED_HEAD_SETS
+        from .gating import gating_state
+
+        gating = gating_state(choose_gates(model, heads, cases, roi, args.overlap, device=args.device,
+                                           gate_sets=[h for h in GATED_HEAD_SETS if h in heads or h == "oracle"]))
     print(save_heads(args.out, heads, {"ckpt": os.path.abspath(args.ckpt), "cases": [c.name for c in cases],
-                                       "exponents": {f"{h}:{w}": g for (h, w), g in exps.items()}}))
+                                       "exponents": {f"{h}:{w}": g for (h, w), g in exps.items()},
+                                       "gating": gating}))
     return heads
 
 

@@ -1,0 +1,261 @@
+"""Lesion gating in the CIB example: the ``HEADS:gate-WEIGHTING`` rows.
+
+Instead of blending with calibrated weights (Eq. 1/2, which pull a true lesion down with the false
+positive that shares its window), a gated row keeps the prediction of **average** blending and drops
+whole lesions by their confidence (:func:`patchblend.gate_lesions`):
+
+==================  ===========================================================================
+``gate-patch``,     a component of average's prediction (``p > 0.5``, 26-connected, ≥ 11 voxels:
+``gate-grid``,      the metrics' lesions) is kept when the mean over it of the blended confidence
+``gate-patch*grid`` ``C = Σ α / N`` of that weighting (Eq. 1/2 applied to the weights alone) is ≥ τ
+``gate-lesion``     kept when a **lesion head** scores it ≥ τ: a logistic regression on what lies in
+                    and around the component (:data:`FEATURES`: size, probability, the three
+                    confidence maps of the head set, both time points inside and in a 2-voxel ring)
+==================  ===========================================================================
+
+Everything is fitted on the calibration cases only (:func:`fit_gating`): the lesion heads on the
+components of average's prediction there, labelled true or false positive by the MSSEG-2 rule, and
+τ of every gated row by :func:`patchblend.choose_gate_threshold` (:data:`GATE_RULE`): the largest τ
+on a grid over [0, 1] that keeps ≥ 95% of the lesions average detects in ≥ 90% of 1000 bootstrap
+resamples of the calibration cases. The lesion head's scores used for τ are cross-fitted (each
+calibration case scored by a head fitted on the other folds), so τ is not chosen on scores the
+head was fitted to.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from patchblend.lesions import GateThreshold, choose_gate_threshold, gate_lesions
+
+__all__ = ["GATES", "GATE_RULE", "FEATURES", "LesionHead", "blended_confidence", "lesion_components",
+           "component_features", "component_truth", "fit_gating", "gated_prediction"]
+
+#: Gated blendings (``HEADS:gate-...``); the first three gate by the mean blended confidence of one weighting.
+GATES = ("gate-patch", "gate-grid", "gate-patch*grid", "gate-lesion")
+#: How τ is chosen (fixed before the first test run): grid of candidates, floor, bootstrap coverage.
+GATE_RULE = {"candidates": tuple(np.round(np.arange(0, 1.0001, 0.01), 2)), "keep": 0.95, "coverage": 0.9,
+             "n_boot": 1000, "seed": 0}
+#: Components as the metrics count lesions: threshold, 26-connectivity, minimum size.
+THRESHOLD, CONNECTIVITY, MIN_SIZE = 0.5, 3, 11
+#: Cross-fitting folds of the lesion head's calibration scores.
+FOLDS = 4
+RING = 2  #: voxels around a component that form its ring
+FEATURES = ("log_size", "p_mean", "p_max", "p_frac_0.9", "C_patch", "C_grid", "C_patch*grid", "C_grid_max",
+            "t1", "t2", "diff", "diff_max", "t1_ring", "t2_ring", "diff_ring", "p_ring", "extent")
+
+
+def blended_confidence(predictor, inputs: torch.Tensor, roi, sw_batch_size: int, overlap: float, heads: str,
+                       weighting: str) -> np.ndarray:
+    """``C = Σ_i α_i / N(x)`` ``[D, H, W]`` with the weights of ``heads`` and ``weighting``: the driver's
+    confidence map (``confidence=True``), replaying the predictor's recorded windows."""
+    from patchblend.inference import sliding_window_inference
+
+    predictor.start(heads, replay=True)
+    _, c = sliding_window_inference(inputs, list(roi), sw_batch_size, predictor, overlap=overlap, mode="constant",
+                                    weighting=weighting, normalize="count", confidence=True, weigh_prediction=False)
+    return c[0, 0].double().cpu().numpy()
+
+
+def lesion_components(prob: np.ndarray):
+    """Components of ``prob > 0.5`` as the metrics count lesions: ``(ids [D, H, W] int64, sizes [n])``,
+    components under 11 voxels already dropped (id 0)."""
+    gate = gate_lesions(torch.from_numpy(np.ascontiguousarray(prob)), torch.zeros(prob.shape), -math.inf,
+                        threshold=THRESHOLD, connectivity=CONNECTIVITY, min_size=MIN_SIZE)
+    ids = gate.components_map.numpy()
+    kept = np.array([c.kept for c in gate.components], dtype=bool)
+    lut = np.zeros(len(kept) + 1, dtype=np.int64)
+    lut[1:][kept] = np.arange(1, int(kept.sum()) + 1)
+    ids = lut[ids]
+    return ids, np.bincount(ids.ravel(), minlength=int(kept.sum()) + 1)[1:]
+
+
+def _means(ids: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
+    sizes = np.bincount(ids.ravel(), minlength=n + 1)[1:]
+    return np.bincount(ids.ravel(), weights=values.ravel().astype(np.float64), minlength=n + 1)[1:] / np.maximum(sizes, 1)
+
+
+def component_features(ids: np.ndarray, prob: np.ndarray, conf: Dict[str, np.ndarray], t1: np.ndarray,
+                       t2: np.ndarray) -> np.ndarray:
+    """``[n, len(FEATURES)]`` per component (``ids`` from :func:`lesion_components`); ``conf`` the
+    blended confidence of each weighting (``patch``, ``grid``, ``patch*grid``)."""
+    from scipy import ndimage
+
+    n = int(ids.max())
+    if n == 0:
+        return np.zeros((0, len(FEATURES)))
+    diff = t2 - t1
+    sizes = np.bincount(ids.ravel(), minlength=n + 1)[1:]
+    maxima = lambda v: np.asarray(ndimage.maximum(v, ids, np.arange(1, n + 1)), dtype=np.float64)  # noqa: E731
+    # ring: voxels within RING of a component, outside every component, given to the nearest one
+    dist, nearest = ndimage.distance_transform_edt(ids == 0, return_indices=True)
+    ring = np.where((ids == 0) & (dist <= RING), ids[tuple(nearest)], 0)
+    objects = ndimage.find_objects(ids)
+    extent = np.array([sizes[k] / np.prod([s.stop - s.start for s in objects[k]]) for k in range(n)])
+    cols = [np.log(sizes), _means(ids, n, prob), maxima(prob), _means(ids, n, prob > 0.9),
+            _means(ids, n, conf["patch"]), _means(ids, n, conf["grid"]), _means(ids, n, conf["patch*grid"]),
+            maxima(conf["grid"]), _means(ids, n, t1), _means(ids, n, t2), _means(ids, n, diff), maxima(diff),
+            _means(ring, n, t1), _means(ring, n, t2), _means(ring, n, diff), _means(ring, n, prob), extent]
+    return np.stack(cols, 1)
+
+
+def component_truth(ids: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """``[n]`` bool: is each component a true lesion (MSSEG-2 rule, predicted side; ground truth
+    filtered to ≥ 11 voxels as in the metrics)?"""
+    from .metrics import _detected, label_components, remove_small_components
+
+    g = remove_small_components(label > 0)
+    gl, _ = label_components(g)
+    return _detected(ids.astype(np.int32), int(ids.max()), gl, ids > 0, 0.1, 0.7, 0.65)
+
+
+class LesionHead:
+    """Logistic regression on standardized :data:`FEATURES` (L2 penalty ``l2``; 1.0: the best of 0.01, 0.1, 1 in a 4-fold cross-fit on the demo's calibration cases), fitted with L-BFGS:
+    the probability that a component of average's prediction is a true lesion."""
+
+    def __init__(self, mean=None, std=None, weight=None, bias: float = 0.0, l2: float = 1.0):
+        self.mean, self.std, self.weight, self.bias, self.l2 = mean, std, weight, float(bias), float(l2)
+
+    def fit(self, features: np.ndarray, truth: np.ndarray) -> "LesionHead":
+        x = np.asarray(features, np.float64)
+        y = np.asarray(truth, np.float64)
+        if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+            raise ValueError(f"features [n, F] and truth [n] must match and be non-empty, got {x.shape}, {y.shape}")
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-6
+        xt = torch.from_numpy((x - self.mean) / self.std)
+        yt = torch.from_numpy(y)
+        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt) + self.l2 * (w * w).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.weight, self.bias = w.detach().numpy().copy(), float(b.detach())
+        return self
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        x = (np.asarray(features, np.float64) - self.mean) / self.std
+        return 1.0 / (1.0 + np.exp(-(x @ self.weight + self.bias)))
+
+    def state(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "weight": self.weight.tolist(),
+                "bias": self.bias, "l2": self.l2, "features": list(FEATURES)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "LesionHead":
+        if list(state.get("features", [])) != list(FEATURES):
+            raise ValueError("this lesion head was fitted on other features")
+        return cls(np.asarray(state["mean"]), np.asarray(state["std"]), np.asarray(state["weight"]), state["bias"],
+                   state["l2"])
+
+
+def gated_prediction(prob: np.ndarray, ids: np.ndarray, score: np.ndarray, tau: float) -> np.ndarray:
+    """``prob`` with the components (``ids``) whose ``score`` is below ``tau`` set to 0."""
+    drop = np.concatenate([[False], np.asarray(score) < tau])
+    return np.where(drop[ids], 0.0, prob).astype(prob.dtype, copy=False)
+
+
+def component_scores(gate: str, features: np.ndarray, lesion_head: Optional[LesionHead]) -> np.ndarray:
+    """The statistic a gated blending thresholds, per component."""
+    if gate == "gate-lesion":
+        if lesion_head is None:
+            raise ValueError("gate-lesion needs a fitted lesion head")
+        return lesion_head.score(features) if len(features) else np.zeros(0)
+    return features[:, FEATURES.index("C_" + gate[len("gate-"):])] if len(features) else np.zeros(0)
+
+
+def detected_lesions(prob: np.ndarray, label: np.ndarray) -> int:
+    """Ground-truth lesions detected by ``prob`` as :func:`.metrics.evaluate_case` counts them (without
+    its distances)."""
+    from .metrics import lesion_detection, remove_small_components
+
+    return lesion_detection(remove_small_components(prob > THRESHOLD, MIN_SIZE),
+                            remove_small_components(label > 0, MIN_SIZE))["detected"]
+
+
+def fit_gating(per_case: Dict[str, List[dict]], log=print) -> dict:
+    """Lesion heads and τ of every gated row from calibration cases.
+
+    ``per_case[head set]``: one dict per calibration case ``{"prob", "ids", "features", "truth", "label"}``
+    (average's probability, :func:`lesion_components`, :func:`component_features`,
+    :func:`component_truth`, the ground truth). Returns ``{"lesion_heads": {head set: LesionHead},
+    "thresholds": {(head set, gate): GateThreshold}}``."""
+    rule = GATE_RULE
+    cand = np.asarray(rule["candidates"])
+    out = {"lesion_heads": {}, "thresholds": {}}
+    for heads, cases in per_case.items():
+        x = np.concatenate([c["features"] for c in cases])
+        y = np.concatenate([c["truth"] for c in cases])
+        gates = list(GATES[:3])
+        if heads != "oracle" and 0 < y.sum() < len(y):
+            out["lesion_heads"][heads] = LesionHead().fit(x, y)
+            # cross-fitted scores: each case scored by a head fitted on the other folds
+            fold = np.arange(len(cases)) % FOLDS
+            for c in cases:
+                c["cross"] = None
+            for f in range(FOLDS):
+                train = [c for c, k in zip(cases, fold) if k != f]
+                xt = np.concatenate([c["features"] for c in train])
+                yt = np.concatenate([c["truth"] for c in train])
+                head = LesionHead().fit(xt, yt) if 0 < yt.sum() < len(yt) else out["lesion_heads"][heads]
+                for c, k in zip(cases, fold):
+                    if k == f:
+                        c["cross"] = head.score(c["features"]) if len(c["features"]) else np.zeros(0)
+            gates.append("gate-lesion")
+        reference = np.array([detected_lesions(c["prob"], c["label"]) for c in cases])
+        for gate in gates:
+            detected = np.zeros((len(cases), len(cand)))
+            for i, c in enumerate(cases):
+                score = c["cross"] if gate == "gate-lesion" else component_scores(gate, c["features"], None)
+                cache: Dict[bytes, float] = {}
+                for j, t in enumerate(cand):
+                    key = (np.asarray(score) >= t).tobytes()
+                    if key not in cache:
+                        cache[key] = detected_lesions(gated_prediction(c["prob"], c["ids"], score, t), c["label"])
+                    detected[i, j] = cache[key]
+            th = choose_gate_threshold(cand, detected, reference, keep=rule["keep"], coverage=rule["coverage"],
+                                       n_boot=rule["n_boot"], seed=rule["seed"])
+            out["thresholds"][(heads, gate)] = th
+            log(f"      {heads}:{gate} tau {th.tau:.2f} (bootstrap 5-95%: {th.low:.2f}-{th.high:.2f}), keeps "
+                f"{100 * th.kept_fraction:.1f}% of average's detected calibration lesions")
+    return out
+
+
+def gating_state(gating: dict) -> dict:
+    """What :func:`fit_gating` returns, as plain data (saved with the post-hoc heads)."""
+    return {"lesion_heads": {h: head.state() for h, head in gating["lesion_heads"].items()},
+            "thresholds": {f"{h}:{g}": t._asdict() for (h, g), t in gating["thresholds"].items()},
+            "rule": {k: (list(v) if isinstance(v, tuple) else v) for k, v in GATE_RULE.items()}}
+
+
+def gating_from_state(state: Optional[dict]) -> dict:
+    """Inverse of :func:`gating_state` (empty when ``state`` is ``None``)."""
+    if not state:
+        return {"lesion_heads": {}, "thresholds": {}}
+    return {"lesion_heads": {h: LesionHead.from_state(s) for h, s in state["lesion_heads"].items()},
+            "thresholds": {tuple(k.split(":", 1)): GateThreshold(**t) for k, t in state["thresholds"].items()}}
+
+
+def lesion_quality_rows(pairs: Dict[Tuple[str, str], List[tuple]]) -> List[dict]:
+    """``head_quality.csv`` rows ``head = "lesion:STATISTIC"``: the statistic of each gated blending
+    (mean confidence of a weighting, or the lesion head's score) as a score for "this component of
+    average's prediction is a true lesion" (AUROC: false positives scored below true lesions)."""
+    from patchblend.head_metrics import head_quality
+
+    rows = []
+    for (heads, gate), items in pairs.items():
+        score = np.concatenate([s for s, _ in items]) if items else np.zeros(0)
+        truth = np.concatenate([t for _, t in items]).astype(np.float64) if items else np.zeros(0)
+        if len(score) == 0:
+            continue
+        rows.append({"heads": heads, "head": "lesion:" + gate[len("gate-"):],
+                     **head_quality(score, truth)})
+    return rows

@@ -1,0 +1,147 @@
+"""The CIB example's gated rows: the blended confidence, the lesion head, the gate and its threshold."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("scipy")
+
+from patchblend import CalibratedOutput  # noqa: E402
+from patchblend.examples.cib.data import Case, InputError  # noqa: E402
+from patchblend.examples.cib.evaluate import (CalibratedPredictor, best_row, parse_methods,  # noqa: E402
+                                              predict_case)
+from patchblend.examples.cib.gating import (FEATURES, GATES, LesionHead, blended_confidence,  # noqa: E402
+                                            component_truth, fit_gating, gating_from_state, gating_state,
+                                            lesion_components)
+from patchblend.inference import sliding_window_inference  # noqa: E402
+
+
+class _Const(torch.nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+
+    def summarize(self, *inputs):
+        return inputs[-1]
+
+    def predict(self, feature):  # a score that differs between windows: their mean input
+        m = feature.mean(dim=tuple(range(1, feature.dim()))).sigmoid()
+        return m.view(-1, *([1] * len(self.shape))).expand(-1, *self.shape).contiguous()
+
+
+class _Toy(torch.nn.Module):
+    """A fake network: lesions where t2 - t1 > 0.5; window-varying head scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch_head, self.grid_head = _Const(()), _Const((2, 2, 2))
+
+    def run(self, x):
+        fg = (x[:, 2:3] > 0.5).float()
+        logits = torch.stack([torch.cat([1 - fg, fg], 1) * 20 - 10] * 3, 1)
+        return logits, x, x
+
+
+def toy_case(name="toy", fp=True):
+    t1 = np.zeros((32, 32, 32), np.float32)
+    t2 = t1.copy()
+    t2[3:6, 3:6, 3:6] = 1.0  # a new lesion (27 voxels, in the label)
+    if fp:
+        t2[24:28, 24:28, 24:28] = 1.0  # a false positive (64 voxels)
+    label = np.zeros(t1.shape, np.uint8)
+    label[3:6, 3:6, 3:6] = 1
+    return Case(name, t1, t2, label, False, np.eye(4), (slice(None),) * 3, t1.shape)
+
+
+def test_blended_confidence_is_the_average_of_window_constant_scores():
+    """C = Σ α / N: for patch weights it equals plain averaging of windows filled with their score, for
+    grid weights of windows filled cell by cell (an independent path through the driver)."""
+    case = toy_case()
+    model = _Toy()
+    from patchblend.examples.cib.data import network_input
+
+    x = network_input(case.t1, case.t2)
+    inputs = torch.cat([x, torch.as_tensor(case.label, dtype=torch.float32)[None]])[None]
+    pred = CalibratedPredictor(model, "cpu", (2, 2, 2))
+    pred.start("paper", replay=False)
+    sliding_window_inference(inputs, [16] * 3, 3, pred, overlap=0.5, mode="constant", weighting="patch",
+                             normalize="count")
+    for weighting in ("patch", "grid", "patch*grid"):
+        got = blended_confidence(pred, inputs, (16,) * 3, 3, 0.5, "paper", weighting)
+
+        def filled(windows):
+            patch, grid = model.patch_head.predict(windows[:, :3]), model.grid_head.predict(windows[:, :3])
+            g = grid.repeat_interleave(8, 1).repeat_interleave(8, 2).repeat_interleave(8, 3)[:, None]
+            w = {"patch": patch.view(-1, 1, 1, 1, 1).expand_as(g), "grid": g,
+                 "patch*grid": patch.view(-1, 1, 1, 1, 1) * g}[weighting]
+            return w.double()
+
+        expect = sliding_window_inference(inputs.double(), [16] * 3, 3, filled, overlap=0.5, mode="constant")
+        np.testing.assert_allclose(got, expect[0, 0].numpy(), rtol=1e-5, atol=1e-6)
+        assert got.min() > 0 and got.max() < 1
+
+
+def test_oracle_gate_keeps_the_lesion_and_drops_the_false_positive():
+    cases = [toy_case(f"c{i}") for i in range(3)]
+    comps = {}
+    for c in cases:
+        predict_case(_Toy(), c, ["average"], roi=(16, 16, 16), overlap=0.5, sw_batch_size=4, components=comps,
+                     component_sets=("oracle", "paper"))
+    assert [len(c["truth"]) for c in comps["oracle"]] == [2, 2, 2]
+    assert comps["oracle"][0]["truth"].tolist() == [True, False]
+    assert comps["oracle"][0]["features"].shape == (2, len(FEATURES))
+    gating = fit_gating(comps, log=lambda *a: None)
+    t = gating["thresholds"][("oracle", "gate-grid")]
+    assert t.kept_fraction == 1.0 and t.tau > 0  # the false positive's cells score 0
+    assert "paper" in gating["lesion_heads"] and ("paper", "gate-lesion") in gating["thresholds"]
+    # saved and loaded as plain data
+    again = gating_from_state(gating_state(gating))
+    assert again["thresholds"] == gating["thresholds"]
+    x = comps["paper"][0]["features"]
+    np.testing.assert_allclose(again["lesion_heads"]["paper"].score(x), gating["lesion_heads"]["paper"].score(x))
+    # the gated row on a new case
+    probs = predict_case(_Toy(), toy_case("new"), ["average", "oracle:gate-grid"], roi=(16, 16, 16), overlap=0.5,
+                         sw_batch_size=4, gating=gating)
+    avg, gated = probs[("none", "average")], probs[("oracle", "gate-grid")]
+    assert avg[24:28, 24:28, 24:28].min() > 0.99 and gated[24:28, 24:28, 24:28].max() == 0
+    np.testing.assert_array_equal(gated[:16, :16, :16], avg[:16, :16, :16])
+    with pytest.raises(InputError, match="needs a gate threshold"):
+        predict_case(_Toy(), toy_case("new"), ["paper:gate-grid"], roi=(16, 16, 16), overlap=0.5,
+                     gating={"thresholds": {}, "lesion_heads": {}})
+
+
+def test_components_follow_the_metrics_rules():
+    prob = np.zeros((12, 12, 12))
+    prob[0:3, 0:3, 0:3] = 0.9  # 27 voxels
+    prob[8:10, 8:10, 8:10] = 0.9  # 8 voxels: under the 11-voxel minimum
+    prob[0:3, 8:12, 8:12] = 0.4  # under the threshold
+    ids, sizes = lesion_components(prob)
+    assert sizes.tolist() == [27] and ids.max() == 1 and ids[9, 9, 9] == 0
+    label = np.zeros(prob.shape, np.uint8)
+    assert component_truth(ids, label).tolist() == [False]
+    label[0:3, 0:3, 0:3] = 1
+    assert component_truth(ids, label).tolist() == [True]
+
+
+def test_lesion_head_fits_separable_components():
+    r = np.random.default_rng(0)
+    x = r.normal(size=(60, len(FEATURES)))
+    y = x[:, 1] + 0.1 * r.normal(size=60) > 0
+    from patchblend.head_metrics import failure_auroc
+
+    s = LesionHead(l2=1e-2).fit(x, y).score(x)
+    assert ((s > 0.5) == y).mean() > 0.9
+    # the default (strong) penalty shrinks the scores towards the base rate but keeps their order
+    assert failure_auroc(LesionHead().fit(x, y).score(x), y.astype(float)) > 0.95
+    with pytest.raises(ValueError, match="features"):
+        LesionHead().fit(x[:5], y[:4])
+
+
+def test_gate_names_and_best_row():
+    assert parse_methods(["aware-posthoc:gate-lesion", "oracle:gate-grid"]) == [
+        ("aware-posthoc", "gate-lesion"), ("oracle", "gate-grid")]
+    assert set(GATES) == {"gate-patch", "gate-grid", "gate-patch*grid", "gate-lesion"}
+    row = lambda h, b, f1, fdr, det: {"heads": h, "blending": b, "f1": f1, "fdr": fdr, "detected": det}  # noqa: E731
+    summary = [row("none", "average", 60, 50, 40), row("a", "gate-grid", 80, 10, 37), row("a", "grid", 70, 20, 38),
+               row("oracle", "grid", 95, 1, 40)]
+    assert best_row(summary)["blending"] == "grid"  # 37 < 0.95 * 40 = 38
+    assert best_row(summary, floor=0.9)["blending"] == "gate-grid"
