@@ -7,7 +7,7 @@ Implementations (registry ``IMPLEMENTATIONS``):
   index_add  a pure-PyTorch blend: precomputed flat indices, one ``index_add_`` (index build not timed)
   monai_loop a MONAI-style loop: per window ``out[sl] += w * p; count[sl] += 1``, then divide
 
-Cases (registry ``CASES``, DESIGN §4): S (192×224×192, 80³ windows, overlap 0.5, 80 patches), a CT-size
+Cases (registry ``CASES``, docs/design.md#benchmark-cases): S (192×224×192, 80³ windows, overlap 0.5, 80 patches), a CT-size
 case (512×512×256, 96³, overlap 0.5, 500 patches) and a many-class case (16 channels, 128³ windows).
 Each is run for float32/float16 patches with per-patch and per-grid-cell weights.
 

@@ -1,6 +1,6 @@
 """MONAI vs patchblend sliding-window inference, side by side, same arguments.
 
-Cases (DESIGN §4): S = one 1x1x192x224x192 volume, 80^3 windows, overlap 0.5 (80 windows); CT = 1x1x512x512x256,
+Cases (docs/design.md#benchmark-cases): S = one 1x1x192x224x192 volume, 80^3 windows, overlap 0.5 (80 windows); CT = 1x1x512x512x256,
 96^3 windows, overlap 0.5 (500 windows; ``--ct``, slow on a small CPU); SLAB = a many-class output
 (``--classes``, default 16) on 1x1x384x128x128 with 64^3 windows, where patchblend's slab mode with on-the-fly
 argmax (int64 labels as MONAI's argmax gives, and uint8 labels: ``patchblend-slab-u8``) is compared with

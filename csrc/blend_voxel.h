@@ -5,7 +5,7 @@
 // This header includes no torch header so that nvcc can compile the CUDA file on a machine whose
 // torch has no CUDA headers.
 //
-// Semantics (DESIGN §2), for output voxel v and the patches i that cover it, in ascending patch order:
+// Semantics (docs/design.md#blend-semantics), for output voxel v and the patches i that cover it, in ascending patch order:
 //   w_i(v)  = weights[i, cell(v - s_i)] * importance[v - s_i],   cell(k) = k * g / P  per axis
 //   num(v)  = sum_i w_i(v) * p_i[:, v - s_i]
 //   count:  out = num / max(1, #covering)     weight: out = num / sum_i w_i (0 if 0)     none: out = num

@@ -1,6 +1,6 @@
 """The blend in plain PyTorch: the readable specification, the test oracle and the fallback.
 
-It follows DESIGN §2 literally, one patch at a time::
+It follows docs/design.md#blend-semantics literally, one patch at a time::
 
     w_i(v)  = weights[i, cell(v - s_i)] * importance[v - s_i]      cell(k) = k * g // P per axis
     num(v)  = sum_i w_i(v) * p_i[:, v - s_i]

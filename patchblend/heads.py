@@ -1,4 +1,4 @@
-"""The CIB prediction heads: the paper's pair (§2.2, DESIGN §6) and a prediction-aware pair.
+"""The CIB prediction heads: the paper's pair (§2.2, docs/design.md#cib-heads) and a prediction-aware pair.
 
 - :class:`PatchHead` reads the deepest encoder feature and predicts the Dice of the whole patch.
 - :class:`GridHead` reads a decoder feature and predicts the Dice of each grid cell.
@@ -13,7 +13,7 @@ Every head splits into a fixed part and a learned part: ``head(*inputs) == head.
 
 With the paper's CoactSeg channels, ``PatchHead(256)`` has 257 parameters and ``GridHead(16)`` has
 ``16·16·27 + 16 + 16 + 1 = 6945``: 7,202 together, against the paper's stated 7.35 K (its heads'
-exact layout was not published; DESIGN §6 gives this reconstruction).
+exact layout was not published; docs/design.md#cib-heads gives this reconstruction).
 """
 from __future__ import annotations
 

@@ -142,7 +142,7 @@ def calibrated_blend(
     normalize: str = "count",
     importance: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Weighted overlap-add of patch predictions (DESIGN §2).
+    """Weighted overlap-add of patch predictions (docs/design.md#blend-semantics).
 
     Args:
         patches: ``[N, C, D, H, W]`` (or ``[N, C, H, W]`` for 2D), float16/bfloat16/float32/float64.

@@ -1,8 +1,8 @@
-"""Dice targets for the CIB heads (paper Eq. 4–5, DESIGN §6).
+"""Dice targets for the CIB heads (paper Eq. 4–5, docs/design.md#cib-heads).
 
 :func:`dice_targets` scores a batch of predicted patches against their labels, once per patch and once
 per grid cell, and returns the scores detached: they are what the patch head and the grid head learn
-to predict. Grid cells follow the blend's rule (DESIGN §2): voxel ``k`` along an axis of size ``P``
+to predict. Grid cells follow the blend's rule (docs/design.md#blend-semantics): voxel ``k`` along an axis of size ``P``
 split into ``g`` cells lies in cell ``k * g // P``, so an odd size gives unequal cells (``P = 5``,
 ``g = 2``: cells of 3 and 2 voxels).
 

@@ -1,4 +1,4 @@
-"""Metrics of the CIB example (DESIGN §7) on hand-made masks."""
+"""Metrics of the CIB example (docs/design.md#evaluation) on hand-made masks."""
 import math
 
 import numpy as np

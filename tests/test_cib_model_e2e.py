@@ -25,7 +25,7 @@ def test_full_size_parameter_count():
     m = CIBVNet(width=16)
     total = sum(p.numel() for p in m.parameters())
     heads = sum(p.numel() for p in m.head_parameters())
-    assert total == pytest.approx(9.48e6, rel=0.01)  # DESIGN §6: 9.48 M
+    assert total == pytest.approx(9.48e6, rel=0.01)  # docs/design.md#cib-heads: 9.48 M
     assert heads == pytest.approx(7.35e3, rel=0.03)  # the paper: 7.35 K for both heads
     assert isinstance(m.patch_head, PatchHead) and isinstance(m.grid_head, GridHead)
     assert m.patch_head.in_channels == 256 and m.grid_head.in_channels == 16

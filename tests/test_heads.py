@@ -13,7 +13,7 @@ def n_params(module):
 
 
 def test_parameter_counts_match_the_reconstruction_of_the_paper():
-    # DESIGN §6: Linear(256, 1) = 257; Conv3d(16, 16, 3) = 16·16·27 + 16 = 6928, Linear(16, 1) = 17.
+    # docs/design.md#cib-heads: Linear(256, 1) = 257; Conv3d(16, 16, 3) = 16·16·27 + 16 = 6928, Linear(16, 1) = 17.
     assert n_params(PatchHead(256)) == 257
     assert n_params(GridHead(16)) == 6945
     assert n_params(PatchHead(256)) + n_params(GridHead(16)) == 7202  # paper: "7.35 K"

@@ -1,11 +1,11 @@
 """Which windows each output block runs: the global window lattice cut into blocks (no Dask here).
 
-The in-memory driver places its windows on a separable lattice (per-axis start tables, raster order, DESIGN §5)
+The in-memory driver places its windows on a separable lattice (per-axis start tables, raster order, docs/design.md#window-placement)
 over the image padded to at least the ROI. A block ``[lo, hi)`` of the output is covered by exactly the windows
 whose start ``s`` along every axis satisfies ``s < hi`` and ``s + roi > lo``; along one axis they are a
 contiguous run of the start table, so a block's windows are again a lattice (the product of its per-axis runs),
 visited in the same global raster order. Blending only those, with coordinates shifted by ``lo``, gives the
-block's voxels of the whole-volume result bit for bit (DESIGN §9).
+block's voxels of the whole-volume result bit for bit (docs/design.md#block-exactness).
 
 A window that straddles a block border is run by every block it touches. :attr:`BlockPlan.recompute_factor`
 is the total number of window runs over the number of windows; along one axis a window of length ``r`` touches

@@ -264,7 +264,7 @@ class KeepAccumulator(_Accumulator):
 
 
 class TorchAccumulator(_Accumulator):
-    """1D and 4D+ inputs (the compiled kernels take 2D/3D): the same blend (DESIGN §2) as PyTorch slice-adds,
+    """1D and 4D+ inputs (the compiled kernels take 2D/3D): the same blend (docs/design.md#blend-semantics) as PyTorch slice-adds,
     window by window, with a numerator and a denominator; differentiable."""
 
     def __init__(self, *a):

@@ -4,7 +4,7 @@
 only a float32 numerator ``[C, *out_shape]`` and, when it depends on the weights, a denominator
 ``[*out_shape]``: each batch is blended by the compiled op into its bounding box with
 ``normalize="none"`` and added in; :meth:`Blender.finalize` divides once at the end. The result is the
-:func:`patchblend.calibrated_blend` of all patches added (DESIGN §2), up to float32 summation order.
+:func:`patchblend.calibrated_blend` of all patches added (docs/design.md#blend-semantics), up to float32 summation order.
 
 :class:`SlabBlender` does the same with a buffer that spans only a slab along one spatial axis:
 patches must arrive in non-decreasing order of their start along that axis, and
@@ -297,7 +297,7 @@ class _BlendCore:
         return (p.unsqueeze(2) if self.nd == 2 else p), w
 
     def _finalize_values(self, num: torch.Tensor, den: Optional[torch.Tensor]) -> torch.Tensor:
-        """``num / den`` in place by DESIGN §2's rules (``"count"``: ``den`` clamped at 1; ``"weight"``: 0 where
+        """``num / den`` in place by docs/design.md#blend-semantics's rules (``"count"``: ``den`` clamped at 1; ``"weight"``: 0 where
         ``den`` is 0, since ``num`` is 0 there too). ``den`` is made safe in place (idempotent)."""
         if self.normalize == "none":
             return num
@@ -306,7 +306,7 @@ class _BlendCore:
 
 def _make_safe_(den: torch.Tensor, normalize: str) -> torch.Tensor:
     """In place: clamp a count at 1, or replace a weight sum of exactly 0 by 1. Where a weight sum is 0 the
-    numerator is 0 too (weights are >= 0), so the quotient is 0 as DESIGN §2 asks; any other sum, subnormal
+    numerator is 0 too (weights are >= 0), so the quotient is 0 as docs/design.md#blend-semantics asks; any other sum, subnormal
     ones included (a patch score of 1e-20 times a cell score of 1e-20), is divided by as it is, as the op does
     (clamping it at the smallest normal float shrank such weighted means)."""
     if normalize == "count":

@@ -1,4 +1,4 @@
-"""Window placement for sliding-window inference (DESIGN §5).
+"""Window placement for sliding-window inference (docs/design.md#window-placement).
 
 Both conventions are separable: each spatial axis gets its own table of window starts, and the windows
 are the Cartesian product of those tables in raster order (axis 0 slowest), which is the order MONAI

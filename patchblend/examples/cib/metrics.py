@@ -1,4 +1,4 @@
-"""MSSEG-2 evaluation metrics (DESIGN §7), in voxel units.
+"""MSSEG-2 evaluation metrics (docs/design.md#evaluation), in voxel units.
 
 All functions take binary 3D masks (numpy arrays, any dtype; non-zero is foreground) of equal shape.
 :func:`evaluate_case` applies the challenge's conventions in one call: threshold the probability at
@@ -219,7 +219,7 @@ def lesion_f1(counts: Dict[str, int]) -> Dict[str, float]:
 
 
 def evaluate_case(prob_or_mask, gt, threshold: float = 0.5, min_size: int = 11) -> Dict[str, float]:
-    """All DESIGN §7 metrics for one case.
+    """All docs/design.md#evaluation metrics for one case.
 
     Args:
         prob_or_mask: ``[D, H, W]`` probabilities (thresholded with ``> threshold``) or a boolean mask.

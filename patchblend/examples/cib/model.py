@@ -1,4 +1,4 @@
-"""The CoactSeg-style V-Net of DESIGN §6 with the CIB patch and grid heads.
+"""The CoactSeg-style V-Net of docs/design.md#cib-heads with the CIB patch and grid heads.
 
 Encoder: 5 stages of ``w, 2w, 4w, 8w, 16w`` channels (``w = 16``: 16/32/64/128/256) with 1, 2, 3, 3, 3
 3×3×3 conv–BN–ReLU layers; between stages a 2×2×2 stride-2 conv. Decoder: stride-2 transposed convs
