@@ -369,11 +369,12 @@ def calibrate_nnunet(predictor: "PatchblendPredictor", cases: Iterable, *, featu
     lattice), and :func:`patchblend.calibrate_heads` fits the heads' learned parts to each window's and cell's true
     Dice, the network frozen (eval mode, no autograd, its parameters unchanged). The windows are not mirrored; a
     predictor with mirroring averages the scores of the flips. Then ``predictor.network`` becomes the
-    :class:`~patchblend.CalibratedModel` (and the predictor's parameter set its state dict), so a predictor with
-    ``weighting`` blends with the fitted scores (:meth:`PatchblendPredictor.predict_with_confidence_from_preprocessed_data`,
-    ``weighting="grid"`` logits). The predictor's ``weighting`` is fixed at construction: calibrate a predictor
-    made with the ``weighting`` you will use (one with ``weighting=None`` is refused: nnU-Net's own prediction
-    path cannot run a network that returns :class:`~patchblend.CalibratedOutput`).
+    :class:`~patchblend.CalibratedModel` (and the predictor's parameter set its state dict), so the predictor
+    blends with the fitted scores (its logits, and the confidence map of
+    :meth:`PatchblendPredictor.predict_with_confidence_from_preprocessed_data`). The predictor's ``weighting`` is
+    fixed at construction: calibrate a predictor made with the ``weighting`` you will use (one with
+    ``weighting=None`` is refused: nnU-Net's own prediction path cannot run a network that returns
+    :class:`~patchblend.CalibratedOutput`).
 
     Args:
         predictor: an initialised :class:`PatchblendPredictor` (``initialize_from_trained_model_folder`` or
