@@ -316,7 +316,7 @@ def test_calibrated_scores_flow_into_the_blend(calibrated):
     assert labels.shape == conf.shape == (1, *data.shape[1:]) and labels.dtype == torch.int64
     assert torch.equal(labels[0], avg.argmax(0))
     left, right = conf[..., 2:12].mean(), conf[..., 20:30].mean()
-    assert left > 0.7 and right < 0.3, (float(left), float(right))
+    assert left > 0.6 and right < 0.3 and left - right > 0.4, (float(left), float(right))  # seen: 0.72, 0.17
     weighted = pred.predict_logits_from_preprocessed_data(data)
     ratio = weighted.abs().mean(dim=(0, 1, 2)) / avg.abs().mean(dim=(0, 1, 2))
     assert ratio[20:30].mean() < 0.5 * ratio[2:12].mean(), ratio
