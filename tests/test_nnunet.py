@@ -251,3 +251,148 @@ def test_nnunets_pipeline_kept_preprocessing_export_probabilities(net3):
     top2 = np.sort(prob_pb, axis=0)[-2:]
     clear = (top2[1] - top2[0]) > 2 * np.abs(prob_pb - prob_nn).max(axis=0)  # nnU-Net's error cannot flip these
     assert clear.mean() > 0.5 and np.array_equal(seg_pb[clear], seg_nn[clear])
+
+
+# ---- calibration, post hoc, and the lesion decision -----------------------------------------------------------
+
+from patchblend.integrations.nnunet import (  # noqa: E402
+    calibrate_nnunet, gate_segmentation, last_decoder_feature)
+
+
+def halves_case(net, seed, size=(24, 24, 32)):
+    """A case whose left half (last axis < 16) is bright and labelled with the network's own argmax (its windows'
+    Dice about 1) and whose right half is dark and labelled with another class (Dice 0): heads that read the
+    decoder feature can tell the halves apart, so fitted scores must be high on the left, low on the right."""
+    torch.manual_seed(seed)
+    data = torch.randn(1, *size)
+    data[..., :16] += 2.0
+    data[..., 16:] -= 2.0
+    with torch.no_grad():
+        own = patchblend_predictor(net, PATCH3, 3).predict_logits_from_preprocessed_data(data).float().argmax(0)
+    seg = own.clone()
+    seg[..., 16:] = (own[..., 16:] + 1) % 3
+    return data, seg[None]
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """A grid-weighted predictor of a toy PlainConvUNet calibrated on three held-out cases (mirroring on)."""
+    net = toy_unet(3, num_classes=3, seed=5)
+    with torch.no_grad():  # confident logits, so that a window's prediction (p > 0.5) is its argmax
+        net.decoder.seg_layers[-1].weight.mul_(30)
+        net.decoder.seg_layers[-1].bias.mul_(30)
+    cases = [halves_case(net, seed) for seed in (11, 12, 13)]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    pred = patchblend_predictor(net, PATCH3, 3, weighting="grid", output_dtype=None, sw_batch_size=4,
+                                mirror_axes=(0, 1, 2))
+    history = calibrate_nnunet(pred, cases, epochs=150)
+    return net, before, pred, history
+
+
+def test_calibrate_nnunet_fits_heads_with_the_network_frozen(calibrated):
+    net, before, pred, history = calibrated
+    assert history["feature"] == last_decoder_feature(net) == "decoder.stages.0"
+    per_case = len(pred._internal_get_sliding_window_slicers((24, 24, 32)))
+    assert per_case == 2 * 2 * 3 and history["windows"] == 3 * per_case  # nnU-Net's windows of the three cases
+    assert history["grid_mse"][-1] < 0.7 * history["grid_mse"][0]
+    assert history["patch_mse"][-1] < history["patch_mse"][0]
+    assert isinstance(pred.network, patchblend.CalibratedModel) and pred.network.backbone is net
+    for k, v in net.state_dict().items():  # the network frozen
+        assert torch.equal(v, before[k]), k
+    # the predictor's one parameter set is the calibrated model's (nnU-Net loads it before predicting)
+    assert set(pred.list_of_parameters[0]) == set(pred.network.state_dict())
+
+
+def test_calibrated_scores_flow_into_the_blend(calibrated):
+    """On a new case: the confidence map is high on the half the network gets right and low on the other; the
+    average's argmax is the uncalibrated predictor's; the grid-weighted logits (count) are pulled towards 0 on the
+    doubted half, relative to the average, far more than on the other half, and they are patchblend's own driver run
+    on the calibrated model."""
+    net, _, pred, _ = calibrated
+    data, _ = halves_case(net, 21)
+    labels, conf = pred.predict_with_confidence_from_preprocessed_data(data)
+    plain = patchblend_predictor(net, PATCH3, 3, output_dtype=None, mirror_axes=(0, 1, 2))
+    avg = plain.predict_logits_from_preprocessed_data(data)
+    assert labels.shape == conf.shape == (1, *data.shape[1:]) and labels.dtype == torch.int64
+    assert torch.equal(labels[0], avg.argmax(0))
+    left, right = conf[..., 2:12].mean(), conf[..., 20:30].mean()
+    assert left > 0.6 and right < 0.3 and left - right > 0.4, (float(left), float(right))  # seen: 0.72, 0.17
+    weighted = pred.predict_logits_from_preprocessed_data(data)
+    ratio = weighted.abs().mean(dim=(0, 1, 2)) / avg.abs().mean(dim=(0, 1, 2))
+    assert ratio[20:30].mean() < 0.5 * ratio[2:12].mean(), ratio
+    unmirrored = patchblend_predictor(pred.network, PATCH3, 3, weighting="grid", output_dtype=None)
+    g = compute_gaussian(PATCH3, sigma_scale=1. / 8, value_scaling_factor=10, device=torch.device("cpu")).float()
+    with torch.inference_mode():
+        expected = sliding_window_inference(data[None], PATCH3, 3, pred.network, roi_weight_map=g, placement="nnunet",
+                                            tile_step_size=0.5, weighting="grid", normalize="count")[0]
+    unmirrored.list_of_parameters = pred.list_of_parameters
+    # (logits up to about 1e2 here: float32 rounding of differently ordered sums)
+    torch.testing.assert_close(unmirrored.predict_logits_from_preprocessed_data(data), expected, rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("weighting", ["patch", "grid", "patch*grid"])
+def test_confidence_pass_equals_the_driver(image3, weighting):
+    """predict_with_confidence_from_preprocessed_data (slab by slab): the argmax of the driver's average and its
+    confidence map C = sum(alpha g) / sum(g) on nnU-Net's lattice and Gaussian."""
+    net = CalibratedToy().eval()
+    ours = patchblend_predictor(net, PATCH3, 3, weighting=weighting, sw_batch_size=3)
+    labels, conf = ours.predict_with_confidence_from_preprocessed_data(image3)
+    g = compute_gaussian(PATCH3, sigma_scale=1. / 8, value_scaling_factor=10, device=torch.device("cpu")).float()
+    with torch.inference_mode():
+        ref = sliding_window_inference(image3[None], PATCH3, 3, net, roi_weight_map=g, placement="nnunet",
+                                       tile_step_size=0.5, weighting=weighting, normalize="weight", confidence=True,
+                                       weigh_prediction=False)
+    torch.testing.assert_close(conf, ref.confidence[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(labels[0], ref.prediction[0].argmax(0))
+
+
+def test_gate_segmentation_keeps_confident_components_per_class():
+    labels = torch.zeros(1, 12, 12, 12, dtype=torch.int64)
+    labels[0, 1:3, 1:3, 1:3] = 1   # class 1, confident
+    labels[0, 8:10, 8:10, 8:10] = 1  # class 1, doubted
+    labels[0, 1:3, 8:11, 1:3] = 2  # class 2, middling
+    conf = torch.full((1, 12, 12, 12), 0.1)
+    conf[0, :6, :6, :6] = 0.9
+    conf[0, :6, 6:, :6] = 0.5
+    gate = gate_segmentation(labels, conf, 0.6)
+    expected = labels.clone()
+    expected[expected == 2] = 0
+    expected[0, 8:10, 8:10, 8:10] = 0
+    assert torch.equal(gate.mask, expected)
+    assert [(c.label, c.size, c.kept) for c in gate.components] == [(1, 8, True), (1, 8, False), (2, 12, False)]
+    assert sorted(torch.unique(gate.components_map).tolist()) == [0, 1, 2, 3]
+    per_class = gate_segmentation(labels, conf, {1: 0.6, 2: 0.4})
+    assert torch.equal(per_class.mask[labels == 2], labels[labels == 2])
+    assert not per_class.mask[0, 8:10, 8:10, 8:10].any()
+
+
+def test_calibration_and_gate_bad_arguments(net3, image3):
+    with pytest.raises(ValueError, match="classes \\[2\\]"):
+        gate_segmentation(torch.tensor([[[0, 1, 2]]]), torch.ones(1, 1, 3), {1: 0.5})
+    with pytest.raises(ValueError, match="labels must be an integer label map"):
+        gate_segmentation(torch.rand(1, 4, 4, 4), torch.ones(1, 4, 4, 4), 0.5)
+    pred = patchblend_predictor(net3, PATCH3, 3, weighting="grid")
+    with pytest.raises(ValueError, match="cases is empty"):
+        calibrate_nnunet(pred, [])
+    with pytest.raises(TypeError, match="pairs"):
+        calibrate_nnunet(pred, [image3])
+    with pytest.raises(ValueError, match="seg of case 0"):
+        calibrate_nnunet(pred, [(image3, torch.zeros(1, 3, 3, 3, dtype=torch.int64))])
+    with pytest.raises(ValueError, match="no submodule"):
+        calibrate_nnunet(pred, [(image3, torch.zeros(1, *image3.shape[1:], dtype=torch.int64))],
+                         feature="decoder.stage.0")
+    with pytest.raises(ValueError, match="batch_size"):
+        calibrate_nnunet(pred, [], batch_size=0)
+    with pytest.raises(ValueError, match="decoder.stages"):
+        last_decoder_feature(torch.nn.Conv3d(1, 1, 1))
+    with pytest.raises(ValueError, match="needs weighting"):
+        patchblend_predictor(net3, PATCH3, 3).predict_with_confidence_from_preprocessed_data(image3)
+    two = patchblend_predictor(net3, PATCH3, 3, weighting="grid")
+    two.list_of_parameters = two.list_of_parameters * 2
+    with pytest.raises(ValueError, match="one parameter set"):
+        calibrate_nnunet(two, [])
+    with pytest.raises(ValueError, match="made with weighting"):
+        calibrate_nnunet(patchblend_predictor(net3, PATCH3, 3), [])
+    with pytest.raises(ValueError, match="3D configuration"):
+        calibrate_nnunet(patchblend_predictor(toy_unet(2), (16, 16), 3, weighting="grid"), [])

@@ -16,12 +16,19 @@ folds, export, ``predict_from_files``.
 Bounded memory: :meth:`PatchblendPredictor.predict_segmentation_from_preprocessed_data` blends slab by slab
 (:class:`~patchblend.inference.SlabBlender`) and takes the argmax (or a per-class threshold) as each slab is final,
 so the full ``[C, *S]`` logits never exist.
+
+Calibration, post hoc: :func:`calibrate_nnunet` fits prediction-aware heads (:class:`patchblend.CalibratedModel`
+with ``heads="aware"``, hooked on the network's last decoder stage) on held-out preprocessed cases, the network
+frozen, over nnU-Net's own windows, and installs the calibrated network in the predictor. The decision: nnU-Net
+exports an argmax, which calibrated weights change only as a re-weighted vote; the lesion decision is
+:meth:`PatchblendPredictor.predict_with_confidence_from_preprocessed_data` (the average's argmax and the confidence
+map) followed by :func:`gate_segmentation` (:func:`patchblend.gate_lesions` per foreground class).
 """
 from __future__ import annotations
 
 import inspect
 import itertools
-from typing import Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -29,19 +36,24 @@ try:
     from nnunetv2.inference import sliding_window_prediction as _nnunet_windows
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides nnunetv2
     raise ImportError(
         "patchblend.integrations.nnunet needs nnU-Net v2 (nnunetv2): pip install 'patchblend[nnunet]', or, to keep "
         "the torch you have, the install in patchblend's README (section 'With nnU-Net')") from exc
 
+from ..calibration import calibrate_heads
 from ..inference._predictions import parse_output
+from ..inference.confidence import PredictionWithConfidence
 from ..inference.blender import Blender, LatticeBlender, SlabBlender, compact_label_dtype
 from ..inference.options import check_blend_options
 from ..inference.windows import WindowGrid
 from ..ops import extract_patches
-from ..wrapper import CalibratedOutput
+from ..lesions import LesionGate, gate_lesions
+from ..wrapper import CalibratedModel, CalibratedOutput
 
-__all__ = ["PatchblendPredictor", "check_nnunet_internals", "EXPECTED_INTERNALS"]
+__all__ = ["PatchblendPredictor", "check_nnunet_internals", "EXPECTED_INTERNALS", "calibrate_nnunet",
+           "last_decoder_feature", "gate_segmentation"]
 
 #: the nnU-Net internals this module calls or replaces, with the parameters it relies on (checked at construction)
 EXPECTED_INTERNALS = {
@@ -133,6 +145,7 @@ class PatchblendPredictor(nnUNetPredictor):
         self.reduce = reduce
         self.threshold = float(threshold)
         self._reducing = False  # set while predict_segmentation_from_preprocessed_data runs
+        self._with_confidence = False  # set while predict_with_confidence_from_preprocessed_data runs
 
     # ---- the one replaced method ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -165,6 +178,9 @@ class PatchblendPredictor(nnUNetPredictor):
             if isinstance(blender, SlabBlender) and j < coords.shape[0]:
                 blender.finalize_until(int(coords[j, 0]))  # no later window reaches before the next one's start
             del x, seg, weights
+        if self._with_confidence:  # labels and confidence as two float32 channels, so nnU-Net crops both alike
+            labels, conf = blender.finish_with_confidence()
+            return torch.cat([labels.to(conf.dtype), conf])
         if isinstance(blender, SlabBlender):
             return blender.finish()
         out = blender.finalize()
@@ -189,6 +205,28 @@ class PatchblendPredictor(nnUNetPredictor):
             return self.predict_sliding_window_return_logits(data)
         finally:
             self._reducing = False
+
+    def predict_with_confidence_from_preprocessed_data(self, data: torch.Tensor) -> PredictionWithConfidence:
+        """The lesion decision's inputs for preprocessed ``data [C_in, *S]``, in one bounded-memory pass:
+        ``PredictionWithConfidence(labels [1, *S], confidence [1, *S])``.
+
+        ``labels`` (int64) is the argmax of the **average** blend, nnU-Net's Gaussian-weighted mean with the
+        network's scores left out (``weigh_prediction=False``): the same argmax as the uncalibrated predictor.
+        ``confidence`` (float32) is the blend of the scores alone, ``C = Σ_i α_i·g_i / Σ_i g_i`` (``α_i`` the
+        window's patch, grid-cell or product score by ``weighting``, ``g_i`` nnU-Net's Gaussian; the mirrored
+        scores averaged). Decide per lesion with :func:`gate_segmentation`. Needs ``weighting`` (a network
+        returning :class:`patchblend.CalibratedOutput`, e.g. after :func:`calibrate_nnunet`); one parameter set,
+        as :meth:`predict_segmentation_from_preprocessed_data`, whose slab blending it shares (the ``[C, *S]``
+        logits never exist). ``normalize`` and ``reduce`` of the predictor do not apply here."""
+        if self.weighting is None:
+            raise ValueError("predict_with_confidence_from_preprocessed_data needs weighting ('patch', 'grid' or "
+                             "'patch*grid'): the confidence map is the blend of the network's scores")
+        self._with_confidence = True
+        try:
+            out = self.predict_segmentation_from_preprocessed_data(data)
+        finally:
+            self._with_confidence = False
+        return PredictionWithConfidence(out[:1].round().to(torch.int64), out[1:].float())
 
     # ---- pieces ---------------------------------------------------------------------------------------------
     def _windows_of(self, slicers, nd_data: int) -> Tuple[torch.Tensor, Tuple[int, ...], bool]:
@@ -222,6 +260,13 @@ class PatchblendPredictor(nnUNetPredictor):
         grid = WindowGrid(shape, window, tuple(tuple(a) for a in axes))
         lattice = len(grid) == coords.shape[0] and grid.is_strict and torch.equal(grid.coords(), coords)
         slab_lattice = axes if lattice and not weights_in_den else None
+        if self._with_confidence:
+            # the average (nnU-Net's Gaussian mean: normalize="weight", the scores only in C) reduced to its argmax
+            # slab by slab, C beside it; the scores do not enter the prediction, so the lattice's denominator holds
+            return SlabBlender(shape, channels, axis=0, normalize="weight", importance=importance,
+                               window_shape=window, reduce="argmax", device=device, dtype=acc,
+                               label_dtype=compact_label_dtype(channels, torch.int64),
+                               window_lattice=axes if lattice else None, confidence=True, weigh_prediction=False)
         if self._reducing:
             # slabs along axis 0, the slowest of nnU-Net's slicers
             return SlabBlender(shape, channels, axis=0, normalize=self.normalize, importance=importance,
@@ -276,3 +321,191 @@ class PatchblendPredictor(nnUNetPredictor):
             seg_sum = seg.float() if seg_sum is None else seg_sum + seg.float()
             w_sum = w.float() if w_sum is None else w_sum + w.float()
         return seg_sum / len(flips), w_sum / len(flips)
+
+
+# ---- calibration, post hoc ----------------------------------------------------------------------------------
+
+def last_decoder_feature(network: torch.nn.Module) -> str:
+    """Name of the last decoder stage of a dynamic-network-architectures U-Net (``PlainConvUNet``,
+    ``ResidualEncoderUNet``: ``"decoder.stages.<n-1>"``, the full-resolution feature ``[B, C, *P]`` the
+    segmentation layer reads). Raises ``ValueError`` for a network without ``decoder.stages``."""
+    network = getattr(network, "_orig_mod", network)
+    stages = getattr(getattr(network, "decoder", None), "stages", None)
+    if not isinstance(stages, torch.nn.ModuleList) or len(stages) == 0:
+        raise ValueError(f"{type(network).__name__} has no decoder.stages (a dynamic-network-architectures U-Net); "
+                         "pass feature='<module name>' (patchblend.candidate_feature_modules lists the modules "
+                         "with 5D outputs)")
+    return f"decoder.stages.{len(stages) - 1}"
+
+
+def _case_tensors(index: int, case) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One held-out case ``(data [C_in, *S], seg [1, *S])`` as tensors, checked; negative labels (nnU-Net marks
+    voxels outside the nonzero crop -1) become background."""
+    if not isinstance(case, (tuple, list)) or len(case) != 2:
+        raise TypeError(f"cases must yield (data [C_in, *S], seg [1, *S]) pairs; case {index} is a "
+                        f"{type(case).__name__}")
+    data, seg = (torch.as_tensor(v) for v in case)
+    if data.dim() != 4 or not data.is_floating_point():
+        raise ValueError(f"cases: data of case {index} must be a floating [C_in, D, H, W] tensor (preprocessed), "
+                         f"got {data.dtype} {tuple(data.shape)}")
+    if seg.dim() == 3:
+        seg = seg[None]
+    if seg.dim() != 4 or seg.shape[0] != 1 or seg.shape[1:] != data.shape[1:] or seg.is_floating_point() \
+            and not torch.equal(seg, seg.round()):
+        raise ValueError(f"cases: seg of case {index} must be an integer label map [1, *S] with data's spatial "
+                         f"shape {tuple(data.shape[1:])}, got {seg.dtype} {tuple(seg.shape)}")
+    return data.float(), seg.clamp_min(0).float()
+
+
+def calibrate_nnunet(predictor: "PatchblendPredictor", cases: Iterable, *, feature: Optional[str] = None,
+                     grid=(2, 2, 2), hidden: int = 16, threshold: float = 0.5, batch_size: Optional[int] = None,
+                     progress: bool = False, **fit_options) -> Dict[str, Any]:
+    """Fit prediction-aware heads for the predictor's frozen nnU-Net network on held-out cases, and install the
+    calibrated network in the predictor.
+
+    The network (its one fold's parameters loaded, as nnU-Net predicts) is wrapped in
+    :class:`patchblend.CalibratedModel` ``(heads="aware")`` hooking ``feature``; the held-out cases are padded as
+    nnU-Net pads (to at least the patch size) and cut into nnU-Net's own windows (its slicers, ``tile_step_size``
+    lattice), and :func:`patchblend.calibrate_heads` fits the heads' learned parts to each window's and cell's true
+    Dice, the network frozen (eval mode, no autograd, its parameters unchanged). The windows are not mirrored; a
+    predictor with mirroring averages the scores of the flips. Then ``predictor.network`` becomes the
+    :class:`~patchblend.CalibratedModel` (and the predictor's parameter set its state dict), so the predictor
+    blends with the fitted scores (its logits, and the confidence map of
+    :meth:`PatchblendPredictor.predict_with_confidence_from_preprocessed_data`). The predictor's ``weighting`` is
+    fixed at construction: calibrate a predictor made with the ``weighting`` you will use (one with
+    ``weighting=None`` is refused: nnU-Net's own prediction path cannot run a network that returns
+    :class:`~patchblend.CalibratedOutput`).
+
+    Args:
+        predictor: an initialised :class:`PatchblendPredictor` (``initialize_from_trained_model_folder`` or
+            ``manual_initialization``) made with ``weighting``, of a 3D configuration, one fold, not
+            region-based.
+        cases: held-out cases never used for training: an iterable of ``(data [C_in, D, H, W], seg [1, D, H, W])``
+            in preprocessed space (e.g. nnU-Net's preprocessed validation cases of the fold: ``data`` floats,
+            ``seg`` the integer label map; negative labels count as background). Tensors or numpy arrays.
+        feature: the module whose output the heads read (default :func:`last_decoder_feature`).
+        grid: grid cells per axis of the grid head (default ``(2, 2, 2)``; each patch size ``>=`` it).
+        hidden: the heads' hidden width.
+        threshold: a window's prediction is foreground where its probability ``> threshold`` (the Dice targets).
+        batch_size: windows per network call (default the predictor's ``sw_batch_size``).
+        progress: tqdm bars.
+        fit_options: for :func:`patchblend.fit_heads` (``epochs``, ``lr``, ``weight_decay``, ...).
+
+    Returns :func:`patchblend.calibrate_heads`'s history (``patch_mse``, ``grid_mse`` per epoch, ``windows``)
+    plus ``"feature"``, the hooked module's name.
+    """
+    if not isinstance(predictor, PatchblendPredictor):
+        raise TypeError(f"predictor must be a PatchblendPredictor, got {type(predictor).__name__}")
+    if getattr(predictor, "network", None) is None or getattr(predictor, "configuration_manager", None) is None:
+        raise ValueError("predictor is not initialised: call initialize_from_trained_model_folder or "
+                         "manual_initialization first")
+    patch = tuple(int(p) for p in predictor.configuration_manager.patch_size)
+    if len(patch) != 3:
+        raise ValueError(f"calibrate_nnunet needs a 3D configuration (CalibratedModel's heads read 5D features); "
+                         f"this predictor's patch size is {patch}")
+    if predictor.label_manager.has_regions:
+        raise ValueError("calibrate_nnunet does not support region-based nnU-Net models (sigmoid outputs per "
+                         "region): the heads score the softmax's foreground")
+    folds = predictor.list_of_parameters or []
+    if len(folds) > 1:
+        raise ValueError(f"calibrate_nnunet takes a predictor with one parameter set (fold), got {len(folds)}: "
+                         "heads read one network's features; calibrate one predictor per fold")
+    if batch_size is None:
+        batch_size = predictor.sw_batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if predictor.weighting is None:
+        raise ValueError("calibrate_nnunet needs a predictor made with weighting ('patch', 'grid' or 'patch*grid'): "
+                         "the calibrated network returns patchblend.CalibratedOutput, which only such a predictor "
+                         "blends")
+    current = getattr(predictor.network, "_orig_mod", predictor.network)
+    if folds:  # as nnU-Net loads a fold before predicting
+        current.load_state_dict(folds[0])
+    # calibrating again: fresh heads on the same backbone
+    network = current.backbone if isinstance(current, CalibratedModel) else current
+    network = network.to(predictor.device)
+    if feature is None:
+        feature = last_decoder_feature(network)
+    device = predictor.device
+    iterator = iter(cases)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ValueError("cases is empty: calibration needs held-out cases") from None
+    data0, _ = _case_tensors(0, first)
+    model = CalibratedModel(network, None, feature, heads="aware", grid=grid, hidden_channels=hidden,
+                            example_input=torch.zeros((1, data0.shape[0], *patch), device=device))
+    before = {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    def windows():
+        for index, case in enumerate(itertools.chain([first], iterator)):
+            data, seg = _case_tensors(index, case)
+            if data.shape[0] != data0.shape[0]:
+                raise ValueError(f"cases: case {index} has {data.shape[0]} input channels, case 0 has "
+                                 f"{data0.shape[0]}")
+            # nnU-Net's padding (images smaller than the patch), labels padded with background
+            data, _ = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+            seg, _ = pad_nd_image(seg, patch, "constant", {"value": 0}, True, None)
+            coords, window, _ = predictor._windows_of(predictor._internal_get_sliding_window_slicers(
+                data.shape[1:]), 3)
+            for i in range(0, coords.shape[0], batch_size):
+                c = coords[i:i + batch_size]
+                yield (extract_patches(data, c, window).to(device),
+                       extract_patches(seg, c, window).round().long().to(device))
+
+    history = calibrate_heads(model, windows(), threshold=threshold, progress=progress, **fit_options)
+    for k, v in network.state_dict().items():  # frozen: a changed parameter or buffer is a bug, not a result
+        if not torch.equal(v, before[k]):
+            raise RuntimeError(f"calibrate_nnunet changed the network's {k!r}")
+    predictor.network = model
+    if predictor.list_of_parameters:
+        predictor.list_of_parameters = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    return {**history, "feature": feature}
+
+
+def gate_segmentation(labels: torch.Tensor, confidence: torch.Tensor, tau: Union[float, Mapping[int, float]], *,
+                      statistic: str = "mean", connectivity: Optional[int] = None, min_size: int = 1) -> LesionGate:
+    """Keep or drop each connected component of each foreground class of ``labels`` by the confidence over it:
+    :func:`patchblend.gate_lesions` per class, with one ``tau`` for every class or one per class.
+
+    Args:
+        labels: ``[1, D, H, W]`` or ``[D, H, W]`` integer labels (0 background), e.g. from
+            :meth:`PatchblendPredictor.predict_with_confidence_from_preprocessed_data`.
+        confidence: the confidence map, ``labels``' shape (or broadcastable to it).
+        tau: a float for every class, or ``{class: tau}``; every foreground class present in ``labels`` needs
+            an entry (``-math.inf`` keeps a class ungated). Choose it on calibration cases, e.g. with
+            :func:`patchblend.choose_gate_threshold`.
+        statistic, connectivity, min_size: as for :func:`patchblend.gate_lesions`.
+
+    Returns :class:`patchblend.LesionGate`: ``mask`` the gated labels (``labels``' dtype, dropped components set
+    to 0), ``components`` one row per component (``label`` its class), ``components_map`` ids unique over classes.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool or labels.dim() not in (3, 4) or labels.dim() == 4 and labels.shape[0] != 1:
+        raise ValueError("labels must be an integer label map [1, D, H, W] or [D, H, W], got "
+                         + (f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
+                            else type(labels).__name__))
+    present = [int(c) for c in torch.unique(labels).tolist() if c != 0]
+    if isinstance(tau, Mapping):
+        missing = [c for c in present if c not in tau]
+        if missing:
+            raise ValueError(f"tau has no threshold for the classes {missing} present in labels; give one per "
+                             f"class (-math.inf keeps a class ungated), got classes {sorted(tau)}")
+        taus = {c: tau[c] for c in present}
+    else:
+        taus = {c: tau for c in present}
+        if not present:  # still check tau and confidence
+            return gate_lesions(labels, confidence, tau, statistic=statistic, connectivity=connectivity,
+                                min_size=min_size)
+    gated = torch.zeros_like(labels)
+    ids = torch.zeros(labels.shape, dtype=torch.int64, device=labels.device)
+    rows = []
+    for c, t in taus.items():
+        mask = labels == c
+        gate = gate_lesions(mask, confidence, t, statistic=statistic, connectivity=connectivity,
+                            min_size=min_size)
+        gated[gate.mask] = c
+        offset = len(rows)
+        ids = torch.where(mask, gate.components_map + offset, ids)
+        rows += [r._replace(label=c, id=r.id + offset) for r in gate.components]
+    return LesionGate(gated, rows, ids)
