@@ -228,6 +228,39 @@ def test_threshold_keeps_values_exactly_at_the_threshold():
     assert_bitwise(got, driver(image, 4, 3, torch.nn.Identity(), **kw), "threshold tie")
 
 
+def test_a_float_roi_size_is_read_as_by_the_driver():
+    """roi_size=(6.0, 6, 6) is 6 per axis in both drivers (it was a TypeError on Dask); 6.5 is refused by both."""
+    image = volume((1, 13, 11, 12), 8)
+    x = da.from_array(image, chunks=(1, 7, 6, 6))
+    got = sliding_window_inference(x, (6.0, 6, 6), 2, helpers.two_class, overlap=0.5, mode="gaussian")
+    ref = driver(image, (6.0, 6, 6), 2, helpers.two_class, overlap=0.5, mode="gaussian")
+    assert_bitwise(got.compute(scheduler="sync"), ref, "float roi_size")
+    assert_bitwise(ref, driver(image, 6, 2, helpers.two_class, overlap=0.5, mode="gaussian"), "6.0 is 6")
+    with pytest.raises(TypeError, match="roi_size") as in_memory:
+        driver(image, (6.5, 6, 6), 2, helpers.two_class)
+    with pytest.raises(TypeError, match="roi_size") as on_dask:
+        sliding_window_inference(x, (6.5, 6, 6), 2, helpers.two_class, out_channels=2)
+    assert str(on_dask.value) == str(in_memory.value)
+
+
+def test_multi_output_predictors_are_refused_by_name_and_one_item_lists_equal_the_driver():
+    """MONAI's multi-output forms (a dict, a tuple of several outputs) would each need their own Dask array: refused
+    naming the predictor output, whether the probe (no out_channels) or a block task meets it first. A one-item list
+    is one tensor in the in-memory driver (as in MONAI), and the same on Dask."""
+    image = volume((1, 12, 12, 12), 9)
+    x = da.from_array(image, chunks=(1, 6, 6, 6))
+    as_dict = lambda w: {"b": helpers.two_class(w), "a": helpers.two_class(w)}  # noqa: E731
+    for predictor, form in ((helpers.returns_tuple, "2 outputs"), (as_dict, r"a dict with keys \['a', 'b'\]")):
+        for kw in (dict(out_channels=2), {}):
+            with pytest.raises(ValueError, match=f"predictor output is MONAI's multi-output form \\({form}\\)"):
+                sliding_window_inference(x, 6, 2, predictor, **kw).compute(scheduler="sync")
+    as_list = lambda w: [helpers.two_class(w)]  # noqa: E731
+    ref = driver(image, 6, 2, as_list, overlap=0.5)
+    assert_bitwise(ref, driver(image, 6, 2, helpers.two_class, overlap=0.5), "one-item list in memory")
+    got = sliding_window_inference(x, 6, 2, as_list, overlap=0.5).compute(scheduler="sync")
+    assert_bitwise(got, ref, "one-item list on Dask")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_blocks_on_the_gpu_equal_the_driver_on_the_gpu():

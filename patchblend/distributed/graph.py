@@ -25,10 +25,12 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import CalibratedOutput
 from .._validate import check_threshold
+from ..inference._predictions import parse_output
 from ..inference.confidence import PredictionWithConfidence
 from ..inference.options import check_blend_options
+from ..inference.sliding_window import _resolve_roi
 from .plan import BlockPlan, block_plan
-from .worker import BlockSpec, CallSpec, PredictorFactory, assemble_region, read_region, run_block
+from .worker import BlockSpec, CallSpec, PredictorFactory, _single_seg, assemble_region, read_region, run_block
 
 __all__ = ["sliding_window_inference"]
 
@@ -52,26 +54,6 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     if dtype == torch.bfloat16:
         raise TypeError("a bfloat16 output has no numpy dtype: make the predictor return float32 or float16")
     return torch.empty(0, dtype=dtype).numpy().dtype
-
-
-def _resolve_roi(roi_size, image_size):
-    nd = len(image_size)
-    if hasattr(roi_size, "tolist"):
-        roi_size = roi_size.tolist()
-    if isinstance(roi_size, Sequence) and not isinstance(roi_size, str):
-        if len(roi_size) != nd:
-            raise ValueError(f"roi_size has {len(roi_size)} entries but image has {nd} spatial dims")
-        roi = list(roi_size)
-    elif roi_size is None or isinstance(roi_size, numbers.Integral):
-        roi = [roi_size] * nd
-    else:
-        raise TypeError(f"roi_size must be an int or a sequence of {nd} ints, got {roi_size!r}")
-    out = []
-    for r, s in zip(roi, image_size):
-        if r is not None and (isinstance(r, bool) or not isinstance(r, numbers.Integral)):
-            raise TypeError(f"roi_size entries must be ints or None, got {roi_size!r}")
-        out.append(int(s) if r is None or r <= 0 else int(r))  # None / non-positive: the full axis (MONAI)
-    return tuple(out)
 
 
 def _hashable(value):
@@ -109,11 +91,8 @@ def _probe(predictor, image_dtype, in_channels: int, roi, with_coord: bool, kwar
             out = model(x, [[slice(0, 1), slice(None)] + [slice(0, r) for r in roi]], **kwargs)
         else:
             out = model(x, **kwargs)
-    seg = out.seg if isinstance(out, CalibratedOutput) else out
-    if not isinstance(seg, torch.Tensor) or seg.dim() != len(roi) + 2:
-        raise ValueError(f"the predictor must return a tensor [n, C, *roi] (or a CalibratedOutput): probing it with "
-                         f"one zero window {tuple(x.shape)} gave {type(out).__name__}"
-                         + (f" {tuple(seg.shape)}" if isinstance(seg, torch.Tensor) else ""))
+    # read as a worker reads it (the scores are checked there, per batch)
+    seg = _single_seg(parse_output(out.seg if isinstance(out, CalibratedOutput) else out, 1, len(roi), None), roi)
     return int(seg.shape[1]), seg.dtype
 
 
@@ -206,7 +185,7 @@ def sliding_window_inference(
         raise TypeError("predictor must be callable (a model) or a patchblend.distributed.PredictorFactory")
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-    roi = _resolve_roi(roi_size, spatial)
+    roi = _resolve_roi(roi_size, spatial, nd)  # the in-memory driver's rule (64.0 is 64)
     mode = getattr(mode, "value", mode)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")

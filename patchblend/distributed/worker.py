@@ -5,7 +5,10 @@ The arithmetic is the in-memory driver's (``patchblend.sliding_window_inference`
 importance map, weights combined the same way, and the same accumulator: :class:`~patchblend.inference.LatticeBlender`
 on a strict lattice without weights in the denominator (bitwise :func:`patchblend.calibrated_blend` whatever the
 batching), otherwise :class:`~patchblend.inference.Blender` fed one window at a time (bitwise
-``calibrated_blend`` of the windows in order). Only public patchblend API is used.
+``calibrated_blend`` of the windows in order). The predictor's output is read, its scores checked and the importance
+map made by the in-memory driver's own functions (``parse_output`` and ``ScoreChecks`` of
+``patchblend.inference._predictions``, ``resolve_importance`` of ``patchblend.inference.sliding_window``), so the
+two drivers cannot drift apart there.
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ import copy
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -21,9 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import CalibratedOutput, extract_patches
-from ..inference import Blender, LatticeBlender, WindowGrid, importance_map
+from .. import extract_patches
+from ..inference import Blender, LatticeBlender, WindowGrid
+from ..inference._predictions import Prediction, ScoreChecks, parse_output
 from ..inference.confidence import ConfidenceTerms
+from ..inference.sliding_window import resolve_importance
 
 __all__ = ["PredictorFactory", "BlockSpec", "CallSpec", "run_block", "assemble_region", "read_region"]
 
@@ -147,68 +151,22 @@ def assemble_region(pieces: Sequence[np.ndarray], offsets: Sequence[Tuple[int, .
 
 
 # ---- the block ---------------------------------------------------------------------------------------------------
-def _parse(out, n: int, roi, nd: int, weighting, acc: torch.dtype):
-    """Predictor output → (seg [n, C, *roi], weights or None), checked as the driver checks it (``patch * grid``
-    formed in the accumulation dtype ``acc`` or wider, as the driver forms it)."""
-    patch = grid = None
-    if isinstance(out, CalibratedOutput):
-        seg, patch, grid = out.seg, out.patch, out.grid
-    elif isinstance(out, torch.Tensor):
-        seg = out
-    elif isinstance(out, (tuple, list, Mapping)):
-        raise ValueError(f"predictor returned a {type(out).__name__}: multi-output predictors are not supported "
-                         "by patchblend.distributed; return a tensor, or patchblend.CalibratedOutput(seg, patch, "
-                         "grid) for calibrated weighting")
-    else:
-        raise TypeError(f"predictor must return a tensor or a patchblend.CalibratedOutput, got {type(out).__name__}")
-    if not isinstance(seg, torch.Tensor) or not seg.dtype.is_floating_point:
-        raise TypeError("predictor output seg must be a floating-point tensor")
-    if seg.dim() != nd + 2 or seg.shape[0] != n or tuple(seg.shape[2:]) != tuple(roi):
-        raise ValueError(f"predictor output seg must be [{n}, C, {', '.join(map(str, roi))}] for a batch of {n} "
-                         f"windows, got {tuple(seg.shape)}")
-    uses_patch = weighting in ("patch", "patch*grid")
-    uses_grid = weighting in ("grid", "patch*grid")
-    for name, used, scores in (("patch_scores", uses_patch, patch), ("grid_scores", uses_grid, grid)):
-        if not used:
-            continue
-        if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point:
-            raise ValueError(f"weighting={weighting!r} needs {name} as a floating-point tensor: return "
-                             "patchblend.CalibratedOutput(seg, patch, grid)")
-        if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
-            raise ValueError(f"{name} must be finite and >= 0 (a predictor call returned NaN, inf or a negative "
-                             "value)")
-    if uses_patch:
-        if patch.dim() == 2 and patch.shape[1] == 1:
-            patch = patch[:, 0]
-        if tuple(patch.shape) != (n,):
-            raise ValueError(f"patch_scores must have shape [{n}] (one per window), got {tuple(patch.shape)}")
-    if uses_grid and (grid.dim() != nd + 1 or grid.shape[0] != n
-                      or any(g < 1 or g > p for g, p in zip(grid.shape[1:], roi))):
-        raise ValueError(f"grid_scores must have shape [{n}, *G] with {nd} grid dims, 1 <= G <= roi, "
-                         f"got {tuple(grid.shape)}")
-    patch = patch if uses_patch else None
-    grid = grid if uses_grid else None
-    if patch is None or grid is None:
-        return seg, (grid if patch is None else patch)
-    dt = torch.promote_types(torch.promote_types(patch.dtype, grid.dtype), acc)
-    return seg, patch.reshape(-1, *([1] * nd)).to(dt) * grid.to(dt)
-
-
-_IMPORTANCE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-
-
-def _importance(call: CallSpec, acc: torch.dtype, roi_weight_map: Optional[torch.Tensor]):
-    if roi_weight_map is not None:
-        return roi_weight_map.to(device=call.device, dtype=acc)
-    if call.mode == "constant":
-        return None
-    key = (call.roi, call.mode, call.sigma_scale, acc, call.device)
-    with _CACHE_LOCK:
-        if key not in _IMPORTANCE:
-            _IMPORTANCE[key] = importance_map(call.roi, call.mode, call.sigma_scale, dtype=acc, device=call.device)
-            while len(_IMPORTANCE) > 4:
-                _IMPORTANCE.popitem(last=False)
-        return _IMPORTANCE[key]
+def _single_seg(pred: Prediction, roi) -> torch.Tensor:
+    """The one output ``seg [n, C, *roi]`` of a parsed predictor call (read by the in-memory driver's
+    :func:`~patchblend.inference._predictions.parse_output`); a dict, or a tuple/list of several outputs, is refused
+    (MONAI's multi-output form: each output would need its own Dask array)."""
+    if pred.keys is not None or len(pred.segs) != 1:
+        form = f"a dict with keys {pred.keys}" if pred.keys is not None else f"{len(pred.segs)} outputs"
+        raise ValueError(f"the predictor output is MONAI's multi-output form ({form}): multi-output predictors are "
+                         "not supported by patchblend.distributed; return one tensor [n, C, *roi], or "
+                         "patchblend.CalibratedOutput(seg, patch, grid) for calibrated weighting (or use "
+                         "patchblend.sliding_window_inference, which supports them)")
+    seg = pred.segs[0]
+    if tuple(seg.shape[2:]) != tuple(roi):
+        raise ValueError(f"predictor output seg must be [{seg.shape[0]}, C, {', '.join(map(str, roi))}] for a batch "
+                         f"of {seg.shape[0]} windows, got {tuple(seg.shape)} (outputs at another resolution are not "
+                         "supported by patchblend.distributed)")
+    return seg
 
 
 def run_block(call: CallSpec, block: BlockSpec, region: np.ndarray, predictor,
@@ -241,7 +199,12 @@ def _run_block(call, block, region, predictor, roi_weight_map):
         origin = tuple(lo - p for lo, p in zip(block.region_lo, call.pad_lo))
     else:
         origin = block.region_lo  # windows reaching outside read zeros (extract_patches)
-    imp = _importance(call, acc, roi_weight_map)
+    # the in-memory driver's importance map and score checks (a float64 map with a float32 accumulator is cast: the
+    # graph sends roi_weight_map in the accumulation dtype already)
+    imp, peak = resolve_importance(roi_weight_map, roi, call.mode, call.sigma_scale, acc, call.device)
+    if imp is not None:
+        imp = imp.to(device=call.device, dtype=acc)
+    checks = ScoreChecks(acc, peak)
 
     # the block's windows in global raster order, in image coordinates
     windows = torch.tensor(list(itertools.product(*block.starts)), dtype=torch.int64).reshape(-1, nd)
@@ -270,7 +233,8 @@ def _run_block(call, block, region, predictor, roi_weight_map):
             out = predictor(win, slices, **kwargs)
         else:
             out = predictor(win, **kwargs)
-        seg, w = _parse(out, b1 - b0, roi, nd, call.weighting, acc)
+        pred = parse_output(out, b1 - b0, nd, call.weighting, checks, acc)
+        seg, w = _single_seg(pred, roi), pred.weights
         if blender is None:
             if channels is not None and seg.shape[1] != channels:
                 raise ValueError(f"the predictor returned {seg.shape[1]} channels but out_channels={channels}")
@@ -288,11 +252,11 @@ def _run_block(call, block, region, predictor, roi_weight_map):
         seg = seg.detach().to(call.device)
         if w is not None:
             w = w.detach().to(call.device)
-            # as the driver: a product of scores, or float64 scores in a float32 accumulator, is cast and checked
-            if call.weighting == "patch*grid" or torch.finfo(w.dtype).max > torch.finfo(acc).max:
+            if w.dtype == torch.float64 and acc != torch.float64:  # as the driver: each score finite, but as acc?
                 w = w.to(acc)
-                if not bool(torch.isfinite(w).all()):
-                    raise ValueError(f"patch_scores * grid_scores (as {acc}) must be finite")
+                checks(f"{'patch' if w.dim() == 1 else 'grid'}_scores (as {acc})", w)
+        if imp is not None or call.weighting is not None:  # a bound on any voxel's weight sum (as the driver)
+            checks.add_to_sum(w, b1 - b0)
         if conf is not None:
             c_patches, c_weights = terms(w, b1 - b0, roi, call.device, check_values=False)
             if call.strict:
@@ -308,7 +272,8 @@ def _run_block(call, block, region, predictor, roi_weight_map):
         else:
             for k in range(b1 - b0):  # one window at a time: bitwise calibrated_blend of the windows in order
                 blender.add(seg[k:k + 1], in_block[b0 + k:b0 + k + 1], None if w is None else w[k:k + 1])
-        del win, out, seg, w
+        del win, out, pred, seg, w
+    checks.raise_if_bad()
     result = blender.finalize()
     if call.reduce == "argmax":
         if channels - 1 > torch.iinfo(call.label_dtype).max:

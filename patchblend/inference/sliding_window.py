@@ -196,6 +196,26 @@ def _importance_peak(imp: torch.Tensor) -> float:
     return peak
 
 
+def resolve_importance(roi_weight_map, roi, mode: str, sigma_scale, acc: torch.dtype,
+                       device) -> Tuple[Optional[torch.Tensor], float]:
+    """The importance map ``[*roi]`` every window is weighted by, and its largest value: ``roi_weight_map``
+    (checked: shape ``roi``, finite and >= 0 as accumulated in ``acc``; a floating map keeps its dtype), None for
+    ``mode="constant"`` (weight 1, peak 1.0), else ``mode``'s map in ``acc`` on ``device`` (cached, shared: never
+    modify it). Used by both the in-memory and the Dask driver, so that they weight windows alike."""
+    if roi_weight_map is not None:
+        imp = torch.as_tensor(roi_weight_map)
+        if not imp.dtype.is_floating_point:
+            imp = imp.to(acc)
+        if tuple(imp.shape[-len(roi):]) != tuple(roi) or imp.numel() != math.prod(roi):
+            raise ValueError(f"roi_weight_map must have shape {tuple(roi)}, got {tuple(imp.shape)}")
+        imp = imp.reshape(roi)
+        return imp, _check_finite_nonnegative("roi_weight_map", imp.to(acc))  # (as accumulated)
+    if mode == "constant":
+        return None, 1.0
+    imp = _cached_importance(tuple(roi), mode, _hashable(sigma_scale), acc, device)
+    return imp, _importance_peak(imp)
+
+
 def _progress(iterable, enabled: bool, total: int):
     if not enabled:
         return iterable
@@ -438,20 +458,7 @@ class _Outputs:
         self.num_win = plan.coords.shape[0]
         self.process_fn = process_fn
         c = call
-        peak = 1.0
-        if roi_weight_map is not None:
-            imp = torch.as_tensor(roi_weight_map)
-            if not imp.dtype.is_floating_point:
-                imp = imp.to(c.acc)
-            if tuple(imp.shape[-c.nd:]) != c.roi or imp.numel() != math.prod(c.roi):
-                raise ValueError(f"roi_weight_map must have shape {c.roi}, got {tuple(imp.shape)}")
-            imp = imp.reshape(c.roi)
-            peak = _check_finite_nonnegative("roi_weight_map", imp.to(c.acc))  # (as accumulated)
-        elif c.mode == "constant":
-            imp = None
-        else:
-            imp = _cached_importance(c.roi, c.mode, _hashable(c.sigma_scale), c.acc, c.device)
-            peak = _importance_peak(imp)
+        imp, peak = resolve_importance(roi_weight_map, c.roi, c.mode, c.sigma_scale, c.acc, c.device)
         self.checks = ScoreChecks(c.acc, 1.0 if process_fn is not None else peak)
         self.weighted = imp is not None or c.weighting is not None or process_fn is not None
         self.base_importance = imp  # [*roi] or None (constant)
