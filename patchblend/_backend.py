@@ -4,8 +4,9 @@ pure-PyTorch reference serve every device type that has no compiled kernel.
 The ops ``torch.ops.patchblend.{blend, blend_add_, blend_stream_, coverage, extract, ...}`` always exist after
 import, so ``torch.compile`` and ``torch.library.opcheck`` see one custom op whichever backend runs it:
 
-1. ``PATCHBLEND_BACKEND=reference``: the schemas are defined here and implemented by
-   :mod:`patchblend._reference` on every device.
+1. ``PATCHBLEND_BACKEND=reference``: the schemas are defined here, read from their one source
+   (``csrc/op_schemas.h``, which the compiled library defines its ops from; :mod:`patchblend._op_schemas`), and
+   implemented by :mod:`patchblend._reference` on every device.
 2. Otherwise the CPU library: the installed ``patchblend._C`` (an ahead-of-time build), else, when the
    installation has none, a build of the sources in the per-user cache (:mod:`patchblend._build`, compiled on
    first use). It defines the schemas and the CPU kernels (and the CUDA kernels when built with nvcc).
@@ -27,31 +28,22 @@ from pathlib import Path
 
 import torch
 
-from . import _build, _reference
+from . import _build, _op_schemas, _reference
+
+#: what ``cpu_kernel_isa`` reports when no compiled CPU kernel is loaded
+NO_CPU_KERNEL = "none"
 
 _STATE = {"compiled": False, "cuda": False, "reason": "", "kernels": {}, "libraries": []}
 
-_SCHEMAS = [
-    "blend(Tensor patches, Tensor? weights, Tensor coords, Tensor? importance, SymInt[] out_shape, "
-    "str normalize) -> Tensor",
-    "coverage(Tensor? weights, Tensor coords, Tensor? importance, SymInt[] patch_shape, SymInt[] out_shape, "
-    "str normalize, ScalarType dtype) -> Tensor",
-    "extract(Tensor volume, Tensor coords, SymInt[] patch_shape) -> Tensor",
-    "blend_add_(Tensor(a!) sum, Tensor(b!)? den, Tensor patches, Tensor? weights, Tensor coords, "
-    "Tensor? importance, str normalize) -> ()",
-    "blend_stream_(Tensor(a!) out, Tensor patches, Tensor? weights, Tensor coords, int first, "
-    "Tensor? importance, str normalize) -> ()",
-    "empty_large(SymInt[] size, ScalarType dtype) -> Tensor",
-    "release_cached_output() -> int",
-]
-
-
 def _define_schemas() -> None:
+    """The ops from their one source (``csrc/op_schemas.h``, :mod:`patchblend._op_schemas`), with the reference
+    implementations of the ops that take no tensor (the blend ops get theirs from :func:`_register_reference`)."""
     lib = torch.library.Library("patchblend", "DEF")
-    for schema in _SCHEMAS:
+    for schema in _op_schemas.op_schemas():
         lib.define(schema)
     lib.impl("empty_large", lambda size, dtype: torch.empty(size, dtype=dtype), "CompositeExplicitAutograd")
     lib.impl("release_cached_output", lambda: 0, "CompositeExplicitAutograd")
+    lib.impl("cpu_kernel_isa", lambda: NO_CPU_KERNEL, "CompositeExplicitAutograd")
     _STATE["libraries"].append(lib)  # keep the registration alive
 
 
@@ -192,16 +184,11 @@ _load()
 
 
 def cpu_isa() -> str:
-    """The CPU instruction set the compiled CPU kernels run with: ``"avx2"`` (AVX2 + F16C, chosen at run time
-    when this CPU has both) or ``"baseline"``; ``PATCHBLEND_CPU_ISA=baseline`` forces the latter."""
-    if os.environ.get("PATCHBLEND_CPU_ISA", "auto").lower() == "baseline":
-        return "baseline"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return "baseline"
-    return "avx2" if {"avx2", "f16c"} <= flags else "baseline"
+    """The instruction set the loaded CPU kernels run with, as the kernel library itself reports it (op
+    ``cpu_kernel_isa``): ``"avx2"`` (AVX2 + F16C, chosen when this CPU has both) or ``"baseline"``
+    (``PATCHBLEND_CPU_ISA=baseline`` forces it; read once, at the first kernel call); ``"none"`` when the
+    reference serves the CPU."""
+    return str(torch.ops.patchblend.cpu_kernel_isa())
 
 
 def backend_info() -> dict:
@@ -211,8 +198,13 @@ def backend_info() -> dict:
     ``cuda_available`` (a CUDA device is usable now), ``backend`` (``"compiled"`` or ``"reference"``),
     ``kernels`` (per device type, ``"CPU"`` and ``"CUDA"``: where its kernels come from, the installed or the
     cached library, or ``"reference"``), ``reason`` (why the reference serves some device type, else empty),
-    ``cpu_isa`` (``"avx2"`` or ``"baseline"``), ``torch`` (version) and ``threads``.
+    ``cpu_isa`` (:func:`cpu_isa`: ``"avx2"``, ``"baseline"`` or ``"none"``; ``"error: ..."`` with the message
+    when the kernel refuses its switches, e.g. an unknown ``PATCHBLEND_CPU_ISA``), ``torch`` (version) and ``threads``.
     """
+    try:
+        isa = cpu_isa()
+    except RuntimeError as exc:
+        isa = f"error: {str(exc).strip().splitlines()[-1]}"
     return {
         "compiled": _STATE["compiled"],
         "cuda": _STATE["cuda"],
@@ -220,7 +212,7 @@ def backend_info() -> dict:
         "backend": "compiled" if _STATE["compiled"] else "reference",
         "kernels": dict(_STATE["kernels"]),
         "reason": _STATE["reason"],
-        "cpu_isa": cpu_isa() if _STATE["compiled"] else "none",
+        "cpu_isa": isa,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

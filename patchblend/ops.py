@@ -62,6 +62,13 @@ def _release_cached_output_fake():
     return 0
 
 
+@torch.library.register_fake("patchblend::cpu_kernel_isa")
+def _cpu_kernel_isa_fake():
+    # (no tensor in or out: the real answer, which no tracing changes)
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        return _ops.cpu_kernel_isa()
+
+
 def _blend_setup_context(ctx, inputs, output):
     patches, weights, coords, importance, out_shape, normalize = inputs
     ctx.out_shape = tuple(out_shape)

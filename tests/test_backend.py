@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patchblend
+from patchblend import _backend
 from patchblend import _reference as ref
+from kernel_variants import run_op, variant  # (tests/ is on sys.path)
 
 INFO = patchblend.backend_info()
 COMPILED = INFO["compiled"]
@@ -38,8 +40,8 @@ def test_every_device_type_has_a_kernel():
     seed=st.integers(0, 2**16),
 )
 def test_avx2_kernels_equal_baseline_bitwise(dtype, n, channels, patch, grid, normalize, seed):
-    """The AVX2 + F16C variant (chosen at run time on this CPU) and the baseline variant (PATCHBLEND_CPU_ISA)
-    give bitwise equal blends and denominators, equal to the reference."""
+    """The AVX2 + F16C variant (chosen at run time on this CPU) and the baseline variant (PATCHBLEND_CPU_ISA, read
+    once: a second process) give bitwise equal blends and denominators, equal to the reference."""
     g = torch.Generator().manual_seed(seed)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     patches = torch.randn(n, channels, *patch, generator=g).to(dtype)
@@ -49,15 +51,11 @@ def test_avx2_kernels_equal_baseline_bitwise(dtype, n, channels, patch, grid, no
     weights = torch.rand(n, *cells, generator=g, dtype=acc) + 0.1
     importance = torch.rand(*patch, generator=g, dtype=acc) + 0.1
     args = (patches, weights, coords, importance, out_shape, normalize)
-    results = []
-    for isa in ("auto", "baseline"):
-        os.environ["PATCHBLEND_CPU_ISA"] = isa
-        try:
-            results.append((torch.ops.patchblend.blend(*args),
-                            torch.ops.patchblend.coverage(weights, coords, importance, list(patch), out_shape,
-                                                          normalize, acc)))
-        finally:
-            os.environ.pop("PATCHBLEND_CPU_ISA", None)
+    coverage_args = (weights, coords, importance, list(patch), out_shape, normalize, acc)
+    baseline = variant("PATCHBLEND_CPU_ISA", "baseline")
+    assert baseline.call(_backend.cpu_isa) == "baseline"
+    results = [(torch.ops.patchblend.blend(*args), torch.ops.patchblend.coverage(*coverage_args)),
+               (baseline.op("blend", *args)[0], baseline.op("coverage", *coverage_args)[0])]
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     expected = ref.blend_reference(patches, weights, coords, importance, tuple(out_shape), normalize)
     tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype)
@@ -78,19 +76,17 @@ def test_avx2_stream_and_accumulate_equal_baseline_bitwise(dtype):
     patches = torch.randn(n, 2, *patch, generator=g).to(dtype)
     importance = torch.rand(*patch, generator=g, dtype=acc) + 0.1
     weights = torch.rand(n, 1, 1, 1, generator=g, dtype=acc) + 0.1
+    baseline = variant("PATCHBLEND_CPU_ISA", "baseline")
+    assert baseline.call(_backend.cpu_isa) == "baseline"
     results = {}
-    for isa in ("auto", "baseline"):
-        os.environ["PATCHBLEND_CPU_ISA"] = isa
-        try:
-            out = torch.full((2, *out_shape), float("nan"), dtype=acc)
-            for first in range(0, n, 5):
-                torch.ops.patchblend.blend_stream_(out, patches[first:first + 5], weights[first:first + 5], coords,
-                                                   first, importance, "count")
-            total, den = torch.zeros(2, *out_shape, dtype=acc), torch.zeros(out_shape, dtype=acc)
-            torch.ops.patchblend.blend_add_(total, den, patches, weights, coords, importance, "weight")
-            results[isa] = (out, total, den)
-        finally:
-            os.environ.pop("PATCHBLEND_CPU_ISA", None)
+    for isa, run in (("auto", run_op), ("baseline", baseline.op)):
+        out = torch.full((2, *out_shape), float("nan"), dtype=acc)
+        for first in range(0, n, 5):
+            _, (out, *_) = run("blend_stream_", out, patches[first:first + 5], weights[first:first + 5], coords,
+                               first, importance, "count")
+        total, den = torch.zeros(2, *out_shape, dtype=acc), torch.zeros(out_shape, dtype=acc)
+        _, (total, den, *_) = run("blend_add_", total, den, patches, weights, coords, importance, "weight")
+        results[isa] = (out, total, den)
     for a, b in zip(results["auto"], results["baseline"]):
         assert torch.equal(a, b)
     blended = torch.ops.patchblend.blend(patches, weights, coords, importance, out_shape, "count")
@@ -129,3 +125,42 @@ def test_info_command_reports_backend_and_kernels():
     for line in ("compiler: ", "nvcc: ", "cache: ", "CPU kernels: ", "CUDA kernels: "):
         assert line in out
     assert ("CPU kernels: compiled" in out) == COMPILED
+
+
+def info_output(**env) -> str:
+    """``python -m patchblend info`` in a fresh process with the kernel switches unset, then ``env`` set."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("PATCHBLEND_CPU_ISA", "PATCHBLEND_CPU_KERNEL")}
+    res = subprocess.run([sys.executable, "-W", "ignore", "-m", "patchblend", "info"], capture_output=True, text=True,
+                         check=True, env={**clean, **env}, cwd=os.path.dirname(os.path.dirname(patchblend.__file__)))
+    return res.stdout
+
+
+def cpu_has_avx2_f16c() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return {"avx2", "f16c"} <= set(next((line for line in f if line.startswith("flags")), "").split())
+
+
+@pytest.mark.skipif(not COMPILED, reason="needs the compiled kernels")
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from /proc/cpuinfo")
+def test_info_reports_the_instruction_set_the_kernel_chose():
+    """`info` prints what the kernel library reports it runs (its cpu_kernel_isa op), not a guess from the OS's
+    CPU flags: baseline when PATCHBLEND_CPU_ISA=baseline is set in the process, even on an AVX2 CPU; else AVX2
+    exactly when the CPU has AVX2 and F16C."""
+    assert "CPU instruction set: baseline" in info_output(PATCHBLEND_CPU_ISA="baseline")
+    chosen = "avx2" if cpu_has_avx2_f16c() else "baseline"
+    assert f"CPU instruction set: {chosen}" in info_output()
+    assert f"CPU instruction set: {chosen}" in info_output(PATCHBLEND_CPU_ISA="auto")
+    assert "CPU instruction set: none" in info_output(PATCHBLEND_BACKEND="reference")
+
+
+@pytest.mark.skipif(not COMPILED, reason="needs the compiled kernels")
+@pytest.mark.parametrize("switch, value, accepted", [("PATCHBLEND_CPU_ISA", "avx512", "'auto' or 'baseline'"),
+                                                     ("PATCHBLEND_CPU_KERNEL", "voxels", "'rows' or 'voxel'")])
+def test_an_unknown_kernel_switch_value_is_an_error_naming_it(switch, value, accepted):
+    """Before, any value but the one recognised silently meant the default."""
+    message = f"{switch} must be {accepted}, got '{value}'"
+    assert f"CPU instruction set: error: {message}" in info_output(**{switch: value})
+    worker = variant(switch, value)
+    with pytest.raises(RuntimeError, match=message):
+        worker.op("blend", torch.ones(1, 1, 2, 2, 2), None, torch.zeros(1, 3, dtype=torch.long), None, [2, 2, 2],
+                  "count")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import patchblend
 from patchblend import _reference as ref
 from patchblend._validate import prepare_blend_args
+from kernel_variants import variant  # (tests/ is on sys.path)
 
 COMPILED = patchblend.backend_info()["compiled"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -187,20 +188,13 @@ def test_matches_reference(case):
 @settings(max_examples=40)
 @given(case=blend_cases())
 def test_cpu_row_kernel_equals_per_voxel_kernel_bitwise(case):
-    """The CPU's row kernel (blend_run) and the CUDA kernel's per-voxel function (blend_voxel, run here
-    on the CPU) sum the same terms in the same order: bitwise equal results."""
+    """The CPU's row kernel (blend_run) and the CUDA kernel's per-voxel function (blend_voxel, run on the CPU in
+    a second process: PATCHBLEND_CPU_KERNEL is read once) sum the same terms in the same order: bitwise equal
+    results."""
     patches, weights, coords, importance = make_inputs(case, "cpu")
     args = (patches, weights, coords, case["out_shape"])
     kwargs = dict(normalize=case["normalize"], importance=importance)
-    old = os.environ.get("PATCHBLEND_CPU_KERNEL")
-    try:
-        os.environ["PATCHBLEND_CPU_KERNEL"] = "voxel"
-        per_voxel = patchblend.calibrated_blend(*args, **kwargs)
-    finally:
-        if old is None:
-            os.environ.pop("PATCHBLEND_CPU_KERNEL", None)
-        else:
-            os.environ["PATCHBLEND_CPU_KERNEL"] = old
+    per_voxel = variant("PATCHBLEND_CPU_KERNEL", "voxel").call(patchblend.calibrated_blend, *args, **kwargs)
     rows = patchblend.calibrated_blend(*args, **kwargs)
     assert torch.equal(rows, per_voxel)
 

@@ -1,5 +1,6 @@
-"""The op schemas are written twice (C++ TORCH_LIBRARY in csrc, and _backend.py for the pure-PyTorch reference):
-they must be the same, op for op, or torch.compile / opcheck would see a different op per backend."""
+"""The op schemas have one source, csrc/op_schemas.h: the compiled library defines its ops from it (blend_ops.cpp)
+and the pure-PyTorch reference reads it (patchblend/_op_schemas.py). Both backends must register exactly those
+schemas, op for op, or torch.compile / opcheck would see a different op per backend."""
 import json
 import os
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 import patchblend
+from patchblend import _op_schemas
+
 
 def schemas(backend: str) -> dict:
     """Every ``patchblend::`` op's schema, as a fresh process with ``PATCHBLEND_BACKEND=backend`` registers it."""
@@ -25,18 +28,60 @@ def schemas(backend: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not patchblend.backend_info()["compiled"], reason="needs the compiled kernels")
-def test_compiled_and_reference_schemas_are_the_same():
-    compiled, reference = schemas("compiled"), schemas("reference")
-    assert {"blend", "blend_add_", "blend_stream_", "coverage", "extract"} <= set(compiled)
-    assert sorted(compiled) == sorted(reference), "ops defined by one backend only"
-    for name in compiled:
-        assert compiled[name] == reference[name], name
+def source_schemas() -> dict:
+    """The schemas of csrc/op_schemas.h as torch prints them (``patchblend::name(...) -> ...``), by op name."""
+    parsed = [torch._C.parse_schema(f"patchblend::{text}") for text in _op_schemas.op_schemas()]
+    return {schema.name.split("::")[1]: str(schema) for schema in parsed}
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_each_backend_registers_exactly_the_single_source(backend):
+    if backend == "compiled" and not patchblend.backend_info()["compiled"]:
+        pytest.skip("needs the compiled kernels")
+    expected, registered = source_schemas(), schemas(backend)
+    assert {"blend", "blend_add_", "blend_stream_", "coverage", "extract", "cpu_kernel_isa"} <= set(expected)
+    assert sorted(registered) == sorted(expected), "ops defined outside csrc/op_schemas.h, or missing"
+    for name in expected:
+        assert registered[name] == expected[name], name
+
+
+def test_schema_source_is_parsed_as_cpp_reads_it():
+    """Adjacent literals join, comments (with quotes and commas in them) are skipped, entries split at commas."""
+    header = """
+    // before the array: "not a schema",
+    inline constexpr const char* kOpSchemas[] = {
+        // a comment with "quotes", commas, and } a brace
+        "a(Tensor x, "
+        "int n) -> Tensor",  /* "b(int y) -> ()", */
+        "c() -> str"
+        ,
+        "d(str s=\\"x\\") -> ()",
+    };
+    const char* other[] = {"e() -> ()"};
+    """
+    assert _op_schemas.parse_schemas(header) == ["a(Tensor x, int n) -> Tensor", "c() -> str", 'd(str s="x") -> ()']
+
+
+@pytest.mark.parametrize("body, message", [
+    ('"a() -> ()", kExtra', "unexpected 'k'"),
+    ('"a() -> ()",, "b() -> ()"', "empty entry"),
+    ('"a() -> ()"', "no closing brace"),
+    ('"a() -> (', "unterminated string"),
+])
+def test_a_malformed_schema_source_is_an_error_naming_the_cause(body, message):
+    with pytest.raises(ValueError, match=message):
+        _op_schemas.parse_schemas("kOpSchemas[] = {" + body)
+
+
+def test_a_missing_schema_source_is_an_error_naming_the_file(tmp_path):
+    with pytest.raises(RuntimeError, match=r"op_schemas\.h\) are not in this installation"):
+        _op_schemas.op_schemas(tmp_path)
 
 
 def test_the_ops_the_python_code_calls_exist_with_their_schema():
     """Every op patchblend's Python calls is registered in this process (whichever backend), with a schema."""
-    for name in ("blend", "blend_add_", "blend_stream_", "coverage", "extract", "empty_large", "release_cached_output"):
+    for name in ("blend", "blend_add_", "blend_stream_", "coverage", "extract", "empty_large", "release_cached_output",
+                 "cpu_kernel_isa"):
         assert str(getattr(torch.ops.patchblend, name).default._schema).startswith(f"patchblend::{name}(")
 
 
@@ -52,6 +97,8 @@ def test_every_op_has_a_fake_kernel():
         assert singleton.find(f"patchblend::{name}").fake_impl.kernel is not None, name
     torch.library.opcheck(torch.ops.patchblend.empty_large.default, ([3, 4], torch.float32),
                           test_utils=("test_schema", "test_faketensor"))
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        assert torch.ops.patchblend.cpu_kernel_isa() == patchblend.backend_info()["cpu_isa"]
 
 
 def test_torch_compile_runs_the_driver_the_blenders_and_zeros_output():

@@ -2,6 +2,7 @@
 // one copy per instruction set, chosen at run time (blend_cpu_kernels.h).
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -32,14 +33,44 @@ bool cpu_has_avx2_f16c() {
 #endif
 }
 
-// The kernel variant for this CPU (blend_cpu_kernels.h): AVX2 + F16C when the CPU has both, unless
+// The debug switches of the CPU kernels, read from the environment once, at the first kernel call (or the first
+// cpu_kernel_isa): set them before that; later changes are not seen. An unknown value is an error (at every
+// call, naming the variable), never silently the default.
+// - PATCHBLEND_CPU_ISA: "auto" (default) runs the AVX2 + F16C variant when the CPU has both; "baseline" forces
+//   the baseline variant (the tests compare the two bitwise).
+// - PATCHBLEND_CPU_KERNEL: "rows" (default) runs the row kernel; "voxel" runs the CUDA kernel's per-voxel
+//   function (blend_voxel) on the CPU, so the tests can check it bitwise against the row kernel.
+struct CpuSwitches {
+  bool force_baseline = false;
+  bool per_voxel = false;
+};
+
+// The value of `name`, which must be unset, empty, `fallback` or `other`: true for `other`.
+bool read_switch(const char* name, const char* fallback, const char* other) {
+  const char* flag = std::getenv(name);
+  if (flag == nullptr || flag[0] == '\0' || std::strcmp(flag, fallback) == 0) return false;
+  PB_CHECK(std::strcmp(flag, other) == 0, name, " must be '", fallback, "' or '", other, "', got '", flag, "'");
+  return true;
+}
+
+const CpuSwitches& cpu_switches() {
+  static const CpuSwitches switches = [] {
+    CpuSwitches s;
+    s.force_baseline = read_switch("PATCHBLEND_CPU_ISA", "auto", "baseline");
+    s.per_voxel = read_switch("PATCHBLEND_CPU_KERNEL", "rows", "voxel");
+    return s;
+  }();
+  return switches;
+}
+
+// The kernel variant for this CPU (blend_cpu_kernels.h), chosen once: AVX2 + F16C when the CPU has both, unless
 // PATCHBLEND_CPU_ISA=baseline; else the baseline.
 const CpuKernels& cpu_kernels() {
-  static const bool avx2 = cpu_has_avx2_f16c();
-  const char* flag = std::getenv("PATCHBLEND_CPU_ISA");
-  const bool forced_baseline = flag != nullptr && std::strcmp(flag, "baseline") == 0;
-  const CpuKernels* chosen = avx2 && !forced_baseline ? cpu_kernels_avx2() : nullptr;
-  return chosen != nullptr ? *chosen : *cpu_kernels_baseline();
+  static const CpuKernels& chosen = []() -> const CpuKernels& {
+    const CpuKernels* avx2 = cpu_has_avx2_f16c() && !cpu_switches().force_baseline ? cpu_kernels_avx2() : nullptr;
+    return avx2 != nullptr ? *avx2 : *cpu_kernels_baseline();
+  }();
+  return chosen;
 }
 
 template <typename scalar_t>
@@ -52,7 +83,7 @@ constexpr CpuDtype cpu_dtype() {
 
 template <typename scalar_t, typename acc_t>
 void run_blend_cpu(const BlendProblem<scalar_t, acc_t>& pr) {
-  cpu_kernels().run[static_cast<int>(cpu_dtype<scalar_t>())](&pr, torch_parallel());
+  cpu_kernels().run[static_cast<int>(cpu_dtype<scalar_t>())](&pr, torch_parallel(), cpu_switches().per_voxel);
 }
 
 Tensor blend_cpu(const Tensor& patches, const OptionalTensor& weights, const Tensor& coords,
@@ -196,11 +227,16 @@ Tensor extract_cpu(const Tensor& volume, const Tensor& coords, IntArrayRef patch
 
 Tensor empty_large_op(IntArrayRef size, ScalarType dtype) { return empty_large(size, dtype, "empty_large: size"); }
 
+// The instruction set of the kernels the CPU ops run ("avx2" or "baseline"): the library's own choice, which
+// `python -m patchblend info` prints.
+std::string cpu_kernel_isa() { return cpu_kernels().isa; }
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(patchblend, CompositeExplicitAutograd, m) {
   m.impl("empty_large", TORCH_BOX(&empty_large_op));
   m.impl("release_cached_output", TORCH_BOX(&release_cached_output));
+  m.impl("cpu_kernel_isa", TORCH_BOX(&cpu_kernel_isa));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(patchblend, CPU, m) {

@@ -6,7 +6,8 @@
 // templates in blend_voxel.h never merge at link time), with the instruction set switched on by a pragma for
 // that file only; the standard and torch headers are included before the pragma, so every inline function
 // the two files share is compiled for the baseline. The variants give bitwise equal results (mul then add,
-// no FMA; see RowAccumulate in blend_voxel.h); the tests compare them (PATCHBLEND_CPU_ISA=baseline).
+// no FMA; see RowAccumulate in blend_voxel.h); the tests compare them (PATCHBLEND_CPU_ISA=baseline, read once
+// by the binding: blend_cpu.cpp).
 #pragma once
 
 #include <cstdint>
@@ -18,8 +19,10 @@ namespace patchblend {
 enum class CpuDtype : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
 
 // Runs one blend problem: `problem` points to a BlendProblem<scalar_t, acc_t> (blend_voxel.h) of the dtype
-// the function was looked up for (float/float, double/double, Half/float, BFloat16/float).
-using CpuKernelFn = void (*)(const void* problem, const CpuParallel& parallel);
+// the function was looked up for (float/float, double/double, Half/float, BFloat16/float). `per_voxel` runs the
+// CUDA kernel's per-voxel function (blend_voxel) instead of the row kernel (PATCHBLEND_CPU_KERNEL=voxel, read by
+// the binding), so the tests can compare the two bitwise.
+using CpuKernelFn = void (*)(const void* problem, const CpuParallel& parallel, bool per_voxel);
 
 struct CpuKernels {
   const char* isa;      // "baseline" or "avx2"
