@@ -42,6 +42,10 @@ VERSION = "0.1.0"
 CPU_SOURCES = ["blend_ops.cpp", "cpu/blend_cpu.cpp", "cpu/large_alloc.cpp", "cpu/kernels_baseline.cpp",
                "cpu/kernels_avx2.cpp"]
 CUDA_SOURCES = ["cuda/blend_cuda.cu", "cuda/blend_cuda_binding.cpp"]
+# Every file the builds read under csrc/ ends in one of these (the cache key hashes them all; MANIFEST.in ships
+# them in the sdist): sources, headers (op_schemas.h: the op schemas, also read by patchblend/_op_schemas.py), the
+# per-instruction-set kernel body (.inc) and the nvcc flags.
+SOURCE_SUFFIXES = (".h", ".cpp", ".cu", ".inc", ".flags")
 # The sources use only torch's stable ABI (torch/csrc/stable, torch/headeronly; other torch headers refuse to
 # compile under TORCH_TARGET_VERSION), so a library built against one torch loads under every later one.
 # 2.11: the lowest version whose stable ABI has everything used here (from_blob with a deleter, for the
@@ -91,7 +95,7 @@ def cache_root() -> Path:
 
 def _sources_hash(csrc: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(p for p in csrc.rglob("*") if p.is_file() and p.suffix in (".h", ".cpp", ".cu", ".flags")):
+    for path in sorted(p for p in csrc.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES):
         digest.update(str(path.relative_to(csrc)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]

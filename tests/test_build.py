@@ -81,6 +81,27 @@ def test_cache_key_follows_versions_and_sources(monkeypatch, tmp_path):
     assert _build.build_key(csrc) != key
 
 
+def test_every_source_file_is_in_the_cache_key_and_the_sdist(tmp_path):
+    """A change to any file under csrc/ builds afresh (the kernel body blend_cpu_kernels.inc was not hashed, so
+    a changed .inc loaded the stale build), and MANIFEST.in ships every such file (op_schemas.h included: the
+    reference backend reads the schemas from it)."""
+    csrc = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", csrc, ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
+    files = sorted(p for p in csrc.rglob("*") if p.is_file())
+    assert {p.suffix for p in files} <= set(_build.SOURCE_SUFFIXES), "a file kind the cache key does not hash"
+    assert csrc / "op_schemas.h" in files and csrc / "cpu" / "blend_cpu_kernels.inc" in files
+    key = _build.build_key(csrc)
+    for path in files:
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n")
+        assert _build.build_key(csrc) != key, path.name
+        path.write_bytes(original)
+    assert _build.build_key(csrc) == key
+    manifest = (ROOT / "MANIFEST.in").read_text()
+    line = next(line for line in manifest.splitlines() if line.startswith("recursive-include csrc"))
+    assert set(line.split()[2:]) == {f"*{suffix}" for suffix in _build.SOURCE_SUFFIXES}
+
+
 def test_cache_root_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("PATCHBLEND_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
