@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import _build, _op_schemas, _reference
+from ._validate import NORMALIZE_MODES
 
 #: what ``cpu_kernel_isa`` reports when no compiled CPU kernel is loaded
 NO_CPU_KERNEL = "none"
@@ -47,14 +48,24 @@ def _define_schemas() -> None:
     _STATE["libraries"].append(lib)  # keep the registration alive
 
 
+def _check_normalize(normalize: str) -> None:
+    """The compiled ops' check (csrc/blend_binding.h), for the reference: an unknown mode is an error there too
+    (the reference alone would read it as "none")."""
+    if normalize not in NORMALIZE_MODES:
+        modes = ", ".join(f"'{mode}'" for mode in NORMALIZE_MODES[:-1]) + f" or '{NORMALIZE_MODES[-1]}'"
+        raise RuntimeError(f"normalize must be {modes}, got '{normalize}'")
+
+
 def _register_reference(device_type: str) -> None:
     """The reference as the ``device_type`` ("CPU" or "CUDA") kernels of the five blend ops."""
 
     def blend(patches, weights, coords, importance, out_shape, normalize):
+        _check_normalize(normalize)
         with torch.no_grad():
             return _reference.blend_reference(patches, weights, coords, importance, tuple(out_shape), normalize)
 
     def coverage(weights, coords, importance, patch_shape, out_shape, normalize, dtype):
+        _check_normalize(normalize)
         return _reference.coverage_reference(
             weights, coords, importance, tuple(patch_shape), tuple(out_shape), normalize, dtype
         )
@@ -63,10 +74,12 @@ def _register_reference(device_type: str) -> None:
         return _reference.extract_patches(volume, coords, tuple(patch_shape))
 
     def blend_add_(total, den, patches, weights, coords, importance, normalize):
+        _check_normalize(normalize)
         with torch.no_grad():
             _reference.blend_add_reference(total, den, patches, weights, coords, importance, normalize)
 
     def blend_stream_(out, patches, weights, coords, first, importance, normalize):
+        _check_normalize(normalize)
         with torch.no_grad():
             _reference.blend_stream_reference(out, patches, weights, coords, first, importance, normalize)
 

@@ -164,3 +164,28 @@ def test_an_unknown_kernel_switch_value_is_an_error_naming_it(switch, value, acc
     with pytest.raises(RuntimeError, match=message):
         worker.op("blend", torch.ones(1, 1, 2, 2, 2), None, torch.zeros(1, 3, dtype=torch.long), None, [2, 2, 2],
                   "count")
+
+
+def test_the_raw_ops_take_exactly_the_normalize_modes_of_the_python_side():
+    """Every mode of ``NORMALIZE_MODES`` (the Python side's one list) runs, and anything else is refused with the
+    same message by the compiled ops and the reference (which alone read an unknown mode as "none")."""
+    from patchblend._validate import NORMALIZE_MODES
+
+    patches, coords = torch.ones(2, 1, 2, 2, 2), torch.tensor([[0, 0, 0], [0, 0, 1]])
+    weights = torch.ones(2, 1, 1, 1)
+
+    def calls(normalize):
+        sum_, den = torch.zeros(1, 2, 2, 3), torch.zeros(2, 2, 3)
+        yield lambda: torch.ops.patchblend.blend(patches, weights, coords, None, [2, 2, 3], normalize)
+        yield lambda: torch.ops.patchblend.blend_add_(sum_, den, patches, weights, coords, None, normalize)
+        yield lambda: torch.ops.patchblend.blend_stream_(sum_, patches, None, coords, 0, None, normalize)
+        yield lambda: torch.ops.patchblend.coverage(weights, coords, None, [2, 2, 2], [2, 2, 3], normalize,
+                                                    torch.float32)
+
+    for normalize in NORMALIZE_MODES:
+        for call in calls(normalize):
+            call()
+    accepted = ", ".join(f"'{mode}'" for mode in NORMALIZE_MODES[:-1]) + f" or '{NORMALIZE_MODES[-1]}'"
+    for call in calls("mean"):
+        with pytest.raises(RuntimeError, match=f"normalize must be {accepted}, got 'mean'"):
+            call()
