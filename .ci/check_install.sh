@@ -5,7 +5,8 @@
 #  2. each is installed with plain `pip install` into a fresh venv that holds torch 2.13.0; pip must not fetch
 #     a second torch; the first import compiles the CPU kernels into the cache, and the compiled backend gives
 #     the reference's result;
-#  3. one more install where no C++ compiler is on PATH: the reference serves, with exactly one warning.
+#  3. one more install where no C++ compiler is on PATH: the reference serves, with exactly one warning (its op
+#     schemas read from the wheel's copy of csrc/op_schemas.h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -18,7 +19,13 @@ wheel=$(ls "$work"/dist/*.whl)
 sdist=$(ls "$work"/dist/*.tar.gz)
 echo "== built $(basename "$sdist") $(basename "$wheel")"
 case "$wheel" in *-py3-none-any.whl) ;; *) echo "FAIL: the isolated build made a binary wheel"; exit 1 ;; esac
-python -m zipfile -l "$wheel" | grep -q "patchblend/_csrc/blend_ops.cpp" || { echo "FAIL: no sources in the wheel"; exit 1; }
+# (listings kept in variables: `grep -q` in a pipe can stop its writer early, which pipefail reads as a failure)
+wheel_files=$(python -m zipfile -l "$wheel")
+sdist_files=$(tar -tzf "$sdist")
+grep -q "patchblend/_csrc/blend_ops.cpp" <<< "$wheel_files" || { echo "FAIL: no sources in the wheel"; exit 1; }
+# the op schemas' one source: the compiled library defines its ops from it, the reference backend reads it
+grep -q "patchblend/_csrc/op_schemas.h" <<< "$wheel_files" || { echo "FAIL: no op_schemas.h in the wheel"; exit 1; }
+grep -q "/csrc/op_schemas.h$" <<< "$sdist_files" || { echo "FAIL: no csrc/op_schemas.h in the sdist"; exit 1; }
 
 smoke='
 import sys, warnings, torch
