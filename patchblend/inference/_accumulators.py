@@ -141,8 +141,8 @@ class LatticeAccumulator(_Accumulator):
         s, g = self.settings, self.geometry
         bl = self.blenders[b] = LatticeBlender(g.out_shape, self.channels, g.lattice, g.roi,
                                                normalize=s.normalize, importance=self.importance,
-                                               device=s.device, dtype=s.acc, out=self.out[b])
-        bl.check_values = False  # the driver checked the scores
+                                               device=s.device, dtype=s.acc, out=self.out[b],
+                                               check_values=False)  # the driver checked the scores
         return bl
 
     def _values(self):
@@ -168,8 +168,7 @@ class BlenderAccumulator(_Accumulator):
                 s, g = self.settings, self.geometry
                 bl = self.blenders[b] = Blender(g.out_shape, self.channels, normalize=s.normalize,
                                                 importance=self.importance, window_shape=g.roi, device=s.device,
-                                                dtype=s.acc, out=self.out[b])
-                bl.check_values = False
+                                                dtype=s.acc, out=self.out[b], check_values=False)
             bl.add(seg[k:k + m], self.geometry.coords[w0:w1], None if weights is None else weights[k:k + m])
             k += m
 
@@ -212,8 +211,8 @@ class SlabAccumulator(_Accumulator):
                 bl = self.blenders[b] = SlabBlender(
                     g.out_shape, self.channels, axis=axis, normalize=s.normalize, importance=self.importance,
                     window_shape=g.roi, reduce=s.reduce, threshold=s.threshold, device=s.slab_device, dtype=s.acc,
-                    out_dtype=self.out_dtype, label_dtype=self.out.dtype, window_lattice=self.lattice, out=self.out[b])
-                bl.check_values = False
+                    out_dtype=self.out_dtype, label_dtype=self.out.dtype, window_lattice=self.lattice, out=self.out[b],
+                    check_values=False)
             # one add per run of equal starts along the slab axis, finalising in between, so that the slab buffer
             # stays one window deep even when a predictor batch spans two rows of windows
             axis_starts = coords[w0:w1, axis].tolist()
