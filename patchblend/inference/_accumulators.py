@@ -128,13 +128,13 @@ class LatticeAccumulator(_Accumulator):
     def add(self, seg, weights, segments) -> None:
         if len(segments) == 1:  # the common case: the batch lies in one image
             bl = self.blenders.get(segments[0][0]) or self._blender(segments[0][0])
-            bl._add(seg, weights)
+            bl.add_unchecked(seg, weights)
             return
         k = 0
         for b, w0, w1 in segments:
             m = w1 - w0
             bl = self.blenders.get(b) or self._blender(b)
-            bl._add(seg[k:k + m], None if weights is None else weights[k:k + m])
+            bl.add_unchecked(seg[k:k + m], None if weights is None else weights[k:k + m])
             k += m
 
     def _blender(self, b: int) -> LatticeBlender:

@@ -543,16 +543,17 @@ class LatticeBlender(_BlendCore):
             raise ValueError("weights cannot be used with normalize='weight' in a LatticeBlender (the weight sum "
                              "depends on later batches); use Blender")
         self._check_weights_rows(weights, n)
-        self._add(patches, weights)
+        self.add_unchecked(patches, weights)
 
-    def _add(self, patches: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
-        """:meth:`add` after its checks of the arguments' structure (the driver's per-batch path: a few
-        microseconds of Python besides the op, and no device synchronisation unless :attr:`check_values`)."""
+    def add_unchecked(self, patches: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
+        """:meth:`add` without its checks of the arguments' structure (shapes, dtypes, window count), for a caller
+        that built the batches itself (the sliding-window driver's per-batch path: a few microseconds of Python
+        besides the op, and no device synchronisation unless :attr:`check_values`). Wrong shapes are not caught."""
         n = patches.shape[0]
         if n == 0:
             return
         if self._confidence is not None:
-            self._confidence._add(*self._confidence_terms(weights, n))
+            self._confidence.add_unchecked(*self._confidence_terms(weights, n))
             if not self.weigh_prediction:
                 weights = None
         p, w = self._patches_and_weights(patches, weights)
