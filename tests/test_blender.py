@@ -281,3 +281,29 @@ def test_importance_checked_again_after_an_in_place_change():
     negative_copy = copy.deepcopy(imp)  # version 1 again, with the memo of version 1
     with pytest.raises(ValueError, match="importance"):
         Blender((4, 6), 1, importance=negative_copy)
+
+
+def test_check_values_is_a_constructor_argument():
+    """check_values=True (the default) refuses a negative weight on add, in every blender; check_values=False skips
+    that value check (the caller has made it) and blends the weight as given, as the reference does."""
+    from patchblend.inference import LatticeBlender, WindowGrid
+    from patchblend._reference import blend_reference
+    torch.manual_seed(0)
+    shape, roi = (6, 6, 6), (4, 4, 4)
+    grid = WindowGrid(shape, roi, ((0, 2),) * 3)
+    coords = grid.coords()
+    patches = torch.rand(coords.shape[0], 1, *roi)
+    weights = torch.ones(coords.shape[0])
+    weights[1] = -0.5
+    makers = (lambda **kw: Blender(shape, 1, window_shape=roi, **kw),
+              lambda **kw: LatticeBlender(shape, 1, grid, roi, **kw),
+              lambda **kw: SlabBlender(shape, 1, window_shape=roi, **kw))
+    for make in makers:
+        assert make().check_values and not make(check_values=False).check_values
+        with pytest.raises(ValueError, match="weights"):
+            bl = make()
+            bl.add(patches, weights) if isinstance(bl, LatticeBlender) else bl.add(patches, coords, weights)
+    bl = Blender(shape, 1, window_shape=roi, check_values=False)
+    bl.add(patches, coords, weights)
+    ref = blend_reference(patches, weights.view(-1, 1, 1, 1), coords, None, shape, "count")
+    torch.testing.assert_close(bl.finalize(), ref, rtol=1e-5, atol=1e-6)

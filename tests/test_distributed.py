@@ -243,6 +243,30 @@ def test_a_float_roi_size_is_read_as_by_the_driver():
     assert str(on_dask.value) == str(in_memory.value)
 
 
+def test_label_dtype_is_checked_by_the_drivers_one_rule():
+    """A floating label_dtype holds small argmax labels exactly: both drivers accept it and give the same labels (it
+    was refused on Dask only); a dtype too narrow for the classes or not a dtype is refused by both alike."""
+    image = volume((1, 12, 12, 12), 10)
+    x = da.from_array(image, chunks=(1, 6, 6, 6))
+    for dt in (torch.float32, torch.float16, torch.uint8):
+        ref = driver(image, 6, 2, helpers.two_class, overlap=0.5, reduce="argmax", label_dtype=dt)
+        got = sliding_window_inference(x, 6, 2, helpers.two_class, overlap=0.5, reduce="argmax", label_dtype=dt)
+        got = got.compute(scheduler="sync")
+        assert got.dtype == ref.dtype and ref.dtype == torch.empty(0, dtype=dt).numpy().dtype
+        assert_bitwise(got, ref, f"label_dtype {dt}")
+    for bad, error in ((torch.bool, TypeError), ("int64", TypeError)):
+        with pytest.raises(error, match="label_dtype") as in_memory:
+            driver(image, 6, 2, helpers.two_class, reduce="argmax", label_dtype=bad)
+        with pytest.raises(error, match="label_dtype") as on_dask:
+            sliding_window_inference(x, 6, 2, helpers.two_class, reduce="argmax", label_dtype=bad)
+        assert str(on_dask.value) == str(in_memory.value)
+    many = lambda w: helpers.two_class(w).repeat(1, 150, *([1] * (w.ndim - 2)))  # noqa: E731  (300 classes)
+    with pytest.raises(ValueError, match="label_dtype torch.uint8 cannot hold"):
+        driver(image, 6, 2, many, reduce="argmax", label_dtype=torch.uint8)
+    with pytest.raises(ValueError, match="label_dtype torch.uint8 cannot hold"):
+        sliding_window_inference(x, 6, 2, many, reduce="argmax", label_dtype=torch.uint8).compute(scheduler="sync")
+
+
 def test_multi_output_predictors_are_refused_by_name_and_one_item_lists_equal_the_driver():
     """MONAI's multi-output forms (a dict, a tuple of several outputs) would each need their own Dask array: refused
     naming the predictor output, whether the probe (no out_channels) or a block task meets it first. A one-item list

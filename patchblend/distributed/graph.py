@@ -27,16 +27,16 @@ from .. import CalibratedOutput
 from .._validate import check_threshold
 from ..inference._predictions import parse_output
 from ..inference.confidence import PredictionWithConfidence
+from ..inference.blender import check_label_dtype
 from ..inference.options import check_blend_options
-from ..inference.sliding_window import _resolve_roi
+from ..inference.importance import IMPORTANCE_MODES
+from ..inference.sliding_window import hashable_sigma_scale, resolve_roi
 from .plan import BlockPlan, block_plan
-from .worker import BlockSpec, CallSpec, PredictorFactory, _single_seg, assemble_region, read_region, run_block
+from .worker import BlockSpec, CallSpec, PredictorFactory, assemble_region, read_region, run_block, single_seg
 
 __all__ = ["sliding_window_inference"]
 
 logger = logging.getLogger("patchblend.distributed")
-
-_MODES = ("constant", "gaussian", "nnunet")
 
 
 def _is_zarr_array(x) -> bool:
@@ -54,14 +54,6 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     if dtype == torch.bfloat16:
         raise TypeError("a bfloat16 output has no numpy dtype: make the predictor return float32 or float16")
     return torch.empty(0, dtype=dtype).numpy().dtype
-
-
-def _hashable(value):
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return tuple(float(v) for v in value)
-    return float(value)
 
 
 def _output_chunks(chunks, image, spatial):
@@ -92,7 +84,7 @@ def _probe(predictor, image_dtype, in_channels: int, roi, with_coord: bool, kwar
         else:
             out = model(x, **kwargs)
     # read as a worker reads it (the scores are checked there, per batch)
-    seg = _single_seg(parse_output(out.seg if isinstance(out, CalibratedOutput) else out, 1, len(roi), None), roi)
+    seg = single_seg(parse_output(out.seg if isinstance(out, CalibratedOutput) else out, 1, len(roi), None), roi)
     return int(seg.shape[1]), seg.dtype
 
 
@@ -185,15 +177,14 @@ def sliding_window_inference(
         raise TypeError("predictor must be callable (a model) or a patchblend.distributed.PredictorFactory")
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-    roi = _resolve_roi(roi_size, spatial, nd)  # the in-memory driver's rule (64.0 is 64)
+    roi = resolve_roi(roi_size, spatial, nd)  # the in-memory driver's rule (64.0 is 64)
     mode = getattr(mode, "value", mode)
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if mode not in IMPORTANCE_MODES:
+        raise ValueError(f"mode must be one of {IMPORTANCE_MODES}, got {mode!r}")
     padding_mode, normalize = check_blend_options(padding_mode, weighting, normalize, placement, reduce, confidence,
                                                   weigh_prediction)
-    if reduce == "argmax" and (not isinstance(label_dtype, torch.dtype) or label_dtype.is_floating_point
-                               or label_dtype.is_complex or label_dtype == torch.bool):
-        raise TypeError(f"label_dtype must be a torch integer dtype, got {label_dtype!r}")
+    if reduce == "argmax":
+        check_label_dtype(1, label_dtype)  # the in-memory driver's rule: the type now, the class count per block
     if slab_axis is not None:
         raise ValueError("slab_axis is not supported by patchblend.distributed: the output blocks (chunks=) already "
                          "bound the memory")
@@ -242,7 +233,7 @@ def sliding_window_inference(
     token = uuid.uuid4().hex
     call = CallSpec(
         token=token, in_channels=in_channels, roi=roi, pad_lo=plan.pad_lo, image_shape=spatial,
-        sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=_hashable(sigma_scale), padding_mode=padding_mode,
+        sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=hashable_sigma_scale(sigma_scale), padding_mode=padding_mode,
         cval=float(cval), weighting=weighting, normalize=normalize,
         lattice=strict and not (normalize == "weight" and weighting is not None and weigh_prediction), strict=strict,
         confidence=confidence, weigh_prediction=weigh_prediction,

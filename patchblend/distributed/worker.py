@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .. import extract_patches
 from ..inference import Blender, LatticeBlender, WindowGrid
 from ..inference._predictions import Prediction, ScoreChecks, parse_output
+from ..inference.blender import check_label_dtype
 from ..inference.confidence import ConfidenceTerms
 from ..inference.sliding_window import resolve_importance
 
@@ -151,7 +152,7 @@ def assemble_region(pieces: Sequence[np.ndarray], offsets: Sequence[Tuple[int, .
 
 
 # ---- the block ---------------------------------------------------------------------------------------------------
-def _single_seg(pred: Prediction, roi) -> torch.Tensor:
+def single_seg(pred: Prediction, roi) -> torch.Tensor:
     """The one output ``seg [n, C, *roi]`` of a parsed predictor call (read by the in-memory driver's
     :func:`~patchblend.inference._predictions.parse_output`); a dict, or a tuple/list of several outputs, is refused
     (MONAI's multi-output form: each output would need its own Dask array)."""
@@ -234,7 +235,7 @@ def _run_block(call, block, region, predictor, roi_weight_map):
         else:
             out = predictor(win, **kwargs)
         pred = parse_output(out, b1 - b0, nd, call.weighting, checks, acc)
-        seg, w = _single_seg(pred, roi), pred.weights
+        seg, w = single_seg(pred, roi), pred.weights
         if blender is None:
             if channels is not None and seg.shape[1] != channels:
                 raise ValueError(f"the predictor returned {seg.shape[1]} channels but out_channels={channels}")
@@ -276,8 +277,7 @@ def _run_block(call, block, region, predictor, roi_weight_map):
     checks.raise_if_bad()
     result = blender.finalize()
     if call.reduce == "argmax":
-        if channels - 1 > torch.iinfo(call.label_dtype).max:
-            raise ValueError(f"label_dtype {call.label_dtype} cannot hold {channels} classes")
+        check_label_dtype(channels, call.label_dtype)  # the in-memory driver's rule (floating dtypes included)
         result = result.argmax(0, keepdim=True).to(call.label_dtype)
     elif call.reduce == "threshold":
         result = result >= call.threshold

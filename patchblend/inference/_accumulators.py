@@ -128,21 +128,21 @@ class LatticeAccumulator(_Accumulator):
     def add(self, seg, weights, segments) -> None:
         if len(segments) == 1:  # the common case: the batch lies in one image
             bl = self.blenders.get(segments[0][0]) or self._blender(segments[0][0])
-            bl._add(seg, weights)
+            bl.add_unchecked(seg, weights)
             return
         k = 0
         for b, w0, w1 in segments:
             m = w1 - w0
             bl = self.blenders.get(b) or self._blender(b)
-            bl._add(seg[k:k + m], None if weights is None else weights[k:k + m])
+            bl.add_unchecked(seg[k:k + m], None if weights is None else weights[k:k + m])
             k += m
 
     def _blender(self, b: int) -> LatticeBlender:
         s, g = self.settings, self.geometry
         bl = self.blenders[b] = LatticeBlender(g.out_shape, self.channels, g.lattice, g.roi,
                                                normalize=s.normalize, importance=self.importance,
-                                               device=s.device, dtype=s.acc, out=self.out[b])
-        bl.check_values = False  # the driver checked the scores
+                                               device=s.device, dtype=s.acc, out=self.out[b],
+                                               check_values=False)  # the driver checked the scores
         return bl
 
     def _values(self):
@@ -168,8 +168,7 @@ class BlenderAccumulator(_Accumulator):
                 s, g = self.settings, self.geometry
                 bl = self.blenders[b] = Blender(g.out_shape, self.channels, normalize=s.normalize,
                                                 importance=self.importance, window_shape=g.roi, device=s.device,
-                                                dtype=s.acc, out=self.out[b])
-                bl.check_values = False
+                                                dtype=s.acc, out=self.out[b], check_values=False)
             bl.add(seg[k:k + m], self.geometry.coords[w0:w1], None if weights is None else weights[k:k + m])
             k += m
 
@@ -212,8 +211,8 @@ class SlabAccumulator(_Accumulator):
                 bl = self.blenders[b] = SlabBlender(
                     g.out_shape, self.channels, axis=axis, normalize=s.normalize, importance=self.importance,
                     window_shape=g.roi, reduce=s.reduce, threshold=s.threshold, device=s.slab_device, dtype=s.acc,
-                    out_dtype=self.out_dtype, label_dtype=self.out.dtype, window_lattice=self.lattice, out=self.out[b])
-                bl.check_values = False
+                    out_dtype=self.out_dtype, label_dtype=self.out.dtype, window_lattice=self.lattice, out=self.out[b],
+                    check_values=False)
             # one add per run of equal starts along the slab axis, finalising in between, so that the slab buffer
             # stays one window deep even when a predictor batch spans two rows of windows
             axis_starts = coords[w0:w1, axis].tolist()

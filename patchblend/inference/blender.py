@@ -149,11 +149,14 @@ def lattice_coverage(
 class _BlendCore:
     """Shared by the accumulators: argument checks and one batch blended into its bounding box."""
 
-    #: Check that weights are finite and >= 0 on every ``add`` (one device synchronisation on a GPU). The
-    #: sliding-window driver sets it to False: it checks predictor scores itself, once per call on a GPU.
+    #: Check that weights are finite and >= 0 on every ``add`` (one device synchronisation on a GPU); set by the
+    #: constructor's ``check_values`` (the sliding-window driver passes False: it checks predictor scores itself,
+    #: once per call on a GPU). Assigning the attribute still works (the documented way before the argument).
     check_values: bool = True
 
-    def __init__(self, out_shape, channels, window_shape, normalize, importance, device, dtype):
+    def __init__(self, out_shape, channels, window_shape, normalize, importance, device, dtype,
+                 check_values: bool = True):
+        self.check_values = bool(check_values)
         self.out_shape = as_sizes("out_shape", out_shape)
         self.nd = len(self.out_shape)
         if self.nd not in (2, 3) or any(s < 0 for s in self.out_shape):
@@ -339,6 +342,8 @@ class Blender(_BlendCore):
             ``normalize`` ``"count"`` or ``"weight"``. Costs a one-channel numerator (and denominator) more.
         weigh_prediction: with ``confidence=True`` only: ``False`` sends the weights given to :meth:`add` only
             into the confidence map; the prediction is then the unweighted blend.
+        check_values: check on every ``add`` that weights are finite and ``>= 0`` (one device synchronisation on a
+            GPU); ``False`` when the caller has checked them (the sliding-window driver checks predictor scores).
 
     Memory: the numerator and the denominator; each batch is added in place (``blend_add_``). Patches are
     never kept. Half-precision patches are accumulated in float32.
@@ -364,8 +369,9 @@ class Blender(_BlendCore):
         denominator: Optional[torch.Tensor] = None,
         confidence: bool = False,
         weigh_prediction: bool = True,
+        check_values: bool = True,
     ):
-        super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
+        super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype, check_values)
         self._setup_confidence(confidence, weigh_prediction, lambda norm, imp: Blender(
             out_shape, 1, normalize=norm, importance=imp, window_shape=self.window_shape, device=self.device,
             dtype=dtype, denominator=denominator))
@@ -473,6 +479,8 @@ class LatticeBlender(_BlendCore):
             :mod:`patchblend.inference.confidence`). Needs ``normalize`` ``"count"`` or ``"weight"``.
         weigh_prediction: with ``confidence=True`` only: ``False`` sends the weights only into the confidence map
             (the prediction is the unweighted blend); so weights may be given under ``"weight"`` too.
+        check_values: check on every ``add`` that weights are finite and ``>= 0`` (one device synchronisation on a
+            GPU); ``False`` when the caller has checked them (the sliding-window driver checks predictor scores).
 
     Example:
         >>> grid = sliding_windows((64, 64, 64), (32, 32, 32), 0.5)
@@ -496,8 +504,9 @@ class LatticeBlender(_BlendCore):
         out: Optional[torch.Tensor] = None,
         confidence: bool = False,
         weigh_prediction: bool = True,
+        check_values: bool = True,
     ):
-        super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
+        super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype, check_values)
         self._setup_confidence(confidence, weigh_prediction, lambda norm, imp: LatticeBlender(
             out_shape, 1, coords, window_shape, normalize=norm, importance=imp, device=self.device, dtype=dtype))
         not_lattice = ("coords must be the windows of a lattice (every combination of per-axis starts, each once) "
@@ -534,16 +543,17 @@ class LatticeBlender(_BlendCore):
             raise ValueError("weights cannot be used with normalize='weight' in a LatticeBlender (the weight sum "
                              "depends on later batches); use Blender")
         self._check_weights_rows(weights, n)
-        self._add(patches, weights)
+        self.add_unchecked(patches, weights)
 
-    def _add(self, patches: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
-        """:meth:`add` after its checks of the arguments' structure (the driver's per-batch path: a few
-        microseconds of Python besides the op, and no device synchronisation unless :attr:`check_values`)."""
+    def add_unchecked(self, patches: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
+        """:meth:`add` without its checks of the arguments' structure (shapes, dtypes, window count), for a caller
+        that built the batches itself (the sliding-window driver's per-batch path: a few microseconds of Python
+        besides the op, and no device synchronisation unless :attr:`check_values`). Wrong shapes are not caught."""
         n = patches.shape[0]
         if n == 0:
             return
         if self._confidence is not None:
-            self._confidence._add(*self._confidence_terms(weights, n))
+            self._confidence.add_unchecked(*self._confidence_terms(weights, n))
             if not self.weigh_prediction:
                 weights = None
         p, w = self._patches_and_weights(patches, weights)
@@ -634,6 +644,8 @@ class SlabBlender(_BlendCore):
             by slab beside the output (a one-channel slab more; the map ``[1, *out_shape]`` is floats in
             ``out_dtype`` also with ``reduce``), returned by :meth:`finish_with_confidence`.
         weigh_prediction: with ``confidence=True`` only: ``False`` sends the weights only into the confidence map.
+        check_values: check on every ``add`` that weights are finite and ``>= 0`` (one device synchronisation on a
+            GPU); ``False`` when the caller has checked them (the sliding-window driver checks predictor scores).
 
     Memory: ``C × slab × (other axes)`` accumulation floats, where the slab spans the patches of the widest
     batch along ``axis`` (at least one window), plus the output.
@@ -660,8 +672,9 @@ class SlabBlender(_BlendCore):
         out: Optional[torch.Tensor] = None,
         confidence: bool = False,
         weigh_prediction: bool = True,
+        check_values: bool = True,
     ):
-        super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype)
+        super().__init__(out_shape, channels, window_shape, normalize, importance, device, dtype, check_values)
         if not isinstance(axis, int) or not (-self.nd <= axis < self.nd):
             raise ValueError(f"axis must be an int in [{-self.nd}, {self.nd}), got {axis!r}")
         self._setup_confidence(confidence, weigh_prediction, lambda norm, imp: SlabBlender(

@@ -62,7 +62,7 @@ def _check_dims_match_roi(roi_size, shape) -> None:
         )
 
 
-def _resolve_roi(roi_size, image_size, nd: int):
+def resolve_roi(roi_size, image_size, nd: int):
     if hasattr(roi_size, "tolist"):  # a tensor, numpy array or numpy scalar (MONAI accepts them)
         roi_size = roi_size.tolist()
     if isinstance(roi_size, (Sequence,)) and not isinstance(roi_size, str):
@@ -170,7 +170,7 @@ def _make_window_plan(image_size, roi, overlaps, placement: str, slab_axis: int,
     return _WindowPlan(pad_lo, padded, image_grid, coords_pad, coords, ops_form(coords_pad), ops_form(coords))
 
 
-def _hashable(value):
+def hashable_sigma_scale(value):
     """A sigma_scale (float, sequence, numpy array or tensor) as a float or a tuple of floats."""
     if hasattr(value, "tolist"):
         value = value.tolist()
@@ -212,7 +212,7 @@ def resolve_importance(roi_weight_map, roi, mode: str, sigma_scale, acc: torch.d
         return imp, _check_finite_nonnegative("roi_weight_map", imp.to(acc))  # (as accumulated)
     if mode == "constant":
         return None, 1.0
-    imp = _cached_importance(tuple(roi), mode, _hashable(sigma_scale), acc, device)
+    imp = _cached_importance(tuple(roi), mode, hashable_sigma_scale(sigma_scale), acc, device)
     return imp, _importance_peak(imp)
 
 
@@ -280,7 +280,7 @@ def _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sig
         raise ValueError(f"inputs must have a batch and a channel dimension of at least 1, got {tuple(inputs.shape)}")
     if any(s < 1 for s in image_size):
         raise ValueError(f"inputs must have a non-empty spatial size, got {tuple(inputs.shape)}")
-    roi = _resolve_roi(roi_size, image_size, nd)
+    roi = resolve_roi(roi_size, image_size, nd)
     overlaps = _resolve_overlap(overlap, nd)
     mode = _enum_value(mode)
     padding_mode, normalize = check_blend_options(padding_mode, weighting, normalize, placement, reduce, confidence,
