@@ -145,3 +145,53 @@ def test_gate_names_and_best_row():
                row("oracle", "grid", 95, 1, 40)]
     assert best_row(summary)["blending"] == "grid"  # 37 < 0.95 * 40 = 38
     assert best_row(summary, floor=0.9)["blending"] == "gate-grid"
+
+
+def test_oracle_pass_scores_each_head_set_against_the_cells_of_its_own_grid():
+    """A head set with a finer grid (4×4×4, as ``aware-fine-posthoc``) is recorded against the true Dice of
+    its own cells, the 2×2×2 one against its cells: the same truths as dice_targets on each window."""
+    from patchblend.examples.cib.data import network_input
+    from patchblend.targets import dice_targets
+
+    case = toy_case()
+    model = _Toy()
+    sets = {"coarse": ("paper", _Const(()), _Const((2, 2, 2))), "fine": ("paper", _Const(()), _Const((4, 4, 4)))}
+    pairs = {}
+    predict_case(model, case, ["oracle:grid"], roi=(16, 16, 16), overlap=0.5, sw_batch_size=4, head_pairs=pairs,
+                 head_sets=sets, grid=(2, 2, 2))
+    x = network_input(case.t1, case.t2)
+    window = (slice(None), slice(0, 16), slice(0, 16), slice(0, 16))  # the first window the driver cuts
+    seg = (x[window][2:3] > 0.5).float()[None]
+    label = torch.as_tensor(case.label, dtype=torch.float32)[None][window][None]
+    for name, cells in (("coarse", (2, 2, 2)), ("fine", (4, 4, 4))):
+        _, _, pred_grid, true_grid = pairs[name][0]
+        assert tuple(pred_grid.shape[1:]) == cells and tuple(true_grid.shape[1:]) == cells
+        np.testing.assert_allclose(true_grid[0].numpy(), dice_targets(seg, label, grid=cells)[1][0].numpy(),
+                                   atol=1e-6)
+
+
+def test_fine_posthoc_heads_keep_their_grid_when_saved_and_loaded(tmp_path):
+    """``aware-fine`` heads (4×4×4 cells on a 2×2×2 model) are fitted, saved with their cells and loaded
+    back with them: the grid head's weights are shared over cells, so the state dict alone would load
+    into a 2×2×2 head without error."""
+    from patchblend.examples.cib.model import CIBVNet, head_scores
+    from patchblend.examples.cib.posthoc import FINE_GRID, fit_posthoc_heads, load_heads, save_heads
+
+    torch.manual_seed(0)
+    model = CIBVNet(width=2, grid=(2, 2, 2)).eval()
+    heads = fit_posthoc_heads(model, [toy_case()], ["aware-fine"], roi=(16, 16, 16), epochs={"aware": 2},
+                              log=lambda *a: None)
+    kind, ph, gh = heads["aware-fine-posthoc"]
+    assert kind == "aware" and tuple(gh.grid) == FINE_GRID
+    loaded = load_heads(save_heads(str(tmp_path / "h.pt"), heads), model)
+    kind2, ph2, gh2 = loaded["aware-fine-posthoc"]
+    assert kind2 == "aware" and tuple(gh2.grid) == FINE_GRID
+    x = torch.randn(1, 3, 16, 16, 16)
+    with torch.no_grad():
+        logits, bottleneck, last = model.run(x)
+        prob = torch.softmax(logits[:, 0].float(), dim=1)[:, 1:2]
+        a = head_scores(kind, ph, gh, prob, bottleneck, last)
+        b = head_scores(kind2, ph2, gh2, prob, bottleneck, last)
+    assert a[1].shape == (1, *FINE_GRID)
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])

@@ -14,8 +14,11 @@ product), and HEADS one of
                     :class:`patchblend.AwareGridHead`), trained jointly on the training crops
 ``paper-posthoc``,  the same kinds fitted after training on held-out calibration cases with the
 ``aware-posthoc``   network frozen (:mod:`patchblend.calibration`)
-``paper-tempered``, the post-hoc heads' weights raised to a power ``γ`` in (0, 1] chosen per
-``aware-tempered``  weighting on the calibration cases (:func:`.posthoc.choose_exponents`): the best
+``aware-fine-``     post-hoc aware heads whose grid head has 4×4×4 cells (:data:`.posthoc.FINE_GRID`),
+``posthoc``         opt-in (``--posthoc aware,paper,aware-fine``); its grid quality is measured
+                    against the true Dice of its own cells
+``*-tempered``      the post-hoc heads' weights raised to a power ``γ`` in (0, 1] chosen per
+                    weighting on the calibration cases (:func:`.posthoc.choose_exponents`): the best
                     lesion F1 there that keeps 95% of the lesions ``average`` detects
 ``oracle``          the *true* Dice of each window / cell (the paper's Table 1): an upper bound
 ==================  ==============================================================================
@@ -61,9 +64,10 @@ __all__ = ["WEIGHTINGS", "GATES", "GATED_HEAD_SETS", "HEAD_SETS", "METHODS", "BL
 
 WEIGHTINGS = ("patch", "grid", "patch*grid")
 #: Head sets in table order (``none`` and ``oracle`` need no heads).
-HEAD_SETS = ("none", "paper", "aware", "paper-posthoc", "aware-posthoc", "paper-tempered", "aware-tempered", "oracle")
+HEAD_SETS = ("none", "paper", "aware", "paper-posthoc", "aware-posthoc", "aware-fine-posthoc", "paper-tempered",
+             "aware-tempered", "aware-fine-tempered", "oracle")
 #: Head sets whose gated rows are in :data:`METHODS` (their τ and lesion heads come from the calibration cases).
-GATED_HEAD_SETS = ("paper-posthoc", "aware-posthoc", "oracle")
+GATED_HEAD_SETS = ("paper-posthoc", "aware-posthoc", "aware-fine-posthoc", "oracle")
 #: Every method, in table order: ``(heads, blending)``; the gated rows last (no lesion head for the oracle).
 METHODS: Tuple[Tuple[str, str], ...] = (("none", "average"), ("none", "gaussian")) + tuple(
     (h, w) for h in HEAD_SETS[1:] for w in WEIGHTINGS) + tuple(
@@ -184,9 +188,13 @@ class CalibratedPredictor:
         if self.heads == "oracle":
             true_patch, true_grid = dice_targets(seg, label.to(seg.device), grid=self.grid)
             if not self._recorded:
+                truth = {tuple(true_grid.shape[1:]): true_grid}  # each head set against cells of its own grid
                 for name in self.pairs:
                     patch, grid = scores[name]
-                    self.pairs[name].append((patch.cpu(), true_patch.cpu(), grid.cpu(), true_grid.cpu()))
+                    cells = tuple(grid.shape[1:])
+                    if cells not in truth:
+                        truth[cells] = dice_targets(seg, label.to(seg.device), grid=cells)[1]
+                    self.pairs[name].append((patch.cpu(), true_patch.cpu(), grid.cpu(), truth[cells].cpu()))
             patch, grid = true_patch, true_grid
         else:
             patch, grid = scores[self.heads]
@@ -348,11 +356,12 @@ def summarize(rows: List[dict], methods: Optional[Sequence] = None) -> List[dict
 
 def format_table(summary: List[dict]) -> str:
     """A fixed-width text table of :func:`summarize`'s rows."""
-    head = (f"{'heads':<15}{'blending':<11}{'Dice%':>7}{'HD95':>6}{'F1%':>7}{'FDR%':>7}{'Sens%':>7}"
+    w = max([15] + [len(r["heads"]) + 1 for r in summary])  # 15, or wider for a longer head-set name
+    head = (f"{'heads':<{w}}{'blending':<11}{'Dice%':>7}{'HD95':>6}{'F1%':>7}{'FDR%':>7}{'Sens%':>7}"
             f"   TP/pred  det/GT")
     lines = [head, "-" * len(head)]
     for r in summary:
-        lines.append(f"{r['heads']:<15}{r['blending']:<11}{r['dice']:>7.2f}{r['hd95']:>6.2f}{r['f1']:>7.2f}"
+        lines.append(f"{r['heads']:<{w}}{r['blending']:<11}{r['dice']:>7.2f}{r['hd95']:>6.2f}{r['f1']:>7.2f}"
                      f"{r['fdr']:>7.2f}{r['sensitivity']:>7.1f}   {int(r['true_pred']):>3}/{int(r['pred_lesions']):<4}"
                      f" {int(r['detected']):>3}/{int(r['gt_lesions'])}")
     return "\n".join(lines)
@@ -398,10 +407,11 @@ def threshold_text(gating: dict) -> str:
 
 
 def format_head_quality(rows: List[dict]) -> str:
-    head = f"{'heads':<14}{'head':<18}{'corr':>7}{'AUROC':>7}{'ECE':>7}{'MAE':>7}  pred/true mean  Dice<0.5"
+    w = max([14] + [len(r["heads"]) + 1 for r in rows])  # 14, or wider for a longer head-set name
+    head = f"{'heads':<{w}}{'head':<18}{'corr':>7}{'AUROC':>7}{'ECE':>7}{'MAE':>7}  pred/true mean  Dice<0.5"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['heads']:<14}{r['head']:<18}{r['corr']:>+7.2f}{r['auroc']:>7.3f}{r['ece']:>7.3f}"
+        lines.append(f"{r['heads']:<{w}}{r['head']:<18}{r['corr']:>+7.2f}{r['auroc']:>7.3f}{r['ece']:>7.3f}"
                      f"{r['mae']:>7.3f}  {r['pred_mean']:.3f}/{r['true_mean']:.3f}    {100 * r['failure_fraction']:.1f}%")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -26,7 +26,12 @@ from .model import OUTPUT_NEW, CIBVNet, head_scores
 __all__ = ["window_batches", "HeadAdapter", "fit_posthoc_heads", "save_heads", "load_heads", "load_gating",
            "choose_gates", "POSTHOC_KINDS"]
 
-POSTHOC_KINDS = ("aware", "paper")
+POSTHOC_KINDS = ("aware", "paper", "aware-fine")
+#: Cells per axis of the ``aware-fine`` grid head: with the example's 32³ windows, 8³-voxel cells, nearer the
+#: size of the small lesions the gate judges (the ``aware`` heads use the model's grid, 2×2×2: 16³ cells).
+FINE_GRID = (4, 4, 4)
+#: Head family (what :func:`.model.head_scores` runs) of each post-hoc kind.
+HEAD_FAMILY = {"aware": "aware", "paper": "paper", "aware-fine": "aware"}
 
 
 def _starts(size: int, roi: int, step: int) -> List[int]:
@@ -84,12 +89,16 @@ class HeadAdapter(nn.Module):
         return prob, patch_s, grid_s
 
 
-def new_heads(kind: str, model: CIBVNet) -> Tuple[nn.Module, nn.Module]:
-    """Fresh heads of ``kind`` shaped for ``model``."""
-    w, grid = model.width, model.grid_head.grid
+def new_heads(kind: str, model: CIBVNet, grid: Optional[Sequence[int]] = None) -> Tuple[nn.Module, nn.Module]:
+    """Fresh heads of ``kind`` (a post-hoc kind, or a head family) shaped for ``model``; the grid head has
+    ``grid`` cells per axis (default: :data:`FINE_GRID` for ``aware-fine``, else the model's grid)."""
+    w = model.width
+    if grid is None:
+        grid = FINE_GRID if kind == "aware-fine" else model.grid_head.grid
+    grid = tuple(int(g) for g in grid)
     if kind == "paper":
         return PatchHead(16 * w), GridHead(w, grid=grid)
-    if kind == "aware":
+    if kind in ("aware", "aware-fine"):
         return AwarePatchHead(w), AwareGridHead(w, grid=grid)
     raise ValueError(f"kind must be one of {POSTHOC_KINDS}, got {kind!r}")
 
@@ -126,20 +135,24 @@ def fit_posthoc_heads(model: CIBVNet, cases: Sequence[Case], kinds: Sequence[str
             patch_head, grid_head = (copy.deepcopy(h).to(device) for h in joint)
         else:
             patch_head, grid_head = (h.to(device) for h in new_heads(kind, model))
-        adapter = HeadAdapter(model, kind, patch_head, grid_head)
+        family = HEAD_FAMILY[kind]
+        adapter = HeadAdapter(model, family, patch_head, grid_head)
         data = collect_calibration_data(adapter, window_batches(cases, roi, overlap), device="cpu", progress=progress)
-        history = fit_heads(patch_head, grid_head, data, epochs=epochs[kind], lr=lr, seed=seed, progress=progress,
-                            batch_size=256 if kind == "aware" else 64)
-        log(f"      {kind}-posthoc heads: {len(data)} windows, {epochs[kind]} epochs, "
+        n_epochs = epochs.get(kind, epochs[family])
+        history = fit_heads(patch_head, grid_head, data, epochs=n_epochs, lr=lr, seed=seed, progress=progress,
+                            batch_size=256 if family == "aware" else 64)
+        log(f"      {kind}-posthoc heads: {len(data)} windows, {n_epochs} epochs, "
             f"MSE patch {history['patch_mse'][-1]:.4f}, grid {history['grid_mse'][-1]:.4f}")
-        out[f"{kind}-posthoc"] = (kind, patch_head.eval(), grid_head.eval())
+        out[f"{kind}-posthoc"] = (family, patch_head.eval(), grid_head.eval())
     return out
 
 
 def save_heads(path: str, heads: Dict[str, tuple], meta: dict = None) -> str:
-    """Write ``{name: (kind, patch_head, grid_head)}`` (state dicts) to ``path``."""
+    """Write ``{name: (kind, patch_head, grid_head)}`` (state dicts, and the grid head's cells per axis: its
+    weights are shared over cells, so they alone do not say the grid) to ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"posthoc_heads": {name: {"kind": kind, "patch": ph.state_dict(), "grid": gh.state_dict()}
+    torch.save({"posthoc_heads": {name: {"kind": kind, "patch": ph.state_dict(), "grid": gh.state_dict(),
+                                         "cells": list(gh.grid)}
                                   for name, (kind, ph, gh) in heads.items()}, "meta": meta or {}}, path)
     return path
 
@@ -158,7 +171,7 @@ def load_heads(path: str, model: CIBVNet, device="cpu", with_exponents: bool = F
         raise InputError(f"{path!r} is not a post-hoc heads file (written by demo or calibrate)")
     out = {}
     for name, entry in blob["posthoc_heads"].items():
-        ph, gh = new_heads(entry["kind"], model)
+        ph, gh = new_heads(entry["kind"], model, entry.get("cells"))
         try:
             ph.load_state_dict(entry["patch"])
             gh.load_state_dict(entry["grid"])
