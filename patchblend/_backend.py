@@ -36,6 +36,7 @@ NO_CPU_KERNEL = "none"
 
 _STATE = {"compiled": False, "cuda": False, "reason": "", "kernels": {}, "libraries": []}
 
+
 def _define_schemas() -> None:
     """The ops from their one source (``csrc/op_schemas.h``, :mod:`patchblend._op_schemas`), with the reference
     implementations of the ops that take no tensor (the blend ops get theirs from :func:`_register_reference`)."""

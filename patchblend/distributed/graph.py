@@ -233,7 +233,8 @@ def sliding_window_inference(
     token = uuid.uuid4().hex
     call = CallSpec(
         token=token, in_channels=in_channels, roi=roi, pad_lo=plan.pad_lo, image_shape=spatial,
-        sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=hashable_sigma_scale(sigma_scale), padding_mode=padding_mode,
+        sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=hashable_sigma_scale(sigma_scale),
+        padding_mode=padding_mode,
         cval=float(cval), weighting=weighting, normalize=normalize,
         lattice=strict and not (normalize == "weight" and weighting is not None and weigh_prediction), strict=strict,
         confidence=confidence, weigh_prediction=weigh_prediction,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from .._validate import NORMALIZE_MODES
 from ._predictions import WEIGHTINGS
 from .confidence import check_confidence_options
 from .blender import REDUCTIONS
@@ -29,8 +30,8 @@ def check_blend_options(padding_mode, weighting: Optional[str], normalize: Optio
     check_confidence_options(confidence, weigh_prediction, normalize, weighting)
     if normalize is None:
         normalize = "weight" if weighting is None or not weigh_prediction else "count"
-    if normalize not in ("count", "weight", "none"):
-        raise ValueError(f"normalize must be 'count', 'weight' or 'none', got {normalize!r}")
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     if placement not in WINDOW_STYLES:
         raise ValueError(f"placement must be one of {WINDOW_STYLES}, got {placement!r}")
     if reduce not in REDUCTIONS:
