@@ -38,7 +38,7 @@ from .options import (DEFAULT_OVERLAP, SlidingWindowOptions, hashable_sigma_scal
 from .windows import WindowGrid, lattice_tables, sliding_windows
 
 __all__ = ["sliding_window_inference", "run_sliding_window", "resolve_call", "ResolvedCall", "WindowPlan",
-           "OutputBlend", "pad_for_windows", "resolve_roi", "resolve_importance", "WEIGHTINGS"]
+           "OutputBlend", "pad_for_windows", "resolve_roi", "resolve_overlap", "resolve_importance", "WEIGHTINGS"]
 
 _ops = torch.ops.patchblend
 
@@ -87,7 +87,8 @@ def resolve_roi(roi_size, image_size, nd: int) -> Tuple[int, ...]:
     return tuple(out)
 
 
-def _resolve_overlap(overlap, nd: int):
+def resolve_overlap(overlap, nd: int) -> Tuple[float, ...]:
+    """``overlap`` (a float, or one per axis) as ``nd`` floats in ``[0, 1)``, else an error naming it."""
     if hasattr(overlap, "tolist"):  # a tensor, numpy array or numpy scalar
         overlap = overlap.tolist()
     if isinstance(overlap, Sequence) and not isinstance(overlap, str):
@@ -278,7 +279,7 @@ def resolve_call(inputs: torch.Tensor, options: SlidingWindowOptions) -> Resolve
     return ResolvedCall(
         options=options, x=x, meta_source=inputs if hasattr(inputs, "copy_meta_from") else None, nd=nd,
         image_size=image_size, roi=resolve_roi(options.roi_size, image_size, nd),
-        overlaps=_resolve_overlap(options.overlap, nd), tile_steps=_resolve_tile_step_size(options.tile_step_size, nd),
+        overlaps=resolve_overlap(options.overlap, nd), tile_steps=_resolve_tile_step_size(options.tile_step_size, nd),
         slab_axis=slab_axis, buffer_steps=int(options.buffer_steps) if buffered else None, order_axis=order_axis,
         device=resolve_data_device("device", options.device, inputs.device),
         sw_device=resolve_data_device("sw_device", options.sw_device, inputs.device),
