@@ -243,6 +243,11 @@ class SlidingWindowOptions:
         steps = tuple(map(check_tile_step_size, steps)) if isinstance(steps, tuple) else check_tile_step_size(steps)
         object.__setattr__(self, "tile_step_size", steps)
 
+    def keywords(self) -> Dict[str, Any]:
+        """The options as keyword arguments, for any driver: ``sliding_window_inference(x, predictor=f,
+        **options.keywords())`` (in memory or on Dask) runs with exactly these options."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     @property
     def weights_in_denominator(self) -> bool:
         """Whether per-window weights enter the denominator: ``normalize="weight"`` with the scores weighting the
