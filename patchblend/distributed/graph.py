@@ -27,7 +27,8 @@ from dask.highlevelgraph import HighLevelGraph
 from .. import CalibratedOutput
 from ..inference._predictions import parse_output
 from ..inference.confidence import PredictionWithConfidence
-from ..inference.options import SlidingWindowOptions, split_option_keywords, with_option_keywords
+from ..inference.options import (SlidingWindowOptions, bind_positional_options, split_option_keywords,
+                                 with_option_keywords)
 from ..inference.sliding_window import resolve_importance, resolve_overlap, resolve_roi
 from .plan import BlockPlan, block_plan
 from .worker import BlockSpec, CallSpec, PredictorFactory, assemble_region, read_region, run_block, single_seg
@@ -146,26 +147,14 @@ def _importance_for_workers(options: SlidingWindowOptions, roi, in_dtype) -> Opt
     return resolve_importance(rwm, roi, options.mode, options.sigma_scale, acc, "cpu")[0]
 
 
-@with_option_keywords
-def sliding_window_inference(
-    image,
-    roi_size,
-    sw_batch_size: int,
-    predictor: Union[Callable[..., Any], PredictorFactory],
-    overlap: Union[Sequence[float], float] = 0.25,
-    mode: str = "constant",
-    sigma_scale: Union[Sequence[float], float] = 0.125,
-    padding_mode: str = "constant",
-    cval: float = 0.0,
-    sw_device: Union[torch.device, str, None] = None,
-    device: Union[torch.device, str, None] = None,
-    progress: bool = False,
-    *,
-    chunks=None,
-    out_channels: Optional[int] = None,
-    return_plan: bool = False,
-    **kwargs: Any,
-):
+#: the options this driver also takes by position, after the predictor (MONAI's order)
+_POSITIONAL_OPTIONS = ("overlap", "mode", "sigma_scale", "padding_mode", "cval", "sw_device", "device", "progress")
+
+
+@with_option_keywords(positional=_POSITIONAL_OPTIONS)
+def sliding_window_inference(image, roi_size, sw_batch_size: int,
+                             predictor: Union[Callable[..., Any], PredictorFactory], *args: Any, chunks=None,
+                             out_channels: Optional[int] = None, return_plan: bool = False, **kwargs: Any):
     """Sliding-window inference of one large image, block by block on Dask; lazy.
 
     Same options and result as :func:`patchblend.sliding_window_inference` on ``image[None]`` (without the batch
@@ -203,8 +192,7 @@ def sliding_window_inference(
     if not (callable(predictor) or isinstance(predictor, PredictorFactory)):
         raise TypeError("predictor must be callable (a model) or a patchblend.distributed.PredictorFactory")
     own, kwargs = split_option_keywords(kwargs)
-    options = SlidingWindowOptions(roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval,
-                                   sw_device, device, progress, **own)
+    options = SlidingWindowOptions(roi_size, sw_batch_size, **bind_positional_options(args, own, _POSITIONAL_OPTIONS))
     _refuse_unsupported(options, out_channels, kwargs)
     in_channels, spatial = int(image.shape[0]), tuple(int(s) for s in image.shape[1:])
     roi = resolve_roi(options.roi_size, spatial, len(spatial))  # the in-memory driver's rules

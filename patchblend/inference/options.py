@@ -27,7 +27,8 @@ from .importance import IMPORTANCE_MODES
 from .windows import WINDOW_STYLES, check_tile_step_size
 
 __all__ = ["SlidingWindowOptions", "PAD_MODES", "DEFAULT_OVERLAP", "OPTION_FIELDS", "KEYWORD_OPTIONS",
-           "check_blend_options", "split_option_keywords", "with_option_keywords", "hashable_sigma_scale"]
+           "check_blend_options", "split_option_keywords", "with_option_keywords", "bind_positional_options",
+           "hashable_sigma_scale"]
 
 #: ``padding_mode`` values (MONAI's, for windows larger than the image)
 PAD_MODES = ("constant", "reflect", "replicate", "circular")
@@ -73,6 +74,8 @@ def check_blend_options(padding_mode, weighting: Optional[str], normalize: Optio
 
 def hashable_sigma_scale(value):
     """A sigma_scale (float, sequence, numpy array or tensor) as a float or a tuple of floats."""
+    if type(value) is float:
+        return value
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -83,6 +86,8 @@ def hashable_sigma_scale(value):
 def _as_tuple_or_scalar(value):
     """A per-axis value as given (a scalar, ``None``) or, for a sequence / array / tensor, a tuple: hashable and
     picklable; its entries are checked against the input's axes when a driver resolves them."""
+    if type(value) in (int, float, tuple) or value is None:  # (the common cases, at once)
+        return value
     if hasattr(value, "tolist"):  # a tensor, numpy array or numpy scalar (MONAI accepts them)
         value = value.tolist()
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -95,7 +100,7 @@ def _check_optional_int(name: str, value, exc=TypeError):
         raise exc(f"{name} must be None or an int, got {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SlidingWindowOptions:
     """One sliding-window call's options, checked once when built (a bad value raises naming the argument) and
     normalised (enums to their values, ``normalize=None`` to its default, per-axis sequences / tensors to tuples,
@@ -201,15 +206,19 @@ class SlidingWindowOptions:
             object.__setattr__(self, name, value)
 
         sw_batch_size = self.sw_batch_size
-        if isinstance(sw_batch_size, torch.Tensor) and sw_batch_size.dim() == 0:
-            sw_batch_size = sw_batch_size.item()  # MONAI accepts a 0-d tensor
-        if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or sw_batch_size < 1:
+        if type(sw_batch_size) is not int:
+            if isinstance(sw_batch_size, torch.Tensor) and sw_batch_size.dim() == 0:
+                sw_batch_size = sw_batch_size.item()  # MONAI accepts a 0-d tensor
+            if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral):
+                raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+            put("sw_batch_size", int(sw_batch_size))
+        if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-        put("sw_batch_size", int(sw_batch_size))
         put("roi_size", _as_tuple_or_scalar(self.roi_size))
         if not isinstance(self.overlap, _DefaultOverlap):
             put("overlap", _as_tuple_or_scalar(self.overlap))
-        put("mode", getattr(self.mode, "value", self.mode))
+        if type(self.mode) is not str:
+            put("mode", getattr(self.mode, "value", self.mode))
         if self.roi_weight_map is None and self.mode not in IMPORTANCE_MODES:
             raise ValueError(f"mode must be one of {IMPORTANCE_MODES}, got {self.mode!r}")
         put("sigma_scale", hashable_sigma_scale(self.sigma_scale))
@@ -266,22 +275,45 @@ def split_option_keywords(kwargs: Dict[str, Any], names: Sequence[str] = OPTION_
                           ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``kwargs`` split into ``(options, rest)``: the entries that name options (``names``, fields of
     :class:`SlidingWindowOptions`; a driver's options given by keyword) and the others (for the predictor)."""
+    if not kwargs:
+        return {}, kwargs
     options = {k: kwargs[k] for k in names if k in kwargs}
     rest = {k: v for k, v in kwargs.items() if k not in options}
     return options, rest
 
 
-def with_option_keywords(fn=None, *, names: Sequence[str] = OPTION_FIELDS):
-    """Decorate ``fn`` (whose ``**kwargs`` takes the options) with a signature that lists the options ``names`` it
-    does not name itself as keyword-only parameters with their defaults, before ``**kwargs``, so that
-    ``inspect.signature`` and ``help`` show every option a driver takes."""
+def with_option_keywords(fn=None, *, names: Sequence[str] = OPTION_FIELDS, like=None, positional: Sequence[str] = ()):
+    """Decorate ``fn`` (whose ``*args`` / ``**kwargs`` take the options) with the signature it accepts, so that
+    ``inspect.signature`` and ``help`` show every option: ``like``'s signature (default ``fn``'s) with ``*args``
+    replaced by the fields ``positional`` (positional-or-keyword) and the fields ``names`` it does not name itself
+    as keyword-only parameters, each with the field's default, before ``**kwargs``."""
     if fn is None:
-        return functools.partial(with_option_keywords, names=names)
-    sig = inspect.signature(fn)
-    params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
-    var_kw = [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
-    for f in dataclasses.fields(SlidingWindowOptions):
-        if f.name in names and f.name not in sig.parameters and f.default is not dataclasses.MISSING:
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default))
+        return functools.partial(with_option_keywords, names=names, like=like, positional=positional)
+    sig = inspect.signature(like if like is not None else fn)
+    defaults = {f.name: f.default for f in dataclasses.fields(SlidingWindowOptions)}
+    params, var_kw = [], []
+    for p in sig.parameters.values():
+        if p.kind == p.VAR_POSITIONAL and positional:
+            params += [inspect.Parameter(n, p.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in positional]
+        elif p.kind == p.VAR_KEYWORD:
+            var_kw.append(p)
+        else:
+            params.append(p)
+    named = {p.name for p in params}
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=defaults[n]) for n in names
+               if n not in named and defaults[n] is not dataclasses.MISSING]
     fn.__signature__ = sig.replace(parameters=params + var_kw)
     return fn
+
+
+def bind_positional_options(args, given: Dict[str, Any], positional: Sequence[str]) -> Dict[str, Any]:
+    """``given`` (options by keyword) with ``args``, the options ``positional`` given by position; too many, or
+    one given both ways, is a ``TypeError`` naming it."""
+    if len(args) > len(positional):
+        raise TypeError(f"at most {len(positional)} options may be given by position ({', '.join(positional)}), "
+                        f"got {len(args)}")
+    by_position = dict(zip(positional, args))
+    twice = sorted(by_position.keys() & given.keys())
+    if twice:
+        raise TypeError(f"got multiple values for argument {twice[0]!r}")
+    return {**by_position, **given}

@@ -81,7 +81,7 @@ def resolve_roi(roi_size, image_size, nd: int) -> Tuple[int, ...]:
         raise TypeError(f"roi_size must be an int or a sequence of {nd} ints, got {roi_size!r}")
     out = []
     for r, s in zip(roi, image_size):
-        if r is not None:
+        if r is not None and type(r) is not int:
             r = as_size("roi_size", r)  # (64.0 is 64; 6.5 is refused, not truncated)
         out.append(int(s) if r is None or r <= 0 else r)  # None / non-positive: the full axis (MONAI)
     return tuple(out)
@@ -325,12 +325,13 @@ def pad_for_windows(x: torch.Tensor, roi, image_size, options: SlidingWindowOpti
     ``image_size``), or None when there is nothing to pad, or when ``zeros_free`` and the padding is zeros (the
     2D/3D ``extract`` op reads zeros outside the image: windows then start outside it instead). ``S'`` may be a
     region spanning the whole of every padded axis (a Dask block's input)."""
+    if all(r <= s for r, s in zip(roi, image_size)) or (
+            zeros_free and options.padding_mode == "constant" and float(options.cval) == 0.0):
+        return None
     pads = []
     for r, s in zip(reversed(roi), reversed(image_size)):
         d = max(r - s, 0)
         pads += [d // 2, d - d // 2]
-    if not any(pads) or (zeros_free and options.padding_mode == "constant" and float(options.cval) == 0.0):
-        return None
     kw = {"value": float(options.cval)} if options.padding_mode == "constant" else {}
     return F.pad(x, pads, mode=options.padding_mode, **kw)
 
@@ -353,12 +354,11 @@ class _WindowSource:
             raise ValueError(f"condition must be a tensor shaped like inputs {tuple(x.shape)}, got "
                              f"{tuple(condition.shape) if isinstance(condition, torch.Tensor) else type(condition)}")
         kernels = nd in (2, 3)
-        pad = functools.partial(pad_for_windows, roi=roi, image_size=call.image_size, options=call.options,
-                                zeros_free=kernels)
-        padded = pad(x)
+        padded = pad_for_windows(x, roi, call.image_size, call.options, zeros_free=kernels)
         if padded is not None:
             x = padded
-            condition = None if condition is None else pad(condition)
+            if condition is not None:
+                condition = pad_for_windows(condition, roi, call.image_size, call.options, zeros_free=kernels)
             self.coords = plan.coords_pad3 if kernels else plan.coords_pad
         else:
             self.coords = (plan.coords3 if kernels else plan.coords)
@@ -502,15 +502,12 @@ class OutputBlend:
             self.confidence = make_accumulator(geometry, 1, self.terms.importance, conf_settings, seg_dtype,
                                                grad=self.grad, nd=self.call.nd)
 
-    def _check_structure(self, pred: Prediction) -> None:
-        if (len(pred.segs), pred.keys, pred.single) != self.structure or (
-                pred.segs[0].shape[1:] != self.shapes[0] if len(self.shapes) == 1 else
-                any(s.shape[1:] != shape for s, shape in zip(pred.segs, self.shapes))):
-            first_keys = "" if self.structure[1] is None else f" keys {self.structure[1]}"
-            raise ValueError(
-                f"the predictor's outputs changed between batches: first {self.structure[0]} output(s) "
-                f"{[tuple(s) for s in self.shapes]}{first_keys}, now {len(pred.segs)} "
-                f"{[tuple(s.shape[1:]) for s in pred.segs]}{'' if pred.keys is None else f' keys {pred.keys}'}")
+    def _raise_changed(self, pred: Prediction) -> None:
+        first_keys = "" if self.structure[1] is None else f" keys {self.structure[1]}"
+        raise ValueError(
+            f"the predictor's outputs changed between batches: first {self.structure[0]} output(s) "
+            f"{[tuple(s) for s in self.shapes]}{first_keys}, now {len(pred.segs)} "
+            f"{[tuple(s.shape[1:]) for s in pred.segs]}{'' if pred.keys is None else f' keys {pred.keys}'}")
 
     def add(self, segments, pred: Prediction) -> None:
         """Blend one batch's outputs (windows ``segments``: ``(image, first window, end window)``) into their
@@ -523,8 +520,10 @@ class OutputBlend:
             self.checks(f"{'patch' if w.dim() == 1 else 'grid'}_scores (as {c.acc})", w)
         if self.accumulators is None:
             self._start(pred, w)
-        else:
-            self._check_structure(pred)
+        elif (len(pred.segs), pred.keys, pred.single) != self.structure or (
+                pred.segs[0].shape[1:] != self.shapes[0] if len(self.shapes) == 1 else
+                any(s.shape[1:] != shape for s, shape in zip(pred.segs, self.shapes))):
+            self._raise_changed(pred)
         if self.weighted:  # a bound on any voxel's weight sum, which must not overflow
             n = pred.segs[0].shape[0]
             if pred.voxel_weights is None:
@@ -658,6 +657,7 @@ def run_sliding_window(inputs: torch.Tensor, predictor: Callable[..., Any], opti
     source = _WindowSource(call, kwargs.pop("condition", None), plan)
     outputs = OutputBlend(call, plan, options.roi_weight_map)
     batches = _batches(call, num_win, plan.coords_pad)
+    nd, weighting, process_fn, checks, acc = call.nd, options.weighting, options.process_fn, outputs.checks, call.acc
     for g0, g1 in _progress(batches, options.progress, len(batches)):
         segments = _segments(g0, g1, num_win)
         windows, condition = source.cut(g0, g1, total)
@@ -668,10 +668,9 @@ def run_sliding_window(inputs: torch.Tensor, predictor: Callable[..., Any], opti
             out = predictor(windows, _window_slices(plan, segments), *args, **kwargs)
         else:
             out = predictor(windows, *args, **kwargs)
-        pred = parse_output(out, g1 - g0, call.nd, options.weighting, outputs.checks, call.acc)
-        if options.process_fn is not None:
-            pred = apply_process_fn(options.process_fn, pred, windows, outputs.process_fn_importance(), call.roi,
-                                    outputs.checks)
+        pred = parse_output(out, g1 - g0, nd, weighting, checks, acc)
+        if process_fn is not None:
+            pred = apply_process_fn(process_fn, pred, windows, outputs.process_fn_importance(), call.roi, checks)
         # 4. each output into its accumulator
         outputs.add(segments, pred)
         # drop this batch's windows and predictions before the next predictor call allocates its own
