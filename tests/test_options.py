@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import patchblend
 from patchblend.inference import options as options_module
 from patchblend.inference.options import DEFAULT_OVERLAP, KEYWORD_OPTIONS, SlidingWindowOptions
-from patchblend.inference.sliding_window import run_sliding_window
+from patchblend.inference.sliding_window import resolve_overlap, resolve_roi, run_sliding_window
 
 
 def two_class(x):
@@ -117,19 +117,27 @@ CASES = [
 ]
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(case=st.sampled_from(range(len(CASES))), seed=st.integers(0, 1000),
        shape=st.tuples(st.integers(6, 11), st.integers(4, 10), st.integers(5, 9)))
 def test_one_options_object_gives_both_drivers_bitwise_equal_results(case, seed, shape):
+    """Where the weights enter the denominator (or starts repeat) the in-memory driver sums each batch before
+    adding it and the blocks add one window at a time (docs/distributed.md): there both equal the in-memory
+    driver's result at sw_batch_size=1, the options' other fields as given."""
     da = pytest.importorskip("dask.array")
-    from patchblend.distributed import sliding_window_inference as on_dask
+    from patchblend.distributed import block_plan, sliding_window_inference as on_dask
     opts = SlidingWindowOptions(**CASES[case])
     image = np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32)
     predictor = scored if opts.weighting else two_class
     with torch.no_grad():
-        ref = run_sliding_window(torch.from_numpy(image)[None], predictor, opts)
-        by_keywords = patchblend.sliding_window_inference(torch.from_numpy(image)[None], predictor=predictor,
-                                                           **opts.keywords())
+        x = torch.from_numpy(image)[None]
+        plan = block_plan(shape, resolve_roi(opts.roi_size, shape, 3), resolve_overlap(opts.overlap, 3),
+                          [[s] for s in shape], opts.placement)
+        general = opts.weights_in_denominator or not plan.grid.is_strict
+        ref = run_sliding_window(x, predictor, dataclasses.replace(opts, sw_batch_size=1) if general else opts)
+        by_keywords = patchblend.sliding_window_inference(x, predictor=predictor,
+                                                           **dataclasses.replace(opts, sw_batch_size=1).keywords()
+                                                           if general else opts.keywords())
     lazy = on_dask(da.from_array(image, chunks=(1, 4, 3, 5)), predictor=predictor, **opts.keywords())
     if opts.confidence:
         got = [a for a in da.compute(*lazy, scheduler="sync")]
@@ -140,3 +148,36 @@ def test_one_options_object_gives_both_drivers_bitwise_equal_results(case, seed,
         assert torch.equal(by_keywords, ref)
     for g, w in zip(got, want):
         assert g.dtype == w.numpy().dtype and np.array_equal(g, w.numpy())
+
+
+def test_monai_inferer_checks_its_options_when_made_and_reads_monais_attributes_at_each_call():
+    pytest.importorskip("monai")
+    from patchblend.integrations.monai import CalibratedSlidingWindowInferer
+    with pytest.raises(ValueError, match="weighting"):
+        CalibratedSlidingWindowInferer(4, weighting="voxel")
+    with pytest.raises(TypeError, match="bogus"):
+        CalibratedSlidingWindowInferer(4, bogus=1)
+    inferer = CalibratedSlidingWindowInferer(4, 2, reduce="argmax")
+    inferer.overlap = 0.5  # MONAI's attributes are read at every call, as MONAI reads them
+    x = torch.rand(1, 1, 9, 10, 8)
+    with torch.no_grad():
+        ref = patchblend.sliding_window_inference(x, 4, 2, two_class, 0.5, reduce="argmax")
+        assert torch.equal(inferer(x, two_class), ref)
+        # an option given to a call holds for that call only
+        assert torch.equal(inferer(x, two_class, reduce=None), patchblend.sliding_window_inference(x, 4, 2, two_class,
+                                                                                                   0.5))
+    assert inferer.options.reduce == "argmax"
+
+
+def test_dask_driver_takes_monais_leading_options_by_position_or_by_name():
+    da = pytest.importorskip("dask.array")
+    from patchblend.distributed import sliding_window_inference as on_dask
+    image = da.from_array(np.random.default_rng(3).standard_normal((1, 9, 10, 8)).astype(np.float32),
+                          chunks=(1, 5, 5, 4))
+    by_position = on_dask(image, 4, 2, two_class, 0.5, "gaussian", 0.2).compute(scheduler="sync")
+    by_name = on_dask(image, 4, 2, two_class, overlap=0.5, mode="gaussian", sigma_scale=0.2).compute(scheduler="sync")
+    assert np.array_equal(by_position, by_name)
+    with pytest.raises(TypeError, match="multiple values for argument 'overlap'"):
+        on_dask(image, 4, 2, two_class, 0.5, overlap=0.5)
+    with pytest.raises(TypeError, match="at most 8 options"):
+        on_dask(image, 4, 2, two_class, 0.5, "constant", 0.125, "constant", 0.0, None, None, False, None)

@@ -151,6 +151,17 @@ def _importance_for_workers(options: SlidingWindowOptions, roi, in_dtype) -> Opt
 _POSITIONAL_OPTIONS = ("overlap", "mode", "sigma_scale", "padding_mode", "cval", "sw_device", "device", "progress")
 
 
+def _block_options(options: SlidingWindowOptions, roi, overlaps, rwm) -> SlidingWindowOptions:
+    """The options every block task carries: the window and overlap resolved, the devices given (default
+    ``"cpu"``: a worker's), without ``roi_weight_map`` (``rwm``, one key of the graph, shipped once per worker;
+    ``mode``, which it replaces, is then not read) and without MONAI's buffering (the blocks bound the memory)."""
+    device = str(torch.device(options.device if options.device is not None else "cpu"))
+    sw_device = str(torch.device(options.sw_device)) if options.sw_device is not None else device
+    return dataclasses.replace(options, roi_size=roi, overlap=overlaps, device=device, sw_device=sw_device,
+                               roi_weight_map=None, buffer_steps=None,
+                               mode=options.mode if rwm is None else "constant")
+
+
 @with_option_keywords(positional=_POSITIONAL_OPTIONS)
 def sliding_window_inference(image, roi_size, sw_batch_size: int,
                              predictor: Union[Callable[..., Any], PredictorFactory], *args: Any, chunks=None,
@@ -203,13 +214,9 @@ def sliding_window_inference(image, roi_size, sw_batch_size: int,
     rwm = _importance_for_workers(options, roi, in_dtype)
     out_channels, channels_out, np_dtype, conf_dtype = _output_dtypes(options, predictor, in_dtype, in_channels, roi,
                                                                       out_channels, kwargs)
-    device = str(torch.device(options.device if options.device is not None else "cpu"))
-    block_options = dataclasses.replace(
-        options, roi_size=roi, overlap=overlaps, device=device,
-        sw_device=str(torch.device(options.sw_device)) if options.sw_device is not None else device,
-        roi_weight_map=None, buffer_steps=None, mode=options.mode if rwm is None else "constant")
-    call = CallSpec(token=uuid.uuid4().hex, options=block_options, in_channels=in_channels, pad_lo=plan.pad_lo,
-                    image_shape=spatial, out_channels=out_channels, kwargs=tuple(kwargs.items()))
+    call = CallSpec(token=uuid.uuid4().hex, options=_block_options(options, roi, overlaps, rwm),
+                    in_channels=in_channels, pad_lo=plan.pad_lo, image_shape=spatial, out_channels=out_channels,
+                    kwargs=tuple(kwargs.items()))
     result = _lazy_result(call, plan, image, predictor, rwm, channels_out, out_chunks, np_dtype, conf_dtype)
     logger.info("patchblend.distributed.sliding_window_inference: %s", plan.summary())
     return (result, plan) if return_plan else result

@@ -195,7 +195,7 @@ def _run_block(call: CallSpec, block: BlockSpec, region: np.ndarray, predictor, 
     predictor = worker_predictor(predictor, call.token, options.sw_device)
     x, origin = _block_input(call, block, region)
     plan = _block_plan(block, roi)
-    outputs = OutputBlend(resolve_call(x[None], options), plan, roi_weight_map)
+    outputs = OutputBlend(resolve_call(x[None], options), plan, roi_weight_map, window_by_window=True)
     windows = plan.coords + torch.tensor(block.lo)  # in image coordinates
     local = windows - torch.tensor(origin)  # in the (padded) region
     kwargs = dict(call.kwargs)

@@ -423,10 +423,14 @@ class OutputBlend:
     channels and resolutions are known), each fed every batch (:meth:`add`); step 5, :meth:`finish`, packs the
     results in the predictor's form (tensor, tuple or dict), as MONAI does. The importance map and the score checks
     (:attr:`checks`, for :func:`~._predictions.parse_output`) are the call's. The Dask driver runs one per output
-    block, with ``plan`` the block's windows in its coordinates."""
+    block, with ``plan`` the block's windows in its coordinates, and ``window_by_window``: where the numerator and
+    denominator accumulator is used (weights in the denominator, or repeated starts), each window is added on its
+    own, so that the result is bitwise :func:`~patchblend.calibrated_blend` of the windows in order whatever the
+    batching (the in-memory driver's at ``sw_batch_size=1``; with larger batches it sums a batch first)."""
 
-    def __init__(self, call: ResolvedCall, plan: WindowPlan, roi_weight_map=None):
+    def __init__(self, call: ResolvedCall, plan: WindowPlan, roi_weight_map=None, window_by_window: bool = False):
         self.call, self.plan = call, plan
+        self.window_by_window = window_by_window
         self.num_win = plan.coords.shape[0]
         o = call.options
         self.process_fn = o.process_fn
@@ -481,12 +485,14 @@ class OutputBlend:
                                     out_dtype=c.x.dtype if c.x.dtype.is_floating_point else None,
                                     slab_axis=c.order_axis if slab else None, slab_device=slab_device,
                                     num_win=self.num_win)
-        self.accumulators = []
+        self.accumulators, self.one_by_one = [], []
         for k, seg in enumerate(pred.segs):
             geometry = output_geometry(self.plan, c.roi, self.plan.image_grid.image_shape, tuple(seg.shape[2:]))
             imp = self.importance_for(geometry.roi, slab_device if slab else c.device)
             self.accumulators.append(make_accumulator(geometry, seg.shape[1], imp, settings, seg.dtype,
                                                       grad=self.grad, nd=c.nd))
+            stream = geometry.lattice is not None and geometry.lattice.is_strict and not settings.weights_in_den
+            self.one_by_one.append(self.window_by_window and not stream)
             if k == 0 and o.confidence:
                 self._start_confidence(geometry, imp, settings, seg.dtype, slab)
         self.shapes = [s.shape[1:] for s in pred.segs]
@@ -543,7 +549,10 @@ class OutputBlend:
                 seg = seg.to(device)
             if not self.grad:
                 seg, wk = seg.detach(), None if wk is None else wk.detach()
-            acc.add(seg, wk, segments)
+            if self.one_by_one[k]:
+                _add_window_by_window(acc, seg, wk, segments)
+            else:
+                acc.add(seg, wk, segments)
 
     def _add_confidence(self, segments, pred: Prediction, w) -> None:
         device = self.confidence.input_device
@@ -678,6 +687,15 @@ def run_sliding_window(inputs: torch.Tensor, predictor: Callable[..., Any], opti
         kwargs.pop("condition", None)
     # 5. finish: divide / reduce, in the predictor's form
     return outputs.finish()
+
+
+def _add_window_by_window(accumulator, seg: torch.Tensor, weights, segments) -> None:
+    """``accumulator.add`` of a batch, one window at a time."""
+    k = 0
+    for b, w0, w1 in segments:
+        for w in range(w0, w1):
+            accumulator.add(seg[k:k + 1], None if weights is None else weights[k:k + 1], [(b, w, w + 1)])
+            k += 1
 
 
 def _as_meta_tensor(result: torch.Tensor, like):
