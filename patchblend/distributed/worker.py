@@ -7,7 +7,9 @@ The block runs the in-memory driver's own pipeline steps (:mod:`patchblend.infer
 (``parse_output``, ``ScoreChecks``) and the blend and finish of
 :class:`~patchblend.inference.sliding_window.OutputBlend` (the importance map, the accumulator the in-memory driver
 would choose, the float64 scores cast, argmax / threshold / dtype, the confidence map), on the block's windows in
-their global order and in the block's coordinates; so the two drivers cannot drift apart. Windows are cut with
+their global order and in the block's coordinates; so the two drivers cannot drift apart. Where the weights enter
+the denominator the block adds one window at a time (``window_by_window``): bitwise ``calibrated_blend`` of the
+windows in order, the in-memory driver's result at ``sw_batch_size=1``. Windows are cut with
 :func:`patchblend.extract_patches` from the block's input region (in the input's dtype; from the padded region for
 non-zero padding).
 """
