@@ -57,6 +57,7 @@ def test_frozen_and_picklable():
 @pytest.mark.parametrize("kw, error, name", [
     (dict(sw_batch_size=0), ValueError, "sw_batch_size"),
     (dict(mode="cubic"), ValueError, "mode"),
+    (dict(sigma_scale="wide"), TypeError, "sigma_scale"),
     (dict(padding_mode="wrap"), ValueError, "padding_mode"),
     (dict(weighting="voxel"), ValueError, "weighting"),
     (dict(normalize="mean"), ValueError, "normalize"),

@@ -78,9 +78,12 @@ def hashable_sigma_scale(value):
         return value
     if hasattr(value, "tolist"):
         value = value.tolist()
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return tuple(float(v) for v in value)
-    return float(value)
+    try:
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            return tuple(float(v) for v in value)
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigma_scale must be a float or one float per spatial axis, got {value!r}") from None
 
 
 def _as_tuple_or_scalar(value):
