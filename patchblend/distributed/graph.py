@@ -7,6 +7,7 @@ once to each worker that needs it, not with every task, and the worker keeps it 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -24,13 +25,11 @@ from dask.array.core import normalize_chunks
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import CalibratedOutput
-from .._validate import check_threshold
 from ..inference._predictions import parse_output
 from ..inference.confidence import PredictionWithConfidence
-from ..inference.blender import check_label_dtype
-from ..inference.options import check_blend_options
-from ..inference.importance import IMPORTANCE_MODES
-from ..inference.sliding_window import hashable_sigma_scale, resolve_roi
+from ..inference.options import (SlidingWindowOptions, bind_positional_options, split_option_keywords,
+                                 with_option_keywords)
+from ..inference.sliding_window import resolve_importance, resolve_overlap, resolve_roi
 from .plan import BlockPlan, block_plan
 from .worker import BlockSpec, CallSpec, PredictorFactory, assemble_region, read_region, run_block, single_seg
 
@@ -88,80 +87,7 @@ def _probe(predictor, image_dtype, in_channels: int, roi, with_coord: bool, kwar
     return int(seg.shape[1]), seg.dtype
 
 
-def sliding_window_inference(
-    image,
-    roi_size,
-    sw_batch_size: int,
-    predictor: Union[Callable[..., Any], PredictorFactory],
-    overlap: Union[Sequence[float], float] = 0.25,
-    mode: str = "constant",
-    sigma_scale: Union[Sequence[float], float] = 0.125,
-    padding_mode: str = "constant",
-    cval: float = 0.0,
-    sw_device: Union[torch.device, str, None] = None,
-    device: Union[torch.device, str, None] = None,
-    progress: bool = False,
-    *,
-    weighting: Optional[str] = None,
-    normalize: Optional[str] = None,
-    placement: str = "monai",
-    slab_axis: Optional[int] = None,
-    reduce: Optional[str] = None,
-    threshold: float = 0.5,
-    label_dtype: torch.dtype = torch.int64,
-    roi_weight_map: Optional[torch.Tensor] = None,
-    with_coord: bool = False,
-    process_fn: Optional[Callable] = None,
-    chunks=None,
-    out_channels: Optional[int] = None,
-    return_plan: bool = False,
-    confidence: bool = False,
-    weigh_prediction: bool = True,
-    **kwargs: Any,
-):
-    """Sliding-window inference of one large image, block by block on Dask; lazy.
-
-    Same arguments and result as :func:`patchblend.sliding_window_inference` on ``image[None]`` (without the batch
-    dimension), computed per output block: each block runs the windows of the global lattice that meet it (reading
-    only the input region they cover) and blends its own voxels in the global window order. ``.compute()`` equals
-    ``patchblend.sliding_window_inference(torch.from_numpy(image[None]), ...)[0]`` bitwise (float32, CPU) whenever
-    the predictor's output for a window does not depend on the other windows of its batch (``sw_batch_size=1``,
-    or a model without batch statistics); to float tolerance otherwise.
-
-    Args:
-        image: ``[C_in, *S]`` (2 or 3 spatial axes), a ``dask.array.Array`` or a ``zarr`` array (read directly by
-            each task: the cheapest input).
-        roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval: as in the in-memory driver; so are
-            ``weighting``, ``normalize``, ``placement``, ``reduce``, ``threshold``, ``label_dtype``,
-            ``roi_weight_map``, ``with_coord``, ``confidence``, ``weigh_prediction`` and ``kwargs`` (``with_coord``
-            slices refer to the padded whole image, batch index 0; ``kwargs`` are pickled with every task, so keep
-            them small).
-        predictor: a model / callable ``f(windows [n, C_in, *roi]) -> seg [n, C, *roi]`` or a
-            :class:`~patchblend.CalibratedOutput`; shipped once to each worker. Or a
-            :class:`~patchblend.distributed.PredictorFactory` to build it on each worker.
-        device: where each worker cuts windows, runs the predictor and blends (default ``"cpu"``; ``"cuda"`` is the
-            worker's GPU, e.g. one per worker with ``dask_cuda.LocalCUDACluster``). A ``torch.nn.Module`` is moved
-            there once per worker.
-        sw_device: where the predictor runs, if not ``device``.
-        chunks: output blocks, an int, one int per spatial axis or per-axis tuples (Dask's forms); default: the
-            input's spatial chunks. Blocks of several ROIs along each axis keep the recompute factor low (see
-            :func:`~patchblend.distributed.advise_block_size`).
-        out_channels: the predictor's channel count ``C``; if None (and ``reduce != "argmax"``) the predictor is
-            called once here on a zero window to find it.
-        return_plan: also return the :class:`~patchblend.distributed.BlockPlan` (windows, blocks, recompute factor).
-        slab_axis, progress, process_fn: not supported here (blocks already bound the memory; use Dask's progress
-            bar or dashboard); a value other than the default raises.
-
-    Returns:
-        A lazy ``dask.array.Array`` ``[C, *S]`` chunked ``((C,), *chunks)`` in the input's dtype (the predictor's for
-        non-float input); with ``reduce="argmax"`` labels ``[1, *S]`` of ``label_dtype``, with ``"threshold"`` a bool
-        mask ``[C, *S]``. With ``confidence=True``: a :class:`~patchblend.PredictionWithConfidence` of two lazy arrays,
-        the prediction above and the confidence map ``[1, *S]`` (the prediction's float dtype, same chunks), made by
-        the same block tasks (compute them together, e.g. ``dask.compute(*result)``, to run each block once); equal
-        to the in-memory driver's ``confidence[0]`` as the prediction is. With ``return_plan``: ``(result, plan)``.
-        The plan is also logged (logger ``patchblend.distributed``, level INFO).
-    """
-    # ---- arguments ---------------------------------------------------------------------------------------------
+def _check_image(image) -> None:
     if not (isinstance(image, da.Array) or _is_zarr_array(image)):
         raise TypeError(f"image must be a dask.array.Array or a zarr array [C, *spatial], got {type(image).__name__} "
                         "(wrap in-memory data with dask.array.from_array, or use patchblend.sliding_window_inference)")
@@ -171,79 +97,136 @@ def sliding_window_inference(
         raise ValueError(f"image must not be empty, got shape {image.shape}")
     if isinstance(image, da.Array) and any(math.isnan(c) for axis in image.chunks for c in axis):
         raise ValueError("image has unknown chunk sizes (NaN); call image.compute_chunk_sizes() first")
-    in_channels, spatial = int(image.shape[0]), tuple(int(s) for s in image.shape[1:])
-    nd = len(spatial)
-    if not (callable(predictor) or isinstance(predictor, PredictorFactory)):
-        raise TypeError("predictor must be callable (a model) or a patchblend.distributed.PredictorFactory")
-    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-    roi = resolve_roi(roi_size, spatial, nd)  # the in-memory driver's rule (64.0 is 64)
-    mode = getattr(mode, "value", mode)
-    if mode not in IMPORTANCE_MODES:
-        raise ValueError(f"mode must be one of {IMPORTANCE_MODES}, got {mode!r}")
-    padding_mode, normalize = check_blend_options(padding_mode, weighting, normalize, placement, reduce, confidence,
-                                                  weigh_prediction)
-    if reduce == "argmax":
-        check_label_dtype(1, label_dtype)  # the in-memory driver's rule: the type now, the class count per block
-    if slab_axis is not None:
+
+
+def _refuse_unsupported(options: SlidingWindowOptions, out_channels, kwargs) -> None:
+    """Raise naming the options the block tasks do not take (``buffer_steps`` / ``buffer_dim`` are ignored: the
+    blocks already bound the memory)."""
+    if options.slab_axis is not None:
         raise ValueError("slab_axis is not supported by patchblend.distributed: the output blocks (chunks=) already "
                          "bound the memory")
-    if progress:
+    if options.progress:
         raise ValueError("progress=True is not supported here: use Dask's progress bar (dask.diagnostics."
                          "ProgressBar, or distributed.progress) or the dashboard")
-    if process_fn is not None:
+    if options.process_fn is not None:
         raise NotImplementedError("process_fn is not supported; use weighting= with predictor scores instead")
+    if options.tile_step_size is not None:
+        raise ValueError("tile_step_size is not supported by patchblend.distributed: give overlap (with "
+                         "placement='nnunet', read as tile_step_size = 1 - overlap)")
     if "condition" in kwargs:
         raise ValueError("a condition tensor is not supported by patchblend.distributed")
-    kwargs.pop("buffer_steps", None)
-    kwargs.pop("buffer_dim", None)
     if out_channels is not None and (isinstance(out_channels, bool) or not isinstance(out_channels, numbers.Integral)
                                      or out_channels < 1):
         raise ValueError(f"out_channels must be a positive int or None, got {out_channels!r}")
-    device = str(torch.device(device if device is not None else "cpu"))
-    sw_device = str(torch.device(sw_device)) if sw_device is not None else device
-    out_chunks = _output_chunks(chunks, image, spatial)
-    plan = block_plan(spatial, roi, overlap, out_chunks, placement)  # checks overlap too
 
-    in_dtype = _torch_dtype(np.dtype(image.dtype))
-    acc = torch.float64 if in_dtype == torch.float64 else torch.float32
-    rwm = None
-    if roi_weight_map is not None:
-        rwm = torch.as_tensor(roi_weight_map).detach().to(device="cpu", dtype=acc)
-        if tuple(rwm.shape[-nd:]) != roi or rwm.numel() != math.prod(roi):
-            raise ValueError(f"roi_weight_map must have shape {roi}, got {tuple(rwm.shape)}")
-        rwm = rwm.reshape(roi)
-        if not bool(torch.isfinite(rwm).all()) or bool((rwm < 0).any()):
-            raise ValueError("roi_weight_map must be finite and >= 0")
 
+def _output_dtypes(options: SlidingWindowOptions, predictor, in_dtype, in_channels: int, roi, out_channels, kwargs):
+    """``(out_channels, channels of the result, its numpy dtype, the confidence map's numpy dtype or None)``; the
+    predictor is probed here when the channels or (for non-float input) the float dtype are needed and unknown."""
     seg_dtype = None
-    if (out_channels is None and reduce != "argmax") or (
-            (reduce is None or confidence) and not in_dtype.is_floating_point):
-        out_channels, seg_dtype = _probe(predictor, in_dtype, in_channels, roi, with_coord, kwargs)
-    if reduce == "argmax":
-        channels_out, np_dtype = 1, _numpy_dtype(label_dtype)
-    elif reduce == "threshold":
+    if (out_channels is None and options.reduce != "argmax") or (
+            (options.reduce is None or options.confidence) and not in_dtype.is_floating_point):
+        out_channels, seg_dtype = _probe(predictor, in_dtype, in_channels, roi, options.with_coord, kwargs)
+    float_dtype = in_dtype if in_dtype.is_floating_point else seg_dtype
+    if options.reduce == "argmax":
+        channels_out, np_dtype = 1, _numpy_dtype(options.label_dtype)
+    elif options.reduce == "threshold":
         channels_out, np_dtype = out_channels, np.dtype(bool)
     else:
-        channels_out = out_channels
-        np_dtype = _numpy_dtype(in_dtype if in_dtype.is_floating_point else seg_dtype)
-    float_np_dtype = _numpy_dtype(in_dtype if in_dtype.is_floating_point else seg_dtype) if confidence else None
+        channels_out, np_dtype = out_channels, _numpy_dtype(float_dtype)
+    return out_channels, channels_out, np_dtype, _numpy_dtype(float_dtype) if options.confidence else None
 
-    strict = all(b > a for axis in plan.starts for a, b in zip(axis, axis[1:]))
-    token = uuid.uuid4().hex
-    call = CallSpec(
-        token=token, in_channels=in_channels, roi=roi, pad_lo=plan.pad_lo, image_shape=spatial,
-        sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=hashable_sigma_scale(sigma_scale),
-        padding_mode=padding_mode,
-        cval=float(cval), weighting=weighting, normalize=normalize,
-        lattice=strict and not (normalize == "weight" and weighting is not None and weigh_prediction), strict=strict,
-        confidence=confidence, weigh_prediction=weigh_prediction,
-        reduce=reduce, threshold=check_threshold(threshold), label_dtype=label_dtype,
-        out_dtype=in_dtype if in_dtype.is_floating_point else None, out_channels=out_channels, device=device,
-        sw_device=sw_device, with_coord=bool(with_coord), kwargs=tuple(kwargs.items()),
-    )
 
-    # ---- the graph ---------------------------------------------------------------------------------------------
+def _importance_for_workers(options: SlidingWindowOptions, roi, in_dtype) -> Optional[torch.Tensor]:
+    """``roi_weight_map`` checked as the in-memory driver checks it, on the CPU in the accumulation dtype (one key
+    of the graph, shipped once to each worker), or None."""
+    if options.roi_weight_map is None:
+        return None
+    acc = torch.float64 if in_dtype == torch.float64 else torch.float32
+    rwm = torch.as_tensor(options.roi_weight_map).detach().to(device="cpu", dtype=acc)
+    return resolve_importance(rwm, roi, options.mode, options.sigma_scale, acc, "cpu")[0]
+
+
+#: the options this driver also takes by position, after the predictor (MONAI's order)
+_POSITIONAL_OPTIONS = ("overlap", "mode", "sigma_scale", "padding_mode", "cval", "sw_device", "device", "progress")
+
+
+def _block_options(options: SlidingWindowOptions, roi, overlaps, rwm) -> SlidingWindowOptions:
+    """The options every block task carries: the window and overlap resolved, the devices given (default
+    ``"cpu"``: a worker's), without ``roi_weight_map`` (``rwm``, one key of the graph, shipped once per worker;
+    ``mode``, which it replaces, is then not read) and without MONAI's buffering (the blocks bound the memory)."""
+    device = str(torch.device(options.device if options.device is not None else "cpu"))
+    sw_device = str(torch.device(options.sw_device)) if options.sw_device is not None else device
+    return dataclasses.replace(options, roi_size=roi, overlap=overlaps, device=device, sw_device=sw_device,
+                               roi_weight_map=None, buffer_steps=None,
+                               mode=options.mode if rwm is None else "constant")
+
+
+@with_option_keywords(positional=_POSITIONAL_OPTIONS)
+def sliding_window_inference(image, roi_size, sw_batch_size: int,
+                             predictor: Union[Callable[..., Any], PredictorFactory], *args: Any, chunks=None,
+                             out_channels: Optional[int] = None, return_plan: bool = False, **kwargs: Any):
+    """Sliding-window inference of one large image, block by block on Dask; lazy.
+
+    Same options and result as :func:`patchblend.sliding_window_inference` on ``image[None]`` (without the batch
+    dimension: a :class:`~patchblend.inference.options.SlidingWindowOptions` built once and carried by every block
+    task), computed per output block (see the module docstring and the Beyond one machine page). ``with_coord``
+    slices refer to the padded whole image, batch index 0; ``kwargs`` other than the options go to the predictor
+    and are pickled with every task, so keep them small. ``slab_axis``, ``progress``, ``process_fn``,
+    ``tile_step_size`` and a ``condition`` raise; ``buffer_steps`` / ``buffer_dim`` are ignored.
+
+    Args:
+        image: ``[C_in, *S]`` (2 or 3 spatial axes), a ``dask.array.Array`` or a ``zarr`` array (read directly by
+            each task: the cheapest input).
+        predictor: a model / callable ``f(windows [n, C_in, *roi]) -> seg [n, C, *roi]`` or a
+            :class:`~patchblend.CalibratedOutput`; shipped once to each worker. Or a
+            :class:`~patchblend.distributed.PredictorFactory` to build it on each worker.
+        device: where each worker cuts windows, runs the predictor and blends (default ``"cpu"``; ``"cuda"`` is the
+            worker's GPU, e.g. one per worker with ``dask_cuda.LocalCUDACluster``). A ``torch.nn.Module`` is moved
+            there once per worker. ``sw_device``: where the predictor runs, if not ``device``.
+        chunks: output blocks, an int, one int per spatial axis or per-axis tuples (Dask's forms); default: the
+            input's spatial chunks. Blocks of several ROIs along each axis keep the recompute factor low (see
+            :func:`~patchblend.distributed.advise_block_size`).
+        out_channels: the predictor's channel count ``C``; if None (and ``reduce != "argmax"``) the predictor is
+            called once here on a zero window to find it.
+        return_plan: also return the :class:`~patchblend.distributed.BlockPlan` (windows, blocks, recompute factor).
+
+    Returns:
+        A lazy ``dask.array.Array`` ``[C, *S]`` chunked ``((C,), *chunks)`` in the input's dtype (the predictor's for
+        non-float input); with ``reduce="argmax"`` labels ``[1, *S]`` of ``label_dtype``, with ``"threshold"`` a bool
+        mask ``[C, *S]``. With ``confidence=True``: a :class:`~patchblend.PredictionWithConfidence` of two lazy arrays,
+        the prediction above and the confidence map ``[1, *S]`` (the prediction's float dtype, same chunks), made by
+        the same block tasks (compute them together, e.g. ``dask.compute(*result)``, to run each block once). With
+        ``return_plan``: ``(result, plan)``. The plan is also logged (logger ``patchblend.distributed``, level INFO).
+    """
+    _check_image(image)
+    if not (callable(predictor) or isinstance(predictor, PredictorFactory)):
+        raise TypeError("predictor must be callable (a model) or a patchblend.distributed.PredictorFactory")
+    own, kwargs = split_option_keywords(kwargs)
+    options = SlidingWindowOptions(roi_size, sw_batch_size, **bind_positional_options(args, own, _POSITIONAL_OPTIONS))
+    _refuse_unsupported(options, out_channels, kwargs)
+    in_channels, spatial = int(image.shape[0]), tuple(int(s) for s in image.shape[1:])
+    roi = resolve_roi(options.roi_size, spatial, len(spatial))  # the in-memory driver's rules
+    overlaps = resolve_overlap(options.overlap, len(spatial))
+    out_chunks = _output_chunks(chunks, image, spatial)
+    plan = block_plan(spatial, roi, overlaps, out_chunks, options.placement)
+    in_dtype = _torch_dtype(np.dtype(image.dtype))
+    rwm = _importance_for_workers(options, roi, in_dtype)
+    out_channels, channels_out, np_dtype, conf_dtype = _output_dtypes(options, predictor, in_dtype, in_channels, roi,
+                                                                      out_channels, kwargs)
+    call = CallSpec(token=uuid.uuid4().hex, options=_block_options(options, roi, overlaps, rwm),
+                    in_channels=in_channels, pad_lo=plan.pad_lo, image_shape=spatial, out_channels=out_channels,
+                    kwargs=tuple(kwargs.items()))
+    result = _lazy_result(call, plan, image, predictor, rwm, channels_out, out_chunks, np_dtype, conf_dtype)
+    logger.info("patchblend.distributed.sliding_window_inference: %s", plan.summary())
+    return (result, plan) if return_plan else result
+
+
+def _lazy_result(call: CallSpec, plan: BlockPlan, image, predictor, rwm, channels_out: int, out_chunks, np_dtype,
+                 conf_dtype):
+    """The graph: one task per block, the predictor and the importance map one key each; the lazy result array
+    (with ``confidence``, the pair of arrays)."""
+    token, nd = call.token, len(out_chunks)
     name = f"patchblend-swi-{token}"
     pred_key = f"patchblend-predictor-{token}"
     dsk = {pred_key: predictor}
@@ -260,15 +243,11 @@ def sliding_window_inference(
         for index in plan.block_indices():
             dsk[(name, 0, *index)] = (_zarr_block, call, _block_spec(plan, index), src_key, pred_key, rwm_key)
         deps = []
-    if not confidence:
+    if not call.options.confidence:
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
-        result = da.Array(graph, name, chunks=((channels_out,), *out_chunks), dtype=np_dtype,
-                          meta=np.empty((0,) * (nd + 1), dtype=np_dtype))
-    else:
-        result = _split_prediction_and_confidence(name, dsk, deps, plan, channels_out, out_chunks, np_dtype,
-                                                  float_np_dtype)
-    logger.info("patchblend.distributed.sliding_window_inference: %s", plan.summary())
-    return (result, plan) if return_plan else result
+        return da.Array(graph, name, chunks=((channels_out,), *out_chunks), dtype=np_dtype,
+                        meta=np.empty((0,) * (nd + 1), dtype=np_dtype))
+    return _split_prediction_and_confidence(name, dsk, deps, plan, channels_out, out_chunks, np_dtype, conf_dtype)
 
 
 def _split_prediction_and_confidence(name, dsk, deps, plan, channels_out, out_chunks, np_dtype, conf_dtype):

@@ -1,14 +1,17 @@
 """What one Dask task does on a worker: run the windows that meet one output block and blend its voxels.
 
-The arithmetic is the in-memory driver's (``patchblend.sliding_window_inference``): windows cut with
-:func:`patchblend.extract_patches` in the input's dtype (or from the padded image for non-zero padding), the same
-importance map, weights combined the same way, and the same accumulator: :class:`~patchblend.inference.LatticeBlender`
-on a strict lattice without weights in the denominator (bitwise :func:`patchblend.calibrated_blend` whatever the
-batching), otherwise :class:`~patchblend.inference.Blender` fed one window at a time (bitwise
-``calibrated_blend`` of the windows in order). The predictor's output is read, its scores checked and the importance
-map made by the in-memory driver's own functions (``parse_output`` and ``ScoreChecks`` of
-``patchblend.inference._predictions``, ``resolve_importance`` of ``patchblend.inference.sliding_window``), so the
-two drivers cannot drift apart there.
+The block runs the in-memory driver's own pipeline steps (:mod:`patchblend.inference.sliding_window`): the call's
+:class:`~patchblend.inference.options.SlidingWindowOptions` resolved against the block's input
+(:func:`~patchblend.inference.sliding_window.resolve_call`), the padding helper
+(:func:`~patchblend.inference.sliding_window.pad_for_windows`), the predictor's output read and its scores checked
+(``parse_output``, ``ScoreChecks``) and the blend and finish of
+:class:`~patchblend.inference.sliding_window.OutputBlend` (the importance map, the accumulator the in-memory driver
+would choose, the float64 scores cast, argmax / threshold / dtype, the confidence map), on the block's windows in
+their global order and in the block's coordinates; so the two drivers cannot drift apart. Where the weights enter
+the denominator the block adds one window at a time (``window_by_window``): bitwise ``calibrated_blend`` of the
+windows in order, the in-memory driver's result at ``sw_batch_size=1``. Windows are cut with
+:func:`patchblend.extract_patches` from the block's input region (in the input's dtype; from the padded region for
+non-zero padding).
 """
 from __future__ import annotations
 
@@ -21,14 +24,12 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import extract_patches
-from ..inference import Blender, LatticeBlender, WindowGrid
-from ..inference._predictions import Prediction, ScoreChecks, parse_output
-from ..inference.blender import check_label_dtype
-from ..inference.confidence import ConfidenceTerms
-from ..inference.sliding_window import resolve_importance
+from ..inference import WindowGrid
+from ..inference._predictions import Prediction, parse_output
+from ..inference.options import SlidingWindowOptions
+from ..inference.sliding_window import OutputBlend, WindowPlan, pad_for_windows, resolve_call
 
 __all__ = ["PredictorFactory", "BlockSpec", "CallSpec", "run_block", "assemble_region", "read_region"]
 
@@ -55,30 +56,12 @@ class CallSpec:
     """The per-call settings every block task shares (small; pickled with each task)."""
 
     token: str  # unique per call: the key of the predictor cache on a worker
+    options: SlidingWindowOptions  # roi_size and overlap resolved, devices given, no roi_weight_map (its own key)
     in_channels: int
-    roi: Tuple[int, ...]
-    pad_lo: Tuple[int, ...]
+    pad_lo: Tuple[int, ...]  # padding before the image per axis (ROI larger than the image)
     image_shape: Tuple[int, ...]
-    sw_batch_size: int
-    mode: str
-    sigma_scale: Any  # a float or a tuple of floats
-    padding_mode: str
-    cval: float
-    weighting: Optional[str]
-    normalize: str
-    lattice: bool  # LatticeBlender (True) or Blender one window at a time (False), as the driver chooses
-    reduce: Optional[str]
-    threshold: float
-    label_dtype: torch.dtype
-    out_dtype: Optional[torch.dtype]  # None: the predictor's dtype (non-float input, as the driver)
     out_channels: Optional[int]  # checked against the predictor when known
-    device: str
-    sw_device: str
-    with_coord: bool
-    kwargs: Tuple[Tuple[str, Any], ...]
-    strict: bool = True  # the windows form a strict lattice (no repeated starts)
-    confidence: bool = False  # also blend the confidence map (then run_block returns both)
-    weigh_prediction: bool = True  # the weights weight the prediction (False: only the confidence map)
+    kwargs: Tuple[Tuple[str, Any], ...]  # the predictor's keyword arguments
 
 
 @dataclass(frozen=True)
@@ -173,118 +156,67 @@ def single_seg(pred: Prediction, roi) -> torch.Tensor:
 def run_block(call: CallSpec, block: BlockSpec, region: np.ndarray, predictor,
               roi_weight_map: Optional[torch.Tensor] = None):
     """The output block ``[C_out, *block.shape]`` (labels ``[1, ...]`` with argmax) as a numpy array; with
-    ``call.confidence`` a pair ``(that, confidence block [1, *block.shape])``.
+    ``call.options.confidence`` a pair ``(that, confidence block [1, *block.shape])``.
 
-    ``region`` is the input ``[C_in, *block.region_shape]`` at ``block.region_lo``. The confidence map is blended
-    as the in-memory driver blends it: a :class:`~patchblend.inference.LatticeBlender` on a strict lattice (its
-    weights never enter the denominator), else a :class:`~patchblend.inference.Blender` fed one window at a time."""
+    ``region`` is the input ``[C_in, *block.region_shape]`` at ``block.region_lo``; the block's windows are blended
+    by the in-memory driver's :class:`~patchblend.inference.sliding_window.OutputBlend`."""
     with torch.no_grad():
         return _run_block(call, block, region, predictor, roi_weight_map)
 
 
-def _run_block(call, block, region, predictor, roi_weight_map):
-    nd = len(call.roi)
-    roi = call.roi
-    predictor = worker_predictor(predictor, call.token, call.sw_device)
+def _block_input(call: CallSpec, block: BlockSpec, region: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """The region as a tensor ``[C_in, *R]``, padded as the in-memory driver pads the image (the region spans the
+    whole of every padded axis, so padding it gives that part of the padded image), and where it starts in image
+    coordinates (windows reaching outside it read zeros: ``extract_patches``)."""
     x = torch.from_numpy(np.ascontiguousarray(region))
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    padded_axes = any(call.pad_lo) or any(r > s for r, s in zip(roi, call.image_shape))
-    if padded_axes and not (call.padding_mode == "constant" and float(call.cval) == 0.0):
-        # the region spans the whole of every padded axis, so padding it gives that part of the padded image
-        pads = []
-        for r, s in zip(reversed(roi), reversed(call.image_shape)):
-            d = max(r - s, 0)
-            pads += [d // 2, d - d // 2]
-        kw = {"value": float(call.cval)} if call.padding_mode == "constant" else {}
-        x = F.pad(x[None], pads, mode=call.padding_mode, **kw)[0]
-        origin = tuple(lo - p for lo, p in zip(block.region_lo, call.pad_lo))
-    else:
-        origin = block.region_lo  # windows reaching outside read zeros (extract_patches)
-    # the in-memory driver's importance map and score checks (a float64 map with a float32 accumulator is cast: the
-    # graph sends roi_weight_map in the accumulation dtype already)
-    imp, peak = resolve_importance(roi_weight_map, roi, call.mode, call.sigma_scale, acc, call.device)
-    if imp is not None:
-        imp = imp.to(device=call.device, dtype=acc)
-    checks = ScoreChecks(acc, peak)
+    padded = pad_for_windows(x[None], call.options.roi_size, call.image_shape, call.options)
+    if padded is None:
+        return x, block.region_lo
+    return padded[0], tuple(lo - p for lo, p in zip(block.region_lo, call.pad_lo))
 
-    # the block's windows in global raster order, in image coordinates
-    windows = torch.tensor(list(itertools.product(*block.starts)), dtype=torch.int64).reshape(-1, nd)
+
+def _block_plan(block: BlockSpec, roi) -> WindowPlan:
+    """The block's windows (those of the global lattice that meet it, in global raster order) in the block's
+    coordinates, as the in-memory driver's window plan of an image the size of the block."""
+    nd = len(roi)
+    starts = tuple(tuple(s - lo for s in axis) for axis, lo in zip(block.starts, block.lo))
+    coords = torch.tensor(list(itertools.product(*starts)), dtype=torch.int64).reshape(-1, nd)
+    coords3 = (torch.nn.functional.pad(coords, (3 - nd, 0)) if nd < 3 else coords).contiguous()
+    return WindowPlan(pad_lo=(0,) * nd, padded=tuple(block.shape), image_grid=WindowGrid(block.shape, roi, starts),
+                      coords_pad=coords, coords=coords, coords_pad3=coords3, coords3=coords3)
+
+
+def _check_channels(seg: torch.Tensor, expected: Optional[int]) -> None:
+    if expected is not None and seg.shape[1] != expected:
+        raise ValueError(f"the predictor returned {seg.shape[1]} channels but out_channels={expected}")
+
+
+def _run_block(call: CallSpec, block: BlockSpec, region: np.ndarray, predictor, roi_weight_map):
+    options = call.options
+    roi, nd = options.roi_size, len(options.roi_size)
+    predictor = worker_predictor(predictor, call.token, options.sw_device)
+    x, origin = _block_input(call, block, region)
+    plan = _block_plan(block, roi)
+    outputs = OutputBlend(resolve_call(x[None], options), plan, roi_weight_map, window_by_window=True)
+    windows = plan.coords + torch.tensor(block.lo)  # in image coordinates
     local = windows - torch.tensor(origin)  # in the (padded) region
-    in_block = windows - torch.tensor(block.lo)  # in the output block
     kwargs = dict(call.kwargs)
-    blender = None
-    terms = conf = None
-    if call.confidence:
-        terms = ConfidenceTerms(call.normalize, acc, imp)
-        if call.strict:
-            shifted = tuple(tuple(s - lo for s in axis) for axis, lo in zip(block.starts, block.lo))
-            conf = LatticeBlender(block.shape, 1, WindowGrid(block.shape, roi, shifted), roi, normalize=terms.normalize,
-                                  importance=terms.importance, device=call.device, dtype=acc)
-        else:
-            conf = Blender(block.shape, 1, normalize=terms.normalize, importance=terms.importance, window_shape=roi,
-                           device=call.device, dtype=acc)
-    channels = call.out_channels
-    seg_dtype = None
-    for b0 in range(0, windows.shape[0], call.sw_batch_size):
-        b1 = min(b0 + call.sw_batch_size, windows.shape[0])
-        win = extract_patches(x, local[b0:b1], roi).to(call.sw_device)
-        if call.with_coord:
+    for b0 in range(0, windows.shape[0], options.sw_batch_size):
+        b1 = min(b0 + options.sw_batch_size, windows.shape[0])
+        win = extract_patches(x, local[b0:b1], roi).to(outputs.call.sw_device)
+        if options.with_coord:
             slices = [[slice(0, 1), slice(None)] + [slice(s + p, s + p + r) for s, p, r in zip(c, call.pad_lo, roi)]
                       for c in windows[b0:b1].tolist()]
             out = predictor(win, slices, **kwargs)
         else:
             out = predictor(win, **kwargs)
-        pred = parse_output(out, b1 - b0, nd, call.weighting, checks, acc)
-        seg, w = single_seg(pred, roi), pred.weights
-        if blender is None:
-            if channels is not None and seg.shape[1] != channels:
-                raise ValueError(f"the predictor returned {seg.shape[1]} channels but out_channels={channels}")
-            channels, seg_dtype = seg.shape[1], seg.dtype
-            if call.lattice:
-                shifted = tuple(tuple(s - lo for s in axis) for axis, lo in zip(block.starts, block.lo))
-                blender = LatticeBlender(block.shape, channels, WindowGrid(block.shape, roi, shifted), roi,
-                                         normalize=call.normalize, importance=imp, device=call.device, dtype=acc)
-            else:
-                blender = Blender(block.shape, channels, normalize=call.normalize, importance=imp, window_shape=roi,
-                                  device=call.device, dtype=acc)
-        elif seg.shape[1] != channels:
-            raise ValueError(f"predictor output seg changed its channel count from {channels} to {seg.shape[1]} "
-                             "between batches")
-        seg = seg.detach().to(call.device)
-        if w is not None:
-            w = w.detach().to(call.device)
-            if w.dtype == torch.float64 and acc != torch.float64:  # as the driver: each score finite, but as acc?
-                w = w.to(acc)
-                checks(f"{'patch' if w.dim() == 1 else 'grid'}_scores (as {acc})", w)
-        if imp is not None or call.weighting is not None:  # a bound on any voxel's weight sum (as the driver)
-            checks.add_to_sum(w, b1 - b0)
-        if conf is not None:
-            c_patches, c_weights = terms(w, b1 - b0, roi, call.device, check_values=False)
-            if call.strict:
-                conf.add(c_patches, c_weights)
-            else:
-                for k in range(b1 - b0):
-                    conf.add(c_patches[k:k + 1], in_block[b0 + k:b0 + k + 1], None if c_weights is None
-                             else c_weights[k:k + 1])
-            if not call.weigh_prediction:
-                w = None
-        if call.lattice:
-            blender.add(seg, w)
-        else:
-            for k in range(b1 - b0):  # one window at a time: bitwise calibrated_blend of the windows in order
-                blender.add(seg[k:k + 1], in_block[b0 + k:b0 + k + 1], None if w is None else w[k:k + 1])
-        del win, out, pred, seg, w
-    checks.raise_if_bad()
-    result = blender.finalize()
-    if call.reduce == "argmax":
-        check_label_dtype(channels, call.label_dtype)  # the in-memory driver's rule (floating dtypes included)
-        result = result.argmax(0, keepdim=True).to(call.label_dtype)
-    elif call.reduce == "threshold":
-        result = result >= call.threshold
-    else:
-        odt = call.out_dtype or seg_dtype
-        if result.dtype != odt:
-            result = result.to(odt)
-    if conf is not None:
-        return result.cpu().numpy(), conf.finalize(call.out_dtype or seg_dtype).cpu().numpy()
-    return result.cpu().numpy()
+        pred = parse_output(out, b1 - b0, nd, options.weighting, outputs.checks, outputs.call.acc)
+        seg = single_seg(pred, roi)  # (multi-output predictors are refused by name)
+        if b0 == 0:
+            _check_channels(seg, call.out_channels)
+        outputs.add([(0, b0, b1)], pred)
+        del win, out, pred, seg
+    result = outputs.finish()
+    if options.confidence:
+        return result.prediction[0].cpu().numpy(), result.confidence[0].cpu().numpy()
+    return result[0].cpu().numpy()

@@ -3,6 +3,8 @@
 - :func:`sliding_window_inference`: drop-in for ``monai.inferers.sliding_window_inference`` with calibrated
   weighting (``weighting=``), nnU-Net placement (``placement=``), a bounded-memory slab mode (``slab_axis=``) and
   the blended confidence map (``confidence=True`` → :class:`PredictionWithConfidence`).
+- :class:`SlidingWindowOptions`: every driver's options, one frozen object checked once;
+  :func:`run_sliding_window` runs the in-memory driver on one.
 - Window placement: :func:`sliding_windows`, :func:`window_starts`, :class:`WindowGrid` (``style="monai"`` or
   ``"nnunet"``).
 - Importance maps: :func:`importance_map`, :func:`constant_importance`, :func:`monai_gaussian`,
@@ -14,11 +16,14 @@
 from .blender import Blender, LatticeBlender, SlabBlender, lattice_coverage, window_coverage
 from .confidence import PredictionWithConfidence
 from .importance import constant_importance, importance_map, monai_gaussian, nnunet_gaussian
-from .sliding_window import sliding_window_inference
+from .options import SlidingWindowOptions
+from .sliding_window import run_sliding_window, sliding_window_inference
 from .windows import WindowGrid, sliding_windows, window_starts
 
 __all__ = [
     "sliding_window_inference",
+    "SlidingWindowOptions",
+    "run_sliding_window",
     "PredictionWithConfidence",
     "Blender",
     "LatticeBlender",

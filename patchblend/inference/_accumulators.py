@@ -71,7 +71,7 @@ def output_geometry(plan, roi: Tuple[int, ...], image_size: Tuple[int, ...], roi
 
 
 class BlendSettings(NamedTuple):
-    """What every accumulator of one call shares."""
+    """What every accumulator of one call shares: the call's options (:meth:`of`) and what the driver resolved."""
 
     batch: int  # images
     normalize: str
@@ -84,6 +84,16 @@ class BlendSettings(NamedTuple):
     slab_axis: Optional[int]  # slab mode along this axis, or None
     slab_device: torch.device  # where a slab accumulates (``sw_device`` with MONAI's buffering)
     num_win: int  # windows per image
+    weights_in_den: bool  # per-window weights (scores, process_fn's maps) enter the denominator
+
+    @classmethod
+    def of(cls, options, **resolved) -> "BlendSettings":
+        """The settings of a call with :class:`~patchblend.inference.options.SlidingWindowOptions` ``options``;
+        ``resolved`` gives the rest (``batch``, ``device``, ``acc``, ``out_dtype``, ``slab_axis``, ``slab_device``,
+        ``num_win``)."""
+        weights_in_den = options.weights_in_denominator or options.process_fn is not None
+        return cls(normalize=options.normalize, reduce=options.reduce, threshold=options.threshold,
+                   label_dtype=options.label_dtype, weights_in_den=weights_in_den, **resolved)
 
 
 class _Accumulator:
@@ -351,14 +361,14 @@ class CoverageConfidence(_Accumulator):
 
 
 def make_accumulator(geometry: OutputGeometry, channels: int, importance, settings: BlendSettings, seg_dtype,
-                     *, grad: bool, weights_in_den: bool, nd: int):
+                     *, grad: bool, nd: int):
     """The accumulator for one output: N-D → torch; autograd → keep; slab → slab; a lattice with a fixed
     denominator → lattice; anything else → blender."""
     if nd not in (2, 3):
         return TorchAccumulator(geometry, channels, importance, settings, seg_dtype)
     if grad:
         return KeepAccumulator(geometry, channels, importance, settings, seg_dtype)
-    fixed = not weights_in_den and geometry.lattice is not None and geometry.lattice.is_strict
+    fixed = not settings.weights_in_den and geometry.lattice is not None and geometry.lattice.is_strict
     if settings.slab_axis is not None:
         return SlabAccumulator(geometry, channels, importance, settings, seg_dtype, fixed)
     if fixed:

@@ -1,16 +1,19 @@
 """``sliding_window_inference``: a drop-in for MONAI's, on patchblend's compiled blend.
 
-The driver is a short pipeline of named steps:
+The driver is a short pipeline of named steps, run on one :class:`~.options.SlidingWindowOptions`:
 
-0. :func:`_resolve_call`: the arguments checked and resolved (MONAI's 17 positional parameters, then ours);
+0. :func:`resolve_call`: the options resolved against the input (its axes, devices, accumulation dtype);
 1. :func:`_window_plan`: where the windows go, in the order they are visited (cached per geometry);
 2. :class:`_WindowSource`: each batch's windows cut out of the input (one ``extract`` op call per chunk; padding
    for ``constant`` / ``cval=0`` never materialised: windows start outside the image and read zeros there);
 3. the predictor, and :func:`~._predictions.parse_output`: MONAI's output forms (tensor, tuple, list, dict) or
    :class:`~patchblend.CalibratedOutput` with scores; then MONAI's ``process_fn`` if given;
-4. :class:`_Outputs`: one accumulator per output (:mod:`._accumulators`: lattice stream, numerator/denominator,
+4. :class:`OutputBlend`: one accumulator per output (:mod:`._accumulators`: lattice stream, numerator/denominator,
    slab, autograd-keeping or N-D PyTorch), chosen once at the first batch;
-5. :meth:`_Outputs.finish`: divide / reduce, packed in the predictor's form.
+5. :meth:`OutputBlend.finish`: divide / reduce, packed in the predictor's form.
+
+Steps 0, 4 and 5 (and the padding helper :func:`pad_for_windows`) are also the Dask driver's, run on each output
+block (:mod:`patchblend.distributed.worker`).
 """
 from __future__ import annotations
 
@@ -25,25 +28,22 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import _check_finite_nonnegative, as_size, check_threshold, resolve_data_device
+from .._validate import _check_finite_nonnegative, as_size, resolve_data_device
 from ._accumulators import BlendSettings, CoverageConfidence, make_accumulator, output_geometry
 from ._predictions import WEIGHTINGS, Prediction, ScoreChecks, apply_process_fn, pack_outputs, parse_output
-from .blender import check_label_dtype
 from .confidence import ConfidenceTerms, PredictionWithConfidence
 from .importance import importance_map
-from .options import check_blend_options
-from .windows import WindowGrid, check_tile_step_size, lattice_tables, sliding_windows
+from .options import (DEFAULT_OVERLAP, SlidingWindowOptions, hashable_sigma_scale, split_option_keywords,
+                      with_option_keywords)
+from .windows import WindowGrid, lattice_tables, sliding_windows
 
-__all__ = ["sliding_window_inference", "WEIGHTINGS"]
+__all__ = ["sliding_window_inference", "run_sliding_window", "resolve_call", "ResolvedCall", "WindowPlan",
+           "OutputBlend", "pad_for_windows", "resolve_roi", "resolve_overlap", "resolve_importance", "WEIGHTINGS"]
 
 _ops = torch.ops.patchblend
 
 # windows cut per extraction call, at most (bytes; at least one predictor batch)
 _CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 32 << 20}
-
-
-def _enum_value(x):
-    return getattr(x, "value", x)
 
 
 def _check_dims_match_roi(roi_size, shape) -> None:
@@ -62,7 +62,9 @@ def _check_dims_match_roi(roi_size, shape) -> None:
         )
 
 
-def resolve_roi(roi_size, image_size, nd: int):
+def resolve_roi(roi_size, image_size, nd: int) -> Tuple[int, ...]:
+    """``roi_size`` (an int, or one entry per axis; ``None`` / ``<= 0`` the full axis) as ``nd`` ints for an image
+    of ``image_size``; a wrong count or a non-integral size raises naming ``roi_size``."""
     if hasattr(roi_size, "tolist"):  # a tensor, numpy array or numpy scalar (MONAI accepts them)
         roi_size = roi_size.tolist()
     if isinstance(roi_size, (Sequence,)) and not isinstance(roi_size, str):
@@ -79,13 +81,14 @@ def resolve_roi(roi_size, image_size, nd: int):
         raise TypeError(f"roi_size must be an int or a sequence of {nd} ints, got {roi_size!r}")
     out = []
     for r, s in zip(roi, image_size):
-        if r is not None:
+        if r is not None and type(r) is not int:
             r = as_size("roi_size", r)  # (64.0 is 64; 6.5 is refused, not truncated)
         out.append(int(s) if r is None or r <= 0 else r)  # None / non-positive: the full axis (MONAI)
     return tuple(out)
 
 
-def _resolve_overlap(overlap, nd: int):
+def resolve_overlap(overlap, nd: int) -> Tuple[float, ...]:
+    """``overlap`` (a float, or one per axis) as ``nd`` floats in ``[0, 1)``, else an error naming it."""
     if hasattr(overlap, "tolist"):  # a tensor, numpy array or numpy scalar
         overlap = overlap.tolist()
     if isinstance(overlap, Sequence) and not isinstance(overlap, str):
@@ -104,7 +107,9 @@ def _resolve_overlap(overlap, nd: int):
     return tuple(float(o) for o in ov)
 
 
-class _WindowPlan(NamedTuple):
+class WindowPlan(NamedTuple):
+    """Where the windows go (step 1): in the image, and in the image as padded for windows larger than it."""
+
     pad_lo: Tuple[int, ...]  # padding before the image per axis (ROI larger than the image)
     padded: Tuple[int, ...]  # the padded image's size
     image_grid: WindowGrid  # the lattice in image coordinates (starts may be negative)
@@ -114,34 +119,19 @@ class _WindowPlan(NamedTuple):
     coords3: torch.Tensor  # [N, 3] the ops' form of coords
 
 
-class _DefaultOverlap(float):
-    """MONAI's default overlap (0.25), told apart from an overlap the caller gives: ``tile_step_size`` excludes
-    the latter."""
-
-
-_DEFAULT_OVERLAP = _DefaultOverlap(0.25)
-
-
-def _resolve_tile_step_size(tile_step_size, overlap, placement: str, nd: int) -> Optional[Tuple[float, ...]]:
-    """nnU-Net's ``tile_step_size`` per axis (checked), or None when not given."""
+def _resolve_tile_step_size(tile_step_size, nd: int) -> Optional[Tuple[float, ...]]:
+    """nnU-Net's ``tile_step_size`` (checked by the options) per axis, or None when not given."""
     if tile_step_size is None:
         return None
-    if placement != "nnunet":
-        raise ValueError(f"tile_step_size is nnU-Net's step and needs placement='nnunet', got {placement!r}")
-    if overlap is not _DEFAULT_OVERLAP:
-        raise ValueError("give overlap or tile_step_size, not both (with placement='nnunet', tile_step_size "
-                         "replaces overlap; 1 - overlap equals it only up to float rounding)")
-    if hasattr(tile_step_size, "tolist"):
-        tile_step_size = tile_step_size.tolist()
-    if isinstance(tile_step_size, Sequence) and not isinstance(tile_step_size, str):
+    if isinstance(tile_step_size, tuple):
         if len(tile_step_size) != nd:
             raise ValueError(f"tile_step_size must be a float or {nd} floats, got {tile_step_size!r}")
-        return tuple(check_tile_step_size(t) for t in tile_step_size)
-    return (check_tile_step_size(tile_step_size),) * nd
+        return tile_step_size
+    return (tile_step_size,) * nd
 
 
 @functools.lru_cache(maxsize=32)
-def _window_plan(image_size, roi, overlaps, placement: str, slab_axis: int, tile_steps=None) -> _WindowPlan:
+def _window_plan(image_size, roi, overlaps, placement: str, slab_axis: int, tile_steps=None) -> WindowPlan:
     """Where the windows go, in the order they are visited: MONAI's raster order, or with ``slab_axis`` the
     slowest (stable, so raster order within a slab). Cached, since inference over a data set meets the same
     sizes again and again; the tensors are shared and never modified (and ordinary tensors, also when made
@@ -150,7 +140,7 @@ def _window_plan(image_size, roi, overlaps, placement: str, slab_axis: int, tile
         return _make_window_plan(image_size, roi, overlaps, placement, slab_axis, tile_steps)
 
 
-def _make_window_plan(image_size, roi, overlaps, placement: str, slab_axis: int, tile_steps=None) -> _WindowPlan:
+def _make_window_plan(image_size, roi, overlaps, placement: str, slab_axis: int, tile_steps=None) -> WindowPlan:
     pad_lo = tuple(max(r - s, 0) // 2 for r, s in zip(roi, image_size))
     padded = tuple(max(r, s) for r, s in zip(roi, image_size))
     if tile_steps is None:
@@ -167,16 +157,7 @@ def _make_window_plan(image_size, roi, overlaps, placement: str, slab_axis: int,
     def ops_form(c):
         return (F.pad(c, (3 - c.shape[1], 0)) if c.shape[1] < 3 else c).contiguous()
 
-    return _WindowPlan(pad_lo, padded, image_grid, coords_pad, coords, ops_form(coords_pad), ops_form(coords))
-
-
-def hashable_sigma_scale(value):
-    """A sigma_scale (float, sequence, numpy array or tensor) as a float or a tuple of floats."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return tuple(float(v) for v in value)
-    return float(value)
+    return WindowPlan(pad_lo, padded, image_grid, coords_pad, coords, ops_form(coords_pad), ops_form(coords))
 
 
 @functools.lru_cache(maxsize=8)
@@ -226,116 +207,91 @@ def _progress(iterable, enabled: bool, total: int):
     return tqdm(iterable, total=total)
 
 
-class _Call(NamedTuple):
-    """The arguments of one call, checked and resolved (step 0 of the pipeline)."""
+class ResolvedCall(NamedTuple):
+    """The options of one call resolved against its input (step 0 of the pipeline)."""
 
-    x: torch.Tensor  # the input as a plain tensor
+    options: SlidingWindowOptions  # as given, checked
+    x: torch.Tensor  # the input as a plain tensor [B, C, *S]
     meta_source: Any  # the MONAI MetaTensor input, or None
     nd: int
     image_size: Tuple[int, ...]
     roi: Tuple[int, ...]
     overlaps: Tuple[float, ...]
-    sw_batch_size: int
-    mode: str
-    sigma_scale: Any
-    padding_mode: str
-    weighting: Optional[str]
-    normalize: str
-    placement: str
-    slab_axis: Optional[int]  # the user's slab axis (patchblend's memory mode)
-    buffer_steps: Optional[int]  # MONAI's buffering: windows visited along buffer_dim, buffer by buffer
+    tile_steps: Optional[Tuple[float, ...]]  # nnU-Net's step per axis, or None
+    slab_axis: Optional[int]  # the user's slab axis (patchblend's memory mode), in [0, nd)
+    buffer_steps: Optional[int]  # MONAI's buffering (None: off): windows visited along buffer_dim, buffer by buffer
     order_axis: int  # windows are visited sorted (stably) by their start along this axis
-    reduce: Optional[str]
-    threshold: float
-    label_dtype: torch.dtype
     device: torch.device
     sw_device: torch.device
     acc: torch.dtype  # accumulation dtype
-    confidence: bool  # also blend the weights into the confidence map
-    weigh_prediction: bool  # the weights weight the prediction (False: only the confidence map)
 
 
-def _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sigma_scale, padding_mode, sw_device,
-                  device, roi_weight_map, process_fn, buffer_steps, buffer_dim, weighting, normalize, placement,
-                  slab_axis, reduce, threshold, label_dtype, confidence=False, weigh_prediction=True) -> _Call:
+def _check_input(inputs, roi_size) -> None:
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor [B, C, *spatial], got {type(inputs).__name__}")
-    nd = inputs.dim() - 2
     _check_dims_match_roi(roi_size, inputs.shape)
-    if nd < 1:
+    if inputs.dim() < 3:
         raise ValueError(f"inputs must be [B, C, *spatial] with at least one spatial axis, got shape "
                          f"{tuple(inputs.shape)}")
     if inputs.device.type == "meta":
         raise ValueError("inputs is a meta tensor (no data): sliding-window inference needs real data")
-    if not callable(predictor):
-        raise TypeError("predictor must be callable")
-    if process_fn is not None and not callable(process_fn):
-        raise TypeError(f"process_fn must be callable or None, got {type(process_fn).__name__}")
-    if isinstance(sw_batch_size, torch.Tensor) and sw_batch_size.dim() == 0:
-        sw_batch_size = sw_batch_size.item()  # MONAI accepts a 0-d tensor
-    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-    image_size = tuple(int(s) for s in inputs.shape[2:])
     if inputs.shape[0] < 1 or inputs.shape[1] < 1:
         raise ValueError(f"inputs must have a batch and a channel dimension of at least 1, got {tuple(inputs.shape)}")
-    if any(s < 1 for s in image_size):
+    if any(s < 1 for s in inputs.shape[2:]):
         raise ValueError(f"inputs must have a non-empty spatial size, got {tuple(inputs.shape)}")
-    roi = resolve_roi(roi_size, image_size, nd)
-    overlaps = _resolve_overlap(overlap, nd)
-    mode = _enum_value(mode)
-    padding_mode, normalize = check_blend_options(padding_mode, weighting, normalize, placement, reduce, confidence,
-                                                  weigh_prediction)
-    if confidence and process_fn is not None:
-        raise ValueError("confidence=True does not take a process_fn (its weight maps replace the window weights "
-                         "the confidence map blends); blend without process_fn")
-    if reduce == "argmax":
-        check_label_dtype(1, label_dtype)  # the type now; whether it holds every class once C is known
-    if slab_axis is not None:
-        if isinstance(slab_axis, bool) or not isinstance(slab_axis, numbers.Integral) or not -nd <= slab_axis < nd:
-            raise ValueError(f"slab_axis must be None or an int in [{-nd}, {nd}), got {slab_axis!r}")
-        if nd not in (2, 3):
-            raise ValueError(f"slab_axis needs 2D or 3D inputs, got {nd} spatial axes")
-        slab_axis = int(slab_axis) % nd
-    # MONAI's buffering: None or <= 0 is off; buffer_dim in [-nd, nd] (MONAI's own bound) when on
-    if buffer_steps is not None and (isinstance(buffer_steps, bool) or not isinstance(buffer_steps, numbers.Integral)):
-        raise TypeError(f"buffer_steps must be None or an int, got {buffer_steps!r}")
-    buffered = buffer_steps is not None and buffer_steps > 0
-    order_axis = slab_axis or 0
-    if buffered:
-        if isinstance(buffer_dim, bool) or not isinstance(buffer_dim, numbers.Integral) or not -nd <= buffer_dim <= nd:
-            raise ValueError(f"buffer_dim must be in [{-nd}, {nd}], got {buffer_dim!r}")
-        buffer_dim = int(buffer_dim) + nd if buffer_dim < 0 else int(buffer_dim)
-        if buffer_dim >= nd:
-            raise ValueError(f"buffer_dim must index a spatial axis (< {nd}), got {buffer_dim}")
-        if slab_axis is not None and slab_axis != buffer_dim:
-            raise ValueError(f"slab_axis ({slab_axis}) and buffer_dim ({buffer_dim}) both order the windows; "
-                             "give one, or the same axis")
-        order_axis = buffer_dim
-    _check_meta("roi_weight_map", roi_weight_map)
+
+
+def _resolve_slab_axis(slab_axis, nd: int) -> Optional[int]:
+    if slab_axis is None:
+        return None
+    if not -nd <= slab_axis < nd:
+        raise ValueError(f"slab_axis must be None or an int in [{-nd}, {nd}), got {slab_axis!r}")
+    if nd not in (2, 3):
+        raise ValueError(f"slab_axis needs 2D or 3D inputs, got {nd} spatial axes")
+    return int(slab_axis) % nd
+
+
+def _resolve_buffer_dim(buffer_dim, slab_axis: Optional[int], nd: int) -> int:
+    """MONAI's ``buffer_dim`` (in ``[-nd, nd]``, MONAI's own bound) as a spatial axis; with ``slab_axis``, the
+    same axis."""
+    if isinstance(buffer_dim, bool) or not isinstance(buffer_dim, numbers.Integral) or not -nd <= buffer_dim <= nd:
+        raise ValueError(f"buffer_dim must be in [{-nd}, {nd}], got {buffer_dim!r}")
+    buffer_dim = int(buffer_dim) + nd if buffer_dim < 0 else int(buffer_dim)
+    if buffer_dim >= nd:
+        raise ValueError(f"buffer_dim must index a spatial axis (< {nd}), got {buffer_dim}")
+    if slab_axis is not None and slab_axis != buffer_dim:
+        raise ValueError(f"slab_axis ({slab_axis}) and buffer_dim ({buffer_dim}) both order the windows; "
+                         "give one, or the same axis")
+    return buffer_dim
+
+
+def resolve_call(inputs: torch.Tensor, options: SlidingWindowOptions) -> ResolvedCall:
+    """Step 0: ``options`` resolved against ``inputs [B, C, *S]`` (the window and overlap per axis, the slab and
+    buffer axes, the devices, the accumulation dtype: float64 for float64 inputs, else float32); what needs the
+    input's axes is checked here, naming the argument."""
+    _check_input(inputs, options.roi_size)
+    nd = inputs.dim() - 2
+    image_size = tuple(int(s) for s in inputs.shape[2:])
+    slab_axis = _resolve_slab_axis(options.slab_axis, nd)
+    buffered = options.buffer_steps is not None and options.buffer_steps > 0
+    order_axis = _resolve_buffer_dim(options.buffer_dim, slab_axis, nd) if buffered else slab_axis or 0
     x = inputs.as_subclass(torch.Tensor) if type(inputs) is not torch.Tensor else inputs
-    return _Call(
-        x=x, meta_source=inputs if hasattr(inputs, "copy_meta_from") else None, nd=nd, image_size=image_size,
-        roi=roi, overlaps=overlaps, sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=sigma_scale,
-        padding_mode=padding_mode, weighting=weighting, normalize=normalize, placement=placement,
-        slab_axis=slab_axis, buffer_steps=int(buffer_steps) if buffered else None, order_axis=order_axis,
-        reduce=reduce, threshold=check_threshold(threshold), label_dtype=label_dtype,
-        device=resolve_data_device("device", device, inputs.device),
-        sw_device=resolve_data_device("sw_device", sw_device, inputs.device),
+    return ResolvedCall(
+        options=options, x=x, meta_source=inputs if hasattr(inputs, "copy_meta_from") else None, nd=nd,
+        image_size=image_size, roi=resolve_roi(options.roi_size, image_size, nd),
+        overlaps=resolve_overlap(options.overlap, nd), tile_steps=_resolve_tile_step_size(options.tile_step_size, nd),
+        slab_axis=slab_axis, buffer_steps=int(options.buffer_steps) if buffered else None, order_axis=order_axis,
+        device=resolve_data_device("device", options.device, inputs.device),
+        sw_device=resolve_data_device("sw_device", options.sw_device, inputs.device),
         acc=torch.float64 if x.dtype == torch.float64 else torch.float32,
-        confidence=confidence, weigh_prediction=weigh_prediction,
     )
 
 
-def _check_meta(name: str, value) -> None:
-    if isinstance(value, torch.Tensor) and value.device.type == "meta":
-        raise ValueError(f"{name} is a meta tensor (no data); pass a tensor with values")
-
-
-def _batches(call: _Call, num_win: int, order_coords: torch.Tensor) -> List[Tuple[int, int]]:
+def _batches(call: ResolvedCall, num_win: int, order_coords: torch.Tensor) -> List[Tuple[int, int]]:
     """The predictor calls as ranges ``[g0, g1)`` of global window indices (image-major, in visit order): runs of
     ``sw_batch_size`` windows (a run may span images, as in MONAI); with MONAI's buffering, runs that restart at
     every buffer of ``buffer_steps`` rows of windows along ``buffer_dim`` and at every image, as MONAI's do."""
-    batch, bs = call.x.shape[0], call.sw_batch_size
+    batch, bs = call.x.shape[0], call.options.sw_batch_size
     total = batch * num_win
     if call.buffer_steps is None:
         return [(g, min(g + bs, total)) for g in range(0, total, bs)]
@@ -362,6 +318,24 @@ def _segments(g0: int, g1: int, num_win: int) -> list:
     return segments
 
 
+def pad_for_windows(x: torch.Tensor, roi, image_size, options: SlidingWindowOptions,
+                    zeros_free: bool = True) -> Optional[torch.Tensor]:
+    """``x [B, C, *S']`` padded as MONAI pads the image for windows larger than it (``options.padding_mode``,
+    ``options.cval``; ``(roi - image) // 2`` before, the rest after, on each axis where ``roi`` exceeds
+    ``image_size``), or None when there is nothing to pad, or when ``zeros_free`` and the padding is zeros (the
+    2D/3D ``extract`` op reads zeros outside the image: windows then start outside it instead). ``S'`` may be a
+    region spanning the whole of every padded axis (a Dask block's input)."""
+    if all(r <= s for r, s in zip(roi, image_size)) or (
+            zeros_free and options.padding_mode == "constant" and float(options.cval) == 0.0):
+        return None
+    pads = []
+    for r, s in zip(reversed(roi), reversed(image_size)):
+        d = max(r - s, 0)
+        pads += [d // 2, d - d // 2]
+    kw = {"value": float(options.cval)} if options.padding_mode == "constant" else {}
+    return F.pad(x, pads, mode=options.padding_mode, **kw)
+
+
 class _WindowSource:
     """Step 2: cuts each batch's windows out of the input (and out of a ``condition`` tensor), onto ``sw_device``.
 
@@ -373,22 +347,18 @@ class _WindowSource:
     input changed in between (its version counter moved). With autograd recording, or for inference tensors (no
     version counter), one batch per cut."""
 
-    def __init__(self, call: _Call, condition, plan: _WindowPlan, padding_mode: str, cval: float):
+    def __init__(self, call: ResolvedCall, condition, plan: WindowPlan):
         x, nd, roi = call.x, call.nd, call.roi
         self.nd, self.roi, self.sw_device, self.num_win = nd, roi, call.sw_device, plan.coords.shape[0]
         if condition is not None and (not isinstance(condition, torch.Tensor) or condition.shape != x.shape):
             raise ValueError(f"condition must be a tensor shaped like inputs {tuple(x.shape)}, got "
                              f"{tuple(condition.shape) if isinstance(condition, torch.Tensor) else type(condition)}")
-        padded = any(plan.pad_lo) or any(p > s for p, s in zip(plan.padded, call.image_size))
         kernels = nd in (2, 3)
-        if padded and not (kernels and padding_mode == "constant" and float(cval) == 0.0):
-            pads = []
-            for r, s in zip(reversed(roi), reversed(call.image_size)):
-                d = max(r - s, 0)
-                pads += [d // 2, d - d // 2]
-            pad_kw = {"value": float(cval)} if padding_mode == "constant" else {}
-            x = F.pad(x, pads, mode=padding_mode, **pad_kw)
-            condition = None if condition is None else F.pad(condition, pads, mode=padding_mode, **pad_kw)
+        padded = pad_for_windows(x, roi, call.image_size, call.options, zeros_free=kernels)
+        if padded is not None:
+            x = padded
+            if condition is not None:
+                condition = pad_for_windows(condition, roi, call.image_size, call.options, zeros_free=kernels)
             self.coords = plan.coords_pad3 if kernels else plan.coords_pad
         else:
             self.coords = (plan.coords3 if kernels else plan.coords)
@@ -396,7 +366,7 @@ class _WindowSource:
         self.roi3 = [1, *roi] if nd == 2 else list(roi)
         window_bytes = max(1, x.shape[1] * math.prod(roi) * x.element_size())
         chunk_limit = _CHUNK_BYTES["cuda" if x.device.type == "cuda" else "cpu"]
-        bs = call.sw_batch_size
+        bs = call.options.sw_batch_size
         self.per_chunk = max(1, chunk_limit // (window_bytes * bs)) * bs
         self.trackable = not (x.is_inference() or (condition is not None and condition.is_inference()))
         if torch.is_grad_enabled() or not self.trackable or not kernels:
@@ -438,7 +408,7 @@ class _WindowSource:
         return win, cond
 
 
-def _window_slices(plan: _WindowPlan, segments) -> list:
+def _window_slices(plan: WindowPlan, segments) -> list:
     """MONAI's ``with_coord`` argument: per window ``[slice(b, b + 1), slice(None), *spatial slices]`` in the padded
     image, the spatial bounds numpy integers as MONAI's are."""
     import numpy as np  # (torch's own dependency; imported only for with_coord)
@@ -448,19 +418,25 @@ def _window_slices(plan: _WindowPlan, segments) -> list:
             for b, w0, w1 in segments for c in plan.coords_pad[w0:w1].tolist()]
 
 
-class _Outputs:
+class OutputBlend:
     """Step 4: one accumulator per output of the predictor, made at the first batch (when the outputs' number,
-    channels and resolutions are known), each fed every batch; step 5, :meth:`finish`, packs the results in the
-    predictor's form (tensor, tuple or dict), as MONAI does."""
+    channels and resolutions are known), each fed every batch (:meth:`add`); step 5, :meth:`finish`, packs the
+    results in the predictor's form (tensor, tuple or dict), as MONAI does. The importance map and the score checks
+    (:attr:`checks`, for :func:`~._predictions.parse_output`) are the call's. The Dask driver runs one per output
+    block, with ``plan`` the block's windows in its coordinates, and ``window_by_window``: where the numerator and
+    denominator accumulator is used (weights in the denominator, or repeated starts), each window is added on its
+    own, so that the result is bitwise :func:`~patchblend.calibrated_blend` of the windows in order whatever the
+    batching (the in-memory driver's at ``sw_batch_size=1``; with larger batches it sums a batch first)."""
 
-    def __init__(self, call: _Call, plan: _WindowPlan, roi_weight_map, process_fn):
+    def __init__(self, call: ResolvedCall, plan: WindowPlan, roi_weight_map=None, window_by_window: bool = False):
         self.call, self.plan = call, plan
+        self.window_by_window = window_by_window
         self.num_win = plan.coords.shape[0]
-        self.process_fn = process_fn
-        c = call
-        imp, peak = resolve_importance(roi_weight_map, c.roi, c.mode, c.sigma_scale, c.acc, c.device)
-        self.checks = ScoreChecks(c.acc, 1.0 if process_fn is not None else peak)
-        self.weighted = imp is not None or c.weighting is not None or process_fn is not None
+        o = call.options
+        self.process_fn = o.process_fn
+        imp, peak = resolve_importance(roi_weight_map, call.roi, o.mode, o.sigma_scale, call.acc, call.device)
+        self.checks = ScoreChecks(call.acc, 1.0 if o.process_fn is not None else peak)
+        self.weighted = imp is not None or o.weighting is not None or o.process_fn is not None
         self.base_importance = imp  # [*roi] or None (constant)
         self.fn_importance = None  # the map process_fn gets, made once
         self.accumulators = None
@@ -488,48 +464,60 @@ class _Outputs:
                                   else imp.to(device=c.sw_device, dtype=dt))
         return self.fn_importance
 
-    def _start(self, pred: Prediction, weights) -> None:
-        c = self.call
-        self.structure = (len(pred.segs), pred.keys, pred.single)
-        wants_grad = torch.is_grad_enabled() and (
+    def _wants_grad(self, pred: Prediction, weights) -> bool:
+        return torch.is_grad_enabled() and (
             any(s.requires_grad for s in pred.segs) or (weights is not None and weights.requires_grad)
             or (pred.voxel_weights is not None and any(w.requires_grad for w in pred.voxel_weights))
             or (self.base_importance is not None and self.base_importance.requires_grad))
-        self.grad = wants_grad and c.slab_axis is None and c.reduce is None
-        if wants_grad and c.slab_axis is not None and c.reduce is None:
+
+    def _start(self, pred: Prediction, weights) -> None:
+        c, o = self.call, self.call.options
+        self.structure = (len(pred.segs), pred.keys, pred.single)
+        wants_grad = self._wants_grad(pred, weights)
+        self.grad = wants_grad and c.slab_axis is None and o.reduce is None
+        if wants_grad and c.slab_axis is not None and o.reduce is None:
             warnings.warn("slab_axis: gradients do not flow through slab mode; the output is detached "
-                          "(run under torch.no_grad() to silence this)", stacklevel=3)
+                          "(run under torch.no_grad() to silence this)", stacklevel=4)
         # slab mode: the user's slab_axis, or MONAI's buffering (then the slab accumulates on sw_device)
         slab = c.slab_axis is not None or (c.buffer_steps is not None and not self.grad and c.nd in (2, 3))
         slab_device = c.sw_device if c.slab_axis is None and slab else c.device
-        settings = BlendSettings(
-            batch=c.x.shape[0], normalize=c.normalize, device=c.device, acc=c.acc,
-            out_dtype=c.x.dtype if c.x.dtype.is_floating_point else None, reduce=c.reduce, threshold=c.threshold,
-            label_dtype=c.label_dtype, slab_axis=c.order_axis if slab else None, slab_device=slab_device,
-            num_win=self.num_win)
-        weighted_prediction = c.weighting is not None and c.weigh_prediction
-        weights_in_den = c.normalize == "weight" and (weighted_prediction or self.process_fn is not None)
-        self.accumulators = []
+        settings = BlendSettings.of(o, batch=c.x.shape[0], device=c.device, acc=c.acc,
+                                    out_dtype=c.x.dtype if c.x.dtype.is_floating_point else None,
+                                    slab_axis=c.order_axis if slab else None, slab_device=slab_device,
+                                    num_win=self.num_win)
+        self.accumulators, self.one_by_one = [], []
         for k, seg in enumerate(pred.segs):
-            geometry = output_geometry(self.plan, c.roi, c.image_size, tuple(seg.shape[2:]))
+            geometry = output_geometry(self.plan, c.roi, self.plan.image_grid.image_shape, tuple(seg.shape[2:]))
             imp = self.importance_for(geometry.roi, slab_device if slab else c.device)
-            self.accumulators.append(make_accumulator(
-                geometry, seg.shape[1], imp, settings, seg.dtype, grad=self.grad,
-                weights_in_den=weights_in_den or self.process_fn is not None, nd=c.nd))
-            if k == 0 and c.confidence:
-                # the confidence map: one float channel at the first output's geometry, its weights never in the
-                # denominator (ConfidenceTerms), floats also when the prediction is reduced
-                self.terms = ConfidenceTerms(c.normalize, c.acc, imp)
-                conf_settings = settings._replace(reduce=None, normalize=self.terms.normalize)
-                if c.nd in (2, 3) and not self.grad and not slab:  # the weights alone, blended at the end
-                    self.confidence = CoverageConfidence(geometry, self.terms.importance, conf_settings, seg.dtype)
-                else:  # ones (or the weights spread) blended batch by batch, as the prediction
-                    self.confidence = make_accumulator(geometry, 1, self.terms.importance, conf_settings, seg.dtype,
-                                                       grad=self.grad, weights_in_den=False, nd=c.nd)
+            self.accumulators.append(make_accumulator(geometry, seg.shape[1], imp, settings, seg.dtype,
+                                                      grad=self.grad, nd=c.nd))
+            stream = geometry.lattice is not None and geometry.lattice.is_strict and not settings.weights_in_den
+            self.one_by_one.append(self.window_by_window and not stream)
+            if k == 0 and o.confidence:
+                self._start_confidence(geometry, imp, settings, seg.dtype, slab)
         self.shapes = [s.shape[1:] for s in pred.segs]
 
+    def _start_confidence(self, geometry, imp, settings: BlendSettings, seg_dtype, slab: bool) -> None:
+        """The confidence map: one float channel at the first output's geometry, its weights never in the
+        denominator (ConfidenceTerms), floats also when the prediction is reduced."""
+        self.terms = ConfidenceTerms(settings.normalize, self.call.acc, imp)
+        conf_settings = settings._replace(reduce=None, normalize=self.terms.normalize, weights_in_den=False)
+        if self.call.nd in (2, 3) and not self.grad and not slab:  # the weights alone, blended at the end
+            self.confidence = CoverageConfidence(geometry, self.terms.importance, conf_settings, seg_dtype)
+        else:  # ones (or the weights spread) blended batch by batch, as the prediction
+            self.confidence = make_accumulator(geometry, 1, self.terms.importance, conf_settings, seg_dtype,
+                                               grad=self.grad, nd=self.call.nd)
+
+    def _raise_changed(self, pred: Prediction) -> None:
+        first_keys = "" if self.structure[1] is None else f" keys {self.structure[1]}"
+        raise ValueError(
+            f"the predictor's outputs changed between batches: first {self.structure[0]} output(s) "
+            f"{[tuple(s) for s in self.shapes]}{first_keys}, now {len(pred.segs)} "
+            f"{[tuple(s.shape[1:]) for s in pred.segs]}{'' if pred.keys is None else f' keys {pred.keys}'}")
+
     def add(self, segments, pred: Prediction) -> None:
-        """Blend one batch's outputs (windows ``segments``) into their accumulators."""
+        """Blend one batch's outputs (windows ``segments``: ``(image, first window, end window)``) into their
+        accumulators."""
         c = self.call
         w = pred.weights
         if w is not None and w.dtype == torch.float64 and c.acc != torch.float64:
@@ -541,12 +529,7 @@ class _Outputs:
         elif (len(pred.segs), pred.keys, pred.single) != self.structure or (
                 pred.segs[0].shape[1:] != self.shapes[0] if len(self.shapes) == 1 else
                 any(s.shape[1:] != shape for s, shape in zip(pred.segs, self.shapes))):
-            first_keys = "" if self.structure[1] is None else f" keys {self.structure[1]}"
-            raise ValueError(
-                f"the predictor's outputs changed between batches: first {self.structure[0]} output(s) "
-                f"{[tuple(s) for s in self.shapes]}{first_keys}, now {len(pred.segs)} "
-                f"{[tuple(s.shape[1:]) for s in pred.segs]}{'' if pred.keys is None else f' keys {pred.keys}'}")
-        grad = self.grad
+            self._raise_changed(pred)
         if self.weighted:  # a bound on any voxel's weight sum, which must not overflow
             n = pred.segs[0].shape[0]
             if pred.voxel_weights is None:
@@ -554,17 +537,8 @@ class _Outputs:
             else:  # (one bound for every output: their maps are resized from one)
                 self.checks.add_to_sum(torch.stack([wk.detach().amax() for wk in pred.voxel_weights]), n)
         if self.confidence is not None:
-            device = self.confidence.input_device
-            wc = w if w is None or w.device == device else w.to(device)
-            if not grad and wc is not None:
-                wc = wc.detach()
-            seg0 = pred.segs[0]
-            if isinstance(self.confidence, CoverageConfidence):
-                self.confidence.add(None, wc, segments)
-            else:
-                self.confidence.add(*self.terms(wc, seg0.shape[0], seg0.shape[2:], device, check_values=False),
-                                    segments)
-            if not c.weigh_prediction:
+            self._add_confidence(segments, pred, w)
+            if not c.options.weigh_prediction:
                 w = None
         for k, (seg, acc) in enumerate(zip(pred.segs, self.accumulators)):
             device = acc.input_device
@@ -573,11 +547,28 @@ class _Outputs:
                 wk = wk.to(device)
             if seg.device != device:
                 seg = seg.to(device)
-            if not grad:
+            if not self.grad:
                 seg, wk = seg.detach(), None if wk is None else wk.detach()
-            acc.add(seg, wk, segments)
+            if self.one_by_one[k]:
+                _add_window_by_window(acc, seg, wk, segments)
+            else:
+                acc.add(seg, wk, segments)
+
+    def _add_confidence(self, segments, pred: Prediction, w) -> None:
+        device = self.confidence.input_device
+        wc = w if w is None or w.device == device else w.to(device)
+        if not self.grad and wc is not None:
+            wc = wc.detach()
+        seg0 = pred.segs[0]
+        if isinstance(self.confidence, CoverageConfidence):
+            self.confidence.add(None, wc, segments)
+        else:
+            self.confidence.add(*self.terms(wc, seg0.shape[0], seg0.shape[2:], device, check_values=False),
+                                segments)
 
     def finish(self):
+        """The blended outputs ``[B, C_k, *S_k]`` in the predictor's form (with ``confidence``, a
+        :class:`~patchblend.PredictionWithConfidence`); raises the score checks' first failure."""
         self.checks.raise_if_bad()
         results = []
         while self.accumulators:
@@ -588,15 +579,16 @@ class _Outputs:
             results = [_as_meta_tensor(r, self.call.meta_source) for r in results]
             confidence = None if confidence is None else _as_meta_tensor(confidence, self.call.meta_source)
         prediction = pack_outputs(results, self.structure[1], self.structure[2])
-        return prediction if not self.call.confidence else PredictionWithConfidence(prediction, confidence)
+        return prediction if not self.call.options.confidence else PredictionWithConfidence(prediction, confidence)
 
 
+@with_option_keywords
 def sliding_window_inference(
     inputs: torch.Tensor,
     roi_size: Union[Sequence[int], int],
     sw_batch_size: int,
     predictor: Callable[..., Any],
-    overlap: Union[Sequence[float], float] = _DEFAULT_OVERLAP,
+    overlap: Union[Sequence[float], float] = DEFAULT_OVERLAP,
     mode: str = "constant",
     sigma_scale: Union[Sequence[float], float] = 0.125,
     padding_mode: str = "constant",
@@ -610,32 +602,19 @@ def sliding_window_inference(
     buffer_dim: int = -1,
     with_coord: bool = False,
     *args: Any,
-    weighting: Optional[str] = None,
-    normalize: Optional[str] = None,
-    placement: str = "monai",
-    tile_step_size: Union[Sequence[float], float, None] = None,
-    slab_axis: Optional[int] = None,
-    reduce: Optional[str] = None,
-    threshold: float = 0.5,
-    label_dtype: torch.dtype = torch.int64,
-    confidence: bool = False,
-    weigh_prediction: bool = True,
     **kwargs: Any,
 ):
     """Sliding-window inference with optional calibrated (per-patch / per-cell) blending weights.
 
     The 17 positional parameters, their names and defaults and ``*args`` / ``**kwargs`` are those of
     ``monai.inferers.sliding_window_inference``; for what MONAI accepts the result is MONAI's (to float rounding).
-    patchblend's own options are keyword-only.
+    Every option is a field of :class:`~patchblend.inference.options.SlidingWindowOptions`, documented there;
+    patchblend's own (``weighting``, ``normalize``, ``placement``, ``tile_step_size``, ``slab_axis``, ``reduce``,
+    ``threshold``, ``label_dtype``, ``confidence``, ``weigh_prediction``) are keyword-only.
 
     Args:
         inputs: ``[B, C_in, *S]`` with one or more spatial axes (2D and 3D run on the compiled kernels; 1D and 4D+
             on a plain PyTorch path). A MONAI ``MetaTensor`` gives ``MetaTensor`` outputs with its metadata.
-        roi_size: window size, an int or one per spatial axis; entries ``None`` or ``<= 0`` mean the full axis
-            (whole numbers: ``64.0`` is 64, ``6.5`` a ``TypeError``).
-            A window larger than the image pads the image (``padding_mode``, ``cval``), as MONAI does, and the
-            output is cropped back.
-        sw_batch_size: windows per predictor call (windows of consecutive images may share a call, as in MONAI).
         predictor: ``f(windows [n, C_in, *roi], *args, **kwargs)`` (``f(windows, slices, *args, **kwargs)`` with
             ``with_coord``) returning MONAI's forms: a tensor ``[n, C, *roi']``, a tuple or list of them, or a dict
             of them; each output is blended on its own, with its own channels and resolution (``roi'`` may differ
@@ -644,74 +623,16 @@ def sliding_window_inference(
             [n, *G])``, where ``seg`` is any of those forms and the scores weight every output alike (scores must
             be finite and ``>= 0``; those ``weighting`` doesn't use may be None). A plain tuple, list or dict is
             never read as scores.
-        overlap: fraction of a window shared with its neighbour, in ``[0, 1)``, scalar or per axis.
-        mode: importance of each window voxel: ``"constant"``, ``"gaussian"`` (MONAI's, ``sigma_scale``) or
-            ``"nnunet"`` (nnU-Net's Gaussian, peak 10).
-        sigma_scale: Gaussian ``sigma = sigma_scale * roi`` (scalar or per axis).
-        padding_mode: ``"constant"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (when roi > image).
-        cval: fill value for constant padding.
-        sw_device: where the windows and the predictor run (default: ``inputs.device``).
-        device: where the output is accumulated and returned (default: ``inputs.device``). Either one ``"meta"`` or
-            a device this torch cannot use (``"cuda"`` on a CPU build) is a ``ValueError`` naming it.
-        progress: show a tqdm progress bar (tqdm is imported only then).
-        roi_weight_map: optional precomputed importance ``[*roi]`` (non-negative), replacing ``mode``'s.
-        process_fn: MONAI's ``process_fn(outputs tuple, windows, importance [*roi]) -> (outputs, weight_map)``: the
-            outputs it returns are blended with its weight map (``[*roi]``, ``[1, 1, *roi]`` or per window
-            ``[n, 1, *roi]``) instead of the importance. The denominator is the sum of the maps actually used
-            (MONAI divides by the first batch's map for every window, which differs when the map varies).
-        buffer_steps, buffer_dim: MONAI's buffering: windows are visited row by row along ``buffer_dim`` and the
-            predictor calls restart at every buffer of ``buffer_steps`` rows and at every image, as MONAI's do;
-            the blend runs in slab mode along ``buffer_dim`` on ``sw_device`` (memory: about one window deep), each
-            finished slab written to ``device``. Every output is returned (MONAI returns only the first).
-        with_coord: pass the windows' MONAI-style slices to the predictor: ``predictor(windows, slices, ...)``.
         args: passed to ``predictor`` after the windows (and the slices).
-        weighting: ``None`` (MONAI's averaging), ``"patch"`` (weight each window by its patch score, Eq. 1),
-            ``"grid"`` (each grid cell by its cell score, Eq. 2) or ``"patch*grid"``; the predictor must then
-            return a :class:`~patchblend.CalibratedOutput`. The importance of ``mode`` multiplies in.
-        normalize: ``"weight"`` (divide by the weight sum; the default when the prediction is unweighted:
-            ``weighting`` None, MONAI's behaviour, or ``weigh_prediction=False``), ``"count"`` (divide by the number
-            of covering windows; the default when ``weighting`` weights the prediction: the paper's Eq. 1/2) or
-            ``"none"``.
-        placement: window placement, ``"monai"`` (default) or ``"nnunet"`` (nnU-Net v2's lattice; give its
-            ``tile_step_size``, or ``overlap`` read as ``tile_step_size = 1 - overlap``).
-        tile_step_size: with ``placement="nnunet"``: nnU-Net's step in ``(0, 1]`` (scalar or per axis), used as
-            given so the windows are exactly nnU-Net's (``1 - overlap`` rounds differently for some steps, e.g.
-            0.1 and 0.3); ``overlap`` must then be left at its default.
-        slab_axis: bounded-memory mode (2D/3D): process windows slab by slab along this spatial axis and finalise
-            each part of the output as soon as no later window touches it; the float accumulator then spans only
-            about one window (times the batch's spread) along the axis. Same result as the full path
-            (bitwise for axis 0 when the windows form a lattice, the usual case; to float rounding otherwise,
-            e.g. with weights in the denominator or nnU-Net placement with repeated starts).
-        reduce: ``None``, ``"argmax"`` (labels ``[B, 1, *S]`` in ``label_dtype``) or ``"threshold"``
-            (``[B, C, *S]`` bool, ``value >= threshold``); in slab mode applied slab by slab, so the full float
-            output never exists. Applied to every output.
-        threshold: for ``reduce="threshold"`` (a real number; NaN is an error).
-        label_dtype: dtype of argmax labels. In slab mode they are held in the smallest integer dtype that fits
-            (uint8 up to 256 classes) until the last slab is freed, then widened: int64 labels do not raise the
-            peak.
-        confidence: also return the blended confidence map (needs ``weighting``; ``normalize`` ``"count"`` or
-            ``"weight"``; not with ``process_fn``): with ``α_i(x)`` the weight ``weighting`` gives window ``i`` at
-            voxel ``x`` and ``N(x)`` the windows covering it, ``C = Σ α_i / N`` under ``"count"`` (Eq. 2 applied to
-            the weights alone) and ``Σ α_i imp_i / Σ imp_i`` under ``"weight"`` (``imp`` the importance of
-            ``mode``; the same ``Σ α / N`` for ``mode="constant"``); 0 where no window covers. From the same pass
-            (no second predictor run, no window read twice): the windows' weights are kept (a few numbers each) and
-            the compiled ``coverage`` op blends them at the end; in slab mode (slab by slab) and with autograd they
-            are blended batch by batch beside the prediction. On the first output's geometry (a tuple's first item,
-            a dict's first key in sorted order). The result is then a :class:`~patchblend.PredictionWithConfidence`
-            ``(prediction, confidence)``.
-        weigh_prediction: with ``confidence=True`` only. ``False``: the scores go only into the confidence map
-            and the prediction is the unweighted blend, what ``weighting=None`` gives with the same ``mode`` (and
-            ``normalize``, whose default is then ``"weight"`` as for ``weighting=None``): the average prediction
-            and its confidence map from one pass.
-        kwargs: passed to ``predictor``; a ``condition`` tensor shaped like ``inputs`` is windowed like it. The
-            keyword-only names above are patchblend's and do not reach the predictor (a predictor argument
-            called ``threshold``, say, must be bound first, e.g. with ``functools.partial``).
+        kwargs: the keyword options, then passed to ``predictor``; a ``condition`` tensor shaped like ``inputs`` is
+            windowed like it. The options' names do not reach the predictor (a predictor argument called
+            ``threshold``, say, must be bound first, e.g. with ``functools.partial``).
 
     Returns:
         In the predictor's form (a tensor; a tuple for a tuple or list of two or more outputs; a dict with the same
         keys), each ``[B, C_k, *S_k]`` on ``device`` in ``inputs.dtype`` (the predictor's dtype if ``inputs`` is
-        not floating point), ``S_k`` the image size times output ``k``'s zoom; with ``reduce``, labels or masks as
-        above. Accumulation is float32 (float64 for float64 inputs) whatever the predictor's precision.
+        not floating point), ``S_k`` the image size times output ``k``'s zoom; with ``reduce``, labels or masks.
+        Accumulation is float32 (float64 for float64 inputs) whatever the predictor's precision.
         With ``confidence=True``: ``PredictionWithConfidence(prediction, confidence)``, ``prediction`` the above and
         ``confidence`` ``[B, 1, *S_0]`` in the prediction's float dtype (``inputs.dtype``, or the predictor's),
         floats also with ``reduce``.
@@ -722,33 +643,43 @@ def sliding_window_inference(
     predictor's activations anyway). Under ``torch.no_grad()`` / ``torch.inference_mode()`` the streaming paths run.
     Slab mode and ``reduce`` return detached results (slab mode warns).
     """
-    # 0. the arguments, checked and resolved
-    call = _resolve_call(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sigma_scale, padding_mode,
-                         sw_device, device, roi_weight_map, process_fn, buffer_steps, buffer_dim, weighting, normalize,
-                         placement, slab_axis, reduce, threshold, label_dtype, confidence, weigh_prediction)
+    own, kwargs = split_option_keywords(kwargs)
+    options = SlidingWindowOptions(roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval, sw_device,
+                                   device, progress, roi_weight_map, process_fn, buffer_steps, buffer_dim, with_coord,
+                                   **own)
+    return run_sliding_window(inputs, predictor, options, *args, **kwargs)
+
+
+def run_sliding_window(inputs: torch.Tensor, predictor: Callable[..., Any], options: SlidingWindowOptions,
+                       *args: Any, **kwargs: Any):
+    """:func:`sliding_window_inference` with its options given as one :class:`SlidingWindowOptions` (what the
+    MONAI inferers call); ``args`` and ``kwargs`` go to ``predictor``."""
+    if not callable(predictor):
+        raise TypeError("predictor must be callable")
+    # 0. the options resolved against the input
+    call = resolve_call(inputs, options)
     # 1. where the windows go, in the order they are visited
-    tile_steps = _resolve_tile_step_size(tile_step_size, overlap, placement, call.nd)
-    plan = _window_plan(call.image_size, call.roi, call.overlaps, placement, call.order_axis, tile_steps)
+    plan = _window_plan(call.image_size, call.roi, call.overlaps, options.placement, call.order_axis, call.tile_steps)
     num_win = plan.coords.shape[0]
     total = call.x.shape[0] * num_win
     # 2. cutting batches of windows
-    source = _WindowSource(call, kwargs.pop("condition", None), plan, call.padding_mode, cval)
-    outputs = _Outputs(call, plan, roi_weight_map, process_fn)
+    source = _WindowSource(call, kwargs.pop("condition", None), plan)
+    outputs = OutputBlend(call, plan, options.roi_weight_map)
     batches = _batches(call, num_win, plan.coords_pad)
-    for g0, g1 in _progress(batches, progress, len(batches)):
+    nd, weighting, process_fn, checks, acc = call.nd, options.weighting, options.process_fn, outputs.checks, call.acc
+    for g0, g1 in _progress(batches, options.progress, len(batches)):
         segments = _segments(g0, g1, num_win)
         windows, condition = source.cut(g0, g1, total)
         if condition is not None:
             kwargs["condition"] = condition
         # 3. the predictor, and its output read (MONAI's forms, or CalibratedOutput with scores)
-        if with_coord:
+        if options.with_coord:
             out = predictor(windows, _window_slices(plan, segments), *args, **kwargs)
         else:
             out = predictor(windows, *args, **kwargs)
-        pred = parse_output(out, g1 - g0, call.nd, call.weighting, outputs.checks, call.acc)
+        pred = parse_output(out, g1 - g0, nd, weighting, checks, acc)
         if process_fn is not None:
-            pred = apply_process_fn(process_fn, pred, windows, outputs.process_fn_importance(), call.roi,
-                                    outputs.checks)
+            pred = apply_process_fn(process_fn, pred, windows, outputs.process_fn_importance(), call.roi, checks)
         # 4. each output into its accumulator
         outputs.add(segments, pred)
         # drop this batch's windows and predictions before the next predictor call allocates its own
@@ -756,6 +687,15 @@ def sliding_window_inference(
         kwargs.pop("condition", None)
     # 5. finish: divide / reduce, in the predictor's form
     return outputs.finish()
+
+
+def _add_window_by_window(accumulator, seg: torch.Tensor, weights, segments) -> None:
+    """``accumulator.add`` of a batch, one window at a time."""
+    k = 0
+    for b, w0, w1 in segments:
+        for w in range(w0, w1):
+            accumulator.add(seg[k:k + 1], None if weights is None else weights[k:k + 1], [(b, w, w + 1)])
+            k += 1
 
 
 def _as_meta_tensor(result: torch.Tensor, like):

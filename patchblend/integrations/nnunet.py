@@ -46,7 +46,7 @@ from ..calibration import calibrate_heads
 from ..inference._predictions import parse_output
 from ..inference.confidence import PredictionWithConfidence
 from ..inference.blender import Blender, LatticeBlender, SlabBlender, compact_label_dtype
-from ..inference.options import check_blend_options
+from ..inference.options import SlidingWindowOptions
 from ..inference.windows import WindowGrid
 from ..ops import extract_patches
 from ..lesions import LesionGate, gate_lesions
@@ -126,8 +126,6 @@ class PatchblendPredictor(nnUNetPredictor):
                  output_dtype: Optional[torch.dtype] = torch.float16, weighting: Optional[str] = None,
                  normalize: Optional[str] = None, reduce: str = "argmax", threshold: float = 0.0, **kwargs):
         check_nnunet_internals()
-        if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
-            raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
         if accumulation_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulation_dtype must be torch.float32 or torch.float64, got {accumulation_dtype!r}")
         if output_dtype is not None and (not isinstance(output_dtype, torch.dtype)
@@ -135,17 +133,22 @@ class PatchblendPredictor(nnUNetPredictor):
             raise ValueError(f"output_dtype must be a floating-point torch.dtype or None, got {output_dtype!r}")
         if reduce not in ("argmax", "threshold"):
             raise ValueError(f"reduce must be 'argmax' or 'threshold', got {reduce!r}")
-        _, normalize = check_blend_options("constant", weighting, normalize, "nnunet", reduce)
+        #: the drivers' options, checked once (the windows are nnU-Net's: its patch size and slicers, so no
+        #: roi_size; its Gaussian and mirroring are nnU-Net's own settings)
+        self.options = SlidingWindowOptions(None, sw_batch_size, placement="nnunet", weighting=weighting,
+                                            normalize=normalize, reduce=reduce, threshold=threshold)
         super().__init__(*args, **kwargs)
-        self.sw_batch_size = sw_batch_size
         self.accumulation_dtype = accumulation_dtype
         self.output_dtype = output_dtype
-        self.weighting = weighting
-        self.normalize = normalize
-        self.reduce = reduce
-        self.threshold = float(threshold)
         self._reducing = False  # set while predict_segmentation_from_preprocessed_data runs
         self._with_confidence = False  # set while predict_with_confidence_from_preprocessed_data runs
+
+    # the options, read-only, under the names they were given by
+    sw_batch_size = property(lambda self: self.options.sw_batch_size, doc="``options.sw_batch_size``")
+    weighting = property(lambda self: self.options.weighting, doc="``options.weighting``")
+    normalize = property(lambda self: self.options.normalize, doc="``options.normalize`` (resolved)")
+    reduce = property(lambda self: self.options.reduce, doc="``options.reduce``")
+    threshold = property(lambda self: self.options.threshold, doc="``options.threshold``")
 
     # ---- the one replaced method ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -160,8 +163,8 @@ class PatchblendPredictor(nnUNetPredictor):
         importance = self._importance(window, results_device)
         blender = self._blender(tuple(data.shape[1:]), channels, coords, window, importance, results_device)
         coords_on = coords.to(results_device) if results_device.type != "cpu" else coords
-        for i in range(0, coords.shape[0], self.sw_batch_size):
-            j = min(i + self.sw_batch_size, coords.shape[0])
+        for i in range(0, coords.shape[0], self.options.sw_batch_size):
+            j = min(i + self.options.sw_batch_size, coords.shape[0])
             x = extract_patches(data, coords_on[i:j], window).to(self.device)
             if squeeze:  # a 2D network on a 3D image: windows [n, C, 1, P0, P1]
                 x = x[:, :, 0]
@@ -218,7 +221,7 @@ class PatchblendPredictor(nnUNetPredictor):
         returning :class:`patchblend.CalibratedOutput`, e.g. after :func:`calibrate_nnunet`); one parameter set,
         as :meth:`predict_segmentation_from_preprocessed_data`, whose slab blending it shares (the ``[C, *S]``
         logits never exist). ``normalize`` and ``reduce`` of the predictor do not apply here."""
-        if self.weighting is None:
+        if self.options.weighting is None:
             raise ValueError("predict_with_confidence_from_preprocessed_data needs weighting ('patch', 'grid' or "
                              "'patch*grid'): the confidence map is the blend of the network's scores")
         self._with_confidence = True
@@ -254,8 +257,8 @@ class PatchblendPredictor(nnUNetPredictor):
         return g.to(self.accumulation_dtype).reshape(window)
 
     def _blender(self, shape, channels, coords, window, importance, device):
-        acc = self.accumulation_dtype
-        weights_in_den = self.weighting is not None and self.normalize == "weight"
+        acc, o = self.accumulation_dtype, self.options
+        weights_in_den = o.weights_in_denominator
         axes = [sorted(set(coords[:, a].tolist())) for a in range(coords.shape[1])]
         grid = WindowGrid(shape, window, tuple(tuple(a) for a in axes))
         lattice = len(grid) == coords.shape[0] and grid.is_strict and torch.equal(grid.coords(), coords)
@@ -269,8 +272,8 @@ class PatchblendPredictor(nnUNetPredictor):
                                window_lattice=axes if lattice else None, confidence=True, weigh_prediction=False)
         if self._reducing:
             # slabs along axis 0, the slowest of nnU-Net's slicers
-            return SlabBlender(shape, channels, axis=0, normalize=self.normalize, importance=importance,
-                               window_shape=window, reduce=self.reduce, threshold=self.threshold, device=device,
+            return SlabBlender(shape, channels, axis=0, normalize=o.normalize, importance=importance,
+                               window_shape=window, reduce=o.reduce, threshold=o.threshold, device=device,
                                dtype=acc, label_dtype=compact_label_dtype(channels, torch.int64),
                                window_lattice=slab_lattice)
         if self.output_dtype is not None and self.output_dtype != acc:
@@ -280,18 +283,18 @@ class PatchblendPredictor(nnUNetPredictor):
             # (the output in ordinary pages, like nnU-Net's: on the benchmark machine the first writes into
             # patchblend's huge-page output block made the accumulation ~1.6x slower)
             out = torch.empty((channels, *shape), dtype=self.output_dtype, device=device)
-            return SlabBlender(shape, channels, axis=0, normalize=self.normalize, importance=importance,
+            return SlabBlender(shape, channels, axis=0, normalize=o.normalize, importance=importance,
                                window_shape=window, device=device, dtype=acc, out_dtype=self.output_dtype,
                                window_lattice=slab_lattice, out=out)
         if lattice and not weights_in_den:
-            return LatticeBlender(shape, channels, grid, window, normalize=self.normalize, importance=importance,
+            return LatticeBlender(shape, channels, grid, window, normalize=o.normalize, importance=importance,
                                   device=device, dtype=acc)
-        return Blender(shape, channels, normalize=self.normalize, importance=importance, window_shape=window,
+        return Blender(shape, channels, normalize=o.normalize, importance=importance, window_shape=window,
                        device=device, dtype=acc)
 
     def _predict(self, x: torch.Tensor):
         """Logits ``[n, C, *P]`` and calibrated weights (None, ``[n]`` or ``[n, *G]``) for windows ``x``."""
-        if self.weighting is None:
+        if self.options.weighting is None:
             return self._internal_maybe_mirror_and_predict(x), None
         return self._mirror_and_predict_calibrated(x)
 
@@ -310,9 +313,9 @@ class PatchblendPredictor(nnUNetPredictor):
             spatial = [a + 2 for a in axes]
             out = self.network(torch.flip(x, spatial) if axes else x)
             if not isinstance(out, CalibratedOutput):
-                raise ValueError(f"weighting={self.weighting!r} needs the network to return "
+                raise ValueError(f"weighting={self.options.weighting!r} needs the network to return "
                                  f"patchblend.CalibratedOutput(seg, patch, grid), got {type(out).__name__}")
-            pred = parse_output(out, x.shape[0], nd, self.weighting)
+            pred = parse_output(out, x.shape[0], nd, self.options.weighting)
             seg, w = pred.segs[0], pred.weights
             if axes:
                 seg = torch.flip(seg, spatial)
@@ -411,10 +414,10 @@ def calibrate_nnunet(predictor: "PatchblendPredictor", cases: Iterable, *, featu
         raise ValueError(f"calibrate_nnunet takes a predictor with one parameter set (fold), got {len(folds)}: "
                          "heads read one network's features; calibrate one predictor per fold")
     if batch_size is None:
-        batch_size = predictor.sw_batch_size
+        batch_size = predictor.options.sw_batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if predictor.weighting is None:
+    if predictor.options.weighting is None:
         raise ValueError("calibrate_nnunet needs a predictor made with weighting ('patch', 'grid' or 'patch*grid'): "
                          "the calibrated network returns patchblend.CalibratedOutput, which only such a predictor "
                          "blends")
