@@ -18,7 +18,7 @@ Every accumulator takes ``add(seg [n, C, *roi], weights, segments)`` per batch (
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -86,7 +86,39 @@ class BlendSettings(NamedTuple):
     num_win: int  # windows per image
 
 
+class ImagePart(NamedTuple):
+    """One image's part of a predictor batch: the ``image``, its windows ``first .. end - 1`` (visit order) and
+    the batch rows that hold them, ``seg [end - first, C, *roi]`` (None when the batch has none) and ``weights``
+    (None, ``[end - first]`` or ``[end - first, *G]``)."""
+
+    image: int
+    first: int
+    end: int
+    seg: Optional[torch.Tensor]
+    weights: Optional[torch.Tensor]
+
+
+def split_by_image(seg: Optional[torch.Tensor], weights: Optional[torch.Tensor], segments) -> List[ImagePart]:
+    """A batch ``seg [n, ...]`` / ``weights [n, ...]`` split by image: ``segments`` lists ``(image, first window,
+    end window)`` in batch order, their windows counts adding up to ``n``. A batch within one image (the common
+    case) is passed on as it is, unsliced."""
+    if len(segments) == 1:
+        b, w0, w1 = segments[0]
+        return [ImagePart(b, w0, w1, seg, weights)]
+    parts, k = [], 0
+    for b, w0, w1 in segments:
+        m = w1 - w0
+        parts.append(ImagePart(b, w0, w1, None if seg is None else seg[k:k + m],
+                               None if weights is None else weights[k:k + m]))
+        k += m
+    return parts
+
+
 class _Accumulator:
+    """The shared part: :meth:`add` splits a batch by image (:func:`split_by_image`) and hands each part to
+    :meth:`_add_image`; :meth:`finish` reduces :meth:`_values`. Per-image blenders, where a subclass uses them,
+    are made on first use by :meth:`_blender` from :meth:`_new_blender`."""
+
     def __init__(self, geometry: OutputGeometry, channels: int, importance, settings: BlendSettings,
                  seg_dtype: torch.dtype):
         self.geometry = geometry
@@ -100,6 +132,25 @@ class _Accumulator:
     def input_device(self) -> torch.device:
         """Where :meth:`add` wants the predictions (the slab's device for :class:`SlabAccumulator`)."""
         return self.settings.device
+
+    def add(self, seg: Optional[torch.Tensor], weights: Optional[torch.Tensor], segments) -> None:
+        """Blend one batch ``seg [n, C, *roi]`` with its ``weights`` (None, ``[n]``, ``[n, *G]`` or per-voxel
+        maps) of the windows ``segments`` (``(image, first window, end window)`` each)."""
+        for part in split_by_image(seg, weights, segments):
+            self._add_image(part)
+
+    def _add_image(self, part: ImagePart) -> None:
+        raise NotImplementedError
+
+    def _blender(self, image: int):
+        """The blender of ``image``, made by :meth:`_new_blender` on first use."""
+        bl = self.blenders.get(image)
+        if bl is None:
+            bl = self.blenders[image] = self._new_blender(image)
+        return bl
+
+    def _new_blender(self, image: int):
+        raise NotImplementedError
 
     def finish(self) -> torch.Tensor:
         return _finish_values(self._values(), self.settings, self.out_dtype)
@@ -125,25 +176,14 @@ class LatticeAccumulator(_Accumulator):
         s, g = self.settings, self.geometry
         self.out = empty_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)  # every voxel is written
 
-    def add(self, seg, weights, segments) -> None:
-        if len(segments) == 1:  # the common case: the batch lies in one image
-            bl = self.blenders.get(segments[0][0]) or self._blender(segments[0][0])
-            bl.add_unchecked(seg, weights)
-            return
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            bl = self.blenders.get(b) or self._blender(b)
-            bl.add_unchecked(seg[k:k + m], None if weights is None else weights[k:k + m])
-            k += m
+    def _add_image(self, part: ImagePart) -> None:
+        self._blender(part.image).add_unchecked(part.seg, part.weights)
 
-    def _blender(self, b: int) -> LatticeBlender:
+    def _new_blender(self, image: int) -> LatticeBlender:
         s, g = self.settings, self.geometry
-        bl = self.blenders[b] = LatticeBlender(g.out_shape, self.channels, g.lattice, g.roi,
-                                               normalize=s.normalize, importance=self.importance,
-                                               device=s.device, dtype=s.acc, out=self.out[b],
-                                               check_values=False)  # the driver checked the scores
-        return bl
+        return LatticeBlender(g.out_shape, self.channels, g.lattice, g.roi, normalize=s.normalize,
+                              importance=self.importance, device=s.device, dtype=s.acc, out=self.out[image],
+                              check_values=False)  # the driver checked the scores
 
     def _values(self):
         for bl in self.blenders.values():
@@ -159,18 +199,13 @@ class BlenderAccumulator(_Accumulator):
         s, g = self.settings, self.geometry
         self.out = zeros_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)
 
-    def add(self, seg, weights, segments) -> None:
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            bl = self.blenders.get(b)
-            if bl is None:
-                s, g = self.settings, self.geometry
-                bl = self.blenders[b] = Blender(g.out_shape, self.channels, normalize=s.normalize,
-                                                importance=self.importance, window_shape=g.roi, device=s.device,
-                                                dtype=s.acc, out=self.out[b], check_values=False)
-            bl.add(seg[k:k + m], self.geometry.coords[w0:w1], None if weights is None else weights[k:k + m])
-            k += m
+    def _add_image(self, part: ImagePart) -> None:
+        self._blender(part.image).add(part.seg, self.geometry.coords[part.first:part.end], part.weights)
+
+    def _new_blender(self, image: int) -> Blender:
+        s, g = self.settings, self.geometry
+        return Blender(g.out_shape, self.channels, normalize=s.normalize, importance=self.importance,
+                       window_shape=g.roi, device=s.device, dtype=s.acc, out=self.out[image], check_values=False)
 
     def _values(self):
         for b in range(self.settings.batch):  # an image with no window (none here) would still be divided
@@ -200,34 +235,31 @@ class SlabAccumulator(_Accumulator):
     def input_device(self) -> torch.device:
         return self.settings.slab_device
 
-    def add(self, seg, weights, segments) -> None:
+    def _new_blender(self, image: int) -> SlabBlender:
         s, g = self.settings, self.geometry
-        axis, coords = s.slab_axis, g.coords
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            bl = self.blenders.get(b)
-            if bl is None:
-                bl = self.blenders[b] = SlabBlender(
-                    g.out_shape, self.channels, axis=axis, normalize=s.normalize, importance=self.importance,
-                    window_shape=g.roi, reduce=s.reduce, threshold=s.threshold, device=s.slab_device, dtype=s.acc,
-                    out_dtype=self.out_dtype, label_dtype=self.out.dtype, window_lattice=self.lattice, out=self.out[b],
-                    check_values=False)
-            # one add per run of equal starts along the slab axis, finalising in between, so that the slab buffer
-            # stays one window deep even when a predictor batch spans two rows of windows
-            axis_starts = coords[w0:w1, axis].tolist()
-            r0 = 0
-            for r in range(1, m + 1):
-                if r < m and axis_starts[r] == axis_starts[r0]:
-                    continue
-                bl.add(seg[k + r0:k + r], coords[w0 + r0:w0 + r], None if weights is None else weights[k + r0:k + r])
-                if w0 + r < s.num_win:
-                    bl.finalize_until(int(coords[w0 + r, axis]))
-                r0 = r
-            if w1 == s.num_win:
-                bl.finish()
-                del self.blenders[b]
-            k += m
+        return SlabBlender(g.out_shape, self.channels, axis=s.slab_axis, normalize=s.normalize,
+                           importance=self.importance, window_shape=g.roi, reduce=s.reduce, threshold=s.threshold,
+                           device=s.slab_device, dtype=s.acc, out_dtype=self.out_dtype, label_dtype=self.out.dtype,
+                           window_lattice=self.lattice, out=self.out[image], check_values=False)
+
+    def _add_image(self, part: ImagePart) -> None:
+        s, coords = self.settings, self.geometry.coords
+        axis, w0, m = s.slab_axis, part.first, part.end - part.first
+        bl = self._blender(part.image)
+        # one add per run of equal starts along the slab axis, finalising in between, so that the slab buffer
+        # stays one window deep even when a predictor batch spans two rows of windows
+        axis_starts = coords[w0:part.end, axis].tolist()
+        r0 = 0
+        for r in range(1, m + 1):
+            if r < m and axis_starts[r] == axis_starts[r0]:
+                continue
+            bl.add(part.seg[r0:r], coords[w0 + r0:w0 + r], None if part.weights is None else part.weights[r0:r])
+            if w0 + r < s.num_win:
+                bl.finalize_until(int(coords[w0 + r, axis]))
+            r0 = r
+        if part.end == s.num_win:
+            bl.finish()
+            del self.blenders[part.image]
 
     def finish(self) -> torch.Tensor:  # (reduced slab by slab already)
         if self.settings.reduce == "argmax" and self.out.dtype != self.settings.label_dtype:
@@ -244,12 +276,8 @@ class KeepAccumulator(_Accumulator):
         super().__init__(*a)
         self.kept = {}
 
-    def add(self, seg, weights, segments) -> None:
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            self.kept.setdefault(b, []).append((seg[k:k + m], None if weights is None else weights[k:k + m]))
-            k += m
+    def _add_image(self, part: ImagePart) -> None:
+        self.kept.setdefault(part.image, []).append((part.seg, part.weights))
 
     def _values(self):
         s, g = self.settings, self.geometry
@@ -273,38 +301,35 @@ class TorchAccumulator(_Accumulator):
         self.den = None if s.normalize == "none" else torch.zeros((s.batch, *g.out_shape), dtype=s.acc,
                                                                    device=s.device)
 
-    def add(self, seg, weights, segments) -> None:
+    def _add_image(self, part: ImagePart) -> None:
         s, g = self.settings, self.geometry
-        seg = seg.to(s.acc)
+        seg, weights = part.seg.to(s.acc), part.weights
         nd = len(g.roi)
         if weights is not None:
             weights = weights.to(s.acc)
             if weights.dim() > 1:
                 weights = expand_grid_weights(weights, g.roi)
         imp = self.importance
-        k = 0
-        for b, w0, w1 in segments:
-            for w, start in zip(range(w0, w1), g.coords[w0:w1].tolist()):
-                out_sl, win_sl = [], []
-                for c, p, o in zip(start, g.roi, g.out_shape):
-                    lo, hi = max(c, 0), min(c + p, o)
-                    out_sl.append(slice(lo, hi))
-                    win_sl.append(slice(lo - c, hi - c))
-                if any(sl.stop <= sl.start for sl in out_sl):
-                    k += 1
-                    continue
-                wv = torch.ones(g.roi, dtype=s.acc, device=seg.device)
-                if weights is not None:
-                    wv = wv * (weights[k].reshape([1] * nd) if weights.dim() == 1 else weights[k])
-                if imp is not None:
-                    wv = wv * imp
-                wv = wv[tuple(win_sl)]
-                # add_ on the view, not `view[...] += ...`: Python's augmented assignment writes the sum back
-                # with a second in-place copy, which autograd refuses when the slice is the whole (leaf) buffer
-                self.num[b][(slice(None), *out_sl)].add_(seg[k][(slice(None), *win_sl)] * wv)
-                if self.den is not None:
-                    self.den[b][tuple(out_sl)].add_(1.0 if s.normalize == "count" else wv)
-                k += 1
+        num, den = self.num[part.image], None if self.den is None else self.den[part.image]
+        for k, start in enumerate(g.coords[part.first:part.end].tolist()):
+            out_sl, win_sl = [], []
+            for c, p, o in zip(start, g.roi, g.out_shape):
+                lo, hi = max(c, 0), min(c + p, o)
+                out_sl.append(slice(lo, hi))
+                win_sl.append(slice(lo - c, hi - c))
+            if any(sl.stop <= sl.start for sl in out_sl):
+                continue
+            wv = torch.ones(g.roi, dtype=s.acc, device=seg.device)
+            if weights is not None:
+                wv = wv * (weights[k].reshape([1] * nd) if weights.dim() == 1 else weights[k])
+            if imp is not None:
+                wv = wv * imp
+            wv = wv[tuple(win_sl)]
+            # add_ on the view, not `view[...] += ...`: Python's augmented assignment writes the sum back
+            # with a second in-place copy, which autograd refuses when the slice is the whole (leaf) buffer
+            num[(slice(None), *out_sl)].add_(seg[k][(slice(None), *win_sl)] * wv)
+            if den is not None:
+                den[tuple(out_sl)].add_(1.0 if s.normalize == "count" else wv)
 
     def _values(self):
         s = self.settings
@@ -326,12 +351,8 @@ class CoverageConfidence(_Accumulator):
         super().__init__(geometry, 1, importance, settings, seg_dtype)
         self.kept = {}
 
-    def add(self, seg, weights, segments) -> None:
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            self.kept.setdefault(b, []).append(weights[k:k + m])
-            k += m
+    def _add_image(self, part: ImagePart) -> None:
+        self.kept.setdefault(part.image, []).append(part.weights)
 
     def _values(self):
         s, g = self.settings, self.geometry

@@ -1,0 +1,103 @@
+"""The sliding-window driver's accumulators: the per-image split of a batch, each accumulator on batches that span
+images (against the same images run one by one), and the N-D path against the pure-PyTorch reference."""
+import pytest
+import torch
+
+from patchblend import CalibratedOutput
+from patchblend.inference import sliding_window_inference
+from patchblend.inference._accumulators import ImagePart, split_by_image
+
+
+def rand(*shape, seed=0):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- split_by_image ------------------------------------------------------------------------------------------
+
+def test_split_by_image_hand_worked():
+    # a batch of 5 windows: the last 2 of image 0 (windows 6, 7 of 8), then the first 3 of image 1
+    seg = torch.arange(5.0).reshape(5, 1, 1)
+    weights = torch.tensor([10.0, 11.0, 12.0, 13.0, 14.0])
+    parts = split_by_image(seg, weights, [(0, 6, 8), (1, 0, 3)])
+    assert [(p.image, p.first, p.end) for p in parts] == [(0, 6, 8), (1, 0, 3)]
+    assert parts[0].seg.flatten().tolist() == [0.0, 1.0] and parts[1].seg.flatten().tolist() == [2.0, 3.0, 4.0]
+    assert parts[0].weights.tolist() == [10.0, 11.0] and parts[1].weights.tolist() == [12.0, 13.0, 14.0]
+
+
+def test_split_by_image_three_images_and_missing_tensors():
+    # one window of image 2, all 2 of image 3, the first of image 4; no weights; no predictions (the coverage
+    # confidence map takes the weights alone)
+    seg = torch.arange(4.0)
+    parts = split_by_image(seg, None, [(2, 1, 2), (3, 0, 2), (4, 0, 1)])
+    assert [p.seg.tolist() for p in parts] == [[0.0], [1.0, 2.0], [3.0]]
+    assert all(p.weights is None for p in parts)
+    parts = split_by_image(None, torch.tensor([[1.0], [2.0], [3.0]]), [(0, 4, 5), (1, 0, 2)])
+    assert [p.seg for p in parts] == [None, None]
+    assert [p.weights.flatten().tolist() for p in parts] == [[1.0], [2.0, 3.0]]
+
+
+def test_split_by_image_one_image_passes_the_batch_unsliced():
+    seg, weights = torch.zeros(3, 2, 4), torch.ones(3)
+    (part,) = split_by_image(seg, weights, [(1, 4, 7)])
+    assert part == ImagePart(1, 4, 7, seg, weights) and part.seg is seg and part.weights is weights
+
+
+# ---- every accumulator on batches that span images ----------------------------------------------------------
+
+def scored(win):
+    """Two channels plus patch and grid scores computed from the window (any number of spatial axes)."""
+    seg = torch.cat([win.sin(), (win * 3).tanh()], dim=1)
+    nd = win.dim() - 2
+    patch = win.mean(dim=tuple(range(1, win.dim())))
+    grid = win.mean(1)
+    for axis in range(nd):  # 2 cells per axis: the mean of each half
+        grid = torch.stack([h.mean(axis + 1) for h in grid.chunk(2, dim=axis + 1)], dim=axis + 1)
+    return CalibratedOutput(seg, patch, grid)
+
+
+# (accumulator, input shape, roi, driver keywords, bitwise): the batch size 3 makes batches span images
+CASES = [
+    ("lattice", (3, 1, 11, 9, 8), (5, 4, 6), dict(mode="gaussian"), True),
+    ("lattice 2D", (2, 1, 13, 11), (6, 5), dict(), True),
+    # accumulate mode: per batch sums, so another batching rounds differently
+    ("blender", (3, 1, 11, 9, 8), (5, 4, 6), dict(weighting="patch*grid", normalize="weight"), False),
+    ("slab stream", (3, 1, 11, 9, 8), (5, 4, 6), dict(slab_axis=0, mode="gaussian"), True),
+    ("slab accumulated", (3, 1, 11, 9, 8), (5, 4, 6), dict(slab_axis=1, weighting="patch", normalize="weight"),
+     False),
+    ("slab argmax", (2, 1, 11, 9, 8), (5, 4, 6), dict(slab_axis=0, reduce="argmax"), True),
+    ("torch 1D", (3, 1, 17), (6,), dict(mode="gaussian", weighting="patch", normalize="weight"), True),
+    ("torch 4D", (2, 1, 7, 6, 5, 6), (4, 4, 3, 4), dict(weighting="patch*grid"), True),
+    ("confidence", (3, 1, 11, 9, 8), (5, 4, 6), dict(weighting="patch", confidence=True), True),
+]
+
+
+@pytest.mark.parametrize("kind, shape, roi, kwargs, bitwise", CASES, ids=[c[0] for c in CASES])
+def test_batches_spanning_images_equal_images_one_by_one(kind, shape, roi, kwargs, bitwise):
+    x = rand(*shape)
+    with torch.no_grad():
+        whole = sliding_window_inference(x, roi, 3, scored, 0.5, **kwargs)
+        alone = [sliding_window_inference(x[b:b + 1], roi, 3, scored, 0.5, **kwargs) for b in range(shape[0])]
+    if kwargs.get("confidence"):
+        pairs = [(whole.prediction, torch.cat([a.prediction for a in alone])),
+                 (whole.confidence, torch.cat([a.confidence for a in alone]))]
+    else:
+        pairs = [(whole, torch.cat(alone))]
+    for got, expected in pairs:
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        if bitwise:
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_batches_spanning_images_with_autograd():
+    # the autograd path keeps every window and blends each image once at the end
+    x = rand(3, 1, 11, 9, 8).requires_grad_()
+    whole = sliding_window_inference(x, (5, 4, 6), 3, scored, 0.5, weighting="patch*grid")
+    alone = torch.cat([sliding_window_inference(x[b:b + 1], (5, 4, 6), 3, scored, 0.5, weighting="patch*grid")
+                       for b in range(3)])
+    assert whole.requires_grad and torch.equal(whole.detach(), alone.detach())
+    (grad_whole,) = torch.autograd.grad(whole.sum(), x)
+    (grad_alone,) = torch.autograd.grad(alone.sum(), x)
+    # (backward sums each voxel's gradient over the windows in an order that follows the batching)
+    torch.testing.assert_close(grad_whole, grad_alone, rtol=1e-6, atol=1e-6)
