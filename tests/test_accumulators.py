@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from patchblend import CalibratedOutput
-from patchblend.inference import sliding_window_inference
+from patchblend._reference import blend_reference
+from patchblend.inference import sliding_window_inference, sliding_windows
 from patchblend.inference._accumulators import ImagePart, split_by_image
 
 
@@ -101,3 +102,30 @@ def test_batches_spanning_images_with_autograd():
     (grad_alone,) = torch.autograd.grad(alone.sum(), x)
     # (backward sums each voxel's gradient over the windows in an order that follows the batching)
     torch.testing.assert_close(grad_whole, grad_alone, rtol=1e-6, atol=1e-6)
+
+
+# ---- the N-D path is the reference ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, roi", [((2, 1, 17), (6,)), ((1, 2, 9, 7, 8, 6), (4, 4, 3, 4))])
+@pytest.mark.parametrize("weighting, normalize", [(None, "count"), ("patch", "count"), ("grid", "weight"),
+                                                  ("patch", "none")])
+def test_nd_path_is_the_reference_blend(shape, roi, weighting, normalize):
+    # 1D and 4D inputs (TorchAccumulator): bitwise the pure-PyTorch reference blend of the predictor's outputs,
+    # image by image, windows in visit order
+    seen = []
+
+    def predictor(win):
+        seen.append(scored(win))
+        return seen[-1]
+
+    x = rand(*shape, seed=3)
+    got = sliding_window_inference(x, roi, 3, predictor, 0.5, weighting=weighting, normalize=normalize)
+    segs = torch.cat([s.seg for s in seen])
+    weights = {None: None, "patch": torch.cat([s.patch for s in seen]).reshape(-1, *(1,) * len(roi)),
+               "grid": torch.cat([s.grid for s in seen])}[weighting]
+    coords = sliding_windows(shape[2:], roi, 0.5).coords()
+    n = coords.shape[0]
+    expected = torch.stack([
+        blend_reference(segs[b * n:(b + 1) * n], None if weights is None else weights[b * n:(b + 1) * n], coords,
+                        None, shape[2:], normalize) for b in range(shape[0])])
+    assert got.dtype == expected.dtype and torch.equal(got, expected)

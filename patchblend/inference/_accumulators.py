@@ -22,7 +22,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .._reference import expand_grid_weights
+from .._reference import accumulate_reference
 from .._validate import check_half_result, prepare_weights
 from ..ops import calibrated_blend, coverage_on, empty_output, zeros_output
 from .blender import Blender, LatticeBlender, SlabBlender, _make_safe_, compact_label_dtype, check_label_dtype
@@ -291,8 +291,9 @@ class KeepAccumulator(_Accumulator):
 
 
 class TorchAccumulator(_Accumulator):
-    """1D and 4D+ inputs (the compiled kernels take 2D/3D): the same blend (docs/design.md#blend-semantics) as PyTorch slice-adds,
-    window by window, with a numerator and a denominator; differentiable."""
+    """1D and 4D+ inputs (the compiled kernels take 2D/3D): the blend (docs/design.md#blend-semantics) of the
+    pure-PyTorch reference (:func:`patchblend._reference.accumulate_reference`, window by window slice-adds into a
+    numerator and a denominator per image), divided at the end; differentiable."""
 
     def __init__(self, *a):
         super().__init__(*a)
@@ -303,33 +304,13 @@ class TorchAccumulator(_Accumulator):
 
     def _add_image(self, part: ImagePart) -> None:
         s, g = self.settings, self.geometry
-        seg, weights = part.seg.to(s.acc), part.weights
-        nd = len(g.roi)
+        weights = part.weights
         if weights is not None:
             weights = weights.to(s.acc)
-            if weights.dim() > 1:
-                weights = expand_grid_weights(weights, g.roi)
-        imp = self.importance
-        num, den = self.num[part.image], None if self.den is None else self.den[part.image]
-        for k, start in enumerate(g.coords[part.first:part.end].tolist()):
-            out_sl, win_sl = [], []
-            for c, p, o in zip(start, g.roi, g.out_shape):
-                lo, hi = max(c, 0), min(c + p, o)
-                out_sl.append(slice(lo, hi))
-                win_sl.append(slice(lo - c, hi - c))
-            if any(sl.stop <= sl.start for sl in out_sl):
-                continue
-            wv = torch.ones(g.roi, dtype=s.acc, device=seg.device)
-            if weights is not None:
-                wv = wv * (weights[k].reshape([1] * nd) if weights.dim() == 1 else weights[k])
-            if imp is not None:
-                wv = wv * imp
-            wv = wv[tuple(win_sl)]
-            # add_ on the view, not `view[...] += ...`: Python's augmented assignment writes the sum back
-            # with a second in-place copy, which autograd refuses when the slice is the whole (leaf) buffer
-            num[(slice(None), *out_sl)].add_(seg[k][(slice(None), *win_sl)] * wv)
-            if den is not None:
-                den[tuple(out_sl)].add_(1.0 if s.normalize == "count" else wv)
+            if weights.dim() == 1:  # per window: one cell per axis
+                weights = weights.reshape(-1, *(1,) * len(g.roi))
+        accumulate_reference(self.num[part.image], None if self.den is None else self.den[part.image],
+                             part.seg.to(s.acc), weights, g.coords[part.first:part.end], self.importance, s.normalize)
 
     def _values(self):
         s = self.settings
