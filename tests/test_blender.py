@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patchblend
-from patchblend.inference import Blender, SlabBlender, monai_gaussian, window_coverage
+from patchblend.inference import Blender, LatticeBlender, SlabBlender, monai_gaussian, window_coverage
 from patchblend.inference.blender import check_label_dtype, compact_label_dtype
 
 
@@ -142,6 +142,31 @@ def test_slab_lattice_on_other_axes_holds_no_denominator():
             slab.finalize_until(int(coords[order[j + 6], 1]))
     torch.testing.assert_close(slab.finish(), full.finalize())
     assert slab.den is None and slab.peak_buffer_bytes == 1 * 14 * 5 * 12 * 4  # numerator only, one window deep
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("normalize", ["count", "weight", "none"])
+def test_slab_lattice_along_axis_0_streams_bitwise_the_lattice_blender(nd, normalize):
+    # window_lattice with axis 0: the batches go through blend_stream_ (the slab holds the running output only),
+    # batches of uneven sizes, some spanning two rows of windows; bitwise LatticeBlender's result
+    starts = [[0, 4, 8], [0, 3, 6], [0, 5]][-nd:] if nd == 3 else [[0, 4, 7], [0, 3, 5]]
+    window, out_shape = ((6, 5, 7), (14, 11, 12)) if nd == 3 else ((6, 5), (13, 10))
+    coords = torch.cartesian_prod(*[torch.tensor(a) for a in starts])
+    patches = torch.rand((len(coords), 2, *window), generator=torch.Generator().manual_seed(nd))
+    weights = None if normalize == "weight" else torch.rand(len(coords), generator=torch.Generator().manual_seed(7))
+    imp = monai_gaussian(window, 0.3)
+    lattice = LatticeBlender(out_shape, 2, coords, window, normalize=normalize, importance=imp)
+    slab = SlabBlender(out_shape, 2, normalize=normalize, importance=imp, window_shape=window, window_lattice=starts)
+    for i, j in _split(len(coords), 4):
+        lattice.add(patches[i:j], None if weights is None else weights[i:j])
+        slab.add(patches[i:j], coords[i:j], None if weights is None else weights[i:j])
+        if j < len(coords):
+            slab.finalize_until(int(coords[j, 0]))
+    assert torch.equal(slab.finish(), lattice.finalize())
+    assert slab.den is None
+    out_of_order = SlabBlender(out_shape, 2, normalize=normalize, window_shape=window, window_lattice=starts)
+    with pytest.raises(ValueError, match="raster order"):
+        out_of_order.add(patches[1:3], coords[1:3])
 
 
 def test_check_label_dtype():

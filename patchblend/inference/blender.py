@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -711,11 +711,13 @@ class SlabBlender(_BlendCore):
                 raise ValueError(f"window_lattice needs {self.nd} start lists and a window_shape")
             lattice = [list(map(int, a)) for a in window_lattice]
             # stream mode: windows in raster order of the lattice, slabs along the slowest axis
-            self._den = _StreamDenominator(self, lattice) if self.axis == 0 else _LatticeDenominator(self, lattice)
+            self._den = (_StreamDenominator(lattice, self.window_shape, self.out_shape) if self.axis == 0
+                         else _LatticeDenominator(lattice))
         elif window_coords is not None:
-            self._den = _CoordsDenominator(self, _as_coords(window_coords, self.nd))
+            self._den = _CoordsDenominator(_as_coords(window_coords, self.nd), self.axis)
         else:
             self._den = _AccumulatedDenominator()
+        self._added = 0  # windows added so far
         self.lo = 0  # first index along axis not yet finalised
         self._cap = 0
         self.num = None  # [C, cap, ...] slab buffer covering [lo, lo + cap) along axis
@@ -724,9 +726,7 @@ class SlabBlender(_BlendCore):
 
     # -- slab buffer -------------------------------------------------------------------------------------
     def _slab_shape(self, cap: int) -> list:
-        shape = list(self.out_shape)
-        shape[self.axis] = cap
-        return shape
+        return self._spec().slab_shape(cap)
 
     def _ensure_capacity(self, hi: int) -> None:
         need = hi - self.lo
@@ -779,10 +779,21 @@ class SlabBlender(_BlendCore):
                 raise ValueError(f"a patch reaches index {bbox[0][self.axis]} along axis {self.axis}, which is "
                                  f"already finalised (up to {self.lo}); add patches in order of their start "
                                  "along the axis")
-        self._den.take(rows)
-        if isinstance(self._den, _StreamDenominator):
-            self._den.add(patches, coords, weights, groups)
-            return
+        self._den.take(rows, coords, self._added)
+        if self._den.stream_coords is not None:
+            self._add_stream(patches, coords, weights, groups)
+        else:
+            self._add_accumulated(patches, coords, weights, groups)
+        self._added += patches.shape[0]
+
+    def _origin(self) -> torch.Tensor:
+        """The slab buffer's origin in the output: ``lo`` along the axis."""
+        origin = torch.zeros(self.nd, dtype=torch.int64)
+        origin[self.axis] = self.lo
+        return origin
+
+    def _add_accumulated(self, patches, coords, weights, groups) -> None:
+        """Each run of the batch blended into the slab's numerator (and denominator) with ``blend_add_``."""
         with_den = self.normalize != "none" and self._den.accumulated
         for i, j, bbox in groups:
             w = None if weights is None else weights[i:j]
@@ -790,9 +801,20 @@ class SlabBlender(_BlendCore):
                 prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None, self.check_values)
                 continue
             self._ensure_capacity(bbox[1][self.axis])
-            origin = torch.zeros(self.nd, dtype=torch.int64)
-            origin[self.axis] = self.lo
-            self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j] - origin, w)
+            self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j] - self._origin(), w)
+
+    def _add_stream(self, patches, coords, weights, groups) -> None:
+        """The batch (the lattice's next windows, axis 0) blended into the running slab with ``blend_stream_``, which
+        divides each voxel once its last window is in (as in :class:`LatticeBlender`)."""
+        boxes = [bb for _, _, bb in groups if bb is not None]
+        self._ensure_capacity(max(bb[1][0] for bb in boxes) if boxes else self.lo)
+        if not self._cap:
+            return
+        p, w, _ = self._batch_args(patches, weights, coords, self.out_shape)
+        all_coords, num = self._den.stream_coords - self._origin(), self.num
+        if self.nd == 2:
+            all_coords, num = torch.nn.functional.pad(all_coords, (1, 0)), num.unsqueeze(1)
+        _ops.blend_stream_(num, p, w, all_coords, self._added, self.importance, self.normalize)
 
     def finalize_until(self, stop: int) -> None:
         """Finalise ``[lo, stop)`` along the axis: the caller promises that no later patch touches it."""
@@ -810,9 +832,15 @@ class SlabBlender(_BlendCore):
                 continue
             values = self.num[self._along(0, k, True)]  # finalised in place: this part is dropped next
             if self.normalize != "none" and self._den.divides:  # (the stream op has divided already)
-                values.div_(_make_safe_(self._den.of_slab(self, self.lo, self.lo + k), self.normalize))
+                accumulated = None if self.den is None else self.den[self._along(0, k, False)]
+                den = self._den.of_slab(self._spec(), self.lo, self.lo + k, accumulated)
+                values.div_(_make_safe_(den, self.normalize))
             self._write(values, self.lo + k)
             self._shift(k)
+
+    def _spec(self) -> "_SlabSpec":
+        return _SlabSpec(self.axis, self.window_shape, self.out_shape, self.normalize, self._importance_raw, self.dtype,
+                         self.device)
 
     def _write(self, values: torch.Tensor, stop: int) -> None:
         values = _reduce(values, self.reduce, self.threshold, self.label_dtype)
@@ -856,20 +884,45 @@ class SlabBlender(_BlendCore):
 
 # ---- SlabBlender's denominator modes: one strategy object each ----------------------------------------------
 
+class _SlabSpec(NamedTuple):
+    """What a denominator strategy is told of its :class:`SlabBlender` when it computes a denominator."""
+
+    axis: int
+    window_shape: Tuple[int, ...]
+    out_shape: Tuple[int, ...]
+    normalize: str
+    importance: Optional[torch.Tensor]  # as given to the blender
+    dtype: torch.dtype
+    device: torch.device
+
+    def slab_shape(self, length: int) -> list:
+        """``out_shape`` with ``length`` along the axis."""
+        shape = list(self.out_shape)
+        shape[self.axis] = length
+        return shape
+
+
 class _SlabDenominator:
-    """How a :class:`SlabBlender` gets the denominator of a finalised part ``[lo, hi)`` of its slab."""
+    """How a :class:`SlabBlender` gets the denominator of a finalised part ``[lo, hi)`` of its slab. The blender
+    owns every buffer and passes a strategy what it needs; a strategy keeps only its own bookkeeping."""
 
     accumulated = False  # a denominator buffer is accumulated in the slab, batch by batch
     divides = True  # finalising divides (the stream op divides by itself)
     writes_before_reading = False  # the slab need not be zero-filled (the stream op writes before it reads)
+    #: the windows of a lattice in raster order ``[N, nd]`` when the batches go through ``blend_stream_`` (the
+    #: blender passes the index of a batch's first window), else None (``blend_add_`` into the slab)
+    stream_coords: Optional[torch.Tensor] = None
 
-    def take(self, rows: list) -> None:
-        """Note the starts of the patches of one ``add`` (before they are blended)."""
+    def take(self, rows: list, coords: torch.Tensor, first: int) -> None:
+        """Note the windows of one ``add`` before they are blended: their starts as int lists (``rows``) and as a
+        tensor ``[n, nd]``, and ``first``, the number of windows added before them."""
 
     def check_complete(self, stop: int) -> None:
         """Raise if finalising up to ``stop`` along the axis would use a denominator with missing windows."""
 
-    def of_slab(self, blender: "SlabBlender", lo: int, hi: int) -> torch.Tensor:
+    def of_slab(self, spec: _SlabSpec, lo: int, hi: int, accumulated: Optional[torch.Tensor]) -> torch.Tensor:
+        """The denominator of ``[lo, hi)`` along the axis (``accumulated``: the blender's denominator slab of that
+        part, when :attr:`accumulated`)."""
         raise NotImplementedError
 
     def release(self) -> None:
@@ -881,8 +934,8 @@ class _AccumulatedDenominator(_SlabDenominator):
 
     accumulated = True
 
-    def of_slab(self, blender, lo, hi):
-        return blender.den[blender._along(0, hi - lo, False)]
+    def of_slab(self, spec, lo, hi, accumulated):
+        return accumulated
 
 
 class _CoordsDenominator(_SlabDenominator):
@@ -890,12 +943,12 @@ class _CoordsDenominator(_SlabDenominator):
     is computed from the list (:func:`window_coverage`), so every patch added must be in it, as often as listed,
     and every listed window that reaches a part must have been added before that part is finalised."""
 
-    def __init__(self, blender: "SlabBlender", coords: torch.Tensor):
-        self.coords, self.axis, self.nd = coords, blender.axis, blender.nd
+    def __init__(self, coords: torch.Tensor, axis: int):
+        self.coords, self.axis = coords, axis
         self.pending = Counter(map(tuple, coords.tolist()))  # listed, not added yet
-        self.pending_starts = Counter(coords[:, self.axis].tolist())
+        self.pending_starts = Counter(coords[:, axis].tolist())
 
-    def take(self, rows):
+    def take(self, rows, coords, first):
         batch = Counter(map(tuple, rows))
         for row, k in batch.items():
             if self.pending[row] < k:
@@ -912,11 +965,11 @@ class _CoordsDenominator(_SlabDenominator):
                              f"were not added before finalising up to {stop}: their part of the output would be "
                              "divided by a denominator that counts them")
 
-    def of_slab(self, blender, lo, hi):
-        origin = [0] * self.nd
+    def of_slab(self, spec, lo, hi, accumulated):
+        origin = [0] * self.coords.shape[1]
         origin[self.axis] = lo
-        return window_coverage(self.coords - torch.tensor(origin), blender.window_shape, blender._slab_shape(hi - lo),
-                               blender.normalize, blender._importance_raw, dtype=blender.dtype, device=blender.device)
+        return window_coverage(self.coords - torch.tensor(origin), spec.window_shape, spec.slab_shape(hi - lo),
+                               spec.normalize, spec.importance, dtype=spec.dtype, device=spec.device)
 
 
 class _LatticeDenominator(_SlabDenominator):
@@ -924,58 +977,38 @@ class _LatticeDenominator(_SlabDenominator):
     this axis per finalised part (for axis 0 the same order of additions as :func:`lattice_coverage`, hence
     bitwise the same values)."""
 
-    def __init__(self, blender: "SlabBlender", lattice: list):
+    def __init__(self, lattice: list):
         self.lattice = lattice
         self.partial = None  # the lattice sum over every axis but the slab axis, computed once
 
-    def of_slab(self, blender, lo, hi):
+    def of_slab(self, spec, lo, hi, accumulated):
         if self.partial is None:
-            imp = blender._importance_raw if blender.normalize == "weight" else None
-            f = (torch.ones(blender.window_shape, dtype=blender.dtype, device=blender.device) if imp is None
-                 else imp.to(device=blender.device, dtype=blender.dtype))
-            for axis in reversed(range(blender.nd)):
-                if axis != blender.axis:
-                    f = _overlap_add_axis(f, axis, self.lattice[axis], blender.out_shape[axis])
+            imp = spec.importance if spec.normalize == "weight" else None
+            f = (torch.ones(spec.window_shape, dtype=spec.dtype, device=spec.device) if imp is None
+                 else imp.to(device=spec.device, dtype=spec.dtype))
+            for axis in reversed(range(len(spec.out_shape))):
+                if axis != spec.axis:
+                    f = _overlap_add_axis(f, axis, self.lattice[axis], spec.out_shape[axis])
             self.partial = f
-        return _overlap_add_axis(self.partial, blender.axis, self.lattice[blender.axis],
-                                 blender.out_shape[blender.axis], lo, hi)
+        return _overlap_add_axis(self.partial, spec.axis, self.lattice[spec.axis], spec.out_shape[spec.axis], lo, hi)
 
     def release(self):
         self.partial = None
 
 
-class _StreamDenominator(_LatticeDenominator):
+class _StreamDenominator(_SlabDenominator):
     """``window_lattice`` with slab axis 0: the patches arrive in the lattice's raster order and each batch goes
     through the compiled ``blend_stream_`` op, which divides each voxel once its last window is in (as in
     :class:`LatticeBlender`): the slab holds only the running output, no denominator, no zero fill."""
 
     divides = False
 
-    def __init__(self, blender: "SlabBlender", lattice: list):
-        super().__init__(blender, lattice)
-        self.blender = blender
-        self.coords = lattice_tables(tuple(map(tuple, lattice))).coords  # (shared, read-only)
-        self.writes_before_reading = _covers([sorted(set(a)) for a in lattice], blender.window_shape,
-                                             blender.out_shape)
-        self.next = 0
+    def __init__(self, lattice: list, window_shape, out_shape):
+        self.stream_coords = lattice_tables(tuple(map(tuple, lattice))).coords  # (shared, read-only)
+        self.writes_before_reading = _covers([sorted(set(a)) for a in lattice], window_shape, out_shape)
 
-    def add(self, patches, coords, weights, groups) -> None:
-        b = self.blender
-        n = patches.shape[0]
-        expected = self.coords[self.next:self.next + n]
+    def take(self, rows, coords, first):
+        expected = self.stream_coords[first:first + coords.shape[0]]
         if not torch.equal(coords, expected):
             raise ValueError("with window_lattice and axis=0, patches must arrive in the lattice's raster order: "
                              f"expected coords {expected.tolist()[:4]}..., got {coords.tolist()[:4]}...")
-        boxes = [bb for _, _, bb in groups if bb is not None]
-        b._ensure_capacity(max(bb[1][0] for bb in boxes) if boxes else b.lo)
-        if b._cap:
-            p, w, _ = b._batch_args(patches, weights, coords, b.out_shape)
-            origin = torch.zeros(b.nd, dtype=torch.int64)
-            origin[0] = b.lo
-            all_coords = self.coords - origin
-            num = b.num
-            if b.nd == 2:
-                all_coords = torch.nn.functional.pad(all_coords, (1, 0))
-                num = num.unsqueeze(1)
-            _ops.blend_stream_(num, p, w, all_coords, self.next, b.importance, b.normalize)
-        self.next += n
