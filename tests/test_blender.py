@@ -332,3 +332,31 @@ def test_check_values_is_a_constructor_argument():
     bl.add(patches, coords, weights)
     ref = blend_reference(patches, weights.view(-1, 1, 1, 1), coords, None, shape, "count")
     torch.testing.assert_close(bl.finalize(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_one_interface_add_and_finish_with_the_old_names_as_aliases():
+    # every blender: add a batch, finish(); finalize / finalize_with_confidence / finalize_until still work
+    starts = [[0, 4], [0, 3], [0, 5]]
+    coords = torch.cartesian_prod(*[torch.tensor(a) for a in starts])
+    patches = torch.rand((len(coords), 2, 6, 5, 7), generator=torch.Generator().manual_seed(5))
+    scores = torch.rand(len(coords), generator=torch.Generator().manual_seed(6))
+    out_shape = (10, 8, 12)
+    results = {}
+    for name in ("finish", "finalize"):
+        b = Blender(out_shape, 2, confidence=True)
+        b.add(patches, coords, scores)
+        lat = LatticeBlender(out_shape, 2, coords, (6, 5, 7), confidence=True)
+        lat.add(patches, scores)
+        slab = SlabBlender(out_shape, 2, window_shape=(6, 5, 7), confidence=True)
+        slab.add(patches[:4], coords[:4], scores[:4])
+        getattr(slab, name + "_until")(4)
+        slab.add(patches[4:], coords[4:], scores[4:])
+        results[name] = [getattr(x, name + "_with_confidence")() for x in (b, lat, slab)]
+        assert getattr(b, name)() is results[name][0].prediction  # (finishing twice returns the same buffer)
+    for new, old in zip(results["finish"], results["finalize"]):
+        assert torch.equal(new.prediction, old.prediction) and torch.equal(new.confidence, old.confidence)
+    assert torch.equal(results["finish"][0].prediction, results["finish"][1].prediction)
+    b = Blender(out_shape, 2)
+    b.finish()
+    with pytest.raises(RuntimeError, match=r"after finish\(\)"):
+        b.add(patches, coords)

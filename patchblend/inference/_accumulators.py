@@ -187,7 +187,7 @@ class LatticeAccumulator(_Accumulator):
 
     def _values(self):
         for bl in self.blenders.values():
-            bl.finalize()
+            bl.finish()
         return self.out
 
 
@@ -211,7 +211,7 @@ class BlenderAccumulator(_Accumulator):
         for b in range(self.settings.batch):  # an image with no window (none here) would still be divided
             bl = self.blenders.get(b)
             if bl is not None:
-                bl.finalize()
+                bl.finish()
         return self.out
 
 
@@ -255,7 +255,7 @@ class SlabAccumulator(_Accumulator):
                 continue
             bl.add(part.seg[r0:r], coords[w0 + r0:w0 + r], None if part.weights is None else part.weights[r0:r])
             if w0 + r < s.num_win:
-                bl.finalize_until(int(coords[w0 + r, axis]))
+                bl.finish_until(int(coords[w0 + r, axis]))
             r0 = r
         if part.end == s.num_win:
             bl.finish()

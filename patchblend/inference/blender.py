@@ -3,13 +3,17 @@
 :class:`Blender` takes batches of patches (with their starts and optional calibrated weights) and keeps
 only a float32 numerator ``[C, *out_shape]`` and, when it depends on the weights, a denominator
 ``[*out_shape]``: each batch is blended by the compiled op into its bounding box with
-``normalize="none"`` and added in; :meth:`Blender.finalize` divides once at the end. The result is the
+``normalize="none"`` and added in; :meth:`Blender.finish` divides once at the end. The result is the
 :func:`patchblend.calibrated_blend` of all patches added (docs/design.md#blend-semantics), up to float32 summation order.
 
 :class:`SlabBlender` does the same with a buffer that spans only a slab along one spatial axis:
 patches must arrive in non-decreasing order of their start along that axis, and
-:meth:`SlabBlender.finalize_until` finalises (and optionally reduces: argmax or threshold) the part
+:meth:`SlabBlender.finish_until` finalises (and optionally reduces: argmax or threshold) the part
 of the slab that no later patch can touch, writing it into the output.
+
+Every blender has one interface: ``add`` a batch, ``finish()`` (the result) and, with ``confidence=True``,
+``finish_with_confidence()``; ``check_values`` is a constructor argument. ``finalize``, ``finalize_with_confidence``
+and ``SlabBlender.finalize_until`` are the earlier names, kept as aliases.
 """
 from __future__ import annotations
 
@@ -208,6 +212,14 @@ class _BlendCore:
         if self._confidence is None:
             raise RuntimeError(f"{type(self).__name__}.{method}: this blender was made without confidence=True")
 
+    def finalize(self, *args, **kwargs) -> torch.Tensor:
+        """Alias of ``finish`` (its earlier name), kept for existing code."""
+        return self.finish(*args, **kwargs)
+
+    def finalize_with_confidence(self, *args, **kwargs) -> PredictionWithConfidence:
+        """Alias of ``finish_with_confidence`` (its earlier name), kept for existing code."""
+        return self.finish_with_confidence(*args, **kwargs)
+
     def _output_buffer(self, out: Optional[torch.Tensor], make) -> torch.Tensor:
         """The caller's ``out`` (checked: contiguous ``[C, *out_shape]`` of the accumulation dtype on the device)
         or a new one from ``make`` (``zeros_output`` / ``empty_output``)."""
@@ -334,11 +346,11 @@ class Blender(_BlendCore):
         denominator: optional precomputed denominator ``[*out_shape]`` for every patch that will be added
             (e.g. :func:`window_coverage`); then no denominator is accumulated per batch, which is only
             valid when it does not depend on the weights (``"count"``, or ``"weight"`` without weights).
-            :meth:`finalize` makes it safe to divide by in place (counts clamped at 1, zero weight sums
+            :meth:`finish` makes it safe to divide by in place (counts clamped at 1, zero weight sums
             replaced by 1), which is idempotent, so several blenders may share one.
         confidence: also accumulate the blended confidence map ``[1, *out_shape]`` of the weights given to
             :meth:`add` (``"count"``: ``C = Σ α / N``; ``"weight"``: ``Σ α·imp / Σ imp``; 0 where nothing covers;
-            see :mod:`patchblend.inference.confidence`), returned by :meth:`finalize_with_confidence`. Needs
+            see :mod:`patchblend.inference.confidence`), returned by :meth:`finish_with_confidence`. Needs
             ``normalize`` ``"count"`` or ``"weight"``. Costs a one-channel numerator (and denominator) more.
         weigh_prediction: with ``confidence=True`` only: ``False`` sends the weights given to :meth:`add` only
             into the confidence map; the prediction is then the unweighted blend.
@@ -352,7 +364,7 @@ class Blender(_BlendCore):
         >>> b = Blender((64, 64, 64), channels=2, normalize="count")
         >>> for patches, coords, scores in batches:   # patches [n, 2, 32, 32, 32], coords [n, 3], scores [n]
         ...     b.add(patches, coords, scores)
-        >>> out = b.finalize()                         # [2, 64, 64, 64]
+        >>> out = b.finish()                           # [2, 64, 64, 64]
     """
 
     def __init__(
@@ -399,7 +411,7 @@ class Blender(_BlendCore):
                 ``weigh_prediction=False``).
         """
         if self._finalized:
-            raise RuntimeError("Blender.add called after finalize()")
+            raise RuntimeError("Blender.add called after finish() (or its alias finalize())")
         self._check_patches(patches)
         coords = _as_coords(coords, self.nd)
         if coords.shape[0] != patches.shape[0]:
@@ -422,7 +434,7 @@ class Blender(_BlendCore):
             c_patches, c_weights = self._confidence_terms(all_weights, patches.shape[0])
             self._confidence.add(c_patches, coords, c_weights)
 
-    def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def finish(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Divide by the denominator (in place, once) and return ``[C, *out_shape]`` (cast to ``dtype`` if given).
         Voxels no patch covered are 0."""
         if not self._finalized:
@@ -431,11 +443,11 @@ class Blender(_BlendCore):
             self.den = None
         return self.num if dtype is None or dtype == self.num.dtype else self.num.to(dtype)
 
-    def finalize_with_confidence(self, dtype: Optional[torch.dtype] = None) -> PredictionWithConfidence:
+    def finish_with_confidence(self, dtype: Optional[torch.dtype] = None) -> PredictionWithConfidence:
         """``(prediction [C, *out_shape], confidence [1, *out_shape])`` (both cast to ``dtype`` if given); needs
-        ``confidence=True``. The prediction is :meth:`finalize`'s."""
-        self._require_confidence("finalize_with_confidence")
-        return PredictionWithConfidence(self.finalize(dtype), self._confidence.finalize(dtype))
+        ``confidence=True``. The prediction is :meth:`finish`'s."""
+        self._require_confidence("finish_with_confidence")
+        return PredictionWithConfidence(self.finish(dtype), self._confidence.finish(dtype))
 
 
 def _covers(axes: Sequence[Sequence[int]], window_shape, out_shape) -> bool:
@@ -474,7 +486,7 @@ class LatticeBlender(_BlendCore):
         device, dtype: where and in which float dtype (float32 or float64) the output is accumulated.
         out: optional preallocated contiguous ``[C, *out_shape]`` buffer of ``dtype``; it need not be zeroed.
         confidence: also blend the confidence map ``[1, *out_shape]`` of the weights given to :meth:`add`, in the
-            same stream mode (a one-channel output more), returned by :meth:`finalize_with_confidence`; bitwise
+            same stream mode (a one-channel output more), returned by :meth:`finish_with_confidence`; bitwise
             :func:`patchblend.calibrated_blend` of the weights spread over their windows (see
             :mod:`patchblend.inference.confidence`). Needs ``normalize`` ``"count"`` or ``"weight"``.
         weigh_prediction: with ``confidence=True`` only: ``False`` sends the weights only into the confidence map
@@ -487,7 +499,7 @@ class LatticeBlender(_BlendCore):
         >>> b = LatticeBlender((64, 64, 64), 2, grid.coords(), (32, 32, 32))
         >>> for k in range(0, len(grid), 4):
         ...     b.add(predictor(windows[k:k + 4]))      # [n, 2, 32, 32, 32], the next n windows
-        >>> out = b.finalize()                           # [2, 64, 64, 64]
+        >>> out = b.finish()                             # [2, 64, 64, 64]
     """
 
     def __init__(
@@ -564,17 +576,17 @@ class LatticeBlender(_BlendCore):
                                self.importance, self.normalize)
         self.next += n
 
-    def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def finish(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``[C, *out_shape]`` once every window has been added (cast to ``dtype`` if given)."""
         if self.next != self.coords.shape[0]:
-            raise RuntimeError(f"LatticeBlender.finalize: only {self.next} of {self.coords.shape[0]} windows added")
+            raise RuntimeError(f"LatticeBlender.finish: only {self.next} of {self.coords.shape[0]} windows added")
         return self.out if dtype is None or dtype == self.out.dtype else self.out.to(dtype)
 
-    def finalize_with_confidence(self, dtype: Optional[torch.dtype] = None) -> PredictionWithConfidence:
+    def finish_with_confidence(self, dtype: Optional[torch.dtype] = None) -> PredictionWithConfidence:
         """``(prediction [C, *out_shape], confidence [1, *out_shape])`` once every window has been added (cast to
         ``dtype`` if given); needs ``confidence=True``."""
-        self._require_confidence("finalize_with_confidence")
-        return PredictionWithConfidence(self.finalize(dtype), self._confidence.finalize(dtype))
+        self._require_confidence("finish_with_confidence")
+        return PredictionWithConfidence(self.finish(dtype), self._confidence.finish(dtype))
 
 
 def check_label_dtype(channels: int, label_dtype) -> None:
@@ -613,7 +625,7 @@ class SlabBlender(_BlendCore):
     """Streaming blend that holds only a slab of the output along one spatial ``axis``.
 
     Patches must be added in non-decreasing order of their start along ``axis`` (a patch may not touch a
-    finalised part). Call :meth:`finalize_until` with the start of the next patch to be added: everything
+    finalised part). Call :meth:`finish_until` with the start of the next patch to be added: everything
     before it is final and is divided, optionally reduced, and written to :attr:`out`; :meth:`finish`
     finalises the rest. The result equals :class:`Blender`'s (bitwise when the batches are the same).
 
@@ -816,10 +828,10 @@ class SlabBlender(_BlendCore):
             all_coords, num = torch.nn.functional.pad(all_coords, (1, 0)), num.unsqueeze(1)
         _ops.blend_stream_(num, p, w, all_coords, self._added, self.importance, self.normalize)
 
-    def finalize_until(self, stop: int) -> None:
+    def finish_until(self, stop: int) -> None:
         """Finalise ``[lo, stop)`` along the axis: the caller promises that no later patch touches it."""
         if self._confidence is not None:
-            self._confidence.finalize_until(stop)
+            self._confidence.finish_until(stop)
         stop = min(int(stop), self.out_shape[self.axis])
         if stop > self.lo:
             self._den.check_complete(stop)
@@ -867,7 +879,7 @@ class SlabBlender(_BlendCore):
         """Finalise everything left and return :attr:`out`."""
         if self._confidence is not None:
             self._confidence.finish()
-        self.finalize_until(self.out_shape[self.axis])
+        self.finish_until(self.out_shape[self.axis])
         self.num = self.den = None
         self._den.release()
         if self._widen_to is not None:  # the slab is gone: now the labels may take their requested width
@@ -880,6 +892,10 @@ class SlabBlender(_BlendCore):
         ``out_dtype``); needs ``confidence=True``."""
         self._require_confidence("finish_with_confidence")
         return PredictionWithConfidence(self.finish(), self._confidence.finish())
+
+    def finalize_until(self, stop: int) -> None:
+        """Alias of :meth:`finish_until` (its earlier name), kept for existing code."""
+        self.finish_until(stop)
 
 
 # ---- SlabBlender's denominator modes: one strategy object each ----------------------------------------------
