@@ -25,7 +25,7 @@ import torch
 from .._reference import accumulate_reference
 from .._validate import check_half_result, prepare_weights
 from ..ops import calibrated_blend, coverage_on, empty_output, zeros_output
-from .blender import Blender, LatticeBlender, SlabBlender, _make_safe_, compact_label_dtype, check_label_dtype
+from .blender import Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype, safe_denominator_
 from .windows import WindowGrid
 
 __all__ = ["OutputGeometry", "output_geometry", "BlendSettings", "make_accumulator"]
@@ -316,7 +316,7 @@ class TorchAccumulator(_Accumulator):
         s = self.settings
         if self.den is None:
             return self.num
-        return self.num / _make_safe_(self.den.unsqueeze(1).clone(), s.normalize)
+        return self.num / safe_denominator_(self.den.unsqueeze(1).clone(), s.normalize)
 
 
 class CoverageConfidence(_Accumulator):
@@ -348,7 +348,7 @@ class CoverageConfidence(_Accumulator):
             w = prepare_weights(w.to(s.device), coords.shape[0], g.roi, s.acc, s.device, check_values=False)
             num = coverage_on(w, coords, imp, roi3, out3, "weight", s.acc, s.device)
             den = coverage_on(None, coords, imp, roi3, out3, s.normalize, s.acc, s.device)
-            out[b, 0] = num.div_(_make_safe_(den, s.normalize)).reshape(g.out_shape)
+            out[b, 0] = num.div_(safe_denominator_(den, s.normalize)).reshape(g.out_shape)
         return out
 
 

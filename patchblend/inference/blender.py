@@ -316,10 +316,10 @@ class _BlendCore:
         ``den`` is 0, since ``num`` is 0 there too). ``den`` is made safe in place (idempotent)."""
         if self.normalize == "none":
             return num
-        return num.div_(_make_safe_(den, self.normalize))
+        return num.div_(safe_denominator_(den, self.normalize))
 
 
-def _make_safe_(den: torch.Tensor, normalize: str) -> torch.Tensor:
+def safe_denominator_(den: torch.Tensor, normalize: str) -> torch.Tensor:
     """In place: clamp a count at 1, or replace a weight sum of exactly 0 by 1. Where a weight sum is 0 the
     numerator is 0 too (weights are >= 0), so the quotient is 0 as docs/design.md#blend-semantics asks; any other sum, subnormal
     ones included (a patch score of 1e-20 times a cell score of 1e-20), is divided by as it is, as the op does
@@ -846,7 +846,7 @@ class SlabBlender(_BlendCore):
             if self.normalize != "none" and self._den.divides:  # (the stream op has divided already)
                 accumulated = None if self.den is None else self.den[self._along(0, k, False)]
                 den = self._den.of_slab(self._spec(), self.lo, self.lo + k, accumulated)
-                values.div_(_make_safe_(den, self.normalize))
+                values.div_(safe_denominator_(den, self.normalize))
             self._write(values, self.lo + k)
             self._shift(k)
 
