@@ -37,10 +37,11 @@ def test_split_by_image_three_images_and_missing_tensors():
     assert [p.weights.flatten().tolist() for p in parts] == [[1.0], [2.0, 3.0]]
 
 
-def test_split_by_image_one_image_passes_the_batch_unsliced():
-    seg, weights = torch.zeros(3, 2, 4), torch.ones(3)
+def test_split_by_image_one_image():
+    seg, weights = torch.rand(3, 2, 4), torch.rand(3)
     (part,) = split_by_image(seg, weights, [(1, 4, 7)])
-    assert part == ImagePart(1, 4, 7, seg, weights) and part.seg is seg and part.weights is weights
+    assert isinstance(part, ImagePart) and (part.image, part.first, part.end) == (1, 4, 7)
+    assert torch.equal(part.seg, seg) and torch.equal(part.weights, weights)
 
 
 # ---- every accumulator on batches that span images ----------------------------------------------------------

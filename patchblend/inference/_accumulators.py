@@ -100,11 +100,7 @@ class ImagePart(NamedTuple):
 
 def split_by_image(seg: Optional[torch.Tensor], weights: Optional[torch.Tensor], segments) -> List[ImagePart]:
     """A batch ``seg [n, ...]`` / ``weights [n, ...]`` split by image: ``segments`` lists ``(image, first window,
-    end window)`` in batch order, their windows counts adding up to ``n``. A batch within one image (the common
-    case) is passed on as it is, unsliced."""
-    if len(segments) == 1:
-        b, w0, w1 = segments[0]
-        return [ImagePart(b, w0, w1, seg, weights)]
+    end window)`` in batch order, their windows counts adding up to ``n``."""
     parts, k = [], 0
     for b, w0, w1 in segments:
         m = w1 - w0
@@ -136,10 +132,15 @@ class _Accumulator:
     def add(self, seg: Optional[torch.Tensor], weights: Optional[torch.Tensor], segments) -> None:
         """Blend one batch ``seg [n, C, *roi]`` with its ``weights`` (None, ``[n]``, ``[n, *G]`` or per-voxel
         maps) of the windows ``segments`` (``(image, first window, end window)`` each)."""
-        for part in split_by_image(seg, weights, segments):
-            self._add_image(part)
+        if len(segments) == 1:  # the common case, a batch within one image: passed on as it is (no slicing)
+            self._add_image(*segments[0], seg, weights)
+        else:
+            for part in split_by_image(seg, weights, segments):
+                self._add_image(*part)
 
-    def _add_image(self, part: ImagePart) -> None:
+    def _add_image(self, image: int, first: int, end: int, seg: Optional[torch.Tensor],
+                   weights: Optional[torch.Tensor]) -> None:
+        """Blend one image's part of a batch (the fields of an :class:`ImagePart`)."""
         raise NotImplementedError
 
     def _blender(self, image: int):
@@ -176,8 +177,8 @@ class LatticeAccumulator(_Accumulator):
         s, g = self.settings, self.geometry
         self.out = empty_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)  # every voxel is written
 
-    def _add_image(self, part: ImagePart) -> None:
-        self._blender(part.image).add_unchecked(part.seg, part.weights)
+    def _add_image(self, image, first, end, seg, weights) -> None:
+        self._blender(image).add_unchecked(seg, weights)
 
     def _new_blender(self, image: int) -> LatticeBlender:
         s, g = self.settings, self.geometry
@@ -199,8 +200,8 @@ class BlenderAccumulator(_Accumulator):
         s, g = self.settings, self.geometry
         self.out = zeros_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)
 
-    def _add_image(self, part: ImagePart) -> None:
-        self._blender(part.image).add(part.seg, self.geometry.coords[part.first:part.end], part.weights)
+    def _add_image(self, image, first, end, seg, weights) -> None:
+        self._blender(image).add(seg, self.geometry.coords[first:end], weights)
 
     def _new_blender(self, image: int) -> Blender:
         s, g = self.settings, self.geometry
@@ -242,24 +243,24 @@ class SlabAccumulator(_Accumulator):
                            device=s.slab_device, dtype=s.acc, out_dtype=self.out_dtype, label_dtype=self.out.dtype,
                            window_lattice=self.lattice, out=self.out[image], check_values=False)
 
-    def _add_image(self, part: ImagePart) -> None:
+    def _add_image(self, image, first, end, seg, weights) -> None:
         s, coords = self.settings, self.geometry.coords
-        axis, w0, m = s.slab_axis, part.first, part.end - part.first
-        bl = self._blender(part.image)
+        axis, m = s.slab_axis, end - first
+        bl = self._blender(image)
         # one add per run of equal starts along the slab axis, finalising in between, so that the slab buffer
         # stays one window deep even when a predictor batch spans two rows of windows
-        axis_starts = coords[w0:part.end, axis].tolist()
+        axis_starts = coords[first:end, axis].tolist()
         r0 = 0
         for r in range(1, m + 1):
             if r < m and axis_starts[r] == axis_starts[r0]:
                 continue
-            bl.add(part.seg[r0:r], coords[w0 + r0:w0 + r], None if part.weights is None else part.weights[r0:r])
-            if w0 + r < s.num_win:
-                bl.finish_until(int(coords[w0 + r, axis]))
+            bl.add(seg[r0:r], coords[first + r0:first + r], None if weights is None else weights[r0:r])
+            if first + r < s.num_win:
+                bl.finish_until(int(coords[first + r, axis]))
             r0 = r
-        if part.end == s.num_win:
+        if end == s.num_win:
             bl.finish()
-            del self.blenders[part.image]
+            del self.blenders[image]
 
     def finish(self) -> torch.Tensor:  # (reduced slab by slab already)
         if self.settings.reduce == "argmax" and self.out.dtype != self.settings.label_dtype:
@@ -276,8 +277,8 @@ class KeepAccumulator(_Accumulator):
         super().__init__(*a)
         self.kept = {}
 
-    def _add_image(self, part: ImagePart) -> None:
-        self.kept.setdefault(part.image, []).append((part.seg, part.weights))
+    def _add_image(self, image, first, end, seg, weights) -> None:
+        self.kept.setdefault(image, []).append((seg, weights))
 
     def _values(self):
         s, g = self.settings, self.geometry
@@ -302,15 +303,14 @@ class TorchAccumulator(_Accumulator):
         self.den = None if s.normalize == "none" else torch.zeros((s.batch, *g.out_shape), dtype=s.acc,
                                                                    device=s.device)
 
-    def _add_image(self, part: ImagePart) -> None:
+    def _add_image(self, image, first, end, seg, weights) -> None:
         s, g = self.settings, self.geometry
-        weights = part.weights
         if weights is not None:
             weights = weights.to(s.acc)
             if weights.dim() == 1:  # per window: one cell per axis
                 weights = weights.reshape(-1, *(1,) * len(g.roi))
-        accumulate_reference(self.num[part.image], None if self.den is None else self.den[part.image],
-                             part.seg.to(s.acc), weights, g.coords[part.first:part.end], self.importance, s.normalize)
+        accumulate_reference(self.num[image], None if self.den is None else self.den[image], seg.to(s.acc), weights,
+                             g.coords[first:end], self.importance, s.normalize)
 
     def _values(self):
         s = self.settings
@@ -332,8 +332,8 @@ class CoverageConfidence(_Accumulator):
         super().__init__(geometry, 1, importance, settings, seg_dtype)
         self.kept = {}
 
-    def _add_image(self, part: ImagePart) -> None:
-        self.kept.setdefault(part.image, []).append(part.weights)
+    def _add_image(self, image, first, end, seg, weights) -> None:
+        self.kept.setdefault(image, []).append(weights)
 
     def _values(self):
         s, g = self.settings, self.geometry

@@ -1,4 +1,4 @@
-"""Streaming accumulators for sliding-window inference.
+"""Streaming blenders for sliding-window inference: one image's output, blended batch by batch.
 
 :class:`Blender` takes batches of patches (with their starts and optional calibrated weights) and keeps
 only a float32 numerator ``[C, *out_shape]`` and, when it depends on the weights, a denominator
@@ -151,7 +151,7 @@ def lattice_coverage(
 
 
 class _BlendCore:
-    """Shared by the accumulators: argument checks and one batch blended into its bounding box."""
+    """Shared by the blenders: argument checks and one batch blended into its bounding box."""
 
     #: Check that weights are finite and >= 0 on every ``add`` (one device synchronisation on a GPU); set by the
     #: constructor's ``check_values`` (the sliding-window driver passes False: it checks predictor scores itself,
