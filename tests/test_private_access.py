@@ -33,8 +33,8 @@ def private_uses(source: str):
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level and node.module:  # (`from .. import _m`: a module)
-            found += [(node.lineno, f"import {a.name}") for a in node.names
-                      if a.name.startswith("_") and not a.name.startswith("__") and a.name not in KNOWN_VALIDATE_IMPORTS]
+            found += [(node.lineno, f"import {a.name}") for a in node.names if a.name.startswith("_")
+                      and not a.name.startswith("__") and a.name not in KNOWN_VALIDATE_IMPORTS]
         elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             owner = node.value
             if isinstance(owner, ast.Name) and (owner.id in ("self", "cls") or owner.id in modules):

@@ -851,8 +851,8 @@ class SlabBlender(_BlendCore):
             self._shift(k)
 
     def _spec(self) -> "_SlabSpec":
-        return _SlabSpec(self.axis, self.window_shape, self.out_shape, self.normalize, self._importance_raw, self.dtype,
-                         self.device)
+        return _SlabSpec(self.axis, self.window_shape, self.out_shape, self.normalize, self._importance_raw,
+                         self.dtype, self.device)
 
     def _write(self, values: torch.Tensor, stop: int) -> None:
         values = _reduce(values, self.reduce, self.threshold, self.label_dtype)
