@@ -1,11 +1,13 @@
 """The sliding-window driver's accumulators: the per-image split of a batch, each accumulator on batches that span
 images (against the same images run one by one), and the N-D path against the pure-PyTorch reference."""
+import gc
+
 import pytest
 import torch
 
 from patchblend import CalibratedOutput
 from patchblend._reference import blend_reference
-from patchblend.inference import sliding_window_inference, sliding_windows
+from patchblend.inference import SlabBlender, sliding_window_inference, sliding_windows
 from patchblend.inference._accumulators import ImagePart, split_by_image
 
 
@@ -130,3 +132,44 @@ def test_nd_path_is_the_reference_blend(shape, roi, weighting, normalize):
         blend_reference(segs[b * n:(b + 1) * n], None if weights is None else weights[b * n:(b + 1) * n], coords,
                         None, shape[2:], normalize) for b in range(shape[0])])
     assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+# ---- no reference cycles -------------------------------------------------------------------------------------
+
+def test_accumulators_and_blenders_are_freed_without_the_garbage_collector():
+    # the driver frees each accumulator's buffers (whole outputs) as it finishes it: that needs no reference cycle
+    # among accumulators, blenders and their strategies (a cycle keeps the buffers until the collector runs)
+    x = torch.rand(2, 1, 11, 9, 8)
+    configs = [dict(), dict(weighting="grid", normalize="weight"), dict(slab_axis=0),
+               dict(slab_axis=1, weighting="grid", normalize="weight"), dict(weighting="patch", confidence=True),
+               dict(slab_axis=0, confidence=True, weighting="grid")]
+
+    def run():
+        with torch.no_grad():
+            for kw in configs:
+                sliding_window_inference(x, (5, 4, 6), 3, scored, 0.5, **kw)
+            sliding_window_inference(torch.rand(1, 1, 7, 6, 5, 6), 4, 3, scored, 0.5)
+        slab = SlabBlender((12, 8, 8), 1, window_shape=(4, 4, 4), window_lattice=[[0, 4, 8], [0, 4], [0, 4]],
+                           confidence=True)
+        slab.add(torch.rand(12, 1, 4, 4, 4), slab_coords(), torch.rand(12))
+        slab.finish()
+
+    run()  # (caches filled)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        run()
+        gc.collect()
+        ours = sorted({type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("patchblend")})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was_enabled:
+            gc.enable()
+    assert ours == []
+
+
+def slab_coords():
+    return torch.cartesian_prod(torch.tensor([0, 4, 8]), torch.tensor([0, 4]), torch.tensor([0, 4]))

@@ -110,23 +110,11 @@ def split_by_image(seg: Optional[torch.Tensor], weights: Optional[torch.Tensor],
     return parts
 
 
-class PerImage(dict):
-    """``image -> blender``; a missing image's blender is made by ``make(image)`` when it is first looked up
-    (``get`` makes none)."""
-
-    def __init__(self, make):
-        super().__init__()
-        self.make = make
-
-    def __missing__(self, image: int):
-        made = self[image] = self.make(image)
-        return made
-
-
 class _Accumulator:
     """The shared part: :meth:`add` splits a batch by image (:func:`split_by_image`) and hands each part to
     :meth:`_add_image`; :meth:`finish` reduces :meth:`_values`. Per-image blenders, where a subclass uses them,
-    are made on first use: ``self.blenders[image]`` (a :class:`PerImage`) calls :meth:`_new_blender`."""
+    are made on first use by :meth:`_blender` from :meth:`_new_blender`. (No reference cycle: a finished
+    accumulator's buffers are freed as soon as the driver drops it.)"""
 
     def __init__(self, geometry: OutputGeometry, channels: int, importance, settings: BlendSettings,
                  seg_dtype: torch.dtype):
@@ -135,7 +123,7 @@ class _Accumulator:
         self.importance = importance
         self.settings = settings
         self.out_dtype = settings.out_dtype or seg_dtype
-        self.blenders = PerImage(self._new_blender)
+        self.blenders = {}
 
     @property
     def input_device(self) -> torch.device:
@@ -156,6 +144,13 @@ class _Accumulator:
                    weights: Optional[torch.Tensor]) -> None:
         """Blend one image's part of a batch (the fields of an :class:`ImagePart`)."""
         raise NotImplementedError
+
+    def _blender(self, image: int):
+        """The blender of ``image``, made by :meth:`_new_blender` on first use."""
+        bl = self.blenders.get(image)
+        if bl is None:
+            bl = self.blenders[image] = self._new_blender(image)
+        return bl
 
     def _new_blender(self, image: int):
         """A new blender for ``image`` (subclasses that blend with one per image)."""
@@ -186,7 +181,7 @@ class LatticeAccumulator(_Accumulator):
         self.out = empty_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)  # every voxel is written
 
     def _add_image(self, image, first, end, seg, weights) -> None:
-        self.blenders[image].add_unchecked(seg, weights)
+        self._blender(image).add_unchecked(seg, weights)
 
     def _new_blender(self, image: int) -> LatticeBlender:
         s, g = self.settings, self.geometry
@@ -209,7 +204,7 @@ class BlenderAccumulator(_Accumulator):
         self.out = zeros_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)
 
     def _add_image(self, image, first, end, seg, weights) -> None:
-        self.blenders[image].add(seg, self.geometry.coords[first:end], weights)
+        self._blender(image).add(seg, self.geometry.coords[first:end], weights)
 
     def _new_blender(self, image: int) -> Blender:
         s, g = self.settings, self.geometry
@@ -254,7 +249,7 @@ class SlabAccumulator(_Accumulator):
     def _add_image(self, image, first, end, seg, weights) -> None:
         s, coords = self.settings, self.geometry.coords
         axis, m = s.slab_axis, end - first
-        bl = self.blenders[image]
+        bl = self._blender(image)
         # one add per run of equal starts along the slab axis, finalising in between, so that the slab buffer
         # stays one window deep even when a predictor batch spans two rows of windows
         axis_starts = coords[first:end, axis].tolist()
