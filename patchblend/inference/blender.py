@@ -730,6 +730,7 @@ class SlabBlender(_BlendCore):
         else:
             self._den = _AccumulatedDenominator()
         self._added = 0  # windows added so far
+        self._slab_spec = None  # what the denominator strategy is told (see _spec)
         self.lo = 0  # first index along axis not yet finalised
         self._cap = 0
         self.num = None  # [C, cap, ...] slab buffer covering [lo, lo + cap) along axis
@@ -851,8 +852,12 @@ class SlabBlender(_BlendCore):
             self._shift(k)
 
     def _spec(self) -> "_SlabSpec":
-        return _SlabSpec(self.axis, self.window_shape, self.out_shape, self.normalize, self._importance_raw,
-                         self.dtype, self.device)
+        """What the denominator strategy is told; made once the window shape is known (at the latest from the
+        first batch; it does not change after that)."""
+        if self._slab_spec is None or self._slab_spec.window_shape != self.window_shape:
+            self._slab_spec = _SlabSpec(self.axis, self.window_shape, self.out_shape, self.normalize,
+                                        self._importance_raw, self.dtype, self.device)
+        return self._slab_spec
 
     def _write(self, values: torch.Tensor, stop: int) -> None:
         values = _reduce(values, self.reduce, self.threshold, self.label_dtype)
