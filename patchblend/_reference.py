@@ -59,6 +59,32 @@ def clipped_boxes(start: Sequence[int], patch_shape: Sequence[int], out_shape: S
     return tuple(out_slices), tuple(patch_slices)
 
 
+def accumulate_reference(
+    num: torch.Tensor,
+    den: Optional[torch.Tensor],
+    patches: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    coords: torch.Tensor,
+    importance: Optional[torch.Tensor],
+    normalize: str,
+) -> None:
+    """The blend's sums, in place, patch after patch: ``num [C, *O] += w_i * p_i`` and ``den [*O] +=`` 1
+    (``"count"``) or ``w_i`` (else) on the part of each patch inside the output; ``den`` may be None. Any number of
+    spatial axes: ``patches [N, C, *P]`` (read in ``num``'s dtype), ``weights None | [N, *G]``, ``coords [N, nd]``,
+    ``importance None | [*P]``. Differentiable (``add_`` on views: no write-back of a whole leaf buffer)."""
+    patch_shape, out_shape = tuple(patches.shape[2:]), tuple(num.shape[1:])
+    w = voxel_weights(weights, importance, patches.shape[0], patch_shape, num.dtype, num.device)
+    for i, start in enumerate(coords.tolist()):
+        boxes = clipped_boxes(start, patch_shape, out_shape)
+        if boxes is None:
+            continue
+        out_box, patch_box = boxes
+        w_i = w[i][patch_box]
+        num[(slice(None),) + out_box].add_(w_i * patches[i][(slice(None),) + patch_box].to(num.dtype))
+        if den is not None:
+            den[out_box].add_(1.0 if normalize == "count" else w_i)
+
+
 def blend_reference(
     patches: torch.Tensor,
     weights: Optional[torch.Tensor],
@@ -68,21 +94,11 @@ def blend_reference(
     normalize: str,
 ) -> torch.Tensor:
     """Reference blend, canonical 3D form. Returns ``[C, *out_shape]`` in ``patches.dtype``."""
-    n, c = patches.shape[:2]
-    patch_shape = tuple(patches.shape[2:])
+    c = patches.shape[1]
     acc = accumulation_dtype(patches.dtype)
-    device = patches.device
-    num = torch.zeros((c, *out_shape), dtype=acc, device=device)
-    den = torch.zeros(tuple(out_shape), dtype=acc, device=device)
-    w = voxel_weights(weights, importance, n, patch_shape, acc, device)
-    for i, start in enumerate(coords.tolist()):
-        boxes = clipped_boxes(start, patch_shape, out_shape)
-        if boxes is None:
-            continue
-        out_box, patch_box = boxes
-        w_i = w[i][patch_box]
-        num[(slice(None),) + out_box] += w_i * patches[i][(slice(None),) + patch_box].to(acc)
-        den[out_box] += 1.0 if normalize == "count" else w_i
+    num = torch.zeros((c, *out_shape), dtype=acc, device=patches.device)
+    den = torch.zeros(tuple(out_shape), dtype=acc, device=patches.device)
+    accumulate_reference(num, den, patches, weights, coords, importance, normalize)
     if normalize == "count":
         out = num / den.clamp(min=1.0)
     elif normalize == "weight":

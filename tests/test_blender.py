@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patchblend
-from patchblend.inference import Blender, SlabBlender, monai_gaussian, window_coverage
+from patchblend.inference import Blender, LatticeBlender, SlabBlender, monai_gaussian, window_coverage
 from patchblend.inference.blender import check_label_dtype, compact_label_dtype
 
 
@@ -142,6 +142,31 @@ def test_slab_lattice_on_other_axes_holds_no_denominator():
             slab.finalize_until(int(coords[order[j + 6], 1]))
     torch.testing.assert_close(slab.finish(), full.finalize())
     assert slab.den is None and slab.peak_buffer_bytes == 1 * 14 * 5 * 12 * 4  # numerator only, one window deep
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("normalize", ["count", "weight", "none"])
+def test_slab_lattice_along_axis_0_streams_bitwise_the_lattice_blender(nd, normalize):
+    # window_lattice with axis 0: the batches go through blend_stream_ (the slab holds the running output only),
+    # batches of uneven sizes, some spanning two rows of windows; bitwise LatticeBlender's result
+    starts = [[0, 4, 8], [0, 3, 6], [0, 5]][-nd:] if nd == 3 else [[0, 4, 7], [0, 3, 5]]
+    window, out_shape = ((6, 5, 7), (14, 11, 12)) if nd == 3 else ((6, 5), (13, 10))
+    coords = torch.cartesian_prod(*[torch.tensor(a) for a in starts])
+    patches = torch.rand((len(coords), 2, *window), generator=torch.Generator().manual_seed(nd))
+    weights = None if normalize == "weight" else torch.rand(len(coords), generator=torch.Generator().manual_seed(7))
+    imp = monai_gaussian(window, 0.3)
+    lattice = LatticeBlender(out_shape, 2, coords, window, normalize=normalize, importance=imp)
+    slab = SlabBlender(out_shape, 2, normalize=normalize, importance=imp, window_shape=window, window_lattice=starts)
+    for i, j in _split(len(coords), 4):
+        lattice.add(patches[i:j], None if weights is None else weights[i:j])
+        slab.add(patches[i:j], coords[i:j], None if weights is None else weights[i:j])
+        if j < len(coords):
+            slab.finalize_until(int(coords[j, 0]))
+    assert torch.equal(slab.finish(), lattice.finalize())
+    assert slab.den is None
+    out_of_order = SlabBlender(out_shape, 2, normalize=normalize, window_shape=window, window_lattice=starts)
+    with pytest.raises(ValueError, match="raster order"):
+        out_of_order.add(patches[1:3], coords[1:3])
 
 
 def test_check_label_dtype():
@@ -307,3 +332,31 @@ def test_check_values_is_a_constructor_argument():
     bl.add(patches, coords, weights)
     ref = blend_reference(patches, weights.view(-1, 1, 1, 1), coords, None, shape, "count")
     torch.testing.assert_close(bl.finalize(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_one_interface_add_and_finish_with_the_old_names_as_aliases():
+    # every blender: add a batch, finish(); finalize / finalize_with_confidence / finalize_until still work
+    starts = [[0, 4], [0, 3], [0, 5]]
+    coords = torch.cartesian_prod(*[torch.tensor(a) for a in starts])
+    patches = torch.rand((len(coords), 2, 6, 5, 7), generator=torch.Generator().manual_seed(5))
+    scores = torch.rand(len(coords), generator=torch.Generator().manual_seed(6))
+    out_shape = (10, 8, 12)
+    results = {}
+    for name in ("finish", "finalize"):
+        b = Blender(out_shape, 2, confidence=True)
+        b.add(patches, coords, scores)
+        lat = LatticeBlender(out_shape, 2, coords, (6, 5, 7), confidence=True)
+        lat.add(patches, scores)
+        slab = SlabBlender(out_shape, 2, window_shape=(6, 5, 7), confidence=True)
+        slab.add(patches[:4], coords[:4], scores[:4])
+        getattr(slab, name + "_until")(4)
+        slab.add(patches[4:], coords[4:], scores[4:])
+        results[name] = [getattr(x, name + "_with_confidence")() for x in (b, lat, slab)]
+        assert getattr(b, name)() is results[name][0].prediction  # (finishing twice returns the same buffer)
+    for new, old in zip(results["finish"], results["finalize"]):
+        assert torch.equal(new.prediction, old.prediction) and torch.equal(new.confidence, old.confidence)
+    assert torch.equal(results["finish"][0].prediction, results["finish"][1].prediction)
+    b = Blender(out_shape, 2)
+    b.finish()
+    with pytest.raises(RuntimeError, match=r"after finish\(\)"):
+        b.add(patches, coords)

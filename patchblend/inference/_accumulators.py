@@ -18,14 +18,14 @@ Every accumulator takes ``add(seg [n, C, *roi], weights, segments)`` per batch (
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .._reference import expand_grid_weights
+from .._reference import accumulate_reference
 from .._validate import check_half_result, prepare_weights
 from ..ops import calibrated_blend, coverage_on, empty_output, zeros_output
-from .blender import Blender, LatticeBlender, SlabBlender, _make_safe_, compact_label_dtype, check_label_dtype
+from .blender import Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype, safe_denominator_
 from .windows import WindowGrid
 
 __all__ = ["OutputGeometry", "output_geometry", "BlendSettings", "make_accumulator"]
@@ -96,7 +96,36 @@ class BlendSettings(NamedTuple):
                    label_dtype=options.label_dtype, weights_in_den=weights_in_den, **resolved)
 
 
+class ImagePart(NamedTuple):
+    """One image's part of a predictor batch: the ``image``, its windows ``first .. end - 1`` (visit order) and
+    the batch rows that hold them, ``seg [end - first, C, *roi]`` (None when the batch has none) and ``weights``
+    (None, ``[end - first]`` or ``[end - first, *G]``)."""
+
+    image: int
+    first: int
+    end: int
+    seg: Optional[torch.Tensor]
+    weights: Optional[torch.Tensor]
+
+
+def split_by_image(seg: Optional[torch.Tensor], weights: Optional[torch.Tensor], segments) -> List[ImagePart]:
+    """A batch ``seg [n, ...]`` / ``weights [n, ...]`` split by image: ``segments`` lists ``(image, first window,
+    end window)`` in batch order, their windows counts adding up to ``n``."""
+    parts, k = [], 0
+    for b, w0, w1 in segments:
+        m = w1 - w0
+        parts.append(ImagePart(b, w0, w1, None if seg is None else seg[k:k + m],
+                               None if weights is None else weights[k:k + m]))
+        k += m
+    return parts
+
+
 class _Accumulator:
+    """The shared part: :meth:`add` splits a batch by image (:func:`split_by_image`) and hands each part to
+    :meth:`_add_image`; :meth:`finish` reduces :meth:`_values`. Per-image blenders, where a subclass uses them,
+    are made on first use by :meth:`_blender` from :meth:`_new_blender`. (No reference cycle: a finished
+    accumulator's buffers are freed as soon as the driver drops it.)"""
+
     def __init__(self, geometry: OutputGeometry, channels: int, importance, settings: BlendSettings,
                  seg_dtype: torch.dtype):
         self.geometry = geometry
@@ -110,6 +139,32 @@ class _Accumulator:
     def input_device(self) -> torch.device:
         """Where :meth:`add` wants the predictions (the slab's device for :class:`SlabAccumulator`)."""
         return self.settings.device
+
+    def add(self, seg: Optional[torch.Tensor], weights: Optional[torch.Tensor], segments) -> None:
+        """Blend one batch ``seg [n, C, *roi]`` with its ``weights`` (None, ``[n]``, ``[n, *G]`` or per-voxel
+        maps) of the windows ``segments`` (``(image, first window, end window)`` each)."""
+        if len(segments) == 1:  # the common case, a batch within one image: passed on as it is (no slicing)
+            image, first, end = segments[0]
+            self._add_image(image, first, end, seg, weights)
+        else:
+            for part in split_by_image(seg, weights, segments):
+                self._add_image(*part)
+
+    def _add_image(self, image: int, first: int, end: int, seg: Optional[torch.Tensor],
+                   weights: Optional[torch.Tensor]) -> None:
+        """Blend one image's part of a batch (the fields of an :class:`ImagePart`)."""
+        raise NotImplementedError
+
+    def _blender(self, image: int):
+        """The blender of ``image``, made by :meth:`_new_blender` on first use."""
+        bl = self.blenders.get(image)
+        if bl is None:
+            bl = self.blenders[image] = self._new_blender(image)
+        return bl
+
+    def _new_blender(self, image: int):
+        """A new blender for ``image`` (subclasses that blend with one per image)."""
+        raise NotImplementedError
 
     def finish(self) -> torch.Tensor:
         return _finish_values(self._values(), self.settings, self.out_dtype)
@@ -135,29 +190,18 @@ class LatticeAccumulator(_Accumulator):
         s, g = self.settings, self.geometry
         self.out = empty_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)  # every voxel is written
 
-    def add(self, seg, weights, segments) -> None:
-        if len(segments) == 1:  # the common case: the batch lies in one image
-            bl = self.blenders.get(segments[0][0]) or self._blender(segments[0][0])
-            bl.add_unchecked(seg, weights)
-            return
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            bl = self.blenders.get(b) or self._blender(b)
-            bl.add_unchecked(seg[k:k + m], None if weights is None else weights[k:k + m])
-            k += m
+    def _add_image(self, image, first, end, seg, weights) -> None:
+        self._blender(image).add_unchecked(seg, weights)
 
-    def _blender(self, b: int) -> LatticeBlender:
+    def _new_blender(self, image: int) -> LatticeBlender:
         s, g = self.settings, self.geometry
-        bl = self.blenders[b] = LatticeBlender(g.out_shape, self.channels, g.lattice, g.roi,
-                                               normalize=s.normalize, importance=self.importance,
-                                               device=s.device, dtype=s.acc, out=self.out[b],
-                                               check_values=False)  # the driver checked the scores
-        return bl
+        return LatticeBlender(g.out_shape, self.channels, g.lattice, g.roi, normalize=s.normalize,
+                              importance=self.importance, device=s.device, dtype=s.acc, out=self.out[image],
+                              check_values=False)  # the driver checked the scores
 
     def _values(self):
         for bl in self.blenders.values():
-            bl.finalize()
+            bl.finish()
         return self.out
 
 
@@ -169,24 +213,19 @@ class BlenderAccumulator(_Accumulator):
         s, g = self.settings, self.geometry
         self.out = zeros_output((s.batch, self.channels, *g.out_shape), s.acc, s.device)
 
-    def add(self, seg, weights, segments) -> None:
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            bl = self.blenders.get(b)
-            if bl is None:
-                s, g = self.settings, self.geometry
-                bl = self.blenders[b] = Blender(g.out_shape, self.channels, normalize=s.normalize,
-                                                importance=self.importance, window_shape=g.roi, device=s.device,
-                                                dtype=s.acc, out=self.out[b], check_values=False)
-            bl.add(seg[k:k + m], self.geometry.coords[w0:w1], None if weights is None else weights[k:k + m])
-            k += m
+    def _add_image(self, image, first, end, seg, weights) -> None:
+        self._blender(image).add(seg, self.geometry.coords[first:end], weights)
+
+    def _new_blender(self, image: int) -> Blender:
+        s, g = self.settings, self.geometry
+        return Blender(g.out_shape, self.channels, normalize=s.normalize, importance=self.importance,
+                       window_shape=g.roi, device=s.device, dtype=s.acc, out=self.out[image], check_values=False)
 
     def _values(self):
         for b in range(self.settings.batch):  # an image with no window (none here) would still be divided
             bl = self.blenders.get(b)
             if bl is not None:
-                bl.finalize()
+                bl.finish()
         return self.out
 
 
@@ -210,34 +249,31 @@ class SlabAccumulator(_Accumulator):
     def input_device(self) -> torch.device:
         return self.settings.slab_device
 
-    def add(self, seg, weights, segments) -> None:
+    def _new_blender(self, image: int) -> SlabBlender:
         s, g = self.settings, self.geometry
-        axis, coords = s.slab_axis, g.coords
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            bl = self.blenders.get(b)
-            if bl is None:
-                bl = self.blenders[b] = SlabBlender(
-                    g.out_shape, self.channels, axis=axis, normalize=s.normalize, importance=self.importance,
-                    window_shape=g.roi, reduce=s.reduce, threshold=s.threshold, device=s.slab_device, dtype=s.acc,
-                    out_dtype=self.out_dtype, label_dtype=self.out.dtype, window_lattice=self.lattice, out=self.out[b],
-                    check_values=False)
-            # one add per run of equal starts along the slab axis, finalising in between, so that the slab buffer
-            # stays one window deep even when a predictor batch spans two rows of windows
-            axis_starts = coords[w0:w1, axis].tolist()
-            r0 = 0
-            for r in range(1, m + 1):
-                if r < m and axis_starts[r] == axis_starts[r0]:
-                    continue
-                bl.add(seg[k + r0:k + r], coords[w0 + r0:w0 + r], None if weights is None else weights[k + r0:k + r])
-                if w0 + r < s.num_win:
-                    bl.finalize_until(int(coords[w0 + r, axis]))
-                r0 = r
-            if w1 == s.num_win:
-                bl.finish()
-                del self.blenders[b]
-            k += m
+        return SlabBlender(g.out_shape, self.channels, axis=s.slab_axis, normalize=s.normalize,
+                           importance=self.importance, window_shape=g.roi, reduce=s.reduce, threshold=s.threshold,
+                           device=s.slab_device, dtype=s.acc, out_dtype=self.out_dtype, label_dtype=self.out.dtype,
+                           window_lattice=self.lattice, out=self.out[image], check_values=False)
+
+    def _add_image(self, image, first, end, seg, weights) -> None:
+        s, coords = self.settings, self.geometry.coords
+        axis, m = s.slab_axis, end - first
+        bl = self._blender(image)
+        # one add per run of equal starts along the slab axis, finalising in between, so that the slab buffer
+        # stays one window deep even when a predictor batch spans two rows of windows
+        axis_starts = coords[first:end, axis].tolist()
+        r0 = 0
+        for r in range(1, m + 1):
+            if r < m and axis_starts[r] == axis_starts[r0]:
+                continue
+            bl.add(seg[r0:r], coords[first + r0:first + r], None if weights is None else weights[r0:r])
+            if first + r < s.num_win:
+                bl.finish_until(int(coords[first + r, axis]))
+            r0 = r
+        if end == s.num_win:
+            bl.finish()
+            del self.blenders[image]
 
     def finish(self) -> torch.Tensor:  # (reduced slab by slab already)
         if self.settings.reduce == "argmax" and self.out.dtype != self.settings.label_dtype:
@@ -254,12 +290,8 @@ class KeepAccumulator(_Accumulator):
         super().__init__(*a)
         self.kept = {}
 
-    def add(self, seg, weights, segments) -> None:
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            self.kept.setdefault(b, []).append((seg[k:k + m], None if weights is None else weights[k:k + m]))
-            k += m
+    def _add_image(self, image, first, end, seg, weights) -> None:
+        self.kept.setdefault(image, []).append((seg, weights))
 
     def _values(self):
         s, g = self.settings, self.geometry
@@ -273,8 +305,9 @@ class KeepAccumulator(_Accumulator):
 
 
 class TorchAccumulator(_Accumulator):
-    """1D and 4D+ inputs (the compiled kernels take 2D/3D): the same blend (docs/design.md#blend-semantics) as PyTorch slice-adds,
-    window by window, with a numerator and a denominator; differentiable."""
+    """1D and 4D+ inputs (the compiled kernels take 2D/3D): the blend (docs/design.md#blend-semantics) of the
+    pure-PyTorch reference (:func:`patchblend._reference.accumulate_reference`, window by window slice-adds into a
+    numerator and a denominator per image), divided at the end; differentiable."""
 
     def __init__(self, *a):
         super().__init__(*a)
@@ -283,44 +316,20 @@ class TorchAccumulator(_Accumulator):
         self.den = None if s.normalize == "none" else torch.zeros((s.batch, *g.out_shape), dtype=s.acc,
                                                                    device=s.device)
 
-    def add(self, seg, weights, segments) -> None:
+    def _add_image(self, image, first, end, seg, weights) -> None:
         s, g = self.settings, self.geometry
-        seg = seg.to(s.acc)
-        nd = len(g.roi)
         if weights is not None:
             weights = weights.to(s.acc)
-            if weights.dim() > 1:
-                weights = expand_grid_weights(weights, g.roi)
-        imp = self.importance
-        k = 0
-        for b, w0, w1 in segments:
-            for w, start in zip(range(w0, w1), g.coords[w0:w1].tolist()):
-                out_sl, win_sl = [], []
-                for c, p, o in zip(start, g.roi, g.out_shape):
-                    lo, hi = max(c, 0), min(c + p, o)
-                    out_sl.append(slice(lo, hi))
-                    win_sl.append(slice(lo - c, hi - c))
-                if any(sl.stop <= sl.start for sl in out_sl):
-                    k += 1
-                    continue
-                wv = torch.ones(g.roi, dtype=s.acc, device=seg.device)
-                if weights is not None:
-                    wv = wv * (weights[k].reshape([1] * nd) if weights.dim() == 1 else weights[k])
-                if imp is not None:
-                    wv = wv * imp
-                wv = wv[tuple(win_sl)]
-                # add_ on the view, not `view[...] += ...`: Python's augmented assignment writes the sum back
-                # with a second in-place copy, which autograd refuses when the slice is the whole (leaf) buffer
-                self.num[b][(slice(None), *out_sl)].add_(seg[k][(slice(None), *win_sl)] * wv)
-                if self.den is not None:
-                    self.den[b][tuple(out_sl)].add_(1.0 if s.normalize == "count" else wv)
-                k += 1
+            if weights.dim() == 1:  # per window: one cell per axis
+                weights = weights.reshape(-1, *(1,) * len(g.roi))
+        accumulate_reference(self.num[image], None if self.den is None else self.den[image], seg.to(s.acc), weights,
+                             g.coords[first:end], self.importance, s.normalize)
 
     def _values(self):
         s = self.settings
         if self.den is None:
             return self.num
-        return self.num / _make_safe_(self.den.unsqueeze(1).clone(), s.normalize)
+        return self.num / safe_denominator_(self.den.unsqueeze(1).clone(), s.normalize)
 
 
 class CoverageConfidence(_Accumulator):
@@ -336,12 +345,8 @@ class CoverageConfidence(_Accumulator):
         super().__init__(geometry, 1, importance, settings, seg_dtype)
         self.kept = {}
 
-    def add(self, seg, weights, segments) -> None:
-        k = 0
-        for b, w0, w1 in segments:
-            m = w1 - w0
-            self.kept.setdefault(b, []).append(weights[k:k + m])
-            k += m
+    def _add_image(self, image, first, end, seg, weights) -> None:
+        self.kept.setdefault(image, []).append(weights)
 
     def _values(self):
         s, g = self.settings, self.geometry
@@ -356,7 +361,7 @@ class CoverageConfidence(_Accumulator):
             w = prepare_weights(w.to(s.device), coords.shape[0], g.roi, s.acc, s.device, check_values=False)
             num = coverage_on(w, coords, imp, roi3, out3, "weight", s.acc, s.device)
             den = coverage_on(None, coords, imp, roi3, out3, s.normalize, s.acc, s.device)
-            out[b, 0] = num.div_(_make_safe_(den, s.normalize)).reshape(g.out_shape)
+            out[b, 0] = num.div_(safe_denominator_(den, s.normalize)).reshape(g.out_shape)
         return out
 
 

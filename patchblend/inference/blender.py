@@ -1,21 +1,25 @@
-"""Streaming accumulators for sliding-window inference.
+"""Streaming blenders for sliding-window inference: one image's output, blended batch by batch.
 
 :class:`Blender` takes batches of patches (with their starts and optional calibrated weights) and keeps
 only a float32 numerator ``[C, *out_shape]`` and, when it depends on the weights, a denominator
 ``[*out_shape]``: each batch is blended by the compiled op into its bounding box with
-``normalize="none"`` and added in; :meth:`Blender.finalize` divides once at the end. The result is the
+``normalize="none"`` and added in; :meth:`Blender.finish` divides once at the end. The result is the
 :func:`patchblend.calibrated_blend` of all patches added (docs/design.md#blend-semantics), up to float32 summation order.
 
 :class:`SlabBlender` does the same with a buffer that spans only a slab along one spatial axis:
 patches must arrive in non-decreasing order of their start along that axis, and
-:meth:`SlabBlender.finalize_until` finalises (and optionally reduces: argmax or threshold) the part
+:meth:`SlabBlender.finish_until` finalises (and optionally reduces: argmax or threshold) the part
 of the slab that no later patch can touch, writing it into the output.
+
+Every blender has one interface: ``add`` a batch, ``finish()`` (the result) and, with ``confidence=True``,
+``finish_with_confidence()``; ``check_values`` is a constructor argument. ``finalize``, ``finalize_with_confidence``
+and ``SlabBlender.finalize_until`` are the earlier names, kept as aliases.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -147,7 +151,7 @@ def lattice_coverage(
 
 
 class _BlendCore:
-    """Shared by the accumulators: argument checks and one batch blended into its bounding box."""
+    """Shared by the blenders: argument checks and one batch blended into its bounding box."""
 
     #: Check that weights are finite and >= 0 on every ``add`` (one device synchronisation on a GPU); set by the
     #: constructor's ``check_values`` (the sliding-window driver passes False: it checks predictor scores itself,
@@ -207,6 +211,14 @@ class _BlendCore:
     def _require_confidence(self, method: str) -> None:
         if self._confidence is None:
             raise RuntimeError(f"{type(self).__name__}.{method}: this blender was made without confidence=True")
+
+    def finalize(self, *args, **kwargs) -> torch.Tensor:
+        """Alias of ``finish`` (its earlier name), kept for existing code."""
+        return self.finish(*args, **kwargs)
+
+    def finalize_with_confidence(self, *args, **kwargs) -> PredictionWithConfidence:
+        """Alias of ``finish_with_confidence`` (its earlier name), kept for existing code."""
+        return self.finish_with_confidence(*args, **kwargs)
 
     def _output_buffer(self, out: Optional[torch.Tensor], make) -> torch.Tensor:
         """The caller's ``out`` (checked: contiguous ``[C, *out_shape]`` of the accumulation dtype on the device)
@@ -304,10 +316,10 @@ class _BlendCore:
         ``den`` is 0, since ``num`` is 0 there too). ``den`` is made safe in place (idempotent)."""
         if self.normalize == "none":
             return num
-        return num.div_(_make_safe_(den, self.normalize))
+        return num.div_(safe_denominator_(den, self.normalize))
 
 
-def _make_safe_(den: torch.Tensor, normalize: str) -> torch.Tensor:
+def safe_denominator_(den: torch.Tensor, normalize: str) -> torch.Tensor:
     """In place: clamp a count at 1, or replace a weight sum of exactly 0 by 1. Where a weight sum is 0 the
     numerator is 0 too (weights are >= 0), so the quotient is 0 as docs/design.md#blend-semantics asks; any other sum, subnormal
     ones included (a patch score of 1e-20 times a cell score of 1e-20), is divided by as it is, as the op does
@@ -334,11 +346,11 @@ class Blender(_BlendCore):
         denominator: optional precomputed denominator ``[*out_shape]`` for every patch that will be added
             (e.g. :func:`window_coverage`); then no denominator is accumulated per batch, which is only
             valid when it does not depend on the weights (``"count"``, or ``"weight"`` without weights).
-            :meth:`finalize` makes it safe to divide by in place (counts clamped at 1, zero weight sums
+            :meth:`finish` makes it safe to divide by in place (counts clamped at 1, zero weight sums
             replaced by 1), which is idempotent, so several blenders may share one.
         confidence: also accumulate the blended confidence map ``[1, *out_shape]`` of the weights given to
             :meth:`add` (``"count"``: ``C = Σ α / N``; ``"weight"``: ``Σ α·imp / Σ imp``; 0 where nothing covers;
-            see :mod:`patchblend.inference.confidence`), returned by :meth:`finalize_with_confidence`. Needs
+            see :mod:`patchblend.inference.confidence`), returned by :meth:`finish_with_confidence`. Needs
             ``normalize`` ``"count"`` or ``"weight"``. Costs a one-channel numerator (and denominator) more.
         weigh_prediction: with ``confidence=True`` only: ``False`` sends the weights given to :meth:`add` only
             into the confidence map; the prediction is then the unweighted blend.
@@ -352,7 +364,7 @@ class Blender(_BlendCore):
         >>> b = Blender((64, 64, 64), channels=2, normalize="count")
         >>> for patches, coords, scores in batches:   # patches [n, 2, 32, 32, 32], coords [n, 3], scores [n]
         ...     b.add(patches, coords, scores)
-        >>> out = b.finalize()                         # [2, 64, 64, 64]
+        >>> out = b.finish()                           # [2, 64, 64, 64]
     """
 
     def __init__(
@@ -399,7 +411,7 @@ class Blender(_BlendCore):
                 ``weigh_prediction=False``).
         """
         if self._finalized:
-            raise RuntimeError("Blender.add called after finalize()")
+            raise RuntimeError("Blender.add called after finish() (or its alias finalize())")
         self._check_patches(patches)
         coords = _as_coords(coords, self.nd)
         if coords.shape[0] != patches.shape[0]:
@@ -422,7 +434,7 @@ class Blender(_BlendCore):
             c_patches, c_weights = self._confidence_terms(all_weights, patches.shape[0])
             self._confidence.add(c_patches, coords, c_weights)
 
-    def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def finish(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Divide by the denominator (in place, once) and return ``[C, *out_shape]`` (cast to ``dtype`` if given).
         Voxels no patch covered are 0."""
         if not self._finalized:
@@ -431,11 +443,11 @@ class Blender(_BlendCore):
             self.den = None
         return self.num if dtype is None or dtype == self.num.dtype else self.num.to(dtype)
 
-    def finalize_with_confidence(self, dtype: Optional[torch.dtype] = None) -> PredictionWithConfidence:
+    def finish_with_confidence(self, dtype: Optional[torch.dtype] = None) -> PredictionWithConfidence:
         """``(prediction [C, *out_shape], confidence [1, *out_shape])`` (both cast to ``dtype`` if given); needs
-        ``confidence=True``. The prediction is :meth:`finalize`'s."""
-        self._require_confidence("finalize_with_confidence")
-        return PredictionWithConfidence(self.finalize(dtype), self._confidence.finalize(dtype))
+        ``confidence=True``. The prediction is :meth:`finish`'s."""
+        self._require_confidence("finish_with_confidence")
+        return PredictionWithConfidence(self.finish(dtype), self._confidence.finish(dtype))
 
 
 def _covers(axes: Sequence[Sequence[int]], window_shape, out_shape) -> bool:
@@ -474,7 +486,7 @@ class LatticeBlender(_BlendCore):
         device, dtype: where and in which float dtype (float32 or float64) the output is accumulated.
         out: optional preallocated contiguous ``[C, *out_shape]`` buffer of ``dtype``; it need not be zeroed.
         confidence: also blend the confidence map ``[1, *out_shape]`` of the weights given to :meth:`add`, in the
-            same stream mode (a one-channel output more), returned by :meth:`finalize_with_confidence`; bitwise
+            same stream mode (a one-channel output more), returned by :meth:`finish_with_confidence`; bitwise
             :func:`patchblend.calibrated_blend` of the weights spread over their windows (see
             :mod:`patchblend.inference.confidence`). Needs ``normalize`` ``"count"`` or ``"weight"``.
         weigh_prediction: with ``confidence=True`` only: ``False`` sends the weights only into the confidence map
@@ -487,7 +499,7 @@ class LatticeBlender(_BlendCore):
         >>> b = LatticeBlender((64, 64, 64), 2, grid.coords(), (32, 32, 32))
         >>> for k in range(0, len(grid), 4):
         ...     b.add(predictor(windows[k:k + 4]))      # [n, 2, 32, 32, 32], the next n windows
-        >>> out = b.finalize()                           # [2, 64, 64, 64]
+        >>> out = b.finish()                             # [2, 64, 64, 64]
     """
 
     def __init__(
@@ -564,17 +576,17 @@ class LatticeBlender(_BlendCore):
                                self.importance, self.normalize)
         self.next += n
 
-    def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def finish(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``[C, *out_shape]`` once every window has been added (cast to ``dtype`` if given)."""
         if self.next != self.coords.shape[0]:
-            raise RuntimeError(f"LatticeBlender.finalize: only {self.next} of {self.coords.shape[0]} windows added")
+            raise RuntimeError(f"LatticeBlender.finish: only {self.next} of {self.coords.shape[0]} windows added")
         return self.out if dtype is None or dtype == self.out.dtype else self.out.to(dtype)
 
-    def finalize_with_confidence(self, dtype: Optional[torch.dtype] = None) -> PredictionWithConfidence:
+    def finish_with_confidence(self, dtype: Optional[torch.dtype] = None) -> PredictionWithConfidence:
         """``(prediction [C, *out_shape], confidence [1, *out_shape])`` once every window has been added (cast to
         ``dtype`` if given); needs ``confidence=True``."""
-        self._require_confidence("finalize_with_confidence")
-        return PredictionWithConfidence(self.finalize(dtype), self._confidence.finalize(dtype))
+        self._require_confidence("finish_with_confidence")
+        return PredictionWithConfidence(self.finish(dtype), self._confidence.finish(dtype))
 
 
 def check_label_dtype(channels: int, label_dtype) -> None:
@@ -613,7 +625,7 @@ class SlabBlender(_BlendCore):
     """Streaming blend that holds only a slab of the output along one spatial ``axis``.
 
     Patches must be added in non-decreasing order of their start along ``axis`` (a patch may not touch a
-    finalised part). Call :meth:`finalize_until` with the start of the next patch to be added: everything
+    finalised part). Call :meth:`finish_until` with the start of the next patch to be added: everything
     before it is final and is divided, optionally reduced, and written to :attr:`out`; :meth:`finish`
     finalises the rest. The result equals :class:`Blender`'s (bitwise when the batches are the same).
 
@@ -711,11 +723,14 @@ class SlabBlender(_BlendCore):
                 raise ValueError(f"window_lattice needs {self.nd} start lists and a window_shape")
             lattice = [list(map(int, a)) for a in window_lattice]
             # stream mode: windows in raster order of the lattice, slabs along the slowest axis
-            self._den = _StreamDenominator(self, lattice) if self.axis == 0 else _LatticeDenominator(self, lattice)
+            self._den = (_StreamDenominator(lattice, self.window_shape, self.out_shape) if self.axis == 0
+                         else _LatticeDenominator(lattice))
         elif window_coords is not None:
-            self._den = _CoordsDenominator(self, _as_coords(window_coords, self.nd))
+            self._den = _CoordsDenominator(_as_coords(window_coords, self.nd), self.axis)
         else:
             self._den = _AccumulatedDenominator()
+        self._added = 0  # windows added so far
+        self._slab_spec = None  # what the denominator strategy is told (see _spec)
         self.lo = 0  # first index along axis not yet finalised
         self._cap = 0
         self.num = None  # [C, cap, ...] slab buffer covering [lo, lo + cap) along axis
@@ -724,9 +739,7 @@ class SlabBlender(_BlendCore):
 
     # -- slab buffer -------------------------------------------------------------------------------------
     def _slab_shape(self, cap: int) -> list:
-        shape = list(self.out_shape)
-        shape[self.axis] = cap
-        return shape
+        return self._spec().slab_shape(cap)
 
     def _ensure_capacity(self, hi: int) -> None:
         need = hi - self.lo
@@ -779,10 +792,21 @@ class SlabBlender(_BlendCore):
                 raise ValueError(f"a patch reaches index {bbox[0][self.axis]} along axis {self.axis}, which is "
                                  f"already finalised (up to {self.lo}); add patches in order of their start "
                                  "along the axis")
-        self._den.take(rows)
-        if isinstance(self._den, _StreamDenominator):
-            self._den.add(patches, coords, weights, groups)
-            return
+        self._den.take(rows, coords, self._added)
+        if self._den.stream_coords is not None:
+            self._add_stream(patches, coords, weights, groups)
+        else:
+            self._add_accumulated(patches, coords, weights, groups)
+        self._added += patches.shape[0]
+
+    def _origin(self) -> torch.Tensor:
+        """The slab buffer's origin in the output: ``lo`` along the axis."""
+        origin = torch.zeros(self.nd, dtype=torch.int64)
+        origin[self.axis] = self.lo
+        return origin
+
+    def _add_accumulated(self, patches, coords, weights, groups) -> None:
+        """Each run of the batch blended into the slab's numerator (and denominator) with ``blend_add_``."""
         with_den = self.normalize != "none" and self._den.accumulated
         for i, j, bbox in groups:
             w = None if weights is None else weights[i:j]
@@ -790,14 +814,25 @@ class SlabBlender(_BlendCore):
                 prepare_blend_args(patches[i:j], w, coords[i:j], self.out_shape, "none", None, self.check_values)
                 continue
             self._ensure_capacity(bbox[1][self.axis])
-            origin = torch.zeros(self.nd, dtype=torch.int64)
-            origin[self.axis] = self.lo
-            self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j] - origin, w)
+            self._accumulate(self.num, self.den if with_den else None, patches[i:j], coords[i:j] - self._origin(), w)
 
-    def finalize_until(self, stop: int) -> None:
+    def _add_stream(self, patches, coords, weights, groups) -> None:
+        """The batch (the lattice's next windows, axis 0) blended into the running slab with ``blend_stream_``, which
+        divides each voxel once its last window is in (as in :class:`LatticeBlender`)."""
+        boxes = [bb for _, _, bb in groups if bb is not None]
+        self._ensure_capacity(max(bb[1][0] for bb in boxes) if boxes else self.lo)
+        if not self._cap:
+            return
+        p, w, _ = self._batch_args(patches, weights, coords, self.out_shape)
+        all_coords, num = self._den.stream_coords - self._origin(), self.num
+        if self.nd == 2:
+            all_coords, num = torch.nn.functional.pad(all_coords, (1, 0)), num.unsqueeze(1)
+        _ops.blend_stream_(num, p, w, all_coords, self._added, self.importance, self.normalize)
+
+    def finish_until(self, stop: int) -> None:
         """Finalise ``[lo, stop)`` along the axis: the caller promises that no later patch touches it."""
         if self._confidence is not None:
-            self._confidence.finalize_until(stop)
+            self._confidence.finish_until(stop)
         stop = min(int(stop), self.out_shape[self.axis])
         if stop > self.lo:
             self._den.check_complete(stop)
@@ -810,9 +845,19 @@ class SlabBlender(_BlendCore):
                 continue
             values = self.num[self._along(0, k, True)]  # finalised in place: this part is dropped next
             if self.normalize != "none" and self._den.divides:  # (the stream op has divided already)
-                values.div_(_make_safe_(self._den.of_slab(self, self.lo, self.lo + k), self.normalize))
+                accumulated = None if self.den is None else self.den[self._along(0, k, False)]
+                den = self._den.of_slab(self._spec(), self.lo, self.lo + k, accumulated)
+                values.div_(safe_denominator_(den, self.normalize))
             self._write(values, self.lo + k)
             self._shift(k)
+
+    def _spec(self) -> "_SlabSpec":
+        """What the denominator strategy is told; made once the window shape is known (at the latest from the
+        first batch; it does not change after that)."""
+        if self._slab_spec is None or self._slab_spec.window_shape != self.window_shape:
+            self._slab_spec = _SlabSpec(self.axis, self.window_shape, self.out_shape, self.normalize,
+                                        self._importance_raw, self.dtype, self.device)
+        return self._slab_spec
 
     def _write(self, values: torch.Tensor, stop: int) -> None:
         values = _reduce(values, self.reduce, self.threshold, self.label_dtype)
@@ -839,7 +884,7 @@ class SlabBlender(_BlendCore):
         """Finalise everything left and return :attr:`out`."""
         if self._confidence is not None:
             self._confidence.finish()
-        self.finalize_until(self.out_shape[self.axis])
+        self.finish_until(self.out_shape[self.axis])
         self.num = self.den = None
         self._den.release()
         if self._widen_to is not None:  # the slab is gone: now the labels may take their requested width
@@ -853,23 +898,52 @@ class SlabBlender(_BlendCore):
         self._require_confidence("finish_with_confidence")
         return PredictionWithConfidence(self.finish(), self._confidence.finish())
 
+    def finalize_until(self, stop: int) -> None:
+        """Alias of :meth:`finish_until` (its earlier name), kept for existing code."""
+        self.finish_until(stop)
+
 
 # ---- SlabBlender's denominator modes: one strategy object each ----------------------------------------------
 
+class _SlabSpec(NamedTuple):
+    """What a denominator strategy is told of its :class:`SlabBlender` when it computes a denominator."""
+
+    axis: int
+    window_shape: Tuple[int, ...]
+    out_shape: Tuple[int, ...]
+    normalize: str
+    importance: Optional[torch.Tensor]  # as given to the blender
+    dtype: torch.dtype
+    device: torch.device
+
+    def slab_shape(self, length: int) -> list:
+        """``out_shape`` with ``length`` along the axis."""
+        shape = list(self.out_shape)
+        shape[self.axis] = length
+        return shape
+
+
 class _SlabDenominator:
-    """How a :class:`SlabBlender` gets the denominator of a finalised part ``[lo, hi)`` of its slab."""
+    """How a :class:`SlabBlender` gets the denominator of a finalised part ``[lo, hi)`` of its slab. The blender
+    owns every buffer and passes a strategy what it needs; a strategy keeps only its own bookkeeping."""
 
     accumulated = False  # a denominator buffer is accumulated in the slab, batch by batch
     divides = True  # finalising divides (the stream op divides by itself)
     writes_before_reading = False  # the slab need not be zero-filled (the stream op writes before it reads)
+    #: the windows of a lattice in raster order ``[N, nd]`` when the batches go through ``blend_stream_`` (the
+    #: blender passes the index of a batch's first window), else None (``blend_add_`` into the slab)
+    stream_coords: Optional[torch.Tensor] = None
 
-    def take(self, rows: list) -> None:
-        """Note the starts of the patches of one ``add`` (before they are blended)."""
+    def take(self, rows: list, coords: torch.Tensor, first: int) -> None:
+        """Note the windows of one ``add`` before they are blended: their starts as int lists (``rows``) and as a
+        tensor ``[n, nd]``, and ``first``, the number of windows added before them."""
 
     def check_complete(self, stop: int) -> None:
         """Raise if finalising up to ``stop`` along the axis would use a denominator with missing windows."""
 
-    def of_slab(self, blender: "SlabBlender", lo: int, hi: int) -> torch.Tensor:
+    def of_slab(self, spec: _SlabSpec, lo: int, hi: int, accumulated: Optional[torch.Tensor]) -> torch.Tensor:
+        """The denominator of ``[lo, hi)`` along the axis (``accumulated``: the blender's denominator slab of that
+        part, when :attr:`accumulated`)."""
         raise NotImplementedError
 
     def release(self) -> None:
@@ -881,8 +955,8 @@ class _AccumulatedDenominator(_SlabDenominator):
 
     accumulated = True
 
-    def of_slab(self, blender, lo, hi):
-        return blender.den[blender._along(0, hi - lo, False)]
+    def of_slab(self, spec, lo, hi, accumulated):
+        return accumulated
 
 
 class _CoordsDenominator(_SlabDenominator):
@@ -890,12 +964,12 @@ class _CoordsDenominator(_SlabDenominator):
     is computed from the list (:func:`window_coverage`), so every patch added must be in it, as often as listed,
     and every listed window that reaches a part must have been added before that part is finalised."""
 
-    def __init__(self, blender: "SlabBlender", coords: torch.Tensor):
-        self.coords, self.axis, self.nd = coords, blender.axis, blender.nd
+    def __init__(self, coords: torch.Tensor, axis: int):
+        self.coords, self.axis = coords, axis
         self.pending = Counter(map(tuple, coords.tolist()))  # listed, not added yet
-        self.pending_starts = Counter(coords[:, self.axis].tolist())
+        self.pending_starts = Counter(coords[:, axis].tolist())
 
-    def take(self, rows):
+    def take(self, rows, coords, first):
         batch = Counter(map(tuple, rows))
         for row, k in batch.items():
             if self.pending[row] < k:
@@ -912,11 +986,11 @@ class _CoordsDenominator(_SlabDenominator):
                              f"were not added before finalising up to {stop}: their part of the output would be "
                              "divided by a denominator that counts them")
 
-    def of_slab(self, blender, lo, hi):
-        origin = [0] * self.nd
+    def of_slab(self, spec, lo, hi, accumulated):
+        origin = [0] * self.coords.shape[1]
         origin[self.axis] = lo
-        return window_coverage(self.coords - torch.tensor(origin), blender.window_shape, blender._slab_shape(hi - lo),
-                               blender.normalize, blender._importance_raw, dtype=blender.dtype, device=blender.device)
+        return window_coverage(self.coords - torch.tensor(origin), spec.window_shape, spec.slab_shape(hi - lo),
+                               spec.normalize, spec.importance, dtype=spec.dtype, device=spec.device)
 
 
 class _LatticeDenominator(_SlabDenominator):
@@ -924,58 +998,38 @@ class _LatticeDenominator(_SlabDenominator):
     this axis per finalised part (for axis 0 the same order of additions as :func:`lattice_coverage`, hence
     bitwise the same values)."""
 
-    def __init__(self, blender: "SlabBlender", lattice: list):
+    def __init__(self, lattice: list):
         self.lattice = lattice
         self.partial = None  # the lattice sum over every axis but the slab axis, computed once
 
-    def of_slab(self, blender, lo, hi):
+    def of_slab(self, spec, lo, hi, accumulated):
         if self.partial is None:
-            imp = blender._importance_raw if blender.normalize == "weight" else None
-            f = (torch.ones(blender.window_shape, dtype=blender.dtype, device=blender.device) if imp is None
-                 else imp.to(device=blender.device, dtype=blender.dtype))
-            for axis in reversed(range(blender.nd)):
-                if axis != blender.axis:
-                    f = _overlap_add_axis(f, axis, self.lattice[axis], blender.out_shape[axis])
+            imp = spec.importance if spec.normalize == "weight" else None
+            f = (torch.ones(spec.window_shape, dtype=spec.dtype, device=spec.device) if imp is None
+                 else imp.to(device=spec.device, dtype=spec.dtype))
+            for axis in reversed(range(len(spec.out_shape))):
+                if axis != spec.axis:
+                    f = _overlap_add_axis(f, axis, self.lattice[axis], spec.out_shape[axis])
             self.partial = f
-        return _overlap_add_axis(self.partial, blender.axis, self.lattice[blender.axis],
-                                 blender.out_shape[blender.axis], lo, hi)
+        return _overlap_add_axis(self.partial, spec.axis, self.lattice[spec.axis], spec.out_shape[spec.axis], lo, hi)
 
     def release(self):
         self.partial = None
 
 
-class _StreamDenominator(_LatticeDenominator):
+class _StreamDenominator(_SlabDenominator):
     """``window_lattice`` with slab axis 0: the patches arrive in the lattice's raster order and each batch goes
     through the compiled ``blend_stream_`` op, which divides each voxel once its last window is in (as in
     :class:`LatticeBlender`): the slab holds only the running output, no denominator, no zero fill."""
 
     divides = False
 
-    def __init__(self, blender: "SlabBlender", lattice: list):
-        super().__init__(blender, lattice)
-        self.blender = blender
-        self.coords = lattice_tables(tuple(map(tuple, lattice))).coords  # (shared, read-only)
-        self.writes_before_reading = _covers([sorted(set(a)) for a in lattice], blender.window_shape,
-                                             blender.out_shape)
-        self.next = 0
+    def __init__(self, lattice: list, window_shape, out_shape):
+        self.stream_coords = lattice_tables(tuple(map(tuple, lattice))).coords  # (shared, read-only)
+        self.writes_before_reading = _covers([sorted(set(a)) for a in lattice], window_shape, out_shape)
 
-    def add(self, patches, coords, weights, groups) -> None:
-        b = self.blender
-        n = patches.shape[0]
-        expected = self.coords[self.next:self.next + n]
+    def take(self, rows, coords, first):
+        expected = self.stream_coords[first:first + coords.shape[0]]
         if not torch.equal(coords, expected):
             raise ValueError("with window_lattice and axis=0, patches must arrive in the lattice's raster order: "
                              f"expected coords {expected.tolist()[:4]}..., got {coords.tolist()[:4]}...")
-        boxes = [bb for _, _, bb in groups if bb is not None]
-        b._ensure_capacity(max(bb[1][0] for bb in boxes) if boxes else b.lo)
-        if b._cap:
-            p, w, _ = b._batch_args(patches, weights, coords, b.out_shape)
-            origin = torch.zeros(b.nd, dtype=torch.int64)
-            origin[0] = b.lo
-            all_coords = self.coords - origin
-            num = b.num
-            if b.nd == 2:
-                all_coords = torch.nn.functional.pad(all_coords, (1, 0))
-                num = num.unsqueeze(1)
-            _ops.blend_stream_(num, p, w, all_coords, self.next, b.importance, b.normalize)
-        self.next += n
