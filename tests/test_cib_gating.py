@@ -10,7 +10,8 @@ from patchblend.examples.cib.data import Case, InputError  # noqa: E402
 from patchblend.examples.cib.evaluate import (CalibratedPredictor, best_row, parse_methods,  # noqa: E402
                                               predict_case)
 from patchblend.examples.cib.gating import (FEATURES, GATES, LesionHead, blended_confidence,  # noqa: E402
-                                            component_truth, fit_gating, gating_from_state, gating_state,
+                                            component_features, component_truth, decoder_feature_map,
+                                            feature_names, fit_gating, gating_from_state, gating_state,
                                             lesion_components)
 from patchblend.inference import sliding_window_inference  # noqa: E402
 
@@ -88,7 +89,7 @@ def test_oracle_gate_keeps_the_lesion_and_drops_the_false_positive():
                      component_sets=("oracle", "paper"))
     assert [len(c["truth"]) for c in comps["oracle"]] == [2, 2, 2]
     assert comps["oracle"][0]["truth"].tolist() == [True, False]
-    assert comps["oracle"][0]["features"].shape == (2, len(FEATURES))
+    assert comps["oracle"][0]["features"].shape == (2, len(feature_names(3)))  # the toy's decoder: 3 channels
     gating = fit_gating(comps, log=lambda *a: None)
     t = gating["thresholds"][("oracle", "gate-grid")]
     assert t.kept_fraction == 1.0 and t.tau > 0  # the false positive's cells score 0
@@ -107,6 +108,48 @@ def test_oracle_gate_keeps_the_lesion_and_drops_the_false_positive():
     with pytest.raises(InputError, match="needs a gate threshold"):
         predict_case(_Toy(), toy_case("new"), ["paper:gate-grid"], roi=(16, 16, 16), overlap=0.5,
                      gating={"thresholds": {}, "lesion_heads": {}})
+
+
+def test_decoder_features_are_the_averaged_last_feature_pooled_per_component():
+    """The decoder map replays the recorded windows and equals plain average blending of the network's
+    last feature (an independent path through the driver); the lesion head's decoder columns are its
+    channel means inside each component and in the ring."""
+    case = toy_case()
+    model = _Toy()
+    from patchblend.examples.cib.data import network_input
+
+    x = network_input(case.t1, case.t2)
+    inputs = torch.cat([x, torch.as_tensor(case.label, dtype=torch.float32)[None]])[None]
+    pred = CalibratedPredictor(model, "cpu", (2, 2, 2))
+    pred.start(None, replay=False)
+    sliding_window_inference(inputs, [16] * 3, 3, pred, overlap=0.5, mode="constant")
+    calls = len(pred._cache)
+    got = decoder_feature_map(pred, inputs, (16,) * 3, 3, 0.5)
+    assert len(pred._cache) == calls  # replayed, not run again
+    expect = sliding_window_inference(inputs, [16] * 3, 3, lambda w: model.run(w[:, :3])[2], overlap=0.5,
+                                      mode="constant")
+    np.testing.assert_array_equal(got, expect[0].double().numpy())
+    prob = np.zeros(case.t1.shape)
+    prob[3:6, 3:6, 3:6] = 0.9
+    ids, _ = lesion_components(prob)
+    conf = {w: np.zeros(prob.shape) for w in ("patch", "grid", "patch*grid")}
+    f = component_features(ids, prob, conf, case.t1, case.t2, got)
+    names = feature_names(3)
+    assert f.shape == (1, len(names)) and names[-1] == "dec_2_ring"
+    for k in range(3):
+        np.testing.assert_allclose(f[0, names.index(f"dec_{k}")], got[k][3:6, 3:6, 3:6].mean())
+    np.testing.assert_array_equal(f[:, :len(FEATURES)], component_features(ids, prob, conf, case.t1, case.t2))
+    with pytest.raises(ValueError, match="decoder must be"):
+        component_features(ids, prob, conf, case.t1, case.t2, got[:, :-1])
+    head = LesionHead().fit(np.concatenate([f, f + 1]), np.array([True, False]))
+    assert head.features == names and LesionHead.from_state(head.state()).features == names
+    with pytest.raises(ValueError, match="reads 23 features"):
+        head.score(f[:, :len(FEATURES)])
+    old = LesionHead().fit(np.concatenate([f, f + 1])[:, :len(FEATURES)], np.array([True, False]))
+    np.testing.assert_array_equal(old.score(f), old.score(f[:, :len(FEATURES)]))  # heads saved before decoder columns
+    bad = dict(head.state(), features=list(FEATURES) + ["dec_0"])
+    with pytest.raises(ValueError, match="other features"):
+        LesionHead.from_state(bad)
 
 
 def test_components_follow_the_metrics_rules():

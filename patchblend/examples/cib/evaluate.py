@@ -54,7 +54,7 @@ from patchblend.inference import sliding_window_inference
 from patchblend.targets import dice_targets
 
 from .data import Case, InputError, check_device, check_spacing, load_cases, network_input
-from .gating import GATES
+from .gating import DECODER, GATES
 from .metrics import METRIC_NAMES, evaluate_case
 from .model import OUTPUT_NEW, head_scores
 
@@ -135,7 +135,8 @@ class CalibratedPredictor:
     :class:`patchblend.CalibratedOutput` with the scores of one head set (a key of ``head_sets``) or the
     true Dice of the prediction (``"oracle"``). The network and every head set run once per window
     batch: :meth:`start` with ``replay=True`` reuses the outputs recorded in the first pass (checked
-    against the inputs).
+    against the inputs). ``heads=DECODER`` (``"decoder"``, a replay only) returns the network's last
+    decoder feature ``[b, w, *P]`` instead (what the lesion head pools over each component).
     """
 
     def __init__(self, model, device, grid: Sequence[int], amp: bool = False, head_sets: Optional[dict] = None):
@@ -155,7 +156,7 @@ class CalibratedPredictor:
 
     def start(self, heads: Optional[str], replay: bool, exponent: float = 1.0) -> None:
         """Next pass: scores of ``heads`` raised to ``exponent`` (1: as predicted)."""
-        if heads not in (None, "none", "oracle") and heads not in self.head_sets:
+        if heads not in (None, "none", "oracle", DECODER) and heads not in self.head_sets:
             raise ValueError(f"heads {heads!r}: this predictor has {tuple(self.head_sets)} (and oracle)")
         self._recorded = any(self.pairs.values())
         self.heads, self._replay, self._index, self.exponent = heads, replay, 0, float(exponent)
@@ -170,18 +171,20 @@ class CalibratedPredictor:
         prob = torch.softmax(logits[:, OUTPUT_NEW].float(), dim=1)[:, 1:2]
         scores = {name: tuple(t.float() for t in head_scores(kind, ph, gh, prob, bottleneck, last))
                   for name, (kind, ph, gh) in self.head_sets.items() if self._canonical[name] == name}
-        return prob, {name: scores[self._canonical[name]] for name in self.head_sets}
+        return prob, {name: scores[self._canonical[name]] for name in self.head_sets}, last
 
     def __call__(self, windows: torch.Tensor):
         x, label = windows[:, :3], windows[:, 3:4]
         key = (tuple(x.shape), float(x.double().sum()))
         if self._replay and self._index < len(self._cache) and self._cache[self._index][0] == key:
-            seg, scores = self._cache[self._index][1]
+            seg, scores, last = self._cache[self._index][1]
         else:
-            seg, scores = self._run(x.to(self.device))
+            seg, scores, last = self._run(x.to(self.device))
             if not self._replay:
-                self._cache.append((key, (seg, scores)))
+                self._cache.append((key, (seg, scores, last)))
         self._index += 1
+        if self.heads == DECODER:
+            return last.to(windows.device)
         seg = seg.to(windows.device)
         if self.heads in (None, "none"):
             return seg
@@ -221,7 +224,7 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
     ``components`` receives, for each head set in ``component_sets``, this case's components of average's
     prediction with their features (what :func:`.gating.fit_gating` reads)."""
     from .gating import blended_confidence, component_features, component_scores, component_truth, gated_prediction
-    from .gating import lesion_components
+    from .gating import decoder_feature_map, lesion_components
 
     head_sets = model_head_sets(model) if head_sets is None else head_sets
     methods = [tuple(m) if not isinstance(m, str) else m for m in methods]
@@ -247,9 +250,10 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
         ids, _ = lesion_components(average)
         truth = component_truth(ids, case.label)
         gating = gating or {"lesion_heads": {}, "thresholds": {}}
+        decoder = decoder_feature_map(pred, inputs, roi, sw_batch_size, overlap)
         for heads in dict.fromkeys([h for h, _ in gated] + list(component_sets)):
             conf = {w: blended_confidence(pred, inputs, roi, sw_batch_size, overlap, heads, w) for w in WEIGHTINGS}
-            features = component_features(ids, average, conf, case.t1, case.t2)
+            features = component_features(ids, average, conf, case.t1, case.t2, decoder)
             if components is not None and heads in component_sets:
                 components.setdefault(heads, []).append({"prob": average, "ids": ids, "features": features,
                                                          "truth": truth, "label": case.label})
