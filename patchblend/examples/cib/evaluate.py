@@ -60,7 +60,7 @@ from .model import OUTPUT_NEW, head_scores
 
 __all__ = ["WEIGHTINGS", "GATES", "GATED_HEAD_SETS", "HEAD_SETS", "METHODS", "BLENDINGS", "parse_methods", "method_name", "CalibratedPredictor",
            "predict_case", "head_quality_rows", "evaluate_model", "summarize", "format_table", "write_csv",
-           "write_head_quality", "pick_figure_case", "plot_comparison", "plot_reliability_figure"]
+           "write_head_quality", "write_component_table", "pick_figure_case", "plot_comparison", "plot_reliability_figure"]
 
 WEIGHTINGS = ("patch", "grid", "patch*grid")
 #: Head sets in table order (``none`` and ``oracle`` need no heads).
@@ -220,11 +220,11 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
     set, the heads' scores against the true Dice of every window, when an oracle method is run.
     ``exponents``: ``{(heads, blending): γ}``, weights raised to ``γ`` for those methods (default 1).
     ``gating``: τ and lesion heads of the gated methods (:func:`.gating.fit_gating`); ``lesion_pairs``
-    receives ``{(heads, gate): [(component scores, truth)]}`` of the gated methods;
+    receives ``{(heads, gate): [GatedComponents per case]}`` of the gated methods;
     ``components`` receives, for each head set in ``component_sets``, this case's components of average's
     prediction with their features (what :func:`.gating.fit_gating` reads)."""
     from .gating import blended_confidence, component_features, component_scores, component_truth, gated_prediction
-    from .gating import decoder_feature_map, lesion_components
+    from .gating import decoder_feature_map, gated_components, lesion_components
 
     head_sets = model_head_sets(model) if head_sets is None else head_sets
     methods = [tuple(m) if not isinstance(m, str) else m for m in methods]
@@ -264,7 +264,9 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
                 score = component_scores(gate, features, gating["lesion_heads"].get(heads))
                 out[(heads, gate)] = gated_prediction(average, ids, score, gating["thresholds"][(heads, gate)].tau)
                 if lesion_pairs is not None:
-                    lesion_pairs.setdefault((heads, gate), []).append((score, truth))
+                    tau = gating["thresholds"][(heads, gate)].tau
+                    lesion_pairs.setdefault((heads, gate), []).append(gated_components(case.name, ids, score, truth,
+                                                                                       tau))
         out = {m: out[m] for m in methods}
     if head_pairs is not None:
         for name, pairs in pred.pairs.items():
@@ -550,6 +552,27 @@ def plot_comparison(case: Case, probs: Dict[str, np.ndarray], path: str, baselin
     return path
 
 
+def phantom_matcher(root: str, cases: Sequence[Case]):
+    """``objects`` of :func:`.gating.component_rows` for the cases under ``root`` (loaded without
+    resampling): what each component lies on, from each case folder's ``phantom.json``."""
+    from .data import find_cases
+    from .phantom import match_phantom_objects
+
+    folders = {os.path.basename(os.path.normpath(f)): f for f in find_cases(root)}
+    crops = {c.name: c.crop for c in cases}
+    return lambda name, centres: match_phantom_objects(folders[name], crops[name], centres)
+
+
+def write_component_table(path: str, lesion_pairs: dict, root: Optional[str], cases: Sequence[Case]) -> Optional[str]:
+    """``components.csv`` of the gated rows (:func:`.gating.component_rows`), each component matched to the
+    phantom object it lies on when ``root`` is given; ``None`` when no gated row ran."""
+    from .gating import component_rows, write_components
+
+    if not lesion_pairs:
+        return None
+    return write_components(path, component_rows(lesion_pairs, phantom_matcher(root, cases) if root else None))
+
+
 def check_overlap(overlap: float) -> float:
     if not (0 <= overlap < 1):
         raise InputError(f"--overlap must lie in [0, 1), got {overlap}")
@@ -643,6 +666,10 @@ def main(argv=None):
     if quality:
         print(format_head_quality(quality))
         write_head_quality(os.path.join(args.out, "head_quality.csv"), quality)
+    table = write_component_table(os.path.join(args.out, "components.csv"), lesion_pairs,
+                                  args.data if args.spacing is None else None, cases)
+    if table:
+        print("components:", table)
     if args.figure and keep:
         best = pick_figure_case(rows, cases, calibrated=calibrated)
         print("figure:", plot_comparison(best, kept[best.name], os.path.join(args.out, "fig4_comparison.png"),

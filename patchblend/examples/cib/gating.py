@@ -25,7 +25,7 @@ head was fitted to.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ from patchblend.lesions import GateThreshold, choose_gate_threshold, gate_lesion
 
 __all__ = ["GATES", "GATE_RULE", "FEATURES", "DECODER", "LesionHead", "blended_confidence", "decoder_feature_map",
            "feature_names", "lesion_components", "component_features", "component_truth", "fit_gating",
-           "gated_prediction"]
+           "gated_prediction", "GatedComponents", "gated_components", "component_rows", "write_components",
+           "COMPONENT_COLUMNS"]
 
 #: Gated blendings (``HEADS:gate-...``); the first three gate by the mean blended confidence of one weighting.
 GATES = ("gate-patch", "gate-grid", "gate-patch*grid", "gate-lesion")
@@ -267,6 +268,62 @@ def fit_gating(per_case: Dict[str, List[dict]], log=print) -> dict:
     return out
 
 
+class GatedComponents(NamedTuple):
+    """One case's components of average's prediction under one gated row (``n`` components)."""
+
+    case: str
+    size: np.ndarray  #: ``[n]`` voxels
+    centre: np.ndarray  #: ``[n, 3]`` centre of mass, voxels of the case's grid
+    score: np.ndarray  #: ``[n]`` the statistic the row thresholds
+    truth: np.ndarray  #: ``[n]`` bool, a true lesion (:func:`component_truth`)
+    tau: float  #: the row's threshold (kept: ``score >= tau``)
+
+
+def gated_components(case: str, ids: np.ndarray, score: np.ndarray, truth: np.ndarray, tau: float) -> GatedComponents:
+    """:class:`GatedComponents` of ``ids`` (:func:`lesion_components`)."""
+    from scipy import ndimage
+
+    n = int(ids.max())
+    size = np.bincount(ids.ravel(), minlength=n + 1)[1:]
+    centre = np.array(ndimage.center_of_mass(np.ones(ids.shape), ids, np.arange(1, n + 1))).reshape(n, ids.ndim)
+    return GatedComponents(case, size, centre, np.asarray(score, np.float64), np.asarray(truth, bool), float(tau))
+
+
+#: Columns of ``components.csv`` (:func:`component_rows`).
+COMPONENT_COLUMNS = ("case", "component", "size", "centre_0", "centre_1", "centre_2", "true_lesion", "row", "score",
+                     "tau", "kept", "phantom_object", "phantom_intensity")
+
+
+def component_rows(lesion_pairs: Dict[Tuple[str, str], List[GatedComponents]], objects=None) -> List[dict]:
+    """One row per component and gated row (:data:`COMPONENT_COLUMNS`): its size, centre, truth, score and
+    whether the row keeps it. ``objects(case name, centres [n, 3])``, when given, names what each component
+    lies on (for phantoms: :func:`.phantom.match_phantom_objects`), as ``[(kind, intensity)]``."""
+    rows, matched = [], {}
+    for (heads, gate), items in lesion_pairs.items():
+        for g in items:
+            if objects is not None and g.case not in matched:
+                matched[g.case] = objects(g.case, g.centre)
+            names = matched.get(g.case) or [("", math.nan)] * len(g.size)
+            for k in range(len(g.size)):
+                rows.append({"case": g.case, "component": k + 1, "size": int(g.size[k]),
+                             **{f"centre_{a}": round(float(g.centre[k, a]), 2) for a in range(3)},
+                             "true_lesion": int(g.truth[k]), "row": f"{heads}:{gate}", "score": float(g.score[k]),
+                             "tau": g.tau, "kept": int(g.score[k] >= g.tau), "phantom_object": names[k][0],
+                             "phantom_intensity": names[k][1]})
+    return rows
+
+
+def write_components(path: str, rows: List[dict]) -> str:
+    """``components.csv``: :func:`component_rows`."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COMPONENT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def gating_state(gating: dict) -> dict:
     """What :func:`fit_gating` returns, as plain data (saved with the post-hoc heads)."""
     return {"lesion_heads": {h: head.state() for h, head in gating["lesion_heads"].items()},
@@ -282,7 +339,7 @@ def gating_from_state(state: Optional[dict]) -> dict:
             "thresholds": {tuple(k.split(":", 1)): GateThreshold(**t) for k, t in state["thresholds"].items()}}
 
 
-def lesion_quality_rows(pairs: Dict[Tuple[str, str], List[tuple]]) -> List[dict]:
+def lesion_quality_rows(pairs: Dict[Tuple[str, str], List[GatedComponents]]) -> List[dict]:
     """``head_quality.csv`` rows ``head = "lesion:STATISTIC"``: the statistic of each gated blending
     (mean confidence of a weighting, or the lesion head's score) as a score for "this component of
     average's prediction is a true lesion" (AUROC: false positives scored below true lesions)."""
@@ -290,8 +347,8 @@ def lesion_quality_rows(pairs: Dict[Tuple[str, str], List[tuple]]) -> List[dict]
 
     rows = []
     for (heads, gate), items in pairs.items():
-        score = np.concatenate([s for s, _ in items]) if items else np.zeros(0)
-        truth = np.concatenate([t for _, t in items]).astype(np.float64) if items else np.zeros(0)
+        score = np.concatenate([g.score for g in items]) if items else np.zeros(0)
+        truth = np.concatenate([g.truth for g in items]).astype(np.float64) if items else np.zeros(0)
         if len(score) == 0:
             continue
         rows.append({"heads": heads, "head": "lesion:" + gate[len("gate-"):],
