@@ -10,7 +10,8 @@
 4. evaluates every method (:data:`.evaluate.METHODS`: average, gaussian, and patch / grid /
    patch*grid weights from each head set and from the oracle) on the test cases with that one
    network, and writes ``DIR/results.csv`` (``heads,blending,...``), ``DIR/per_case.csv``,
-   ``DIR/head_quality.csv`` (``heads,head,corr,auroc,ece,...``), ``DIR/fig4_comparison.png``,
+   ``DIR/head_quality.csv`` (``heads,head,corr,auroc,ece,...``), ``DIR/components.csv`` (every component of
+   average's prediction under every gated row, with the phantom object it lies on), ``DIR/fig4_comparison.png``,
    ``DIR/reliability.png`` and ``DIR/summary.txt``;
 5. with ``sweep`` (default on), evaluates the intermediate checkpoints too (``DIR/training_length.csv``).
 

@@ -600,7 +600,7 @@ def main(argv=None):
                                 description="Evaluate every blending of a trained CIB model.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train (last.pt)")
     p.add_argument("--data", required=True, help="folder of two-time-point case folders")
-    p.add_argument("--out", default="cib_eval", help="output folder (results.csv, per_case.csv, figures)")
+    p.add_argument("--out", default="cib_eval", help="output folder (results.csv, per_case.csv, head_quality.csv, components.csv, figures)")
     p.add_argument("--posthoc", default="", help="heads fitted post hoc (posthoc_heads.pt from demo or calibrate)")
     p.add_argument("--blendings", default="all",
                    help="comma-separated methods: average, gaussian, HEADS:WEIGHTING (HEADS in "
