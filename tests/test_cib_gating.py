@@ -10,7 +10,8 @@ from patchblend.examples.cib.data import Case, InputError  # noqa: E402
 from patchblend.examples.cib.evaluate import (CalibratedPredictor, best_row, parse_methods,  # noqa: E402
                                               predict_case)
 from patchblend.examples.cib.gating import (FEATURES, GATES, LesionHead, blended_confidence,  # noqa: E402
-                                            component_truth, fit_gating, gating_from_state, gating_state,
+                                            component_features, component_truth, decoder_feature_map,
+                                            feature_names, fit_gating, gating_from_state, gating_state,
                                             lesion_components)
 from patchblend.inference import sliding_window_inference  # noqa: E402
 
@@ -88,7 +89,7 @@ def test_oracle_gate_keeps_the_lesion_and_drops_the_false_positive():
                      component_sets=("oracle", "paper"))
     assert [len(c["truth"]) for c in comps["oracle"]] == [2, 2, 2]
     assert comps["oracle"][0]["truth"].tolist() == [True, False]
-    assert comps["oracle"][0]["features"].shape == (2, len(FEATURES))
+    assert comps["oracle"][0]["features"].shape == (2, len(feature_names(3)))  # the toy's decoder: 3 channels
     gating = fit_gating(comps, log=lambda *a: None)
     t = gating["thresholds"][("oracle", "gate-grid")]
     assert t.kept_fraction == 1.0 and t.tau > 0  # the false positive's cells score 0
@@ -107,6 +108,48 @@ def test_oracle_gate_keeps_the_lesion_and_drops_the_false_positive():
     with pytest.raises(InputError, match="needs a gate threshold"):
         predict_case(_Toy(), toy_case("new"), ["paper:gate-grid"], roi=(16, 16, 16), overlap=0.5,
                      gating={"thresholds": {}, "lesion_heads": {}})
+
+
+def test_decoder_features_are_the_averaged_last_feature_pooled_per_component():
+    """The decoder map replays the recorded windows and equals plain average blending of the network's
+    last feature (an independent path through the driver); the lesion head's decoder columns are its
+    channel means inside each component and in the ring."""
+    case = toy_case()
+    model = _Toy()
+    from patchblend.examples.cib.data import network_input
+
+    x = network_input(case.t1, case.t2)
+    inputs = torch.cat([x, torch.as_tensor(case.label, dtype=torch.float32)[None]])[None]
+    pred = CalibratedPredictor(model, "cpu", (2, 2, 2))
+    pred.start(None, replay=False)
+    sliding_window_inference(inputs, [16] * 3, 3, pred, overlap=0.5, mode="constant")
+    calls = len(pred._cache)
+    got = decoder_feature_map(pred, inputs, (16,) * 3, 3, 0.5)
+    assert len(pred._cache) == calls  # replayed, not run again
+    expect = sliding_window_inference(inputs, [16] * 3, 3, lambda w: model.run(w[:, :3])[2], overlap=0.5,
+                                      mode="constant")
+    np.testing.assert_array_equal(got, expect[0].double().numpy())
+    prob = np.zeros(case.t1.shape)
+    prob[3:6, 3:6, 3:6] = 0.9
+    ids, _ = lesion_components(prob)
+    conf = {w: np.zeros(prob.shape) for w in ("patch", "grid", "patch*grid")}
+    f = component_features(ids, prob, conf, case.t1, case.t2, got)
+    names = feature_names(3)
+    assert f.shape == (1, len(names)) and names[-1] == "dec_2_ring"
+    for k in range(3):
+        np.testing.assert_allclose(f[0, names.index(f"dec_{k}")], got[k][3:6, 3:6, 3:6].mean())
+    np.testing.assert_array_equal(f[:, :len(FEATURES)], component_features(ids, prob, conf, case.t1, case.t2))
+    with pytest.raises(ValueError, match="decoder must be"):
+        component_features(ids, prob, conf, case.t1, case.t2, got[:, :-1])
+    head = LesionHead().fit(np.concatenate([f, f + 1]), np.array([True, False]))
+    assert head.features == names and LesionHead.from_state(head.state()).features == names
+    with pytest.raises(ValueError, match="reads 23 features"):
+        head.score(f[:, :len(FEATURES)])
+    old = LesionHead().fit(np.concatenate([f, f + 1])[:, :len(FEATURES)], np.array([True, False]))
+    np.testing.assert_array_equal(old.score(f), old.score(f[:, :len(FEATURES)]))  # heads saved before decoder columns
+    bad = dict(head.state(), features=list(FEATURES) + ["dec_0"])
+    with pytest.raises(ValueError, match="other features"):
+        LesionHead.from_state(bad)
 
 
 def test_components_follow_the_metrics_rules():
@@ -195,3 +238,43 @@ def test_fine_posthoc_heads_keep_their_grid_when_saved_and_loaded(tmp_path):
     assert a[1].shape == (1, *FINE_GRID)
     torch.testing.assert_close(a[0], b[0])
     torch.testing.assert_close(a[1], b[1])
+
+
+def test_component_table_rows_and_phantom_matching(tmp_path):
+    """components.csv: one row per component and gated row; the ground truth's own lesions of a written
+    phantom case match its new lesions, a component away from every object matches none."""
+    from patchblend.examples.cib.data import load_cases
+    from patchblend.examples.cib.gating import component_rows, gated_components, write_components
+    from patchblend.examples.cib.phantom import match_phantom_objects, phantom_preset, write_phantom_set
+    from patchblend.examples.cib.evaluate import phantom_matcher
+
+    write_phantom_set(str(tmp_path), 1, 0, seed=7, config=phantom_preset("hard", downsample=4.0), prefix="p")
+    (case,) = load_cases(str(tmp_path))
+    ids, sizes = lesion_components(case.label.astype(np.float64))
+    assert ids.max() >= 1
+    truth = component_truth(ids, case.label)
+    score = np.linspace(0.1, 0.9, int(ids.max()))
+    g = gated_components(case.name, ids, score, truth, 0.5)
+    assert g.size.tolist() == sizes.tolist() and g.truth.all()
+    for k in range(int(ids.max())):
+        np.testing.assert_allclose(g.centre[k], np.argwhere(ids == k + 1).mean(0))
+    rows = component_rows({("aware-posthoc", "gate-grid"): [g]}, phantom_matcher(str(tmp_path), [case]))
+    assert [r["phantom_object"] for r in rows] == ["new"] * len(rows)
+    assert [r["kept"] for r in rows] == [int(s >= 0.5) for s in score]
+    assert {r["row"] for r in rows} == {"aware-posthoc:gate-grid"} and all(r["true_lesion"] == 1 for r in rows)
+    far = np.array([[-1000.0, -1000.0, -1000.0]])
+    assert match_phantom_objects(str(tmp_path / case.name), case.crop, far)[0][0] == ""
+    assert match_phantom_objects(str(tmp_path), case.crop, far)[0][0] == ""  # no phantom.json there
+    # a hand-worked case: the arrays start 5 voxels into the file's grid
+    import json
+    hand = tmp_path / "hand"
+    hand.mkdir()
+    json.dump({"lesions": [{"kind": "mimic", "centre": [10.0, 10.0, 10.0], "radii": [2.0, 2.0, 2.0],
+                            "intensity": 0.9}]}, open(hand / "phantom.json", "w"))
+    crop = (slice(5, 30),) * 3
+    got = match_phantom_objects(str(hand), crop, np.array([[5.0, 5.0, 5.0], [5.0, 5.0, 8.9], [10.0, 10.0, 10.0]]))
+    assert got[:2] == [("mimic", 0.9)] * 2 and got[2][0] == ""  # 2.5 semi-axes away from the object
+    path = write_components(str(tmp_path / "components.csv"), rows)
+    assert open(path).read().splitlines()[0].startswith("case,component,size,centre_0")
+    # without a matcher the object columns stay empty
+    assert all(r["phantom_object"] == "" for r in component_rows({("a", "gate-grid"): [g]}))

@@ -10,7 +10,8 @@
 4. evaluates every method (:data:`.evaluate.METHODS`: average, gaussian, and patch / grid /
    patch*grid weights from each head set and from the oracle) on the test cases with that one
    network, and writes ``DIR/results.csv`` (``heads,blending,...``), ``DIR/per_case.csv``,
-   ``DIR/head_quality.csv`` (``heads,head,corr,auroc,ece,...``), ``DIR/fig4_comparison.png``,
+   ``DIR/head_quality.csv`` (``heads,head,corr,auroc,ece,...``), ``DIR/components.csv`` (every component of
+   average's prediction under every gated row, with the phantom object it lies on), ``DIR/fig4_comparison.png``,
    ``DIR/reliability.png`` and ``DIR/summary.txt``;
 5. with ``sweep`` (default on), evaluates the intermediate checkpoints too (``DIR/training_length.csv``).
 
@@ -40,7 +41,7 @@ import torch
 from .data import InputError, load_cases
 from .evaluate import (GATED_HEAD_SETS, GATES, METHODS, PRIMARY_GATED, best_row_text, check_overlap, check_roi, evaluate_model, format_head_quality, format_table,
                        head_quality_rows, method_name, model_head_sets, pick_figure_case, plot_comparison,
-                       plot_reliability_figure, summarize, threshold_text, write_csv, write_head_quality,
+                       plot_reliability_figure, summarize, threshold_text, write_component_table, write_csv, write_head_quality,
                        write_per_case)
 from .gating import gating_state, lesion_quality_rows
 from .phantom import PHANTOM_PRESETS, phantom_preset, write_phantom_set
@@ -261,6 +262,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     write_per_case(os.path.join(cfg.out, "per_case.csv"), rows)
     quality = head_quality_rows(pairs) + lesion_quality_rows(lesion_pairs)
     hq_path = write_head_quality(os.path.join(cfg.out, "head_quality.csv"), quality)
+    write_component_table(os.path.join(cfg.out, "components.csv"), lesion_pairs,
+                          os.path.join(cfg.data or os.path.join(cfg.out, "data"), f"test_{cfg.preset}"), test_cases)
 
     case = pick_figure_case(rows, test_cases, calibrated=calibrated)
     figure = plot_comparison(case, kept[case.name], os.path.join(cfg.out, "fig4_comparison.png"),

@@ -54,13 +54,13 @@ from patchblend.inference import sliding_window_inference
 from patchblend.targets import dice_targets
 
 from .data import Case, InputError, check_device, check_spacing, load_cases, network_input
-from .gating import GATES
+from .gating import DECODER, GATES
 from .metrics import METRIC_NAMES, evaluate_case
 from .model import OUTPUT_NEW, head_scores
 
 __all__ = ["WEIGHTINGS", "GATES", "GATED_HEAD_SETS", "HEAD_SETS", "METHODS", "BLENDINGS", "parse_methods", "method_name", "CalibratedPredictor",
            "predict_case", "head_quality_rows", "evaluate_model", "summarize", "format_table", "write_csv",
-           "write_head_quality", "pick_figure_case", "plot_comparison", "plot_reliability_figure"]
+           "write_head_quality", "write_component_table", "pick_figure_case", "plot_comparison", "plot_reliability_figure"]
 
 WEIGHTINGS = ("patch", "grid", "patch*grid")
 #: Head sets in table order (``none`` and ``oracle`` need no heads).
@@ -135,7 +135,8 @@ class CalibratedPredictor:
     :class:`patchblend.CalibratedOutput` with the scores of one head set (a key of ``head_sets``) or the
     true Dice of the prediction (``"oracle"``). The network and every head set run once per window
     batch: :meth:`start` with ``replay=True`` reuses the outputs recorded in the first pass (checked
-    against the inputs).
+    against the inputs). ``heads=DECODER`` (``"decoder"``, a replay only) returns the network's last
+    decoder feature ``[b, w, *P]`` instead (what the lesion head pools over each component).
     """
 
     def __init__(self, model, device, grid: Sequence[int], amp: bool = False, head_sets: Optional[dict] = None):
@@ -155,7 +156,7 @@ class CalibratedPredictor:
 
     def start(self, heads: Optional[str], replay: bool, exponent: float = 1.0) -> None:
         """Next pass: scores of ``heads`` raised to ``exponent`` (1: as predicted)."""
-        if heads not in (None, "none", "oracle") and heads not in self.head_sets:
+        if heads not in (None, "none", "oracle", DECODER) and heads not in self.head_sets:
             raise ValueError(f"heads {heads!r}: this predictor has {tuple(self.head_sets)} (and oracle)")
         self._recorded = any(self.pairs.values())
         self.heads, self._replay, self._index, self.exponent = heads, replay, 0, float(exponent)
@@ -170,18 +171,20 @@ class CalibratedPredictor:
         prob = torch.softmax(logits[:, OUTPUT_NEW].float(), dim=1)[:, 1:2]
         scores = {name: tuple(t.float() for t in head_scores(kind, ph, gh, prob, bottleneck, last))
                   for name, (kind, ph, gh) in self.head_sets.items() if self._canonical[name] == name}
-        return prob, {name: scores[self._canonical[name]] for name in self.head_sets}
+        return prob, {name: scores[self._canonical[name]] for name in self.head_sets}, last
 
     def __call__(self, windows: torch.Tensor):
         x, label = windows[:, :3], windows[:, 3:4]
         key = (tuple(x.shape), float(x.double().sum()))
         if self._replay and self._index < len(self._cache) and self._cache[self._index][0] == key:
-            seg, scores = self._cache[self._index][1]
+            seg, scores, last = self._cache[self._index][1]
         else:
-            seg, scores = self._run(x.to(self.device))
+            seg, scores, last = self._run(x.to(self.device))
             if not self._replay:
-                self._cache.append((key, (seg, scores)))
+                self._cache.append((key, (seg, scores, last)))
         self._index += 1
+        if self.heads == DECODER:
+            return last.to(windows.device)
         seg = seg.to(windows.device)
         if self.heads in (None, "none"):
             return seg
@@ -217,11 +220,11 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
     set, the heads' scores against the true Dice of every window, when an oracle method is run.
     ``exponents``: ``{(heads, blending): γ}``, weights raised to ``γ`` for those methods (default 1).
     ``gating``: τ and lesion heads of the gated methods (:func:`.gating.fit_gating`); ``lesion_pairs``
-    receives ``{(heads, gate): [(component scores, truth)]}`` of the gated methods;
+    receives ``{(heads, gate): [GatedComponents per case]}`` of the gated methods;
     ``components`` receives, for each head set in ``component_sets``, this case's components of average's
     prediction with their features (what :func:`.gating.fit_gating` reads)."""
     from .gating import blended_confidence, component_features, component_scores, component_truth, gated_prediction
-    from .gating import lesion_components
+    from .gating import decoder_feature_map, gated_components, lesion_components
 
     head_sets = model_head_sets(model) if head_sets is None else head_sets
     methods = [tuple(m) if not isinstance(m, str) else m for m in methods]
@@ -247,9 +250,10 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
         ids, _ = lesion_components(average)
         truth = component_truth(ids, case.label)
         gating = gating or {"lesion_heads": {}, "thresholds": {}}
+        decoder = decoder_feature_map(pred, inputs, roi, sw_batch_size, overlap)
         for heads in dict.fromkeys([h for h, _ in gated] + list(component_sets)):
             conf = {w: blended_confidence(pred, inputs, roi, sw_batch_size, overlap, heads, w) for w in WEIGHTINGS}
-            features = component_features(ids, average, conf, case.t1, case.t2)
+            features = component_features(ids, average, conf, case.t1, case.t2, decoder)
             if components is not None and heads in component_sets:
                 components.setdefault(heads, []).append({"prob": average, "ids": ids, "features": features,
                                                          "truth": truth, "label": case.label})
@@ -260,7 +264,9 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
                 score = component_scores(gate, features, gating["lesion_heads"].get(heads))
                 out[(heads, gate)] = gated_prediction(average, ids, score, gating["thresholds"][(heads, gate)].tau)
                 if lesion_pairs is not None:
-                    lesion_pairs.setdefault((heads, gate), []).append((score, truth))
+                    tau = gating["thresholds"][(heads, gate)].tau
+                    lesion_pairs.setdefault((heads, gate), []).append(gated_components(case.name, ids, score, truth,
+                                                                                       tau))
         out = {m: out[m] for m in methods}
     if head_pairs is not None:
         for name, pairs in pred.pairs.items():
@@ -546,6 +552,27 @@ def plot_comparison(case: Case, probs: Dict[str, np.ndarray], path: str, baselin
     return path
 
 
+def phantom_matcher(root: str, cases: Sequence[Case]):
+    """``objects`` of :func:`.gating.component_rows` for the cases under ``root`` (loaded without
+    resampling): what each component lies on, from each case folder's ``phantom.json``."""
+    from .data import find_cases
+    from .phantom import match_phantom_objects
+
+    folders = {os.path.basename(os.path.normpath(f)): f for f in find_cases(root)}
+    crops = {c.name: c.crop for c in cases}
+    return lambda name, centres: match_phantom_objects(folders[name], crops[name], centres)
+
+
+def write_component_table(path: str, lesion_pairs: dict, root: Optional[str], cases: Sequence[Case]) -> Optional[str]:
+    """``components.csv`` of the gated rows (:func:`.gating.component_rows`), each component matched to the
+    phantom object it lies on when ``root`` is given; ``None`` when no gated row ran."""
+    from .gating import component_rows, write_components
+
+    if not lesion_pairs:
+        return None
+    return write_components(path, component_rows(lesion_pairs, phantom_matcher(root, cases) if root else None))
+
+
 def check_overlap(overlap: float) -> float:
     if not (0 <= overlap < 1):
         raise InputError(f"--overlap must lie in [0, 1), got {overlap}")
@@ -573,7 +600,7 @@ def main(argv=None):
                                 description="Evaluate every blending of a trained CIB model.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train (last.pt)")
     p.add_argument("--data", required=True, help="folder of two-time-point case folders")
-    p.add_argument("--out", default="cib_eval", help="output folder (results.csv, per_case.csv, figures)")
+    p.add_argument("--out", default="cib_eval", help="output folder (results.csv, per_case.csv, head_quality.csv, components.csv, figures)")
     p.add_argument("--posthoc", default="", help="heads fitted post hoc (posthoc_heads.pt from demo or calibrate)")
     p.add_argument("--blendings", default="all",
                    help="comma-separated methods: average, gaussian, HEADS:WEIGHTING (HEADS in "
@@ -639,6 +666,10 @@ def main(argv=None):
     if quality:
         print(format_head_quality(quality))
         write_head_quality(os.path.join(args.out, "head_quality.csv"), quality)
+    table = write_component_table(os.path.join(args.out, "components.csv"), lesion_pairs,
+                                  args.data if args.spacing is None else None, cases)
+    if table:
+        print("components:", table)
     if args.figure and keep:
         best = pick_figure_case(rows, cases, calibrated=calibrated)
         print("figure:", plot_comparison(best, kept[best.name], os.path.join(args.out, "fig4_comparison.png"),

@@ -9,8 +9,9 @@ whole lesions by their confidence (:func:`patchblend.gate_lesions`):
 ``gate-grid``,      the metrics' lesions) is kept when the mean over it of the blended confidence
 ``gate-patch*grid`` ``C = Σ α / N`` of that weighting (Eq. 1/2 applied to the weights alone) is ≥ τ
 ``gate-lesion``     kept when a **lesion head** scores it ≥ τ: a logistic regression on what lies in
-                    and around the component (:data:`FEATURES`: size, probability, the three
-                    confidence maps of the head set, both time points inside and in a 2-voxel ring)
+                    and around the component (:func:`feature_names`: size, probability, the three
+                    confidence maps of the head set, both time points inside and in a 2-voxel ring,
+                    and the network's last decoder feature, average-blended, inside and in the ring)
 ==================  ===========================================================================
 
 Everything is fitted on the calibration cases only (:func:`fit_gating`): the lesion heads on the
@@ -24,15 +25,17 @@ head was fitted to.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from patchblend.lesions import GateThreshold, choose_gate_threshold, gate_lesions
 
-__all__ = ["GATES", "GATE_RULE", "FEATURES", "LesionHead", "blended_confidence", "lesion_components",
-           "component_features", "component_truth", "fit_gating", "gated_prediction"]
+__all__ = ["GATES", "GATE_RULE", "FEATURES", "DECODER", "LesionHead", "blended_confidence", "decoder_feature_map",
+           "feature_names", "lesion_components", "component_features", "component_truth", "fit_gating",
+           "gated_prediction", "GatedComponents", "gated_components", "component_rows", "write_components",
+           "COMPONENT_COLUMNS"]
 
 #: Gated blendings (``HEADS:gate-...``); the first three gate by the mean blended confidence of one weighting.
 GATES = ("gate-patch", "gate-grid", "gate-patch*grid", "gate-lesion")
@@ -44,8 +47,17 @@ THRESHOLD, CONNECTIVITY, MIN_SIZE = 0.5, 3, 11
 #: Cross-fitting folds of the lesion head's calibration scores.
 FOLDS = 4
 RING = 2  #: voxels around a component that form its ring
+#: The lesion head's features that do not depend on the network (then, per decoder channel: :func:`feature_names`).
 FEATURES = ("log_size", "p_mean", "p_max", "p_frac_0.9", "C_patch", "C_grid", "C_patch*grid", "C_grid_max",
             "t1", "t2", "diff", "diff_max", "t1_ring", "t2_ring", "diff_ring", "p_ring", "extent")
+#: ``CalibratedPredictor.start(DECODER, replay=True)`` replays the network's last decoder feature.
+DECODER = "decoder"
+
+
+def feature_names(channels: int) -> Tuple[str, ...]:
+    """The lesion head's features with a ``channels``-channel decoder feature: :data:`FEATURES`, then the
+    mean of each decoder channel inside the component (``dec_k``) and in its ring (``dec_k_ring``)."""
+    return FEATURES + tuple(f"dec_{k}" for k in range(channels)) + tuple(f"dec_{k}_ring" for k in range(channels))
 
 
 def blended_confidence(predictor, inputs: torch.Tensor, roi, sw_batch_size: int, overlap: float, heads: str,
@@ -58,6 +70,16 @@ def blended_confidence(predictor, inputs: torch.Tensor, roi, sw_batch_size: int,
     _, c = sliding_window_inference(inputs, list(roi), sw_batch_size, predictor, overlap=overlap, mode="constant",
                                     weighting=weighting, normalize="count", confidence=True, weigh_prediction=False)
     return c[0, 0].double().cpu().numpy()
+
+
+def decoder_feature_map(predictor, inputs: torch.Tensor, roi, sw_batch_size: int, overlap: float) -> np.ndarray:
+    """The network's last decoder feature ``[w, D, H, W]``, average-blended by the driver, replaying the
+    predictor's recorded windows (no second run of the network)."""
+    from patchblend.inference import sliding_window_inference
+
+    predictor.start(DECODER, replay=True)
+    out = sliding_window_inference(inputs, list(roi), sw_batch_size, predictor, overlap=overlap, mode="constant")
+    return out[0].double().cpu().numpy()
 
 
 def lesion_components(prob: np.ndarray):
@@ -79,14 +101,18 @@ def _means(ids: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
 
 
 def component_features(ids: np.ndarray, prob: np.ndarray, conf: Dict[str, np.ndarray], t1: np.ndarray,
-                       t2: np.ndarray) -> np.ndarray:
-    """``[n, len(FEATURES)]`` per component (``ids`` from :func:`lesion_components`); ``conf`` the
-    blended confidence of each weighting (``patch``, ``grid``, ``patch*grid``)."""
+                       t2: np.ndarray, decoder: Optional[np.ndarray] = None) -> np.ndarray:
+    """``[n, len(feature_names(w))]`` per component (``ids`` from :func:`lesion_components`); ``conf`` the
+    blended confidence of each weighting (``patch``, ``grid``, ``patch*grid``); ``decoder`` the blended
+    decoder feature ``[w, D, H, W]`` (:func:`decoder_feature_map`; ``None``: ``w = 0``)."""
     from scipy import ndimage
 
+    decoder = np.zeros((0,) + ids.shape) if decoder is None else np.asarray(decoder)
+    if decoder.ndim != 4 or decoder.shape[1:] != ids.shape:
+        raise ValueError(f"decoder must be [w, *{ids.shape}], got {decoder.shape}")
     n = int(ids.max())
     if n == 0:
-        return np.zeros((0, len(FEATURES)))
+        return np.zeros((0, len(feature_names(len(decoder)))))
     diff = t2 - t1
     sizes = np.bincount(ids.ravel(), minlength=n + 1)[1:]
     maxima = lambda v: np.asarray(ndimage.maximum(v, ids, np.arange(1, n + 1)), dtype=np.float64)  # noqa: E731
@@ -99,6 +125,7 @@ def component_features(ids: np.ndarray, prob: np.ndarray, conf: Dict[str, np.nda
             _means(ids, n, conf["patch"]), _means(ids, n, conf["grid"]), _means(ids, n, conf["patch*grid"]),
             maxima(conf["grid"]), _means(ids, n, t1), _means(ids, n, t2), _means(ids, n, diff), maxima(diff),
             _means(ring, n, t1), _means(ring, n, t2), _means(ring, n, diff), _means(ring, n, prob), extent]
+    cols += [_means(ids, n, f) for f in decoder] + [_means(ring, n, f) for f in decoder]
     return np.stack(cols, 1)
 
 
@@ -113,17 +140,22 @@ def component_truth(ids: np.ndarray, label: np.ndarray) -> np.ndarray:
 
 
 class LesionHead:
-    """Logistic regression on standardized :data:`FEATURES` (L2 penalty ``l2``; 1.0: the best of 0.01, 0.1, 1 in a 4-fold cross-fit on the demo's calibration cases), fitted with L-BFGS:
-    the probability that a component of average's prediction is a true lesion."""
+    """Logistic regression on standardized component features (:func:`feature_names`; L2 penalty ``l2``;
+    1.0: the best of 0.01, 0.1, 1 in a 4-fold cross-fit on the demo's calibration cases), fitted with
+    L-BFGS: the probability that a component of average's prediction is a true lesion."""
 
-    def __init__(self, mean=None, std=None, weight=None, bias: float = 0.0, l2: float = 1.0):
+    def __init__(self, mean=None, std=None, weight=None, bias: float = 0.0, l2: float = 1.0, features=None):
         self.mean, self.std, self.weight, self.bias, self.l2 = mean, std, weight, float(bias), float(l2)
+        self.features = tuple(features) if features is not None else None
 
     def fit(self, features: np.ndarray, truth: np.ndarray) -> "LesionHead":
         x = np.asarray(features, np.float64)
         y = np.asarray(truth, np.float64)
         if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
             raise ValueError(f"features [n, F] and truth [n] must match and be non-empty, got {x.shape}, {y.shape}")
+        if x.shape[1] < len(FEATURES) or (x.shape[1] - len(FEATURES)) % 2:
+            raise ValueError(f"features must have {len(FEATURES)} + 2w columns (feature_names), got {x.shape[1]}")
+        self.features = feature_names((x.shape[1] - len(FEATURES)) // 2)
         self.mean, self.std = x.mean(0), x.std(0) + 1e-6
         xt = torch.from_numpy((x - self.mean) / self.std)
         yt = torch.from_numpy(y)
@@ -142,19 +174,26 @@ class LesionHead:
         return self
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        x = (np.asarray(features, np.float64) - self.mean) / self.std
+        x = np.asarray(features, np.float64)
+        if x.ndim == 2 and len(self.features) == len(FEATURES):
+            x = x[:, :len(FEATURES)]  # a head fitted without decoder features (files written before them)
+        if x.ndim != 2 or x.shape[1] != len(self.features):
+            raise ValueError(f"this lesion head reads {len(self.features)} features per component "
+                             f"({self.features[-1]} last), got {x.shape}")
+        x = (x - self.mean) / self.std
         return 1.0 / (1.0 + np.exp(-(x @ self.weight + self.bias)))
 
     def state(self) -> dict:
         return {"mean": self.mean.tolist(), "std": self.std.tolist(), "weight": self.weight.tolist(),
-                "bias": self.bias, "l2": self.l2, "features": list(FEATURES)}
+                "bias": self.bias, "l2": self.l2, "features": list(self.features)}
 
     @classmethod
     def from_state(cls, state: dict) -> "LesionHead":
-        if list(state.get("features", [])) != list(FEATURES):
+        names = list(state.get("features", []))
+        if names != list(feature_names(max(len(names) - len(FEATURES), 0) // 2)):
             raise ValueError("this lesion head was fitted on other features")
         return cls(np.asarray(state["mean"]), np.asarray(state["std"]), np.asarray(state["weight"]), state["bias"],
-                   state["l2"])
+                   state["l2"], names)
 
 
 def gated_prediction(prob: np.ndarray, ids: np.ndarray, score: np.ndarray, tau: float) -> np.ndarray:
@@ -229,6 +268,62 @@ def fit_gating(per_case: Dict[str, List[dict]], log=print) -> dict:
     return out
 
 
+class GatedComponents(NamedTuple):
+    """One case's components of average's prediction under one gated row (``n`` components)."""
+
+    case: str
+    size: np.ndarray  #: ``[n]`` voxels
+    centre: np.ndarray  #: ``[n, 3]`` centre of mass, voxels of the case's grid
+    score: np.ndarray  #: ``[n]`` the statistic the row thresholds
+    truth: np.ndarray  #: ``[n]`` bool, a true lesion (:func:`component_truth`)
+    tau: float  #: the row's threshold (kept: ``score >= tau``)
+
+
+def gated_components(case: str, ids: np.ndarray, score: np.ndarray, truth: np.ndarray, tau: float) -> GatedComponents:
+    """:class:`GatedComponents` of ``ids`` (:func:`lesion_components`)."""
+    from scipy import ndimage
+
+    n = int(ids.max())
+    size = np.bincount(ids.ravel(), minlength=n + 1)[1:]
+    centre = np.array(ndimage.center_of_mass(np.ones(ids.shape), ids, np.arange(1, n + 1))).reshape(n, ids.ndim)
+    return GatedComponents(case, size, centre, np.asarray(score, np.float64), np.asarray(truth, bool), float(tau))
+
+
+#: Columns of ``components.csv`` (:func:`component_rows`).
+COMPONENT_COLUMNS = ("case", "component", "size", "centre_0", "centre_1", "centre_2", "true_lesion", "row", "score",
+                     "tau", "kept", "phantom_object", "phantom_intensity")
+
+
+def component_rows(lesion_pairs: Dict[Tuple[str, str], List[GatedComponents]], objects=None) -> List[dict]:
+    """One row per component and gated row (:data:`COMPONENT_COLUMNS`): its size, centre, truth, score and
+    whether the row keeps it. ``objects(case name, centres [n, 3])``, when given, names what each component
+    lies on (for phantoms: :func:`.phantom.match_phantom_objects`), as ``[(kind, intensity)]``."""
+    rows, matched = [], {}
+    for (heads, gate), items in lesion_pairs.items():
+        for g in items:
+            if objects is not None and g.case not in matched:
+                matched[g.case] = objects(g.case, g.centre)
+            names = matched.get(g.case) or [("", math.nan)] * len(g.size)
+            for k in range(len(g.size)):
+                rows.append({"case": g.case, "component": k + 1, "size": int(g.size[k]),
+                             **{f"centre_{a}": round(float(g.centre[k, a]), 2) for a in range(3)},
+                             "true_lesion": int(g.truth[k]), "row": f"{heads}:{gate}", "score": float(g.score[k]),
+                             "tau": g.tau, "kept": int(g.score[k] >= g.tau), "phantom_object": names[k][0],
+                             "phantom_intensity": names[k][1]})
+    return rows
+
+
+def write_components(path: str, rows: List[dict]) -> str:
+    """``components.csv``: :func:`component_rows`."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COMPONENT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def gating_state(gating: dict) -> dict:
     """What :func:`fit_gating` returns, as plain data (saved with the post-hoc heads)."""
     return {"lesion_heads": {h: head.state() for h, head in gating["lesion_heads"].items()},
@@ -244,7 +339,7 @@ def gating_from_state(state: Optional[dict]) -> dict:
             "thresholds": {tuple(k.split(":", 1)): GateThreshold(**t) for k, t in state["thresholds"].items()}}
 
 
-def lesion_quality_rows(pairs: Dict[Tuple[str, str], List[tuple]]) -> List[dict]:
+def lesion_quality_rows(pairs: Dict[Tuple[str, str], List[GatedComponents]]) -> List[dict]:
     """``head_quality.csv`` rows ``head = "lesion:STATISTIC"``: the statistic of each gated blending
     (mean confidence of a weighting, or the lesion head's score) as a score for "this component of
     average's prediction is a true lesion" (AUROC: false positives scored below true lesions)."""
@@ -252,8 +347,8 @@ def lesion_quality_rows(pairs: Dict[Tuple[str, str], List[tuple]]) -> List[dict]
 
     rows = []
     for (heads, gate), items in pairs.items():
-        score = np.concatenate([s for s, _ in items]) if items else np.zeros(0)
-        truth = np.concatenate([t for _, t in items]).astype(np.float64) if items else np.zeros(0)
+        score = np.concatenate([g.score for g in items]) if items else np.zeros(0)
+        truth = np.concatenate([g.truth for g in items]).astype(np.float64) if items else np.zeros(0)
         if len(score) == 0:
             continue
         rows.append({"heads": heads, "head": "lesion:" + gate[len("gate-"):],

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["PhantomConfig", "PHANTOM_PRESETS", "phantom_preset", "PhantomCase", "load_tissue_maps", "make_case", "write_case", "write_phantom_set"]
+__all__ = ["PhantomConfig", "PHANTOM_PRESETS", "phantom_preset", "PhantomCase", "load_tissue_maps", "make_case", "write_case", "write_phantom_set", "match_phantom_objects"]
 
 _TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
@@ -319,6 +319,33 @@ def write_case(case: PhantomCase, folder: str, single_timepoint: bool = False) -
     with open(os.path.join(folder, "phantom.json"), "w") as f:
         json.dump({"single_timepoint": single_timepoint, "lesions": case.lesions}, f, indent=1)
     return folder
+
+
+#: A component lies on a phantom object when its centre is within this many of the object's semi-axes.
+MATCH_REACH = 2.0
+
+
+def match_phantom_objects(folder: str, crop, centres: np.ndarray) -> List[Tuple[str, float]]:
+    """What each component of a phantom case lies on: ``[(kind, intensity)]`` per row of ``centres``
+    (``[n, 3]``, voxels of the case as loaded with ``crop``, without resampling), from the case's
+    ``phantom.json``: the object (``new``, ``existing``, ``mimic``, ``resolving``) nearest in units of its
+    semi-axes, ``("", nan)`` when none is within :data:`MATCH_REACH` or the folder has no ``phantom.json``."""
+    path = os.path.join(folder, "phantom.json")
+    centres = np.asarray(centres, np.float64).reshape(-1, 3)
+    if not os.path.isfile(path):
+        return [("", math.nan)] * len(centres)
+    with open(path) as f:
+        objects = json.load(f)["lesions"]
+    offset = np.array([sl.start or 0 for sl in crop], np.float64)
+    out = []
+    for c in centres + offset:
+        best = min(objects, default=None,
+                   key=lambda o: np.linalg.norm((c - np.array(o["centre"])) / np.maximum(o["radii"], 1.0)))
+        if best is None or np.linalg.norm((c - np.array(best["centre"])) / np.maximum(best["radii"], 1.0)) > MATCH_REACH:
+            out.append(("", math.nan))
+        else:
+            out.append((best["kind"], float(best["intensity"])))
+    return out
 
 
 def write_phantom_set(root: str, n_two: int, n_single: int = 0, seed: int = 0,
