@@ -244,9 +244,9 @@ def test_component_table_rows_and_phantom_matching(tmp_path):
     """components.csv: one row per component and gated row; the ground truth's own lesions of a written
     phantom case match its new lesions, a component away from every object matches none."""
     from patchblend.examples.cib.data import load_cases
-    from patchblend.examples.cib.gating import component_rows, gated_components, write_components
+    from patchblend.examples.cib.gating import COMPONENT_COLUMNS, GatedComponents, component_centres, component_rows
     from patchblend.examples.cib.phantom import match_phantom_objects, phantom_preset, write_phantom_set
-    from patchblend.examples.cib.evaluate import phantom_matcher
+    from patchblend.examples.cib.evaluate import phantom_matcher, write_rows
 
     write_phantom_set(str(tmp_path), 1, 0, seed=7, config=phantom_preset("hard", downsample=4.0), prefix="p")
     (case,) = load_cases(str(tmp_path))
@@ -254,8 +254,8 @@ def test_component_table_rows_and_phantom_matching(tmp_path):
     assert ids.max() >= 1
     truth = component_truth(ids, case.label)
     score = np.linspace(0.1, 0.9, int(ids.max()))
-    g = gated_components(case.name, ids, score, truth, 0.5)
-    assert g.size.tolist() == sizes.tolist() and g.truth.all()
+    g = GatedComponents(case.name, sizes, component_centres(ids), score, truth, 0.5)
+    assert g.size.tolist() == np.bincount(ids.ravel())[1:].tolist() and g.truth.all()
     for k in range(int(ids.max())):
         np.testing.assert_allclose(g.centre[k], np.argwhere(ids == k + 1).mean(0))
     rows = component_rows({("aware-posthoc", "gate-grid"): [g]}, phantom_matcher(str(tmp_path), [case]))
@@ -274,7 +274,7 @@ def test_component_table_rows_and_phantom_matching(tmp_path):
     crop = (slice(5, 30),) * 3
     got = match_phantom_objects(str(hand), crop, np.array([[5.0, 5.0, 5.0], [5.0, 5.0, 8.9], [10.0, 10.0, 10.0]]))
     assert got[:2] == [("mimic", 0.9)] * 2 and got[2][0] == ""  # 2.5 semi-axes away from the object
-    path = write_components(str(tmp_path / "components.csv"), rows)
+    path = write_rows(str(tmp_path / "components.csv"), rows, COMPONENT_COLUMNS)
     assert open(path).read().splitlines()[0].startswith("case,component,size,centre_0")
     # without a matcher the object columns stay empty
     assert all(r["phantom_object"] == "" for r in component_rows({("a", "gate-grid"): [g]}))

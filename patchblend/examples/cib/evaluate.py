@@ -60,7 +60,7 @@ from .model import OUTPUT_NEW, head_scores
 
 __all__ = ["WEIGHTINGS", "GATES", "GATED_HEAD_SETS", "HEAD_SETS", "METHODS", "BLENDINGS", "parse_methods", "method_name", "CalibratedPredictor",
            "predict_case", "head_quality_rows", "evaluate_model", "summarize", "format_table", "write_csv",
-           "write_head_quality", "write_component_table", "pick_figure_case", "plot_comparison", "plot_reliability_figure"]
+           "write_head_quality", "write_rows", "write_component_table", "pick_figure_case", "plot_comparison", "plot_reliability_figure"]
 
 WEIGHTINGS = ("patch", "grid", "patch*grid")
 #: Head sets in table order (``none`` and ``oracle`` need no heads).
@@ -224,7 +224,7 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
     ``components`` receives, for each head set in ``component_sets``, this case's components of average's
     prediction with their features (what :func:`.gating.fit_gating` reads)."""
     from .gating import blended_confidence, component_features, component_scores, component_truth, gated_prediction
-    from .gating import decoder_feature_map, gated_components, lesion_components
+    from .gating import GatedComponents, component_centres, decoder_feature_map, lesion_components
 
     head_sets = model_head_sets(model) if head_sets is None else head_sets
     methods = [tuple(m) if not isinstance(m, str) else m for m in methods]
@@ -247,8 +247,9 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
         out[(heads, blending)] = prob[0, 0].float().cpu().numpy()
     if gated or component_sets:
         average = out[("none", "average")]
-        ids, _ = lesion_components(average)
+        ids, sizes = lesion_components(average)
         truth = component_truth(ids, case.label)
+        centres = component_centres(ids) if lesion_pairs is not None else None
         gating = gating or {"lesion_heads": {}, "thresholds": {}}
         decoder = decoder_feature_map(pred, inputs, roi, sw_batch_size, overlap)
         for heads in dict.fromkeys([h for h, _ in gated] + list(component_sets)):
@@ -262,11 +263,11 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
                     raise InputError(f"blending {heads}:{gate} needs a gate threshold fitted on calibration cases "
                                      f"(calibrate or demo write it into the post-hoc heads file)")
                 score = component_scores(gate, features, gating["lesion_heads"].get(heads))
-                out[(heads, gate)] = gated_prediction(average, ids, score, gating["thresholds"][(heads, gate)].tau)
+                tau = gating["thresholds"][(heads, gate)].tau
+                out[(heads, gate)] = gated_prediction(average, ids, score, tau)
                 if lesion_pairs is not None:
-                    tau = gating["thresholds"][(heads, gate)].tau
-                    lesion_pairs.setdefault((heads, gate), []).append(gated_components(case.name, ids, score, truth,
-                                                                                       tau))
+                    lesion_pairs.setdefault((heads, gate), []).append(
+                        GatedComponents(case.name, sizes, centres, np.asarray(score, np.float64), truth, float(tau)))
         out = {m: out[m] for m in methods}
     if head_pairs is not None:
         for name, pairs in pred.pairs.items():
@@ -446,12 +447,18 @@ def write_head_quality(path: str, rows: List[dict]) -> str:
     return path
 
 
-def write_per_case(path: str, rows: List[dict]) -> str:
+def write_rows(path: str, rows: List[dict], columns: Optional[Sequence[str]] = None) -> str:
+    """A CSV of dict ``rows``, one column per key (``columns``, default the first row's keys)."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w = csv.DictWriter(f, fieldnames=list(columns if columns is not None else rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def write_per_case(path: str, rows: List[dict]) -> str:
+    """``per_case.csv``: one row per case and method (:func:`evaluate_model`'s rows)."""
+    return write_rows(path, rows)
 
 
 def plot_reliability_figure(head_pairs: Dict[str, list], path: str, bins: int = 10) -> str:
@@ -566,11 +573,12 @@ def phantom_matcher(root: str, cases: Sequence[Case]):
 def write_component_table(path: str, lesion_pairs: dict, root: Optional[str], cases: Sequence[Case]) -> Optional[str]:
     """``components.csv`` of the gated rows (:func:`.gating.component_rows`), each component matched to the
     phantom object it lies on when ``root`` is given; ``None`` when no gated row ran."""
-    from .gating import component_rows, write_components
+    from .gating import COMPONENT_COLUMNS, component_rows
 
     if not lesion_pairs:
         return None
-    return write_components(path, component_rows(lesion_pairs, phantom_matcher(root, cases) if root else None))
+    return write_rows(path, component_rows(lesion_pairs, phantom_matcher(root, cases) if root else None),
+                      COMPONENT_COLUMNS)
 
 
 def check_overlap(overlap: float) -> float:

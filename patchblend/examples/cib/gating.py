@@ -34,8 +34,7 @@ from patchblend.lesions import GateThreshold, choose_gate_threshold, gate_lesion
 
 __all__ = ["GATES", "GATE_RULE", "FEATURES", "DECODER", "LesionHead", "blended_confidence", "decoder_feature_map",
            "feature_names", "lesion_components", "component_features", "component_truth", "fit_gating",
-           "gated_prediction", "GatedComponents", "gated_components", "component_rows", "write_components",
-           "COMPONENT_COLUMNS"]
+           "gated_prediction", "GatedComponents", "component_centres", "component_rows", "COMPONENT_COLUMNS"]
 
 #: Gated blendings (``HEADS:gate-...``); the first three gate by the mean blended confidence of one weighting.
 GATES = ("gate-patch", "gate-grid", "gate-patch*grid", "gate-lesion")
@@ -279,14 +278,12 @@ class GatedComponents(NamedTuple):
     tau: float  #: the row's threshold (kept: ``score >= tau``)
 
 
-def gated_components(case: str, ids: np.ndarray, score: np.ndarray, truth: np.ndarray, tau: float) -> GatedComponents:
-    """:class:`GatedComponents` of ``ids`` (:func:`lesion_components`)."""
+def component_centres(ids: np.ndarray) -> np.ndarray:
+    """``[n, 3]`` centre of mass of each component of ``ids`` (:func:`lesion_components`), voxels."""
     from scipy import ndimage
 
     n = int(ids.max())
-    size = np.bincount(ids.ravel(), minlength=n + 1)[1:]
-    centre = np.array(ndimage.center_of_mass(np.ones(ids.shape), ids, np.arange(1, n + 1))).reshape(n, ids.ndim)
-    return GatedComponents(case, size, centre, np.asarray(score, np.float64), np.asarray(truth, bool), float(tau))
+    return np.array(ndimage.center_of_mass(np.ones(ids.shape), ids, np.arange(1, n + 1))).reshape(n, ids.ndim)
 
 
 #: Columns of ``components.csv`` (:func:`component_rows`).
@@ -311,17 +308,6 @@ def component_rows(lesion_pairs: Dict[Tuple[str, str], List[GatedComponents]], o
                              "tau": g.tau, "kept": int(g.score[k] >= g.tau), "phantom_object": names[k][0],
                              "phantom_intensity": names[k][1]})
     return rows
-
-
-def write_components(path: str, rows: List[dict]) -> str:
-    """``components.csv``: :func:`component_rows`."""
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COMPONENT_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def gating_state(gating: dict) -> dict:

@@ -337,14 +337,15 @@ def match_phantom_objects(folder: str, crop, centres: np.ndarray) -> List[Tuple[
     with open(path) as f:
         objects = json.load(f)["lesions"]
     offset = np.array([sl.start or 0 for sl in crop], np.float64)
+    if not objects:
+        return [("", math.nan)] * len(centres)
+    at = np.array([o["centre"] for o in objects], np.float64)  # [m, 3]
+    radii = np.maximum(np.array([o["radii"] for o in objects], np.float64), 1.0)
+    reach = np.linalg.norm(((centres + offset)[:, None] - at[None]) / radii[None], axis=2)  # [n, m] in semi-axes
     out = []
-    for c in centres + offset:
-        best = min(objects, default=None,
-                   key=lambda o: np.linalg.norm((c - np.array(o["centre"])) / np.maximum(o["radii"], 1.0)))
-        if best is None or np.linalg.norm((c - np.array(best["centre"])) / np.maximum(best["radii"], 1.0)) > MATCH_REACH:
-            out.append(("", math.nan))
-        else:
-            out.append((best["kind"], float(best["intensity"])))
+    for row in reach:
+        k = int(row.argmin())
+        out.append((objects[k]["kind"], float(objects[k]["intensity"])) if row[k] <= MATCH_REACH else ("", math.nan))
     return out
 
 
