@@ -9,10 +9,10 @@ from patchblend import CalibratedOutput  # noqa: E402
 from patchblend.examples.cib.data import Case, InputError  # noqa: E402
 from patchblend.examples.cib.evaluate import (CalibratedPredictor, best_row, parse_methods,  # noqa: E402
                                               predict_case)
-from patchblend.examples.cib.gating import (FEATURES, GATES, LesionHead, blended_confidence,  # noqa: E402
+from patchblend.examples.cib.gating import (FEATURES, TISSUE_FEATURES, GATES, LesionHead, blended_confidence,  # noqa: E402
                                             component_features, component_truth, decoder_feature_map,
                                             feature_names, fit_gating, gating_from_state, gating_state,
-                                            lesion_components)
+                                            lesion_components, tissue_classes)
 from patchblend.inference import sliding_window_inference  # noqa: E402
 
 
@@ -138,18 +138,50 @@ def test_decoder_features_are_the_averaged_last_feature_pooled_per_component():
     assert f.shape == (1, len(names)) and names[-1] == "dec_2_ring"
     for k in range(3):
         np.testing.assert_allclose(f[0, names.index(f"dec_{k}")], got[k][3:6, 3:6, 3:6].mean())
-    np.testing.assert_array_equal(f[:, :len(FEATURES)], component_features(ids, prob, conf, case.t1, case.t2))
+    base = len(FEATURES) + len(TISSUE_FEATURES)
+    np.testing.assert_array_equal(f[:, :base], component_features(ids, prob, conf, case.t1, case.t2))
     with pytest.raises(ValueError, match="decoder must be"):
         component_features(ids, prob, conf, case.t1, case.t2, got[:, :-1])
     head = LesionHead().fit(np.concatenate([f, f + 1]), np.array([True, False]))
     assert head.features == names and LesionHead.from_state(head.state()).features == names
-    with pytest.raises(ValueError, match="reads 23 features"):
+    with pytest.raises(ValueError, match=f"reads {base + 6} features"):
         head.score(f[:, :len(FEATURES)])
+    # heads saved before the decoder columns, and before the tissue columns, read their own columns by name
     old = LesionHead().fit(np.concatenate([f, f + 1])[:, :len(FEATURES)], np.array([True, False]))
-    np.testing.assert_array_equal(old.score(f), old.score(f[:, :len(FEATURES)]))  # heads saved before decoder columns
+    np.testing.assert_array_equal(old.score(f), old.score(f[:, :len(FEATURES)]))
+    legacy = list(FEATURES) + [n for n in names if n.startswith("dec_")]
+    columns = [names.index(n) for n in legacy]
+    before = LesionHead.from_state(dict(head.state(), features=legacy, mean=[0.0] * len(legacy),
+                                        std=[1.0] * len(legacy), weight=np.linspace(-1, 1, len(legacy)).tolist()))
+    np.testing.assert_array_equal(before.score(f), before.score(f[:, columns]))
     bad = dict(head.state(), features=list(FEATURES) + ["dec_0"])
     with pytest.raises(ValueError, match="other features"):
         LesionHead.from_state(bad)
+
+
+def test_tissue_features_read_the_baseline_around_a_component():
+    """A hand-worked baseline: CSF (-2) in the first two slices and at the border, white matter (0) up to slice 10,
+    grey matter (1) after; a 3x3x3 component at slices 5-7 sees white matter within 3 voxels, then grey matter and
+    CSF beyond."""
+    t1 = np.zeros((16, 12, 12))
+    t1[:2], t1[2:11], t1[11:] = -2.0, 0.0, 1.0
+    t1[:, 0], t1[:, -1], t1[:, :, 0], t1[:, :, -1] = -2.0, -2.0, -2.0, -2.0  # CSF around
+    t1 += 1e-3  # (a z-scored scan is 0 only outside the brain)
+    ids = np.zeros(t1.shape, np.int64)
+    ids[5:8, 4:7, 4:7] = 1
+    classes, levels = tissue_classes(t1, np.ones(t1.shape, bool), ids)
+    np.testing.assert_allclose(levels, [-2 + 1e-3, 1e-3, 1 + 1e-3])
+    assert classes[5, 5, 5] == 1 and classes[12, 5, 5] == 2 and classes[0, 5, 5] == 0
+    prob = np.where(ids > 0, 0.9, 0.0)
+    conf = {w: np.zeros(t1.shape) for w in ("patch", "grid", "patch*grid")}
+    f = component_features(ids, prob, conf, t1, t1)[0]
+    col = {name: f[len(FEATURES) + k] for k, name in enumerate(TISSUE_FEATURES)}
+    assert col["wm_near"] == 1.0 and col["csf_near"] == col["gm_near"] == 0.0  # slices 2-10, rows 1-9: all WM
+    assert col["gm_far"] > 0 and col["csf_far"] > 0  # slices 11.. (GM), 0-1 and the border (CSF)
+    assert col["t1_wm_like"] == 1.0
+    assert col["csf_distance"] == pytest.approx(np.mean([min(z - 1, y, 11 - y, x, 11 - x)
+                                                         for z in range(5, 8) for y in range(4, 7)
+                                                         for x in range(4, 7)]))
 
 
 def test_components_follow_the_metrics_rules():

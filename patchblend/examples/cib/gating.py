@@ -11,7 +11,8 @@ whole lesions by their confidence (:func:`patchblend.gate_lesions`):
 ``gate-lesion``     kept when a **lesion head** scores it ≥ τ: a logistic regression on what lies in
                     and around the component (:func:`feature_names`: size, probability, the three
                     confidence maps of the head set, both time points inside and in a 2-voxel ring,
-                    and the network's last decoder feature, average-blended, inside and in the ring)
+                    the tissue around it in the baseline scan, and the network's last decoder feature,
+                    average-blended, inside and in the ring)
 ==================  ===========================================================================
 
 Everything is fitted on the calibration cases only (:func:`fit_gating`): the lesion heads on the
@@ -32,8 +33,8 @@ import torch
 
 from patchblend.lesions import GateThreshold, choose_gate_threshold, gate_lesions
 
-__all__ = ["GATES", "GATE_RULE", "FEATURES", "DECODER", "LesionHead", "blended_confidence", "decoder_feature_map",
-           "feature_names", "lesion_components", "component_features", "component_truth", "fit_gating",
+__all__ = ["GATES", "GATE_RULE", "FEATURES", "TISSUE_FEATURES", "DECODER", "LesionHead", "blended_confidence", "decoder_feature_map",
+           "feature_names", "table_names", "tissue_classes", "lesion_components", "component_features", "component_truth", "fit_gating",
            "gated_prediction", "GatedComponents", "component_centres", "component_rows", "COMPONENT_COLUMNS"]
 
 #: Gated blendings (``HEADS:gate-...``); the first three gate by the mean blended confidence of one weighting.
@@ -49,14 +50,69 @@ RING = 2  #: voxels around a component that form its ring
 #: The lesion head's features that do not depend on the network (then, per decoder channel: :func:`feature_names`).
 FEATURES = ("log_size", "p_mean", "p_max", "p_frac_0.9", "C_patch", "C_grid", "C_patch*grid", "C_grid_max",
             "t1", "t2", "diff", "diff_max", "t1_ring", "t2_ring", "diff_ring", "p_ring", "extent")
+#: The tissue the component lies in, from the baseline scan (``t1``) read with FLAIR contrast (CSF darkest, white
+#: matter below grey matter): the baseline's brain voxels outside every component are clustered by intensity into
+#: three classes (k-means, :func:`tissue_classes`); then the fraction of each class in the shell up to
+#: :data:`NEAR` voxels around the component and in the shell from :data:`NEAR` to :data:`FAR` voxels, the mean
+#: distance (voxels) of the component's voxels to the nearest CSF-class voxel, and the fraction of its voxels whose
+#: baseline lies nearer the white-matter level than the grey-matter level. New MS lesions lie in white matter;
+#: a follow-up hyperintensity in or against the cortex is a likelier false positive.
+TISSUE_FEATURES = ("csf_near", "wm_near", "gm_near", "csf_far", "wm_far", "gm_far", "csf_distance", "t1_wm_like")
+NEAR, FAR = 3, 6
 #: ``CalibratedPredictor.start(DECODER, replay=True)`` replays the network's last decoder feature.
 DECODER = "decoder"
 
 
 def feature_names(channels: int) -> Tuple[str, ...]:
-    """The lesion head's features with a ``channels``-channel decoder feature: :data:`FEATURES`, then the
-    mean of each decoder channel inside the component (``dec_k``) and in its ring (``dec_k_ring``)."""
-    return FEATURES + tuple(f"dec_{k}" for k in range(channels)) + tuple(f"dec_{k}_ring" for k in range(channels))
+    """The lesion head's features with a ``channels``-channel decoder feature: :data:`FEATURES`,
+    :data:`TISSUE_FEATURES`, then the mean of each decoder channel inside the component (``dec_k``) and in its
+    ring (``dec_k_ring``): the columns of :func:`component_features`."""
+    return FEATURES + TISSUE_FEATURES + _decoder_names(channels)
+
+
+def _decoder_names(channels: int) -> Tuple[str, ...]:
+    return tuple(f"dec_{k}" for k in range(channels)) + tuple(f"dec_{k}_ring" for k in range(channels))
+
+
+def table_names(width: int) -> Tuple[str, ...]:
+    """The column names of a component table ``width`` columns wide: :func:`feature_names` of its decoder
+    width, or :data:`FEATURES` alone (``width == len(FEATURES)``, the table of heads saved before the tissue
+    and decoder columns)."""
+    if width == len(FEATURES):
+        return FEATURES
+    channels, odd = divmod(width - len(FEATURES) - len(TISSUE_FEATURES), 2)
+    if channels < 0 or odd:
+        raise ValueError(f"features must have {len(FEATURES)} or {len(FEATURES) + len(TISSUE_FEATURES)} + 2w "
+                         f"columns (feature_names), got {width}")
+    return feature_names(channels)
+
+
+def _known_names(names: Sequence[str]) -> bool:
+    """Whether ``names`` is a layout a lesion head was ever fitted on: this version's, or an earlier one
+    (:data:`FEATURES` alone, or with decoder columns and no tissue columns)."""
+    names = tuple(names)
+    channels = max(len(names) - len(FEATURES), 0) // 2
+    return names in (feature_names((len(names) - len(FEATURES) - len(TISSUE_FEATURES)) // 2),
+                     FEATURES + _decoder_names(channels))
+
+
+def tissue_classes(t1: np.ndarray, brain: np.ndarray, ids: np.ndarray,
+                   iterations: int = 30) -> Tuple[np.ndarray, np.ndarray]:
+    """``(classes [D, H, W] int64, levels [3])``: each voxel's nearest of three intensity levels of the baseline
+    scan ``t1``, found by k-means on the ``brain`` voxels outside every component (``ids == 0``), levels in
+    increasing order; in FLAIR order class 0 is CSF (and everything outside ``brain``), 1 white matter, 2 grey
+    matter."""
+    values = t1[brain & (ids == 0)].astype(np.float64)
+    if values.size < 3:
+        return np.zeros(t1.shape, np.int64), np.zeros(3)
+    levels = np.percentile(values, [10, 50, 90])
+    for _ in range(iterations):
+        nearest = np.abs(values[:, None] - levels[None]).argmin(1)
+        levels = np.array([values[nearest == k].mean() if (nearest == k).any() else levels[k] for k in range(3)])
+    levels = np.sort(levels)
+    classes = np.abs(t1[..., None].astype(np.float64) - levels).argmin(-1)
+    classes[~brain] = 0
+    return classes, levels
 
 
 def blended_confidence(predictor, inputs: torch.Tensor, roi, sw_batch_size: int, overlap: float, heads: str,
@@ -117,15 +173,33 @@ def component_features(ids: np.ndarray, prob: np.ndarray, conf: Dict[str, np.nda
     maxima = lambda v: np.asarray(ndimage.maximum(v, ids, np.arange(1, n + 1)), dtype=np.float64)  # noqa: E731
     # ring: voxels within RING of a component, outside every component, given to the nearest one
     dist, nearest = ndimage.distance_transform_edt(ids == 0, return_indices=True)
-    ring = np.where((ids == 0) & (dist <= RING), ids[tuple(nearest)], 0)
+    owner = ids[tuple(nearest)]
+    ring = np.where((ids == 0) & (dist <= RING), owner, 0)
     objects = ndimage.find_objects(ids)
     extent = np.array([sizes[k] / np.prod([s.stop - s.start for s in objects[k]]) for k in range(n)])
     cols = [np.log(sizes), _means(ids, n, prob), maxima(prob), _means(ids, n, prob > 0.9),
             _means(ids, n, conf["patch"]), _means(ids, n, conf["grid"]), _means(ids, n, conf["patch*grid"]),
             maxima(conf["grid"]), _means(ids, n, t1), _means(ids, n, t2), _means(ids, n, diff), maxima(diff),
             _means(ring, n, t1), _means(ring, n, t2), _means(ring, n, diff), _means(ring, n, prob), extent]
+    cols += _tissue_columns(ids, n, t1, (t1 != 0) | (t2 != 0), dist, owner)
     cols += [_means(ids, n, f) for f in decoder] + [_means(ring, n, f) for f in decoder]
     return np.stack(cols, 1)
+
+
+def _tissue_columns(ids: np.ndarray, n: int, t1: np.ndarray, brain: np.ndarray, dist: np.ndarray,
+                    owner: np.ndarray) -> List[np.ndarray]:
+    """The :data:`TISSUE_FEATURES` columns; ``dist``: each voxel's distance to the nearest component voxel,
+    ``owner``: that component's id."""
+    from scipy import ndimage
+
+    classes, levels = tissue_classes(t1, brain, ids)
+    cols = []
+    for lo, hi in ((0, NEAR), (NEAR, FAR)):
+        shell = np.where((ids == 0) & (dist > lo) & (dist <= hi), owner, 0)
+        cols += [_means(shell, n, classes == k) for k in range(3)]
+    cols.append(_means(ids, n, ndimage.distance_transform_edt(classes != 0)))
+    cols.append(_means(ids, n, np.abs(t1 - levels[1]) < np.abs(t1 - levels[2])))
+    return cols
 
 
 def component_truth(ids: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -152,9 +226,7 @@ class LesionHead:
         y = np.asarray(truth, np.float64)
         if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
             raise ValueError(f"features [n, F] and truth [n] must match and be non-empty, got {x.shape}, {y.shape}")
-        if x.shape[1] < len(FEATURES) or (x.shape[1] - len(FEATURES)) % 2:
-            raise ValueError(f"features must have {len(FEATURES)} + 2w columns (feature_names), got {x.shape[1]}")
-        self.features = feature_names((x.shape[1] - len(FEATURES)) // 2)
+        self.features = table_names(x.shape[1])
         self.mean, self.std = x.mean(0), x.std(0) + 1e-6
         xt = torch.from_numpy((x - self.mean) / self.std)
         yt = torch.from_numpy(y)
@@ -173,9 +245,17 @@ class LesionHead:
         return self
 
     def score(self, features: np.ndarray) -> np.ndarray:
+        """``[n]`` the probability that each component is a true lesion; ``features`` ``[n, F]``: a table of
+        :func:`table_names` (this head's columns are read by name: a head fitted before the tissue or decoder
+        columns reads its own from a newer table)."""
         x = np.asarray(features, np.float64)
-        if x.ndim == 2 and len(self.features) == len(FEATURES):
-            x = x[:, :len(FEATURES)]  # a head fitted without decoder features (files written before them)
+        if x.ndim == 2 and x.shape[1] != len(self.features):
+            try:
+                columns = table_names(x.shape[1])
+            except ValueError:
+                columns = ()
+            if set(self.features) <= set(columns):
+                x = x[:, [columns.index(name) for name in self.features]]
         if x.ndim != 2 or x.shape[1] != len(self.features):
             raise ValueError(f"this lesion head reads {len(self.features)} features per component "
                              f"({self.features[-1]} last), got {x.shape}")
@@ -189,7 +269,7 @@ class LesionHead:
     @classmethod
     def from_state(cls, state: dict) -> "LesionHead":
         names = list(state.get("features", []))
-        if names != list(feature_names(max(len(names) - len(FEATURES), 0) // 2)):
+        if not _known_names(names):
             raise ValueError("this lesion head was fitted on other features")
         return cls(np.asarray(state["mean"]), np.asarray(state["std"]), np.asarray(state["weight"]), state["bias"],
                    state["l2"], names)
