@@ -101,7 +101,9 @@ def resolve_data_device(name: str, device, default) -> torch.device:
     return d
 
 
-def _check_float_tensor(name: str, t: torch.Tensor) -> None:
+def check_float_tensor(name: str, t: torch.Tensor) -> None:
+    """Raise a ``TypeError`` naming ``name`` unless ``t`` is a tensor of a floating dtype patchblend blends
+    (float16, bfloat16, float32, float64)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
@@ -115,7 +117,7 @@ def check_not_meta(name: str, t) -> None:
                          "(under torch.compile the ops' fake kernels handle shapes)")
 
 
-def _check_finite_nonnegative(name: str, t: torch.Tensor) -> float:
+def check_finite_nonnegative(name: str, t: torch.Tensor) -> float:
     """Raise a ValueError naming ``name`` unless every value of ``t`` is finite and >= 0 (one pass); return the
     largest value (0.0 when empty).
 
@@ -208,7 +210,7 @@ def check_half_result(values: torch.Tensor, name: str) -> None:
 
 def finite_nonnegative(t: torch.Tensor) -> torch.Tensor:
     """A 0-d bool tensor on ``t``'s device: every value finite and ``>= 0`` (NaN fails). Unlike
-    :func:`_check_finite_nonnegative` it does not synchronise with a GPU; check it later, once."""
+    :func:`check_finite_nonnegative` it does not synchronise with a GPU; check it later, once."""
     return torch.all((t >= 0) & (t < float("inf")))
 
 
@@ -231,7 +233,7 @@ def prepare_weights_and_max(weights, n: int, patch_shape, acc, device, check_val
     if weights is None:
         return None, 0.0
     spatial_dims = len(patch_shape)
-    _check_float_tensor("weights", weights)
+    check_float_tensor("weights", weights)
     check_not_meta("weights", weights)
     if weights.device != device:
         raise ValueError(f"weights is on {weights.device} but patches is on {device}")
@@ -254,7 +256,7 @@ def prepare_weights_and_max(weights, n: int, patch_shape, acc, device, check_val
         )
     weights = weights.to(acc)
     # checked after the conversion: float64 weights beyond the float32 range become inf in it
-    largest = _check_finite_nonnegative("weights", weights) if check_values else 0.0
+    largest = check_finite_nonnegative("weights", weights) if check_values else 0.0
     if weights.dim() == 1:
         return weights.reshape(n, 1, 1, 1), largest
     return (weights.unsqueeze(1) if spatial_dims == 2 else weights), largest
@@ -271,7 +273,7 @@ def prepare_blend_args(
 ) -> BlendArgs:
     """Check every argument of ``calibrated_blend`` and return them in canonical 3D form (``check_values``:
     see :func:`prepare_weights`)."""
-    _check_float_tensor("patches", patches)
+    check_float_tensor("patches", patches)
     check_not_meta("patches", patches)
     if patches.dim() not in (4, 5):
         raise ValueError(
@@ -311,7 +313,7 @@ def prepare_blend_args(
     weights, largest_weight = prepare_weights_and_max(weights, n, patch_shape, acc, patches.device, check_values)
 
     if importance is not None:
-        _check_float_tensor("importance", importance)
+        check_float_tensor("importance", importance)
         check_not_meta("importance", importance)
         if importance.device != patches.device:
             raise ValueError(f"importance is on {importance.device} but patches is on {patches.device}")
@@ -320,7 +322,7 @@ def prepare_blend_args(
                 f"importance must have the patch's spatial shape {patch_shape}, got {tuple(importance.shape)}"
             )
         importance = importance.to(acc)
-        largest_importance = _check_finite_nonnegative("importance", importance)
+        largest_importance = check_finite_nonnegative("importance", importance)
         if check_values:
             check_sum_fits("weights" if weights is not None else "importance values",
                            n * (largest_weight if weights is not None else 1.0) * largest_importance, acc)

@@ -24,8 +24,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import (NORMALIZE_MODES, _check_finite_nonnegative, _check_float_tensor, accumulation_dtype,
-                         as_sizes, check_half_result, check_not_meta, check_sum_fits, check_threshold, prepare_blend_args,
+from .._validate import (NORMALIZE_MODES, accumulation_dtype, as_sizes, check_finite_nonnegative, check_float_tensor,
+                         check_half_result, check_not_meta, check_sum_fits, check_threshold, prepare_blend_args,
                          prepare_weights_and_max, resolve_device)
 from .._reference import lattice_axes
 from .confidence import ConfidenceTerms, PredictionWithConfidence, check_confidence_options
@@ -79,7 +79,7 @@ def _importance_and_max(importance, window_shape, acc, device):
         largest = checked[1]
     else:
         # after the conversion: a float64 map beyond the float32 range becomes inf in it
-        largest = _check_finite_nonnegative("importance", converted)
+        largest = check_finite_nonnegative("importance", converted)
         if version is not None:
             importance._patchblend_checked = (version, largest)
     while converted.dim() < 3:
@@ -232,7 +232,7 @@ class _BlendCore:
         return out
 
     def _check_patches(self, patches: torch.Tensor) -> None:
-        _check_float_tensor("patches", patches)
+        check_float_tensor("patches", patches)
         check_not_meta("patches", patches)
         if patches.dim() != self.nd + 2:
             raise ValueError(f"patches must be [N, C, *P] with {self.nd} spatial dims, got {tuple(patches.shape)}")

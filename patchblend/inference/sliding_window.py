@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import _check_finite_nonnegative, as_size, resolve_data_device
+from .._validate import as_size, check_finite_nonnegative, resolve_data_device
 from ._accumulators import BlendSettings, CoverageConfidence, make_accumulator, output_geometry
 from ._predictions import WEIGHTINGS, Prediction, ScoreChecks, apply_process_fn, pack_outputs, parse_output
 from .confidence import ConfidenceTerms, PredictionWithConfidence
@@ -190,7 +190,7 @@ def resolve_importance(roi_weight_map, roi, mode: str, sigma_scale, acc: torch.d
         if tuple(imp.shape[-len(roi):]) != tuple(roi) or imp.numel() != math.prod(roi):
             raise ValueError(f"roi_weight_map must have shape {tuple(roi)}, got {tuple(imp.shape)}")
         imp = imp.reshape(roi)
-        return imp, _check_finite_nonnegative("roi_weight_map", imp.to(acc))  # (as accumulated)
+        return imp, check_finite_nonnegative("roi_weight_map", imp.to(acc))  # (as accumulated)
     if mode == "constant":
         return None, 1.0
     imp = _cached_importance(tuple(roi), mode, hashable_sigma_scale(sigma_scale), acc, device)
