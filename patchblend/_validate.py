@@ -21,7 +21,11 @@ from typing import Optional, Tuple
 
 import torch
 
-NORMALIZE_MODES = ("count", "weight", "none")
+from . import _op_schemas
+
+#: the blend's ``normalize`` modes, from their one source (``csrc/op_schemas.h``'s ``kNormalizeModes``, which the
+#: compiled ops parse the argument with): ``("count", "weight", "none")``
+NORMALIZE_MODES = _op_schemas.normalize_modes()
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT64_MAX = 2 ** 63 - 1
 #: the smallest magnitude float16 rounds to inf (its largest finite value is 65504)
