@@ -114,6 +114,29 @@ def check_float_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def as_coords(coords, nd: int, n: Optional[int] = None) -> torch.Tensor:
+    """Patch starts ``coords`` (a tensor, an array or nested sequences of ints) as ``[N, nd]`` int64 on the CPU
+    (the kernels build their index on the host); ``n``: the number of patches they must match (None: any). An
+    empty ``coords`` (``[]``) is ``[0, nd]`` where ``n`` is None or 0. Raises a ``TypeError`` (not integers) or
+    ``ValueError`` (a meta tensor, the shape) naming ``coords``."""
+    if not isinstance(coords, torch.Tensor):
+        try:
+            coords = torch.as_tensor(coords)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+            raise TypeError(f"coords must be an integer tensor [N, {nd}]: {exc}") from exc
+    check_not_meta("coords", coords)
+    if coords.numel() == 0:
+        coords = coords.to(torch.int64)  # an empty list has no integer dtype of its own
+    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
+        raise TypeError(f"coords must hold integers, got dtype {coords.dtype}")
+    if not n and coords.numel() == 0:
+        coords = coords.reshape(0, nd)
+    if coords.dim() != 2 or coords.shape[1] != nd or (n is not None and coords.shape[0] != n):
+        expected = f"[N, {nd}]" if n is None else f"[N, {nd}] = [{n}, {nd}] to match patches"
+        raise ValueError(f"coords must have shape {expected}, got {tuple(coords.shape)}")
+    return coords.to(device="cpu", dtype=torch.int64)
+
+
 def check_not_meta(name: str, t) -> None:
     """A meta tensor has shapes but no values, and the checks and the index need values: refuse it by name."""
     if isinstance(t, torch.Tensor) and t.device.type == "meta":
@@ -292,25 +315,7 @@ def prepare_blend_args(
     if not isinstance(normalize, str) or normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
 
-    # coords
-    if not isinstance(coords, torch.Tensor):
-        try:
-            coords = torch.as_tensor(coords)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
-            raise TypeError(f"coords must be an integer tensor [N, {spatial_dims}]: {exc}") from exc
-    check_not_meta("coords", coords)
-    if coords.numel() == 0:
-        coords = coords.to(torch.int64)  # an empty list has no integer dtype of its own
-    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
-        raise TypeError(f"coords must hold integers, got dtype {coords.dtype}")
-    if n == 0 and coords.numel() == 0:
-        coords = coords.reshape(0, spatial_dims)
-    if coords.dim() != 2 or coords.shape[0] != n or coords.shape[1] != spatial_dims:
-        raise ValueError(
-            f"coords must have shape [N, {spatial_dims}] = [{n}, {spatial_dims}] to match patches, "
-            f"got {tuple(coords.shape)}"
-        )
-    coords = coords.to(device="cpu", dtype=torch.int64)
+    coords = as_coords(coords, spatial_dims, n)
 
     acc = accumulation_dtype(patches.dtype)
 
