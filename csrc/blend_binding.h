@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -23,6 +24,7 @@
 
 #include "blend_index_build.h"
 #include "blend_voxel.h"
+#include "op_schemas.h"
 
 namespace patchblend {
 
@@ -89,11 +91,24 @@ inline Tensor empty(std::vector<int64_t> sizes, ScalarType dtype, const Device& 
   return torch::stable::empty(sizes, dtype, std::nullopt, device);
 }
 
+// kNormalizeModes (op_schemas.h) lists the modes in the order of the Normalize enum.
+static_assert(std::size(kNormalizeModes) == 3 && std::string_view(kNormalizeModes[kCount]) == "count" &&
+                  std::string_view(kNormalizeModes[kWeight]) == "weight" &&
+                  std::string_view(kNormalizeModes[kNone]) == "none",
+              "kNormalizeModes must list the Normalize enum's modes in its order");
+
+// The Normalize value of a mode of kNormalizeModes; anything else fails with
+// "normalize must be 'count', 'weight' or 'none', got '<mode>'" (the list read from kNormalizeModes).
 inline int parse_normalize(std::string_view normalize) {
-  if (normalize == "count") return kCount;
-  if (normalize == "weight") return kWeight;
-  if (normalize == "none") return kNone;
-  fail("normalize must be 'count', 'weight' or 'none', got '", normalize, "'");
+  constexpr int count = static_cast<int>(std::size(kNormalizeModes));
+  for (int mode = 0; mode < count; ++mode) {
+    if (normalize == kNormalizeModes[mode]) return mode;
+  }
+  std::string accepted;
+  for (int mode = 0; mode < count; ++mode) {
+    accepted += std::string(mode == 0 ? "" : mode == count - 1 ? " or " : ", ") + "'" + kNormalizeModes[mode] + "'";
+  }
+  fail("normalize must be ", accepted, ", got '", normalize, "'");
 }
 
 inline void copy3(int64_t dst[3], IntArrayRef src, const char* name) {

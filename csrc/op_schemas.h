@@ -1,16 +1,24 @@
-// The operator schemas of patchblend: the one place they are written.
+// The operator schemas of patchblend and the blend's normalize modes: the one place they are written.
 //
-// - blend_ops.cpp defines them for the compiled library (STABLE_TORCH_LIBRARY, one m.def per entry);
-// - patchblend/_op_schemas.py reads this file (the string literals of kOpSchemas, in order) and defines the same
-//   schemas when no compiled library is loaded (PATCHBLEND_BACKEND=reference, no compiler).
-// So keep the list plain: one entry per op, each entry one or more adjacent string literals (joined as in C++),
-// entries separated by commas, comments (// or /* */) anywhere between them. Nothing else goes inside the braces.
+// - blend_ops.cpp defines the ops for the compiled library (STABLE_TORCH_LIBRARY, one m.def per kOpSchemas entry);
+//   blend_binding.h parses the ops' `normalize` argument with kNormalizeModes;
+// - patchblend/_op_schemas.py reads both arrays from this file (their string literals, in order): the reference
+//   backend defines the same schemas when no compiled library is loaded (PATCHBLEND_BACKEND=reference, no
+//   compiler), and patchblend/_validate.py takes NORMALIZE_MODES from kNormalizeModes.
+// So keep the arrays plain: one entry per op (mode), each entry one or more adjacent string literals (joined as in
+// C++), entries separated by commas, comments (// or /* */) anywhere between them. Nothing else goes inside the
+// braces.
 //
 // Backends register implementations in cpu/blend_cpu.cpp and cuda/blend_cuda_binding.cpp (or
 // patchblend/_backend.py: the reference); Python adds fake kernels and autograd (patchblend/ops.py).
 #pragma once
 
 namespace patchblend {
+
+// The `normalize` modes, in the order of the Normalize enum (blend_voxel.h: kCount, kWeight, kNone; a
+// static_assert in blend_binding.h ties the two): "count" divides by the number of covering patches, "weight" by
+// their weight sum, "none" returns the weighted sum.
+inline constexpr const char* kNormalizeModes[] = {"count", "weight", "none"};
 
 inline constexpr const char* kOpSchemas[] = {
     // Canonical 3D form: patches [N, C, P0, P1, P2]; weights [N, G0, G1, G2] in the accumulation dtype;

@@ -21,7 +21,11 @@ from typing import Optional, Tuple
 
 import torch
 
-NORMALIZE_MODES = ("count", "weight", "none")
+from . import _op_schemas
+
+#: the blend's ``normalize`` modes, from their one source (``csrc/op_schemas.h``'s ``kNormalizeModes``, which the
+#: compiled ops parse the argument with): ``("count", "weight", "none")``
+NORMALIZE_MODES = _op_schemas.normalize_modes()
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT64_MAX = 2 ** 63 - 1
 #: the smallest magnitude float16 rounds to inf (its largest finite value is 65504)
@@ -101,11 +105,36 @@ def resolve_data_device(name: str, device, default) -> torch.device:
     return d
 
 
-def _check_float_tensor(name: str, t: torch.Tensor) -> None:
+def check_float_tensor(name: str, t: torch.Tensor) -> None:
+    """Raise a ``TypeError`` naming ``name`` unless ``t`` is a tensor of a floating dtype patchblend blends
+    (float16, bfloat16, float32, float64)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def as_coords(coords, nd: int, n: Optional[int] = None) -> torch.Tensor:
+    """Patch starts ``coords`` (a tensor, an array or nested sequences of ints) as ``[N, nd]`` int64 on the CPU
+    (the kernels build their index on the host); ``n``: the number of patches they must match (None: any). An
+    empty ``coords`` (``[]``) is ``[0, nd]`` where ``n`` is None or 0. Raises a ``TypeError`` (not integers) or
+    ``ValueError`` (a meta tensor, the shape) naming ``coords``."""
+    if not isinstance(coords, torch.Tensor):
+        try:
+            coords = torch.as_tensor(coords)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+            raise TypeError(f"coords must be an integer tensor [N, {nd}]: {exc}") from exc
+    check_not_meta("coords", coords)
+    if coords.numel() == 0:
+        coords = coords.to(torch.int64)  # an empty list has no integer dtype of its own
+    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
+        raise TypeError(f"coords must hold integers, got dtype {coords.dtype}")
+    if not n and coords.numel() == 0:
+        coords = coords.reshape(0, nd)
+    if coords.dim() != 2 or coords.shape[1] != nd or (n is not None and coords.shape[0] != n):
+        expected = f"[N, {nd}]" if n is None else f"[N, {nd}] = [{n}, {nd}] to match patches"
+        raise ValueError(f"coords must have shape {expected}, got {tuple(coords.shape)}")
+    return coords.to(device="cpu", dtype=torch.int64)
 
 
 def check_not_meta(name: str, t) -> None:
@@ -115,7 +144,7 @@ def check_not_meta(name: str, t) -> None:
                          "(under torch.compile the ops' fake kernels handle shapes)")
 
 
-def _check_finite_nonnegative(name: str, t: torch.Tensor) -> float:
+def check_finite_nonnegative(name: str, t: torch.Tensor) -> float:
     """Raise a ValueError naming ``name`` unless every value of ``t`` is finite and >= 0 (one pass); return the
     largest value (0.0 when empty).
 
@@ -208,7 +237,7 @@ def check_half_result(values: torch.Tensor, name: str) -> None:
 
 def finite_nonnegative(t: torch.Tensor) -> torch.Tensor:
     """A 0-d bool tensor on ``t``'s device: every value finite and ``>= 0`` (NaN fails). Unlike
-    :func:`_check_finite_nonnegative` it does not synchronise with a GPU; check it later, once."""
+    :func:`check_finite_nonnegative` it does not synchronise with a GPU; check it later, once."""
     return torch.all((t >= 0) & (t < float("inf")))
 
 
@@ -231,7 +260,7 @@ def prepare_weights_and_max(weights, n: int, patch_shape, acc, device, check_val
     if weights is None:
         return None, 0.0
     spatial_dims = len(patch_shape)
-    _check_float_tensor("weights", weights)
+    check_float_tensor("weights", weights)
     check_not_meta("weights", weights)
     if weights.device != device:
         raise ValueError(f"weights is on {weights.device} but patches is on {device}")
@@ -254,7 +283,7 @@ def prepare_weights_and_max(weights, n: int, patch_shape, acc, device, check_val
         )
     weights = weights.to(acc)
     # checked after the conversion: float64 weights beyond the float32 range become inf in it
-    largest = _check_finite_nonnegative("weights", weights) if check_values else 0.0
+    largest = check_finite_nonnegative("weights", weights) if check_values else 0.0
     if weights.dim() == 1:
         return weights.reshape(n, 1, 1, 1), largest
     return (weights.unsqueeze(1) if spatial_dims == 2 else weights), largest
@@ -271,7 +300,7 @@ def prepare_blend_args(
 ) -> BlendArgs:
     """Check every argument of ``calibrated_blend`` and return them in canonical 3D form (``check_values``:
     see :func:`prepare_weights`)."""
-    _check_float_tensor("patches", patches)
+    check_float_tensor("patches", patches)
     check_not_meta("patches", patches)
     if patches.dim() not in (4, 5):
         raise ValueError(
@@ -286,32 +315,14 @@ def prepare_blend_args(
     if not isinstance(normalize, str) or normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
 
-    # coords
-    if not isinstance(coords, torch.Tensor):
-        try:
-            coords = torch.as_tensor(coords)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
-            raise TypeError(f"coords must be an integer tensor [N, {spatial_dims}]: {exc}") from exc
-    check_not_meta("coords", coords)
-    if coords.numel() == 0:
-        coords = coords.to(torch.int64)  # an empty list has no integer dtype of its own
-    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
-        raise TypeError(f"coords must hold integers, got dtype {coords.dtype}")
-    if n == 0 and coords.numel() == 0:
-        coords = coords.reshape(0, spatial_dims)
-    if coords.dim() != 2 or coords.shape[0] != n or coords.shape[1] != spatial_dims:
-        raise ValueError(
-            f"coords must have shape [N, {spatial_dims}] = [{n}, {spatial_dims}] to match patches, "
-            f"got {tuple(coords.shape)}"
-        )
-    coords = coords.to(device="cpu", dtype=torch.int64)
+    coords = as_coords(coords, spatial_dims, n)
 
     acc = accumulation_dtype(patches.dtype)
 
     weights, largest_weight = prepare_weights_and_max(weights, n, patch_shape, acc, patches.device, check_values)
 
     if importance is not None:
-        _check_float_tensor("importance", importance)
+        check_float_tensor("importance", importance)
         check_not_meta("importance", importance)
         if importance.device != patches.device:
             raise ValueError(f"importance is on {importance.device} but patches is on {patches.device}")
@@ -320,7 +331,7 @@ def prepare_blend_args(
                 f"importance must have the patch's spatial shape {patch_shape}, got {tuple(importance.shape)}"
             )
         importance = importance.to(acc)
-        largest_importance = _check_finite_nonnegative("importance", importance)
+        largest_importance = check_finite_nonnegative("importance", importance)
         if check_values:
             check_sum_fits("weights" if weights is not None else "importance values",
                            n * (largest_weight if weights is not None else 1.0) * largest_importance, acc)

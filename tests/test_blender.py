@@ -208,6 +208,29 @@ def test_slab_window_coords_denominator_and_memory():
     assert slab.peak_buffer_bytes < full_bytes / 4
 
 
+@pytest.mark.parametrize("coords, error, message", [
+    ([[0.5, 0, 0]], TypeError, "coords must hold integers, got dtype torch.float32"),
+    ([[0, 0]], ValueError, r"coords must have shape \[N, 3\]"),
+    (torch.zeros(1, 3, dtype=torch.long, device="meta"), ValueError, "coords is a meta tensor"),
+])
+def test_the_blenders_and_calibrated_blend_read_coords_with_one_check(coords, error, message):
+    """One check (``_validate.as_coords``) for every entry point: the same error naming coords."""
+    patches = torch.rand(1, 2, 2, 2, 2)
+    with pytest.raises(error, match=message):
+        Blender((8, 8, 8), 2).add(patches, coords)
+    with pytest.raises(error, match=message):
+        patchblend.calibrated_blend(patches, None, coords, (8, 8, 8))
+
+
+def test_an_empty_batch_with_empty_coords_adds_nothing():
+    b, expected = Blender((4, 4, 4), 1), Blender((4, 4, 4), 1)
+    patches = torch.rand(1, 1, 2, 2, 2)
+    b.add(torch.zeros(0, 1, 2, 2, 2), [])
+    for bl in (b, expected):
+        bl.add(patches, [[1, 0, 2]])
+    assert torch.equal(b.finish(), expected.finish())
+
+
 def test_errors():
     b = Blender((8, 8, 8), 2)
     with pytest.raises(ValueError, match="channels"):

@@ -76,6 +76,38 @@ def test_a_malformed_schema_source_is_an_error_naming_the_cause(body, message):
 def test_a_missing_schema_source_is_an_error_naming_the_file(tmp_path):
     with pytest.raises(RuntimeError, match=r"op_schemas\.h\) are not in this installation"):
         _op_schemas.op_schemas(tmp_path)
+    with pytest.raises(RuntimeError, match=r"normalize modes \(op_schemas\.h\) are not in this installation"):
+        _op_schemas.normalize_modes(tmp_path)
+
+
+def test_a_named_array_is_read_alone():
+    """Each array by its own name: the other arrays of the header, and names that merely end alike, are skipped."""
+    header = """
+    inline constexpr const char* xkNormalizeModes[] = {"not", "this"};
+    inline constexpr const char* kNormalizeModes[] = {"count", /* "mean", */ "weight", "none"};
+    inline constexpr const char* kOpSchemas[] = {"a() -> ()"};
+    """
+    assert _op_schemas.parse_string_array(header, "kNormalizeModes") == ["count", "weight", "none"]
+    assert _op_schemas.parse_schemas(header) == ["a() -> ()"]
+    with pytest.raises(ValueError, match=r"no `kOther\[\] = \{` array"):
+        _op_schemas.parse_string_array(header, "kOther")
+    with pytest.raises(ValueError, match="empty entry in kNormalizeModes"):
+        _op_schemas.parse_string_array("kNormalizeModes[] = {,}", "kNormalizeModes")
+
+
+def test_the_normalize_modes_have_one_source_in_the_order_of_the_kernels_enum():
+    """``NORMALIZE_MODES`` is ``kNormalizeModes`` of csrc/op_schemas.h, entry i the mode of the value i of the
+    kernels' ``Normalize`` enum (csrc/blend_voxel.h: ``kCount`` is "count", ...); blend_binding.h's static_assert
+    checks the same when the kernels compile, this test also where none compile."""
+    import re
+
+    from patchblend._validate import NORMALIZE_MODES
+
+    assert NORMALIZE_MODES == _op_schemas.normalize_modes() == ("count", "weight", "none")
+    enum = re.search(r"enum Normalize\b[^{]*\{([^}]*)\}", (_op_schemas.header_path().parent / "blend_voxel.h")
+                     .read_text()).group(1)
+    values = {int(v): name for name, v in re.findall(r"k(\w+)\s*=\s*(\d+)", enum)}
+    assert [values[i].lower() for i in range(len(values))] == list(NORMALIZE_MODES)
 
 
 def test_the_ops_the_python_code_calls_exist_with_their_schema():

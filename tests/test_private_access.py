@@ -10,8 +10,6 @@ INFERENCE = ROOT / "patchblend" / "inference"
 
 # public API spelled with an underscore: NamedTuple's methods, and PyTorch's version counter of a tensor
 PUBLIC_UNDERSCORED = {"_replace", "_fields", "_asdict", "_make", "_field_defaults", "_version"}
-# private helpers of the shared argument checks (patchblend/_validate.py) that the inference modules import
-KNOWN_VALIDATE_IMPORTS = {"_check_finite_nonnegative", "_check_float_tensor"}
 
 
 def private_uses(source: str):
@@ -34,7 +32,7 @@ def private_uses(source: str):
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level and node.module:  # (`from .. import _m`: a module)
             found += [(node.lineno, f"import {a.name}") for a in node.names if a.name.startswith("_")
-                      and not a.name.startswith("__") and a.name not in KNOWN_VALIDATE_IMPORTS]
+                      and not a.name.startswith("__")]
         elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             owner = node.value
             if isinstance(owner, ast.Name) and (owner.id in ("self", "cls") or owner.id in modules):

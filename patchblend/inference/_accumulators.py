@@ -10,11 +10,19 @@ Each output of the predictor (MONAI's tuple/list/dict outputs, each with its own
 - :class:`SlabAccumulator`: slab mode (``slab_axis``, or MONAI's ``buffer_steps``): only a slab of float buffer;
 - :class:`KeepAccumulator`: with autograd, every prediction kept and blended once, differentiably;
 - :class:`TorchAccumulator`: 1D and 4D+ inputs, which the 2D/3D kernels do not take: plain PyTorch slice-adds;
-- :class:`CoverageConfidence`: the confidence map (``confidence=True``) in 2D/3D without slabs or autograd: only the
-  windows' weights are kept, and the ``coverage`` op blends them once at the end.
 
 Every accumulator takes ``add(seg [n, C, *roi], weights, segments)`` per batch (``segments`` lists
 ``(image, first window, end window)``) and ``finish() -> [B, C, *S]``.
+
+The confidence map (``confidence=True``) has its own accumulators, chosen once by
+:func:`make_confidence_accumulator`; each takes a batch's window weights alone, ``add_weights(weights, segments)``,
+and ``finish() -> [B, 1, *S]``:
+
+- :class:`CoverageConfidence`: in 2D/3D without slabs or autograd, only the windows' weights are kept, and the
+  ``coverage`` op blends them once at the end;
+- :class:`BlendedConfidence`: anything else, the weights made into the blend's input
+  (:class:`~patchblend.inference.confidence.ConfidenceTerms`) and blended batch by batch by a one-channel
+  accumulator of :func:`make_accumulator`.
 """
 from __future__ import annotations
 
@@ -26,9 +34,10 @@ from .._reference import accumulate_reference
 from .._validate import check_half_result, prepare_weights
 from ..ops import calibrated_blend, coverage_on, empty_output, zeros_output
 from .blender import Blender, LatticeBlender, SlabBlender, check_label_dtype, compact_label_dtype, safe_denominator_
+from .confidence import ConfidenceTerms
 from .windows import WindowGrid
 
-__all__ = ["OutputGeometry", "output_geometry", "BlendSettings", "make_accumulator"]
+__all__ = ["OutputGeometry", "output_geometry", "BlendSettings", "make_accumulator", "make_confidence_accumulator"]
 
 
 class OutputGeometry(NamedTuple):
@@ -345,6 +354,10 @@ class CoverageConfidence(_Accumulator):
         super().__init__(geometry, 1, importance, settings, seg_dtype)
         self.kept = {}
 
+    def add_weights(self, weights: Optional[torch.Tensor], segments) -> None:
+        """Keep one batch's window weights (None, ``[n]`` or ``[n, *G]``) of the windows ``segments``."""
+        self.add(None, weights, segments)
+
     def _add_image(self, image, first, end, seg, weights) -> None:
         self.kept.setdefault(image, []).append(weights)
 
@@ -379,3 +392,45 @@ def make_accumulator(geometry: OutputGeometry, channels: int, importance, settin
     if fixed:
         return LatticeAccumulator(geometry, channels, importance, settings, seg_dtype)
     return BlenderAccumulator(geometry, channels, importance, settings, seg_dtype)
+
+
+class BlendedConfidence:
+    """The confidence map ``[B, 1, *S]`` blended batch by batch like a prediction (slab mode, autograd, 1D and
+    4D+): each batch's window weights made into the blend's input by ``terms``
+    (:class:`~patchblend.inference.confidence.ConfidenceTerms`) and added to ``accumulator``, one channel of
+    :func:`make_accumulator` with ``terms``' normalisation and importance."""
+
+    def __init__(self, terms: ConfidenceTerms, accumulator: _Accumulator):
+        self.terms = terms
+        self.accumulator = accumulator
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where :meth:`add_weights` wants the weights: the accumulator's."""
+        return self.accumulator.input_device
+
+    def add_weights(self, weights: Optional[torch.Tensor], segments) -> None:
+        """Blend one batch's window weights (None, ``[n]`` or ``[n, *G]``, checked by the driver) of the windows
+        ``segments``."""
+        n = sum(end - first for _, first, end in segments)
+        patches, weights = self.terms(weights, n, self.accumulator.geometry.roi, self.input_device,
+                                      check_values=False)
+        self.accumulator.add(patches, weights, segments)
+
+    def finish(self) -> torch.Tensor:
+        return self.accumulator.finish()
+
+
+def make_confidence_accumulator(geometry: OutputGeometry, importance, settings: BlendSettings, seg_dtype, *,
+                                grad: bool, nd: int, slab: bool):
+    """The confidence map's accumulator: one float channel at ``geometry`` (the first output's), blended with the
+    prediction's ``settings`` and ``importance`` (``[*roi]`` or None) as
+    :class:`~patchblend.inference.confidence.ConfidenceTerms` states (its weights never in the denominator, floats
+    also when the prediction is reduced). 2D/3D without autograd or slabs → :class:`CoverageConfidence`; anything
+    else → :class:`BlendedConfidence`. Both take ``add_weights(weights, segments)`` and ``finish()``."""
+    terms = ConfidenceTerms(settings.normalize, settings.acc, importance)
+    conf_settings = settings._replace(reduce=None, normalize=terms.normalize, weights_in_den=False)
+    if nd in (2, 3) and not grad and not slab:  # the weights alone, blended at the end
+        return CoverageConfidence(geometry, terms.importance, conf_settings, seg_dtype)
+    return BlendedConfidence(terms, make_accumulator(geometry, 1, terms.importance, conf_settings, seg_dtype,
+                                                     grad=grad, nd=nd))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .._reference import expand_grid_weights
-from .._validate import _check_finite_nonnegative, check_sum_fits, finite_nonnegative
+from .._validate import check_finite_nonnegative, check_sum_fits, finite_nonnegative
 from ..wrapper import CalibratedOutput
 
 __all__ = ["Prediction", "parse_output", "pack_outputs", "ScoreChecks", "apply_process_fn", "WEIGHTINGS"]
@@ -87,7 +87,7 @@ class ScoreChecks:
 
     def __call__(self, name: str, scores: torch.Tensor) -> None:
         if scores.device.type == "cpu":
-            _check_finite_nonnegative(name, scores)
+            check_finite_nonnegative(name, scores)
             return
         ok = finite_nonnegative(scores)
         self.flags[name] = ok if name not in self.flags else self.flags[name] & ok
@@ -152,7 +152,7 @@ def _scores(patch, grid, n: int, nd: int, segs, weighting, check, acc: torch.dty
     return w
 
 
-def parse_output(out: Any, n: int, nd: int, weighting, check: Callable = _check_finite_nonnegative,
+def parse_output(out: Any, n: int, nd: int, weighting, check: Callable = check_finite_nonnegative,
                  acc: torch.dtype = torch.float32) -> Prediction:
     """Predictor output → :class:`Prediction`. ``check(name, scores)`` checks the values of the scores in use
     (finite, >= 0); ``acc`` is the accumulation dtype (``patch * grid`` is formed in it, or wider). With

@@ -24,9 +24,9 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import (NORMALIZE_MODES, _check_finite_nonnegative, _check_float_tensor, accumulation_dtype,
-                         as_sizes, check_half_result, check_not_meta, check_sum_fits, check_threshold, prepare_blend_args,
-                         prepare_weights_and_max, resolve_device)
+from .._validate import (NORMALIZE_MODES, accumulation_dtype, as_coords, as_sizes, check_finite_nonnegative,
+                         check_float_tensor, check_half_result, check_not_meta, check_sum_fits, check_threshold,
+                         prepare_blend_args, prepare_weights_and_max, resolve_device)
 from .._reference import lattice_axes
 from .confidence import ConfidenceTerms, PredictionWithConfidence, check_confidence_options
 from .windows import WindowGrid, lattice_tables
@@ -37,22 +37,6 @@ __all__ = ["Blender", "LatticeBlender", "SlabBlender", "window_coverage", "latti
 _ops = torch.ops.patchblend
 
 REDUCTIONS = (None, "argmax", "threshold")
-
-
-def _as_coords(coords, nd: int) -> torch.Tensor:
-    if not isinstance(coords, torch.Tensor):
-        try:
-            coords = torch.as_tensor(coords)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
-            raise TypeError(f"coords must be an integer tensor [N, {nd}]: {exc}") from exc
-    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
-        raise TypeError(f"coords must hold integers, got dtype {coords.dtype}")
-    check_not_meta("coords", coords)
-    if coords.numel() == 0:
-        coords = coords.reshape(0, nd)
-    if coords.dim() != 2 or coords.shape[1] != nd:
-        raise ValueError(f"coords must have shape [N, {nd}], got {tuple(coords.shape)}")
-    return coords.to(device="cpu", dtype=torch.int64)
 
 
 def _canonical_importance(importance, window_shape, acc, device) -> Optional[torch.Tensor]:
@@ -79,7 +63,7 @@ def _importance_and_max(importance, window_shape, acc, device):
         largest = checked[1]
     else:
         # after the conversion: a float64 map beyond the float32 range becomes inf in it
-        largest = _check_finite_nonnegative("importance", converted)
+        largest = check_finite_nonnegative("importance", converted)
         if version is not None:
             importance._patchblend_checked = (version, largest)
     while converted.dim() < 3:
@@ -104,7 +88,7 @@ def window_coverage(
     """The blend's denominator ``[*out_shape]`` for unweighted windows at ``coords [N, nd]``: the number of
     windows covering each voxel (``"count"``), the importance sum (``"weight"``) or ones (``"none"``)."""
     nd = len(out_shape)
-    coords = _as_coords(coords, nd)
+    coords = as_coords(coords, nd)
     if nd == 2:
         coords = torch.nn.functional.pad(coords, (1, 0))
     device = resolve_device(device)
@@ -232,7 +216,7 @@ class _BlendCore:
         return out
 
     def _check_patches(self, patches: torch.Tensor) -> None:
-        _check_float_tensor("patches", patches)
+        check_float_tensor("patches", patches)
         check_not_meta("patches", patches)
         if patches.dim() != self.nd + 2:
             raise ValueError(f"patches must be [N, C, *P] with {self.nd} spatial dims, got {tuple(patches.shape)}")
@@ -413,7 +397,7 @@ class Blender(_BlendCore):
         if self._finalized:
             raise RuntimeError("Blender.add called after finish() (or its alias finalize())")
         self._check_patches(patches)
-        coords = _as_coords(coords, self.nd)
+        coords = as_coords(coords, self.nd)
         if coords.shape[0] != patches.shape[0]:
             raise ValueError(f"coords must have {patches.shape[0]} rows (one per patch), got {coords.shape[0]}")
         all_weights, weights = weights, weights if self.weigh_prediction else None
@@ -528,7 +512,7 @@ class LatticeBlender(_BlendCore):
                 raise ValueError(not_lattice + f"; got a WindowGrid with starts {coords.starts}")
             axes = coords.starts
         else:
-            axes = lattice_axes(_as_coords(coords, self.nd).tolist())
+            axes = lattice_axes(as_coords(coords, self.nd).tolist())
             if axes is None:
                 raise ValueError(not_lattice)
         tables = lattice_tables(tuple(tuple(a) for a in axes))  # (shared, read-only)
@@ -726,7 +710,7 @@ class SlabBlender(_BlendCore):
             self._den = (_StreamDenominator(lattice, self.window_shape, self.out_shape) if self.axis == 0
                          else _LatticeDenominator(lattice))
         elif window_coords is not None:
-            self._den = _CoordsDenominator(_as_coords(window_coords, self.nd), self.axis)
+            self._den = _CoordsDenominator(as_coords(window_coords, self.nd), self.axis)
         else:
             self._den = _AccumulatedDenominator()
         self._added = 0  # windows added so far
@@ -769,7 +753,7 @@ class SlabBlender(_BlendCore):
     def add(self, patches: torch.Tensor, coords, weights: Optional[torch.Tensor] = None) -> None:
         """Blend one batch in (arguments as :meth:`Blender.add`). Raises if a patch reaches a finalised part."""
         self._check_patches(patches)
-        coords = _as_coords(coords, self.nd)
+        coords = as_coords(coords, self.nd)
         if coords.shape[0] != patches.shape[0]:
             raise ValueError(f"coords must have {patches.shape[0]} rows (one per patch), got {coords.shape[0]}")
         if self._confidence is not None:

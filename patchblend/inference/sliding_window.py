@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend  # noqa: F401  (registers torch.ops.patchblend.*)
-from .._validate import _check_finite_nonnegative, as_size, resolve_data_device
-from ._accumulators import BlendSettings, CoverageConfidence, make_accumulator, output_geometry
+from .._validate import as_size, check_finite_nonnegative, resolve_data_device
+from ._accumulators import BlendSettings, make_accumulator, make_confidence_accumulator, output_geometry
 from ._predictions import WEIGHTINGS, Prediction, ScoreChecks, apply_process_fn, pack_outputs, parse_output
-from .confidence import ConfidenceTerms, PredictionWithConfidence
+from .confidence import PredictionWithConfidence
 from .importance import importance_map
 from .options import (DEFAULT_OVERLAP, SlidingWindowOptions, hashable_sigma_scale, split_option_keywords,
                       with_option_keywords)
@@ -190,7 +190,7 @@ def resolve_importance(roi_weight_map, roi, mode: str, sigma_scale, acc: torch.d
         if tuple(imp.shape[-len(roi):]) != tuple(roi) or imp.numel() != math.prod(roi):
             raise ValueError(f"roi_weight_map must have shape {tuple(roi)}, got {tuple(imp.shape)}")
         imp = imp.reshape(roi)
-        return imp, _check_finite_nonnegative("roi_weight_map", imp.to(acc))  # (as accumulated)
+        return imp, check_finite_nonnegative("roi_weight_map", imp.to(acc))  # (as accumulated)
     if mode == "constant":
         return None, 1.0
     imp = _cached_importance(tuple(roi), mode, hashable_sigma_scale(sigma_scale), acc, device)
@@ -441,7 +441,6 @@ class OutputBlend:
         self.fn_importance = None  # the map process_fn gets, made once
         self.accumulators = None
         self.confidence = None  # the confidence map's accumulator (confidence=True), at the first output's geometry
-        self.terms = None  # the confidence blend's input (ConfidenceTerms), made with the first output's importance
         self.structure = None  # (number of outputs, keys, single) of the first batch
         self.grad = False
 
@@ -494,19 +493,9 @@ class OutputBlend:
             stream = geometry.lattice is not None and geometry.lattice.is_strict and not settings.weights_in_den
             self.one_by_one.append(self.window_by_window and not stream)
             if k == 0 and o.confidence:
-                self._start_confidence(geometry, imp, settings, seg.dtype, slab)
+                self.confidence = make_confidence_accumulator(geometry, imp, settings, seg.dtype, grad=self.grad,
+                                                              nd=c.nd, slab=slab)
         self.shapes = [s.shape[1:] for s in pred.segs]
-
-    def _start_confidence(self, geometry, imp, settings: BlendSettings, seg_dtype, slab: bool) -> None:
-        """The confidence map: one float channel at the first output's geometry, its weights never in the
-        denominator (ConfidenceTerms), floats also when the prediction is reduced."""
-        self.terms = ConfidenceTerms(settings.normalize, self.call.acc, imp)
-        conf_settings = settings._replace(reduce=None, normalize=self.terms.normalize, weights_in_den=False)
-        if self.call.nd in (2, 3) and not self.grad and not slab:  # the weights alone, blended at the end
-            self.confidence = CoverageConfidence(geometry, self.terms.importance, conf_settings, seg_dtype)
-        else:  # ones (or the weights spread) blended batch by batch, as the prediction
-            self.confidence = make_accumulator(geometry, 1, self.terms.importance, conf_settings, seg_dtype,
-                                               grad=self.grad, nd=self.call.nd)
 
     def _raise_changed(self, pred: Prediction) -> None:
         first_keys = "" if self.structure[1] is None else f" keys {self.structure[1]}"
@@ -537,7 +526,7 @@ class OutputBlend:
             else:  # (one bound for every output: their maps are resized from one)
                 self.checks.add_to_sum(torch.stack([wk.detach().amax() for wk in pred.voxel_weights]), n)
         if self.confidence is not None:
-            self._add_confidence(segments, pred, w)
+            self._add_confidence(segments, w)
             if not c.options.weigh_prediction:
                 w = None
         for k, (seg, acc) in enumerate(zip(pred.segs, self.accumulators)):
@@ -554,17 +543,14 @@ class OutputBlend:
             else:
                 acc.add(seg, wk, segments)
 
-    def _add_confidence(self, segments, pred: Prediction, w) -> None:
+    def _add_confidence(self, segments, w) -> None:
+        """The confidence map's share of one batch: the window weights ``w`` (None, ``[n]`` or ``[n, *G]``), on
+        its accumulator's device (detached without autograd)."""
         device = self.confidence.input_device
         wc = w if w is None or w.device == device else w.to(device)
         if not self.grad and wc is not None:
             wc = wc.detach()
-        seg0 = pred.segs[0]
-        if isinstance(self.confidence, CoverageConfidence):
-            self.confidence.add(None, wc, segments)
-        else:
-            self.confidence.add(*self.terms(wc, seg0.shape[0], seg0.shape[2:], device, check_values=False),
-                                segments)
+        self.confidence.add_weights(wc, segments)
 
     def finish(self):
         """The blended outputs ``[B, C_k, *S_k]`` in the predictor's form (with ``confidence``, a

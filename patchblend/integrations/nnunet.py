@@ -397,6 +397,34 @@ def calibrate_nnunet(predictor: "PatchblendPredictor", cases: Iterable, *, featu
     Returns :func:`patchblend.calibrate_heads`'s history (``patch_mse``, ``grid_mse`` per epoch, ``windows``)
     plus ``"feature"``, the hooked module's name.
     """
+    patch, batch_size = _check_calibration_arguments(predictor, batch_size)
+    network = _frozen_network(predictor)
+    if feature is None:
+        feature = last_decoder_feature(network)
+    iterator = iter(cases)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ValueError("cases is empty: calibration needs held-out cases") from None
+    channels = _case_tensors(0, first)[0].shape[0]
+    model = CalibratedModel(network, None, feature, heads="aware", grid=grid, hidden_channels=hidden,
+                            example_input=torch.zeros((1, channels, *patch), device=predictor.device))
+    before = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    windows = _calibration_windows(predictor, itertools.chain([first], iterator), channels, patch, batch_size)
+    history = calibrate_heads(model, windows, threshold=threshold, progress=progress, **fit_options)
+    for k, v in network.state_dict().items():  # frozen: a changed parameter or buffer is a bug, not a result
+        if not torch.equal(v, before[k]):
+            raise RuntimeError(f"calibrate_nnunet changed the network's {k!r}")
+    predictor.network = model
+    if predictor.list_of_parameters:
+        predictor.list_of_parameters = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    return {**history, "feature": feature}
+
+
+def _check_calibration_arguments(predictor, batch_size) -> Tuple[Tuple[int, int, int], int]:
+    """:func:`calibrate_nnunet`'s checks of ``predictor`` (initialised, made with a ``weighting``, 3D, one fold,
+    not region-based) and ``batch_size`` (None: the predictor's ``sw_batch_size``); returns ``(patch size,
+    batch_size)``."""
     if not isinstance(predictor, PatchblendPredictor):
         raise TypeError(f"predictor must be a PatchblendPredictor, got {type(predictor).__name__}")
     if getattr(predictor, "network", None) is None or getattr(predictor, "configuration_manager", None) is None:
@@ -421,49 +449,36 @@ def calibrate_nnunet(predictor: "PatchblendPredictor", cases: Iterable, *, featu
         raise ValueError("calibrate_nnunet needs a predictor made with weighting ('patch', 'grid' or 'patch*grid'): "
                          "the calibrated network returns patchblend.CalibratedOutput, which only such a predictor "
                          "blends")
+    return patch, batch_size
+
+
+def _frozen_network(predictor) -> torch.nn.Module:
+    """The predictor's network with its one fold's parameters loaded (as nnU-Net loads a fold before predicting),
+    on the predictor's device; the backbone of a network calibrated before (calibrating again: fresh heads on the
+    same backbone)."""
     current = getattr(predictor.network, "_orig_mod", predictor.network)
-    if folds:  # as nnU-Net loads a fold before predicting
-        current.load_state_dict(folds[0])
-    # calibrating again: fresh heads on the same backbone
-    network = current.backbone if isinstance(current, CalibratedModel) else current
-    network = network.to(predictor.device)
-    if feature is None:
-        feature = last_decoder_feature(network)
-    device = predictor.device
-    iterator = iter(cases)
-    try:
-        first = next(iterator)
-    except StopIteration:
-        raise ValueError("cases is empty: calibration needs held-out cases") from None
-    data0, _ = _case_tensors(0, first)
-    model = CalibratedModel(network, None, feature, heads="aware", grid=grid, hidden_channels=hidden,
-                            example_input=torch.zeros((1, data0.shape[0], *patch), device=device))
-    before = {k: v.detach().clone() for k, v in network.state_dict().items()}
-
-    def windows():
-        for index, case in enumerate(itertools.chain([first], iterator)):
-            data, seg = _case_tensors(index, case)
-            if data.shape[0] != data0.shape[0]:
-                raise ValueError(f"cases: case {index} has {data.shape[0]} input channels, case 0 has "
-                                 f"{data0.shape[0]}")
-            # nnU-Net's padding (images smaller than the patch), labels padded with background
-            data, _ = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
-            seg, _ = pad_nd_image(seg, patch, "constant", {"value": 0}, True, None)
-            coords, window, _ = predictor._windows_of(predictor._internal_get_sliding_window_slicers(
-                data.shape[1:]), 3)
-            for i in range(0, coords.shape[0], batch_size):
-                c = coords[i:i + batch_size]
-                yield (extract_patches(data, c, window).to(device),
-                       extract_patches(seg, c, window).round().long().to(device))
-
-    history = calibrate_heads(model, windows(), threshold=threshold, progress=progress, **fit_options)
-    for k, v in network.state_dict().items():  # frozen: a changed parameter or buffer is a bug, not a result
-        if not torch.equal(v, before[k]):
-            raise RuntimeError(f"calibrate_nnunet changed the network's {k!r}")
-    predictor.network = model
     if predictor.list_of_parameters:
-        predictor.list_of_parameters = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
-    return {**history, "feature": feature}
+        current.load_state_dict(predictor.list_of_parameters[0])
+    network = current.backbone if isinstance(current, CalibratedModel) else current
+    return network.to(predictor.device)
+
+
+def _calibration_windows(predictor, cases: Iterable, channels: int, patch, batch_size: int):
+    """Batches ``(windows [n, C_in, *P], labels [n, 1, *P] int64)`` on the predictor's device, at most
+    ``batch_size`` windows each: every case padded as nnU-Net pads (to at least the patch size; labels with
+    background) and cut into nnU-Net's own windows (its slicers). Each case must have ``channels`` input
+    channels."""
+    for index, case in enumerate(cases):
+        data, seg = _case_tensors(index, case)
+        if data.shape[0] != channels:
+            raise ValueError(f"cases: case {index} has {data.shape[0]} input channels, case 0 has {channels}")
+        data, _ = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+        seg, _ = pad_nd_image(seg, patch, "constant", {"value": 0}, True, None)
+        coords, window, _ = predictor._windows_of(predictor._internal_get_sliding_window_slicers(data.shape[1:]), 3)
+        for i in range(0, coords.shape[0], batch_size):
+            c = coords[i:i + batch_size]
+            yield (extract_patches(data, c, window).to(predictor.device),
+                   extract_patches(seg, c, window).round().long().to(predictor.device))
 
 
 def gate_segmentation(labels: torch.Tensor, confidence: torch.Tensor, tau: Union[float, Mapping[int, float]], *,
