@@ -33,9 +33,10 @@ import torch
 
 from patchblend.lesions import GateThreshold, choose_gate_threshold, gate_lesions
 
-__all__ = ["GATES", "GATE_RULE", "FEATURES", "TISSUE_FEATURES", "DECODER", "LesionHead", "blended_confidence", "decoder_feature_map",
-           "feature_names", "table_names", "tissue_classes", "lesion_components", "component_features", "component_truth", "fit_gating",
-           "gated_prediction", "GatedComponents", "component_centres", "component_rows", "COMPONENT_COLUMNS"]
+__all__ = ["GATES", "GATE_RULE", "FEATURES", "TISSUE_FEATURES", "DECODER", "LesionHead", "blended_confidence",
+           "decoder_feature_map", "feature_names", "table_names", "tissue_classes", "lesion_components",
+           "component_features", "component_truth", "fit_gating", "gated_prediction", "GatedComponents",
+           "component_centres", "component_rows", "COMPONENT_COLUMNS"]
 
 #: Gated blendings (``HEADS:gate-...``); the first three gate by the mean blended confidence of one weighting.
 GATES = ("gate-patch", "gate-grid", "gate-patch*grid", "gate-lesion")
