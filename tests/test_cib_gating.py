@@ -9,10 +9,11 @@ from patchblend import CalibratedOutput  # noqa: E402
 from patchblend.examples.cib.data import Case, InputError  # noqa: E402
 from patchblend.examples.cib.evaluate import (CalibratedPredictor, best_row, parse_methods,  # noqa: E402
                                               predict_case)
-from patchblend.examples.cib.gating import (FEATURES, TISSUE_FEATURES, GATES, LesionHead, blended_confidence,  # noqa: E402
-                                            component_features, component_truth, decoder_feature_map,
-                                            feature_names, fit_gating, gating_from_state, gating_state,
-                                            lesion_components, tissue_classes)
+from patchblend.examples.cib.gating import (CONFIDENCE_FEATURES, FEATURES, TISSUE_FEATURES, GATES,  # noqa: E402
+                                            LesionHead, blended_confidence, component_context,
+                                            component_features, component_truth, confidence_features,
+                                            decoder_feature_map, feature_names, fit_gating, gating_from_state,
+                                            gating_state, lesion_components, tissue_classes)
 from patchblend.inference import sliding_window_inference  # noqa: E402
 
 
@@ -182,6 +183,29 @@ def test_tissue_features_read_the_baseline_around_a_component():
     assert col["csf_distance"] == pytest.approx(np.mean([min(z - 1, y, 11 - y, x, 11 - x)
                                                          for z in range(5, 8) for y in range(4, 7)
                                                          for x in range(4, 7)]))
+
+
+def test_one_context_serves_every_head_set():
+    """The head-independent part computed once, completed by two head sets' confidence maps: each table is
+    the one computed in full, and only the confidence columns differ between them."""
+    rng = np.random.default_rng(0)
+    shape = (14, 13, 12)
+    prob = np.zeros(shape)
+    prob[2:6, 2:6, 2:6], prob[8:12, 7:11, 6:10] = 0.9, 0.7
+    t1, t2 = rng.normal(size=shape), rng.normal(size=shape)
+    decoder = rng.normal(size=(2,) + shape)
+    ids, _ = lesion_components(prob)
+    context = component_context(ids, prob, t1, t2, decoder)
+    before = context.table.copy()
+    confs = [{w: rng.uniform(size=shape) for w in ("patch", "grid", "patch*grid")} for _ in range(2)]
+    tables = [confidence_features(context, conf) for conf in confs]
+    np.testing.assert_array_equal(context.table, before)  # completed on a copy
+    for conf, table in zip(confs, tables):
+        np.testing.assert_array_equal(table, component_features(ids, prob, conf, t1, t2, decoder))
+        assert table[1, FEATURES.index("C_grid_max")] == conf["grid"][8:12, 7:11, 6:10].max()
+        np.testing.assert_allclose(table[0, FEATURES.index("C_patch")], conf["patch"][2:6, 2:6, 2:6].mean())
+    differ = np.flatnonzero((tables[0] != tables[1]).any(0))
+    assert [feature_names(2)[k] for k in differ] == list(CONFIDENCE_FEATURES)
 
 
 def test_components_follow_the_metrics_rules():

@@ -223,7 +223,8 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
     receives ``{(heads, gate): [GatedComponents per case]}`` of the gated methods;
     ``components`` receives, for each head set in ``component_sets``, this case's components of average's
     prediction with their features (what :func:`.gating.fit_gating` reads)."""
-    from .gating import blended_confidence, component_features, component_scores, component_truth, gated_prediction
+    from .gating import blended_confidence, component_context, component_scores, component_truth, confidence_features
+    from .gating import gated_prediction
     from .gating import GatedComponents, component_centres, decoder_feature_map, lesion_components
 
     head_sets = model_head_sets(model) if head_sets is None else head_sets
@@ -251,10 +252,11 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
         truth = component_truth(ids, case.label)
         centres = component_centres(ids) if lesion_pairs is not None else None
         gating = gating or {"lesion_heads": {}, "thresholds": {}}
-        decoder = decoder_feature_map(pred, inputs, roi, sw_batch_size, overlap)
+        context = component_context(ids, average, case.t1, case.t2,
+                                    decoder_feature_map(pred, inputs, roi, sw_batch_size, overlap))
         for heads in dict.fromkeys([h for h, _ in gated] + list(component_sets)):
             conf = {w: blended_confidence(pred, inputs, roi, sw_batch_size, overlap, heads, w) for w in WEIGHTINGS}
-            features = component_features(ids, average, conf, case.t1, case.t2, decoder)
+            features = confidence_features(context, conf)
             if components is not None and heads in component_sets:
                 components.setdefault(heads, []).append({"prob": average, "ids": ids, "features": features,
                                                          "truth": truth, "label": case.label})

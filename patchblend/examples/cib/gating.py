@@ -33,10 +33,11 @@ import torch
 
 from patchblend.lesions import GateThreshold, choose_gate_threshold, gate_lesions
 
-__all__ = ["GATES", "GATE_RULE", "FEATURES", "TISSUE_FEATURES", "DECODER", "LesionHead", "blended_confidence",
-           "decoder_feature_map", "feature_names", "table_names", "tissue_classes", "lesion_components",
-           "component_features", "component_truth", "fit_gating", "gated_prediction", "GatedComponents",
-           "component_centres", "component_rows", "COMPONENT_COLUMNS"]
+__all__ = ["GATES", "GATE_RULE", "FEATURES", "CONFIDENCE_FEATURES", "TISSUE_FEATURES", "DECODER", "LesionHead",
+           "blended_confidence", "decoder_feature_map", "feature_names", "table_names", "tissue_classes",
+           "lesion_components", "ComponentContext", "component_context", "confidence_features", "component_features",
+           "component_truth", "fit_gating", "gated_prediction", "GatedComponents", "component_centres",
+           "component_rows", "COMPONENT_COLUMNS"]
 
 #: Gated blendings (``HEADS:gate-...``); the first three gate by the mean blended confidence of one weighting.
 GATES = ("gate-patch", "gate-grid", "gate-patch*grid", "gate-lesion")
@@ -156,19 +157,32 @@ def _means(ids: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
     return np.bincount(ids.ravel(), weights=values.ravel().astype(np.float64), minlength=n + 1)[1:] / np.maximum(sizes, 1)
 
 
-def component_features(ids: np.ndarray, prob: np.ndarray, conf: Dict[str, np.ndarray], t1: np.ndarray,
-                       t2: np.ndarray, decoder: Optional[np.ndarray] = None) -> np.ndarray:
-    """``[n, len(feature_names(w))]`` per component (``ids`` from :func:`lesion_components`); ``conf`` the
-    blended confidence of each weighting (``patch``, ``grid``, ``patch*grid``); ``decoder`` the blended
-    decoder feature ``[w, D, H, W]`` (:func:`decoder_feature_map`; ``None``: ``w = 0``)."""
+class ComponentContext(NamedTuple):
+    """What the lesion head reads of one case's components that does not depend on the head set
+    (:func:`component_context`): computed once per case, then completed per head set by
+    :func:`confidence_features`."""
+
+    ids: np.ndarray  #: ``[D, H, W]`` component ids (:func:`lesion_components`)
+    table: np.ndarray  #: ``[n, len(feature_names(w))]`` every column but :data:`CONFIDENCE_FEATURES` (left 0)
+
+
+#: The columns of :data:`FEATURES` read from the blended confidence maps of a head set (:func:`confidence_features`).
+CONFIDENCE_FEATURES = ("C_patch", "C_grid", "C_patch*grid", "C_grid_max")
+
+
+def component_context(ids: np.ndarray, prob: np.ndarray, t1: np.ndarray, t2: np.ndarray,
+                      decoder: Optional[np.ndarray] = None) -> ComponentContext:
+    """The head-independent columns of :func:`component_features` (its distance transforms, tissue classes and
+    decoder pooling), for :func:`confidence_features` to complete with each head set's confidence maps."""
     from scipy import ndimage
 
     decoder = np.zeros((0,) + ids.shape) if decoder is None else np.asarray(decoder)
     if decoder.ndim != 4 or decoder.shape[1:] != ids.shape:
         raise ValueError(f"decoder must be [w, *{ids.shape}], got {decoder.shape}")
     n = int(ids.max())
+    names = feature_names(len(decoder))
     if n == 0:
-        return np.zeros((0, len(feature_names(len(decoder)))))
+        return ComponentContext(ids, np.zeros((0, len(names))))
     diff = t2 - t1
     sizes = np.bincount(ids.ravel(), minlength=n + 1)[1:]
     maxima = lambda v: np.asarray(ndimage.maximum(v, ids, np.arange(1, n + 1)), dtype=np.float64)  # noqa: E731
@@ -178,13 +192,39 @@ def component_features(ids: np.ndarray, prob: np.ndarray, conf: Dict[str, np.nda
     ring = np.where((ids == 0) & (dist <= RING), owner, 0)
     objects = ndimage.find_objects(ids)
     extent = np.array([sizes[k] / np.prod([s.stop - s.start for s in objects[k]]) for k in range(n)])
-    cols = [np.log(sizes), _means(ids, n, prob), maxima(prob), _means(ids, n, prob > 0.9),
-            _means(ids, n, conf["patch"]), _means(ids, n, conf["grid"]), _means(ids, n, conf["patch*grid"]),
-            maxima(conf["grid"]), _means(ids, n, t1), _means(ids, n, t2), _means(ids, n, diff), maxima(diff),
+    zero = np.zeros(n)
+    cols = [np.log(sizes), _means(ids, n, prob), maxima(prob), _means(ids, n, prob > 0.9), zero, zero, zero, zero,
+            _means(ids, n, t1), _means(ids, n, t2), _means(ids, n, diff), maxima(diff),
             _means(ring, n, t1), _means(ring, n, t2), _means(ring, n, diff), _means(ring, n, prob), extent]
     cols += _tissue_columns(ids, n, t1, (t1 != 0) | (t2 != 0), dist, owner)
     cols += [_means(ids, n, f) for f in decoder] + [_means(ring, n, f) for f in decoder]
-    return np.stack(cols, 1)
+    return ComponentContext(ids, np.stack(cols, 1))
+
+
+def confidence_features(context: ComponentContext, conf: Dict[str, np.ndarray]) -> np.ndarray:
+    """``[n, len(feature_names(w))]``: ``context``'s table with the :data:`CONFIDENCE_FEATURES` of ``conf``, the
+    blended confidence of each weighting (``patch``, ``grid``, ``patch*grid``) of one head set."""
+    from scipy import ndimage
+
+    ids, table = context.ids, context.table.copy()
+    n = len(table)
+    if n == 0:
+        return table
+    grid_max = np.asarray(ndimage.maximum(conf["grid"], ids, np.arange(1, n + 1)), dtype=np.float64)
+    cols = (_means(ids, n, conf["patch"]), _means(ids, n, conf["grid"]), _means(ids, n, conf["patch*grid"]), grid_max)
+    for name, col in zip(CONFIDENCE_FEATURES, cols):
+        table[:, FEATURES.index(name)] = col
+    return table
+
+
+def component_features(ids: np.ndarray, prob: np.ndarray, conf: Dict[str, np.ndarray], t1: np.ndarray,
+                       t2: np.ndarray, decoder: Optional[np.ndarray] = None) -> np.ndarray:
+    """``[n, len(feature_names(w))]`` per component (``ids`` from :func:`lesion_components`); ``conf`` the
+    blended confidence of each weighting (``patch``, ``grid``, ``patch*grid``); ``decoder`` the blended
+    decoder feature ``[w, D, H, W]`` (:func:`decoder_feature_map`; ``None``: ``w = 0``). The same as
+    :func:`confidence_features` of :func:`component_context`, which computes the head-independent part once
+    for several head sets."""
+    return confidence_features(component_context(ids, prob, t1, t2, decoder), conf)
 
 
 def _tissue_columns(ids: np.ndarray, n: int, t1: np.ndarray, brain: np.ndarray, dist: np.ndarray,
