@@ -223,9 +223,9 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
     receives ``{(heads, gate): [GatedComponents per case]}`` of the gated methods;
     ``components`` receives, for each head set in ``component_sets``, this case's components of average's
     prediction with their features (what :func:`.gating.fit_gating` reads)."""
-    from .gating import blended_confidence, component_context, component_scores, component_truth, confidence_features
-    from .gating import gated_prediction
-    from .gating import GatedComponents, component_centres, decoder_feature_map, lesion_components
+    from .gating import (GatedComponents, blended_confidence, component_centres, component_context, component_scores,
+                         component_truth, confidence_features, decoder_feature_map, gated_prediction,
+                         lesion_components)
 
     head_sets = model_head_sets(model) if head_sets is None else head_sets
     methods = [tuple(m) if not isinstance(m, str) else m for m in methods]

@@ -157,6 +157,12 @@ def _means(ids: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
     return np.bincount(ids.ravel(), weights=values.ravel().astype(np.float64), minlength=n + 1)[1:] / np.maximum(sizes, 1)
 
 
+def _maxima(ids: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return np.asarray(ndimage.maximum(values, ids, np.arange(1, n + 1)), dtype=np.float64)
+
+
 class ComponentContext(NamedTuple):
     """What the lesion head reads of one case's components that does not depend on the head set
     (:func:`component_context`): computed once per case, then completed per head set by
@@ -180,22 +186,23 @@ def component_context(ids: np.ndarray, prob: np.ndarray, t1: np.ndarray, t2: np.
     if decoder.ndim != 4 or decoder.shape[1:] != ids.shape:
         raise ValueError(f"decoder must be [w, *{ids.shape}], got {decoder.shape}")
     n = int(ids.max())
-    names = feature_names(len(decoder))
     if n == 0:
-        return ComponentContext(ids, np.zeros((0, len(names))))
+        return ComponentContext(ids, np.zeros((0, len(feature_names(len(decoder))))))
     diff = t2 - t1
     sizes = np.bincount(ids.ravel(), minlength=n + 1)[1:]
-    maxima = lambda v: np.asarray(ndimage.maximum(v, ids, np.arange(1, n + 1)), dtype=np.float64)  # noqa: E731
     # ring: voxels within RING of a component, outside every component, given to the nearest one
     dist, nearest = ndimage.distance_transform_edt(ids == 0, return_indices=True)
     owner = ids[tuple(nearest)]
     ring = np.where((ids == 0) & (dist <= RING), owner, 0)
     objects = ndimage.find_objects(ids)
     extent = np.array([sizes[k] / np.prod([s.stop - s.start for s in objects[k]]) for k in range(n)])
-    zero = np.zeros(n)
-    cols = [np.log(sizes), _means(ids, n, prob), maxima(prob), _means(ids, n, prob > 0.9), zero, zero, zero, zero,
-            _means(ids, n, t1), _means(ids, n, t2), _means(ids, n, diff), maxima(diff),
-            _means(ring, n, t1), _means(ring, n, t2), _means(ring, n, diff), _means(ring, n, prob), extent]
+    known = {"log_size": np.log(sizes), "p_mean": _means(ids, n, prob), "p_max": _maxima(ids, n, prob),
+             "p_frac_0.9": _means(ids, n, prob > 0.9), "t1": _means(ids, n, t1), "t2": _means(ids, n, t2),
+             "diff": _means(ids, n, diff), "diff_max": _maxima(ids, n, diff), "t1_ring": _means(ring, n, t1),
+             "t2_ring": _means(ring, n, t2), "diff_ring": _means(ring, n, diff), "p_ring": _means(ring, n, prob),
+             "extent": extent}
+    # the CONFIDENCE_FEATURES are left 0 here, for confidence_features; every other name of FEATURES is in known
+    cols = [np.zeros(n) if name in CONFIDENCE_FEATURES else known[name] for name in FEATURES]
     cols += _tissue_columns(ids, n, t1, (t1 != 0) | (t2 != 0), dist, owner)
     cols += [_means(ids, n, f) for f in decoder] + [_means(ring, n, f) for f in decoder]
     return ComponentContext(ids, np.stack(cols, 1))
@@ -204,14 +211,12 @@ def component_context(ids: np.ndarray, prob: np.ndarray, t1: np.ndarray, t2: np.
 def confidence_features(context: ComponentContext, conf: Dict[str, np.ndarray]) -> np.ndarray:
     """``[n, len(feature_names(w))]``: ``context``'s table with the :data:`CONFIDENCE_FEATURES` of ``conf``, the
     blended confidence of each weighting (``patch``, ``grid``, ``patch*grid``) of one head set."""
-    from scipy import ndimage
-
     ids, table = context.ids, context.table.copy()
     n = len(table)
     if n == 0:
         return table
-    grid_max = np.asarray(ndimage.maximum(conf["grid"], ids, np.arange(1, n + 1)), dtype=np.float64)
-    cols = (_means(ids, n, conf["patch"]), _means(ids, n, conf["grid"]), _means(ids, n, conf["patch*grid"]), grid_max)
+    cols = (_means(ids, n, conf["patch"]), _means(ids, n, conf["grid"]), _means(ids, n, conf["patch*grid"]),
+            _maxima(ids, n, conf["grid"]))
     for name, col in zip(CONFIDENCE_FEATURES, cols):
         table[:, FEATURES.index(name)] = col
     return table
