@@ -97,6 +97,8 @@ class DemoConfig:
     temper: bool = True
     #: also evaluate the gated rows (lesion heads and τ fitted on the calibration cases, :mod:`.gating`)
     gate: bool = True
+    #: the lesion heads also read the template's white matter registered to each case (:mod:`.atlas`)
+    atlas: bool = True
 
 
 PRESETS = {
@@ -240,7 +242,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         if cfg.gate:
             gating = choose_gates(model, posthoc, cal_cases, roi, cfg.overlap, cfg.sw_batch_size, cfg.device,
                                   gate_sets=[h for h in GATED_HEAD_SETS if h in posthoc or h == "oracle"],
-                                  progress=cfg.progress, log=log)
+                                  progress=cfg.progress, log=log, atlas=cfg.atlas)
         save_heads(os.path.join(cfg.out, "model", "posthoc_heads.pt"), posthoc,
                    {"cases": [c.name for c in cal_cases], "exponents": {f"{h}:{w}": g for (h, w), g in exponents.items()},
                     "gating": gating_state(gating) if gating else {}})

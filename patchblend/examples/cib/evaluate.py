@@ -206,12 +206,20 @@ class CalibratedPredictor:
         return CalibratedOutput(seg, patch.to(windows.device), grid.to(windows.device))
 
 
+def case_white_matter(case: Case) -> np.ndarray:
+    """``[D, H, W]`` the template's white matter registered to ``case``'s baseline (:mod:`.atlas`)."""
+    from .atlas import template_white_matter
+
+    voxel_mm = float(np.linalg.norm(np.asarray(case.affine)[:3, :3], axis=0).mean())
+    return template_white_matter(case.t1, (case.t1 != 0) | (case.t2 != 0), voxel_mm)
+
+
 def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[int] = (80, 80, 80),
                  overlap: float = 0.5, sw_batch_size: int = 4, device="cpu", amp: bool = False,
                  grid: Sequence[int] = (2, 2, 2), head_pairs: Optional[dict] = None,
                  head_sets: Optional[dict] = None, exponents: Optional[dict] = None,
                  gating: Optional[dict] = None, lesion_pairs: Optional[dict] = None,
-                 components: Optional[dict] = None, component_sets: Sequence[str] = ()
+                 components: Optional[dict] = None, component_sets: Sequence[str] = (), atlas: bool = False
                  ) -> Dict[Tuple[str, str], np.ndarray]:
     """New-lesion probability ``[D, H, W]`` of ``case`` for each method (driver on ``device``).
 
@@ -222,9 +230,10 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
     ``gating``: τ and lesion heads of the gated methods (:func:`.gating.fit_gating`); ``lesion_pairs``
     receives ``{(heads, gate): [GatedComponents per case]}`` of the gated methods;
     ``components`` receives, for each head set in ``component_sets``, this case's components of average's
-    prediction with their features (what :func:`.gating.fit_gating` reads)."""
-    from .gating import (GatedComponents, blended_confidence, component_centres, component_context, component_scores,
-                         component_truth, confidence_features, decoder_feature_map, gated_prediction,
+    prediction with their features (what :func:`.gating.fit_gating` reads). ``atlas``: the features include the
+    registered template's white matter (:mod:`.atlas`; also whenever a lesion head of ``gating`` reads it)."""
+    from .gating import (ATLAS_FEATURES, GatedComponents, blended_confidence, component_centres, component_context,
+                         component_scores, component_truth, confidence_features, decoder_feature_map, gated_prediction,
                          lesion_components)
 
     head_sets = model_head_sets(model) if head_sets is None else head_sets
@@ -252,8 +261,10 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
         truth = component_truth(ids, case.label)
         centres = component_centres(ids) if lesion_pairs is not None else None
         gating = gating or {"lesion_heads": {}, "thresholds": {}}
+        atlas = atlas or any(ATLAS_FEATURES[0] in head.features for head in gating["lesion_heads"].values())
         context = component_context(ids, average, case.t1, case.t2,
-                                    decoder_feature_map(pred, inputs, roi, sw_batch_size, overlap))
+                                    decoder_feature_map(pred, inputs, roi, sw_batch_size, overlap),
+                                    case_white_matter(case) if atlas else None)
         for heads in dict.fromkeys([h for h, _ in gated] + list(component_sets)):
             conf = {w: blended_confidence(pred, inputs, roi, sw_batch_size, overlap, heads, w) for w in WEIGHTINGS}
             features = confidence_features(context, conf)
@@ -301,13 +312,14 @@ def evaluate_model(model, cases: Sequence[Case], methods: Sequence = METHODS, ro
                    head_pairs: Optional[dict] = None, head_sets: Optional[dict] = None,
                    exponents: Optional[dict] = None, gating: Optional[dict] = None,
                    lesion_pairs: Optional[dict] = None, components: Optional[dict] = None,
-                   component_sets: Sequence[str] = ()):
+                   component_sets: Sequence[str] = (), atlas: bool = False):
     """Per-case metrics of every method.
 
     Returns ``(rows, kept)``: ``rows`` a list of dicts ``{"case", "heads", "blending", **metrics}``;
     ``kept[case name][method name]`` the probability volumes of the methods named in ``keep``.
     ``head_pairs`` (a dict) collects the heads' scores against the true Dice (:func:`head_quality_rows`);
-    ``exponents``, ``gating``, ``lesion_pairs``, ``components``, ``component_sets`` as in :func:`predict_case`.
+    ``exponents``, ``gating``, ``lesion_pairs``, ``components``, ``component_sets``, ``atlas`` as in
+    :func:`predict_case`.
     """
     model.eval()
     head_sets = model_head_sets(model) if head_sets is None else head_sets
@@ -324,7 +336,7 @@ def evaluate_model(model, cases: Sequence[Case], methods: Sequence = METHODS, ro
         it = tqdm(cases, desc="evaluate", leave=False)
     for case in it:
         probs = predict_case(model, case, methods, roi, overlap, sw_batch_size, device, amp, grid, head_pairs,
-                             head_sets, exponents, gating, lesion_pairs, components, component_sets)
+                             head_sets, exponents, gating, lesion_pairs, components, component_sets, atlas)
         for heads, blending in methods:
             rows.append({"case": case.name, "heads": heads, "blending": blending,
                          **evaluate_case(probs[(heads, blending)], case.label)})

@@ -33,7 +33,8 @@ import torch
 
 from patchblend.lesions import GateThreshold, choose_gate_threshold, gate_lesions
 
-__all__ = ["GATES", "GATE_RULE", "FEATURES", "CONFIDENCE_FEATURES", "TISSUE_FEATURES", "DECODER", "LesionHead",
+__all__ = ["GATES", "GATE_RULE", "FEATURES", "CONFIDENCE_FEATURES", "TISSUE_FEATURES", "ATLAS_FEATURES",
+           "ATLAS_INTERACTIONS", "DECODER", "LesionHead",
            "blended_confidence", "decoder_feature_map", "feature_names", "table_names", "tissue_classes",
            "lesion_components", "ComponentContext", "component_context", "confidence_features", "component_features",
            "component_truth", "fit_gating", "gated_prediction", "GatedComponents", "component_centres",
@@ -61,15 +62,22 @@ FEATURES = ("log_size", "p_mean", "p_max", "p_frac_0.9", "C_patch", "C_grid", "C
 #: a follow-up hyperintensity in or against the cortex is a likelier false positive.
 TISSUE_FEATURES = ("csf_near", "wm_near", "gm_near", "csf_far", "wm_far", "gm_far", "csf_distance", "t1_wm_like")
 NEAR, FAR = 3, 6
+#: The template's white-matter probability at the component's centre (:func:`.atlas.template_white_matter`; the
+#: table has this column when :func:`component_context` is given the registered map).
+ATLAS_FEATURES = ("atlas_wm",)
+#: Columns a lesion head multiplies by ``atlas_wm`` (its evidence counts most where the template says deep white
+#: matter): chosen in a cross-fit on calibration phantoms only (the demo's calibration cases and 32 more).
+ATLAS_INTERACTIONS = ("log_size", "p_mean", "p_max", "p_frac_0.9", "C_patch", "C_grid", "C_patch*grid",
+                      "C_grid_max", "t1", "t2", "diff", "diff_max")
 #: ``CalibratedPredictor.start(DECODER, replay=True)`` replays the network's last decoder feature.
 DECODER = "decoder"
 
 
-def feature_names(channels: int) -> Tuple[str, ...]:
+def feature_names(channels: int, atlas: bool = False) -> Tuple[str, ...]:
     """The lesion head's features with a ``channels``-channel decoder feature: :data:`FEATURES`,
-    :data:`TISSUE_FEATURES`, then the mean of each decoder channel inside the component (``dec_k``) and in its
-    ring (``dec_k_ring``): the columns of :func:`component_features`."""
-    return FEATURES + TISSUE_FEATURES + _decoder_names(channels)
+    :data:`TISSUE_FEATURES`, with ``atlas`` :data:`ATLAS_FEATURES`, then the mean of each decoder channel inside
+    the component (``dec_k``) and in its ring (``dec_k_ring``): the columns of :func:`component_features`."""
+    return FEATURES + TISSUE_FEATURES + (ATLAS_FEATURES if atlas else ()) + _decoder_names(channels)
 
 
 def _decoder_names(channels: int) -> Tuple[str, ...]:
@@ -82,11 +90,11 @@ def table_names(width: int) -> Tuple[str, ...]:
     and decoder columns)."""
     if width == len(FEATURES):
         return FEATURES
-    channels, odd = divmod(width - len(FEATURES) - len(TISSUE_FEATURES), 2)
-    if channels < 0 or odd:
+    channels, atlas = divmod(width - len(FEATURES) - len(TISSUE_FEATURES), 2)  # (one atlas column: odd)
+    if channels < 0:
         raise ValueError(f"features must have {len(FEATURES)} or {len(FEATURES) + len(TISSUE_FEATURES)} + 2w "
-                         f"columns (feature_names), got {width}")
-    return feature_names(channels)
+                         f"(+ {len(ATLAS_FEATURES)}) columns (feature_names), got {width}")
+    return feature_names(channels, bool(atlas))
 
 
 def _known_names(names: Sequence[str]) -> bool:
@@ -94,7 +102,8 @@ def _known_names(names: Sequence[str]) -> bool:
     (:data:`FEATURES` alone, or with decoder columns and no tissue columns)."""
     names = tuple(names)
     channels = max(len(names) - len(FEATURES), 0) // 2
-    return names in (feature_names((len(names) - len(FEATURES) - len(TISSUE_FEATURES)) // 2),
+    rest = len(names) - len(FEATURES) - len(TISSUE_FEATURES)
+    return names in (feature_names(rest // 2), feature_names((rest - 1) // 2, atlas=True),
                      FEATURES + _decoder_names(channels))
 
 
@@ -177,17 +186,22 @@ CONFIDENCE_FEATURES = ("C_patch", "C_grid", "C_patch*grid", "C_grid_max")
 
 
 def component_context(ids: np.ndarray, prob: np.ndarray, t1: np.ndarray, t2: np.ndarray,
-                      decoder: Optional[np.ndarray] = None) -> ComponentContext:
+                      decoder: Optional[np.ndarray] = None,
+                      white_matter: Optional[np.ndarray] = None) -> ComponentContext:
     """The head-independent columns of :func:`component_features` (its distance transforms, tissue classes and
-    decoder pooling), for :func:`confidence_features` to complete with each head set's confidence maps."""
+    decoder pooling; with ``white_matter`` ``[D, H, W]``, the registered template's white matter
+    (:func:`.atlas.template_white_matter`), the :data:`ATLAS_FEATURES` column), for :func:`confidence_features`
+    to complete with each head set's confidence maps."""
     from scipy import ndimage
 
     decoder = np.zeros((0,) + ids.shape) if decoder is None else np.asarray(decoder)
     if decoder.ndim != 4 or decoder.shape[1:] != ids.shape:
         raise ValueError(f"decoder must be [w, *{ids.shape}], got {decoder.shape}")
+    if white_matter is not None and np.shape(white_matter) != ids.shape:
+        raise ValueError(f"white_matter must be {list(ids.shape)}, got {list(np.shape(white_matter))}")
     n = int(ids.max())
     if n == 0:
-        return ComponentContext(ids, np.zeros((0, len(feature_names(len(decoder))))))
+        return ComponentContext(ids, np.zeros((0, len(feature_names(len(decoder), white_matter is not None)))))
     diff = t2 - t1
     sizes = np.bincount(ids.ravel(), minlength=n + 1)[1:]
     # ring: voxels within RING of a component, outside every component, given to the nearest one
@@ -204,6 +218,9 @@ def component_context(ids: np.ndarray, prob: np.ndarray, t1: np.ndarray, t2: np.
     # the CONFIDENCE_FEATURES are left 0 here, for confidence_features; every other name of FEATURES is in known
     cols = [np.zeros(n) if name in CONFIDENCE_FEATURES else known[name] for name in FEATURES]
     cols += _tissue_columns(ids, n, t1, (t1 != 0) | (t2 != 0), dist, owner)
+    if white_matter is not None:
+        centre = np.clip(np.round(component_centres(ids)).astype(np.int64), 0, np.array(ids.shape) - 1)
+        cols.append(np.asarray(white_matter, np.float64)[tuple(centre.T)])
     cols += [_means(ids, n, f) for f in decoder] + [_means(ring, n, f) for f in decoder]
     return ComponentContext(ids, np.stack(cols, 1))
 
@@ -223,13 +240,14 @@ def confidence_features(context: ComponentContext, conf: Dict[str, np.ndarray]) 
 
 
 def component_features(ids: np.ndarray, prob: np.ndarray, conf: Dict[str, np.ndarray], t1: np.ndarray,
-                       t2: np.ndarray, decoder: Optional[np.ndarray] = None) -> np.ndarray:
-    """``[n, len(feature_names(w))]`` per component (``ids`` from :func:`lesion_components`); ``conf`` the
+                       t2: np.ndarray, decoder: Optional[np.ndarray] = None,
+                       white_matter: Optional[np.ndarray] = None) -> np.ndarray:
+    """``[n, len(feature_names(w, atlas))]`` per component (``ids`` from :func:`lesion_components`); ``conf`` the
     blended confidence of each weighting (``patch``, ``grid``, ``patch*grid``); ``decoder`` the blended
-    decoder feature ``[w, D, H, W]`` (:func:`decoder_feature_map`; ``None``: ``w = 0``). The same as
-    :func:`confidence_features` of :func:`component_context`, which computes the head-independent part once
-    for several head sets."""
-    return confidence_features(component_context(ids, prob, t1, t2, decoder), conf)
+    decoder feature ``[w, D, H, W]`` (:func:`decoder_feature_map`; ``None``: ``w = 0``); ``white_matter`` the
+    registered template's white matter (``None``: no atlas column). The same as :func:`confidence_features` of
+    :func:`component_context`, which computes the head-independent part once for several head sets."""
+    return confidence_features(component_context(ids, prob, t1, t2, decoder, white_matter), conf)
 
 
 def _tissue_columns(ids: np.ndarray, n: int, t1: np.ndarray, brain: np.ndarray, dist: np.ndarray,
@@ -261,7 +279,8 @@ def component_truth(ids: np.ndarray, label: np.ndarray) -> np.ndarray:
 class LesionHead:
     """Logistic regression on standardized component features (:func:`feature_names`; L2 penalty ``l2``;
     1.0: the best of 0.01, 0.1, 1 in a 4-fold cross-fit on the demo's calibration cases), fitted with
-    L-BFGS: the probability that a component of average's prediction is a true lesion."""
+    L-BFGS: the probability that a component of average's prediction is a true lesion. On a table with the
+    ``atlas_wm`` column it also reads the products ``atlas_wm * f`` of the :data:`ATLAS_INTERACTIONS`."""
 
     def __init__(self, mean=None, std=None, weight=None, bias: float = 0.0, l2: float = 1.0, features=None):
         self.mean, self.std, self.weight, self.bias, self.l2 = mean, std, weight, float(bias), float(l2)
@@ -273,10 +292,11 @@ class LesionHead:
         if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
             raise ValueError(f"features [n, F] and truth [n] must match and be non-empty, got {x.shape}, {y.shape}")
         self.features = table_names(x.shape[1])
+        x = self._design(x)
         self.mean, self.std = x.mean(0), x.std(0) + 1e-6
         xt = torch.from_numpy((x - self.mean) / self.std)
         yt = torch.from_numpy(y)
-        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)  # (x: the design matrix)
         b = torch.zeros((), dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
 
@@ -305,8 +325,16 @@ class LesionHead:
         if x.ndim != 2 or x.shape[1] != len(self.features):
             raise ValueError(f"this lesion head reads {len(self.features)} features per component "
                              f"({self.features[-1]} last), got {x.shape}")
-        x = (x - self.mean) / self.std
+        x = (self._design(x) - self.mean) / self.std
         return 1.0 / (1.0 + np.exp(-(x @ self.weight + self.bias)))
+
+    def _design(self, x: np.ndarray) -> np.ndarray:
+        """``x`` ``[n, len(self.features)]`` and, when the features include ``atlas_wm``, its products with the
+        :data:`ATLAS_INTERACTIONS`."""
+        if ATLAS_FEATURES[0] not in self.features:
+            return x
+        atlas = x[:, [self.features.index(ATLAS_FEATURES[0])]]
+        return np.concatenate([x, atlas * x[:, [self.features.index(f) for f in ATLAS_INTERACTIONS]]], 1)
 
     def state(self) -> dict:
         return {"mean": self.mean.tolist(), "std": self.std.tolist(), "weight": self.weight.tolist(),

@@ -32,7 +32,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["PhantomConfig", "PHANTOM_PRESETS", "phantom_preset", "PhantomCase", "load_tissue_maps", "make_case", "write_case", "write_phantom_set", "match_phantom_objects"]
+__all__ = ["PhantomConfig", "PHANTOM_PRESETS", "phantom_preset", "PhantomCase", "load_tissue_maps", "flair_contrast",
+           "make_case", "write_case", "write_phantom_set", "match_phantom_objects"]
 
 _TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
@@ -192,6 +193,13 @@ def _bias_field(shape, rng: np.random.Generator, amplitude: float) -> np.ndarray
     return np.exp(amplitude * log).astype(np.float32)
 
 
+def flair_contrast(brain: np.ndarray, csf: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """The phantoms' FLAIR-like anatomy ``[D, H, W]`` from tissue maps: CSF 0.15, grey matter 0.80, white
+    matter 0.60, mixed by the maps, fading out at the brain's edge."""
+    total = np.maximum(csf + gm + wm, 1e-6)
+    return (0.15 * csf + 0.80 * gm + 0.60 * wm) / total * np.clip(brain * 1.5, 0, 1)
+
+
 def make_case(seed: int, config: Optional[PhantomConfig] = None) -> PhantomCase:
     """Generate one case, fully determined by ``seed`` and ``config``."""
     cfg = config or PhantomConfig()
@@ -204,8 +212,7 @@ def make_case(seed: int, config: Optional[PhantomConfig] = None) -> PhantomCase:
     m = _rotation(rng, 6.0) * rng.uniform(0.94, 1.06, 3)[None, :]
     s = rng.uniform(-3, 3, 3) / vox
     brain, csf, gm, wm = (_warp(a, m, s) for a in (brain0, csf0, gm0, wm0))
-    total = np.maximum(csf + gm + wm, 1e-6)
-    base = (0.15 * csf + 0.80 * gm + 0.60 * wm) / total * np.clip(brain * 1.5, 0, 1)
+    base = flair_contrast(brain, csf, gm, wm)
     tex = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), 1.0)
     tex /= max(float(tex.std()), 1e-6)
     base = base + cfg.texture * tex * (brain > 0.5)

@@ -202,15 +202,17 @@ def load_gating(path: str) -> dict:
 
 def choose_gates(model: CIBVNet, head_sets: Dict[str, tuple], cases: Sequence[Case], roi: Sequence[int],
                  overlap: float = 0.5, sw_batch_size: int = 8, device="cpu", gate_sets: Sequence[str] = (),
-                 progress: bool = False, log=print) -> dict:
+                 progress: bool = False, log=print, atlas: bool = True) -> dict:
     """Lesion heads and gate thresholds τ of the gated rows of ``gate_sets`` (head sets of ``head_sets``,
-    or ``"oracle"``), fitted on the held-out calibration ``cases`` only (:func:`.gating.fit_gating`)."""
+    or ``"oracle"``), fitted on the held-out calibration ``cases`` only (:func:`.gating.fit_gating`); with
+    ``atlas`` the lesion heads also read the registered template's white matter (:mod:`.atlas`)."""
     from .evaluate import evaluate_model
     from .gating import fit_gating
 
     components: Dict[str, list] = {}
     evaluate_model(model, cases, ["average"], roi, overlap, sw_batch_size, device, grid=model.grid_head.grid,
-                   progress=progress, head_sets=head_sets, components=components, component_sets=tuple(gate_sets))
+                   progress=progress, head_sets=head_sets, components=components, component_sets=tuple(gate_sets),
+                   atlas=atlas)
     return fit_gating(components, log=log)
 
 
@@ -233,6 +235,8 @@ def main(argv=None):
                    help="also choose the weight powers of the tempered head sets on these cases")
     p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
                    help="also fit the lesion heads and gate thresholds of the gated rows on these cases")
+    p.add_argument("--atlas", action=argparse.BooleanOptionalAction, default=True,
+                   help="the lesion heads also read the template's white matter registered to each case")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -266,7 +270,8 @@ def main(argv=None):
         from .gating import gating_state
 
         gating = gating_state(choose_gates(model, heads, cases, roi, args.overlap, device=args.device,
-                                           gate_sets=[h for h in GATED_HEAD_SETS if h in heads or h == "oracle"]))
+                                           gate_sets=[h for h in GATED_HEAD_SETS if h in heads or h == "oracle"],
+                                           atlas=args.atlas))
     print(save_heads(args.out, heads, {"ckpt": os.path.abspath(args.ckpt), "cases": [c.name for c in cases],
                                        "exponents": {f"{h}:{w}": g for (h, w), g in exps.items()},
                                        "gating": gating}))
