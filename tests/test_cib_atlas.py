@@ -98,3 +98,17 @@ def test_lesion_head_reads_the_atlas_products():
     with pytest.raises(ValueError, match="reads"):
         head.score(x[:, keep])
     assert FEATURES[:len(ATLAS_INTERACTIONS)] == ATLAS_INTERACTIONS
+
+
+def test_case_white_matter_refuses_anisotropic_voxels():
+    from patchblend.examples.cib.data import Case, InputError
+    from patchblend.examples.cib.evaluate import case_white_matter
+
+    t1 = np.ones((4, 4, 4), np.float32)
+    case = Case("c", t1, t1, np.zeros((4, 4, 4), np.uint8), False, np.diag([1.0, 1.0, 3.0, 1.0]),
+                (slice(0, 4),) * 3, (4, 4, 4))
+    with pytest.raises(InputError, match=r"case 'c': .*isotropic voxels.*--spacing"):
+        case_white_matter(case)
+    with pytest.raises(InputError, match="0.5-10 mm"):
+        case_white_matter(Case("c", t1, t1, case.label, False, np.diag([20.0, 20.0, 20.0, 1.0]), case.crop,
+                               case.original_shape))

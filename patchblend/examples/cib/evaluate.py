@@ -207,11 +207,18 @@ class CalibratedPredictor:
 
 
 def case_white_matter(case: Case) -> np.ndarray:
-    """``[D, H, W]`` the template's white matter registered to ``case``'s baseline (:mod:`.atlas`)."""
+    """``[D, H, W]`` the template's white matter registered to ``case``'s baseline (:mod:`.atlas`); the case's
+    voxels must be about isotropic and of 0.5–10 mm, else :class:`InputError`."""
     from .atlas import template_white_matter
+    from .phantom import DOWNSAMPLE_RANGE
 
-    voxel_mm = float(np.linalg.norm(np.asarray(case.affine)[:3, :3], axis=0).mean())
-    return template_white_matter(case.t1, (case.t1 != 0) | (case.t2 != 0), voxel_mm)
+    sizes = np.linalg.norm(np.asarray(case.affine, np.float64)[:3, :3], axis=0)
+    lo, hi = DOWNSAMPLE_RANGE
+    if sizes.max() > 1.2 * sizes.min() or not lo <= sizes.mean() <= hi:
+        raise InputError(f"case {case.name!r}: the lesion heads' atlas column needs isotropic voxels of {lo:g}-{hi:g} "
+                         f"mm, got {np.round(sizes, 3).tolist()} mm (resample with --spacing, or fit the heads with "
+                         f"--no-atlas)")
+    return template_white_matter(case.t1, (case.t1 != 0) | (case.t2 != 0), float(sizes.mean()))
 
 
 def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[int] = (80, 80, 80),
