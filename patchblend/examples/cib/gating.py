@@ -86,8 +86,9 @@ def _decoder_names(channels: int) -> Tuple[str, ...]:
 
 def table_names(width: int) -> Tuple[str, ...]:
     """The column names of a component table ``width`` columns wide: :func:`feature_names` of its decoder
-    width, or :data:`FEATURES` alone (``width == len(FEATURES)``, the table of heads saved before the tissue
-    and decoder columns)."""
+    width (with the one atlas column when ``width - len(FEATURES) - len(TISSUE_FEATURES)`` is odd: the decoder
+    adds columns in pairs), or :data:`FEATURES` alone (``width == len(FEATURES)``, the table of heads saved
+    before the tissue and decoder columns)."""
     if width == len(FEATURES):
         return FEATURES
     channels, atlas = divmod(width - len(FEATURES) - len(TISSUE_FEATURES), 2)  # (one atlas column: odd)
@@ -98,8 +99,8 @@ def table_names(width: int) -> Tuple[str, ...]:
 
 
 def _known_names(names: Sequence[str]) -> bool:
-    """Whether ``names`` is a layout a lesion head was ever fitted on: this version's, or an earlier one
-    (:data:`FEATURES` alone, or with decoder columns and no tissue columns)."""
+    """Whether ``names`` is a layout a lesion head was ever fitted on: this version's (with or without the atlas
+    column), or an earlier one (:data:`FEATURES` alone, or with decoder columns and no tissue columns)."""
     names = tuple(names)
     channels = max(len(names) - len(FEATURES), 0) // 2
     rest = len(names) - len(FEATURES) - len(TISSUE_FEATURES)
