@@ -102,7 +102,7 @@ def test_lesion_head_reads_the_atlas_products():
 
 def test_case_white_matter_refuses_anisotropic_voxels():
     from patchblend.examples.cib.data import Case, InputError
-    from patchblend.examples.cib.evaluate import case_white_matter
+    from patchblend.examples.cib.atlas import case_white_matter
 
     t1 = np.ones((4, 4, 4), np.float32)
     case = Case("c", t1, t1, np.zeros((4, 4, 4), np.uint8), False, np.diag([1.0, 1.0, 3.0, 1.0]),

@@ -21,7 +21,7 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ["WORKING_VOXEL_MM", "template_white_matter", "register_template"]
+__all__ = ["WORKING_VOXEL_MM", "case_white_matter", "template_white_matter", "register_template"]
 
 #: Voxel size (mm) of the grids the affine is fitted on.
 WORKING_VOXEL_MM = 5.0
@@ -80,3 +80,18 @@ def template_white_matter(t1: np.ndarray, brain: np.ndarray, voxel_mm: float) ->
     matrix, offset = register_template(t1, brain, voxel_mm)
     _, wm, _ = _template(float(voxel_mm))
     return ndimage.affine_transform(wm, matrix, offset=offset, output_shape=t1.shape, order=1)
+
+
+def case_white_matter(case) -> np.ndarray:
+    """``[D, H, W]`` the template's white matter registered to a loaded :class:`~.data.Case`'s baseline; the
+    case's voxels must be about isotropic and of 0.5–10 mm, else :class:`~.data.InputError`."""
+    from .data import InputError
+    from .phantom import DOWNSAMPLE_RANGE
+
+    sizes = np.linalg.norm(np.asarray(case.affine, np.float64)[:3, :3], axis=0)
+    lo, hi = DOWNSAMPLE_RANGE
+    if sizes.max() > 1.2 * sizes.min() or not lo <= sizes.mean() <= hi:
+        raise InputError(f"case {case.name!r}: the lesion heads' atlas column needs isotropic voxels of {lo:g}-{hi:g} "
+                         f"mm, got {np.round(sizes, 3).tolist()} mm (resample with --spacing, or fit the heads with "
+                         f"--no-atlas)")
+    return template_white_matter(case.t1, (case.t1 != 0) | (case.t2 != 0), float(sizes.mean()))

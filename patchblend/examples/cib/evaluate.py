@@ -206,21 +206,6 @@ class CalibratedPredictor:
         return CalibratedOutput(seg, patch.to(windows.device), grid.to(windows.device))
 
 
-def case_white_matter(case: Case) -> np.ndarray:
-    """``[D, H, W]`` the template's white matter registered to ``case``'s baseline (:mod:`.atlas`); the case's
-    voxels must be about isotropic and of 0.5–10 mm, else :class:`InputError`."""
-    from .atlas import template_white_matter
-    from .phantom import DOWNSAMPLE_RANGE
-
-    sizes = np.linalg.norm(np.asarray(case.affine, np.float64)[:3, :3], axis=0)
-    lo, hi = DOWNSAMPLE_RANGE
-    if sizes.max() > 1.2 * sizes.min() or not lo <= sizes.mean() <= hi:
-        raise InputError(f"case {case.name!r}: the lesion heads' atlas column needs isotropic voxels of {lo:g}-{hi:g} "
-                         f"mm, got {np.round(sizes, 3).tolist()} mm (resample with --spacing, or fit the heads with "
-                         f"--no-atlas)")
-    return template_white_matter(case.t1, (case.t1 != 0) | (case.t2 != 0), float(sizes.mean()))
-
-
 def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[int] = (80, 80, 80),
                  overlap: float = 0.5, sw_batch_size: int = 4, device="cpu", amp: bool = False,
                  grid: Sequence[int] = (2, 2, 2), head_pairs: Optional[dict] = None,
@@ -269,6 +254,8 @@ def predict_case(model, case: Case, methods: Sequence = METHODS, roi: Sequence[i
         centres = component_centres(ids) if lesion_pairs is not None else None
         gating = gating or {"lesion_heads": {}, "thresholds": {}}
         atlas = atlas or any(ATLAS_FEATURES[0] in head.features for head in gating["lesion_heads"].values())
+        from .atlas import case_white_matter
+
         context = component_context(ids, average, case.t1, case.t2,
                                     decoder_feature_map(pred, inputs, roi, sw_batch_size, overlap),
                                     case_white_matter(case) if atlas else None)
